@@ -1,0 +1,265 @@
+//! Command-line interface: argument definitions and dispatch to `commands`.
+//!
+//! A lock request flows CLI ([`LockArgs`]) → configuration (`config`) → engine (`lock`) →
+//! policy (`policy`). Usage errors exit 64 (not clap's 2), as flock(1)/sysexits do.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::WaitMode;
+use crate::error::{code, Error};
+
+/// Fair, priority-aware locks for shared build caches, with policies in WebAssembly.
+#[derive(Debug, Parser)]
+#[command(name = "cachelock", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). CACHELOCK_LOG takes a tracing filter instead.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// The sub-command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take a lock, run a command, release the lock; exit with the command's code.
+    Run(RunArgs),
+    /// Show holders and waiters of every lock (or of one), in the order they will be served.
+    Status(StatusArgs),
+    /// Check, simulate, list and scaffold policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Run a command beside its own dockerd, on a (locked, cached) data root.
+    Dockerd(DockerdArgs),
+    /// Earthly's dockerd-wrapper.sh contract (`execute CMD...`, `get-compose-config`).
+    Earthly(EarthlyArgs),
+}
+
+/// Options shared by everything that takes a lock (`run`, `dockerd`).
+#[derive(Debug, Clone, Args)]
+pub struct LockArgs {
+    /// Exclusive lock (the default).
+    #[arg(short = 'x', long = "exclusive", conflicts_with = "shared")]
+    pub exclusive: bool,
+    /// Shared lock: any number of shared holders, never beside an exclusive one.
+    #[arg(short = 's', long = "shared")]
+    pub shared: bool,
+    /// Fail at once if the lock cannot be taken now (same as -w 0).
+    #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
+    pub nonblock: bool,
+    /// Give up after this many seconds (fractional).
+    #[arg(short = 'w', long = "wait", alias = "timeout", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub wait: Option<f64>,
+    /// Exit code when the lock is not taken (conflict, timeout, policy give-up).
+    #[arg(short = 'E', long = "conflict-exit-code", value_name = "N", default_value_t = code::CONFLICT_DEFAULT, value_parser = clap::value_parser!(i32).range(0..=255))]
+    pub conflict_exit_code: i32,
+    /// Priority of this request (higher goes first under the default policy).
+    #[arg(short = 'p', long = "priority", value_name = "N", default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// A label KEY=VALUE for policies and status (repeatable).
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Names the job behind this request: a retry with the same key keeps its place in the queue.
+    #[arg(short = 'k', long = "queue-key", value_name = "KEY")]
+    pub queue_key: Option<String>,
+    /// How to wait: notify (inotify), poll, or auto (poll on network filesystems).
+    #[arg(long = "wait-mode", value_enum)]
+    pub wait_mode: Option<WaitMode>,
+    /// No progress lines while waiting.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Use this policy (a configured name, builtin:NAME or FILE.wasm) for this invocation.
+    #[arg(long = "policy", value_name = "NAME|FILE.wasm")]
+    pub policy: Option<String>,
+    /// A KEY=VALUE passed to the policy's configure (repeatable; overrides the policy file's).
+    #[arg(long = "policy-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub policy_config: Vec<(String, String)>,
+    /// Lock directory.
+    #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
+    pub lock_dir: Option<PathBuf>,
+    /// Configuration file (YAML).
+    #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `cachelock run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Lock options.
+    #[command(flatten)]
+    pub lock: LockArgs,
+    /// Lock name: [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
+    #[arg(value_name = "LOCK")]
+    pub name: String,
+    /// The command and its arguments.
+    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+/// `cachelock status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this lock.
+    #[arg(value_name = "LOCK")]
+    pub name: Option<String>,
+    /// A JSON document for scripts instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Lock directory.
+    #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
+    pub lock_dir: Option<PathBuf>,
+    /// Configuration file (YAML).
+    #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `cachelock policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Load a policy, validate its world, run configure, print its exports and limits.
+    Check {
+        /// A configured policy name, builtin:NAME, or a .wasm file.
+        #[arg(value_name = "FILE|NAME")]
+        policy: String,
+        /// A KEY=VALUE for configure (repeatable).
+        #[arg(long = "policy-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        policy_config: Vec<(String, String)>,
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Feed a YAML scenario through a policy and print who is served when, and each decision.
+    Simulate {
+        /// A configured policy name, builtin:NAME, or a .wasm file.
+        #[arg(long, value_name = "NAME|FILE.wasm")]
+        policy: String,
+        /// The scenario file (YAML).
+        #[arg(long, value_name = "FILE")]
+        scenario: PathBuf,
+        /// A KEY=VALUE for configure (repeatable).
+        #[arg(long = "policy-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        policy_config: Vec<(String, String)>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Show which policy governs which locks, per the configuration.
+    List {
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Scaffold a buildable policy crate in ./NAME (or --dir).
+    New {
+        /// Crate name.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Directory to create (default ./NAME).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `cachelock dockerd`.
+#[derive(Debug, Args)]
+pub struct DockerdArgs {
+    /// Lock options (the lock is the cache id).
+    #[command(flatten)]
+    pub lock: LockArgs,
+    /// Keep and lock the data root `<cache-root>/<ID>`; without it the data root is fresh and
+    /// wiped afterwards.
+    #[arg(long = "cache-id", value_name = "ID")]
+    pub cache_id: Option<String>,
+    /// Root of data roots.
+    #[arg(long = "cache-root", env = "CACHELOCK_CACHE_ROOT", value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
+    /// An image tarball to `docker load` before the command (repeatable).
+    #[arg(long = "load", value_name = "FILE.tar")]
+    pub load: Vec<PathBuf>,
+    /// The command and its arguments (after `--`).
+    #[arg(value_name = "COMMAND", required = true, last = true)]
+    pub command: Vec<OsString>,
+}
+
+/// `cachelock earthly` (also when invoked as `dockerd-wrapper.sh`).
+#[derive(Debug, Args)]
+pub struct EarthlyArgs {
+    /// `execute CMD...` or `get-compose-config`.
+    #[arg(value_name = "SUBCOMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<OsString>,
+}
+
+impl LockArgs {
+    /// The caller's bound on waiting in milliseconds: `-n` gives 0, `-w S` gives S·1000.
+    pub fn wait_limit_ms(&self) -> Option<u64> {
+        if self.nonblock {
+            Some(0)
+        } else {
+            self.wait.map(|s| (s * 1000.0).round() as u64)
+        }
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?} must be a non-negative number of seconds"));
+    }
+    Ok(v)
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Parses the command line (`dockerd-wrapper.sh` as argv[0] means the Earthly drop-in), sets up
+/// logging, runs the command and returns the process exit code.
+pub fn main() -> i32 {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| PathBuf::from(a).file_name().map(|f| f.to_owned()));
+    if invoked_as.as_deref() == Some(std::ffi::OsStr::new("dockerd-wrapper.sh")) {
+        args.insert(1, OsString::from("earthly"));
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => code::USAGE,
+            };
+        }
+    };
+    crate::output::init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Run(a) => crate::commands::run::execute(a),
+        Command::Status(a) => crate::commands::status::execute(a),
+        Command::Policy(p) => crate::commands::policy::execute(p),
+        Command::Dockerd(a) => crate::commands::dockerd::execute(a),
+        Command::Earthly(a) => crate::commands::earthly::execute(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => report(&e),
+    }
+}
+
+/// Prints an error the way every command does and returns its exit code.
+pub fn report(e: &Error) -> i32 {
+    eprintln!("cachelock: {e}");
+    e.exit_code()
+}

@@ -1,0 +1,473 @@
+//! The one configuration file (YAML): lock directory, per-lock rules, policies, dockerd.
+//!
+//! Every struct denies unknown fields so that a typo is an error naming the file, line and key
+//! rather than a silently ignored setting. With no file, [`Config::default`] is the built-in
+//! behaviour. Resolution order for the file: `--config` / `CACHELOCK_CONFIG` (must exist), else
+//! [`SYSTEM_CONFIG`] if it exists, else the defaults.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+/// Read when no `--config` / `CACHELOCK_CONFIG` is given and the file exists.
+pub const SYSTEM_CONFIG: &str = "/etc/cachelock/config.yaml";
+/// Default lock directory when it is writable (else a per-user directory, see [`default_lock_dir`]).
+pub const SYSTEM_LOCK_DIR: &str = "/var/lib/cachelock";
+/// Default dockerd cache root.
+pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/cachelock/dind";
+/// Name of the policy used by locks that no rule binds.
+pub const DEFAULT_POLICY: &str = "default";
+
+/// How a waiter learns that the queue changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitMode {
+    /// `notify` on local filesystems, `poll` on network filesystems (detected with statfs).
+    #[default]
+    Auto,
+    /// inotify on the queue directory, with a timed fallback.
+    Notify,
+    /// Re-evaluate at the interval the policy returns (the head polls faster).
+    Poll,
+}
+
+/// What a policy fault (trap, fuel, memory, deadline, configure error) does to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The request fails with a message naming the policy and what it did (exit 70).
+    #[default]
+    Fail,
+    /// That decision is taken by `builtin:default` instead, with a warning.
+    Default,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where lock state lives (`<lock_dir>/<name>.lock/`). Also `--lock-dir`, `CACHELOCK_LOCK_DIR`.
+    pub lock_dir: Option<PathBuf>,
+    /// Permission bits of files created in the lock directory, octal string (default "0666",
+    /// so that users sharing a lock directory can all lock; the umask still applies).
+    #[serde(default, deserialize_with = "de_octal")]
+    pub file_mode: Option<u32>,
+    /// Permission bits of directories created in the lock directory (default "0777" minus umask).
+    #[serde(default, deserialize_with = "de_octal")]
+    pub dir_mode: Option<u32>,
+    /// Default wait mode for every lock.
+    pub wait_mode: Option<WaitMode>,
+    /// Seconds between progress lines of a waiting request (default 5).
+    pub progress_interval: Option<f64>,
+    /// Seconds a queue key remembers its arrival after a give-up (default 600).
+    pub queue_key_grace: Option<f64>,
+    /// Where compiled policies are cached (default `$XDG_CACHE_HOME/cachelock` or
+    /// `~/.cache/cachelock`, else under the temp dir).
+    pub policy_cache_dir: Option<PathBuf>,
+    /// Policy of locks that no rule binds (default `default`, i.e. `builtin:default`).
+    pub default_policy: Option<String>,
+    /// Per-lock rules; the first whose `match` glob matches the lock name applies.
+    #[serde(default)]
+    pub locks: Vec<LockRule>,
+    /// Policy definitions by name. `default`, `priority` and `deadline` exist without being
+    /// defined (as `builtin:NAME`); defining them here overrides that.
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicyDef>,
+    /// Root of dockerd data roots (`cachelock dockerd`). Also `--cache-root`, `CACHELOCK_CACHE_ROOT`.
+    pub cache_root: Option<PathBuf>,
+    /// How `cachelock dockerd` starts dockerd.
+    #[serde(default)]
+    pub dockerd: DockerdConfig,
+}
+
+/// A rule binding locks (by glob on the name) to a policy and options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockRule {
+    /// Glob on the lock name (`*`, `?`, `[...]`), e.g. `ci-*`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Policy name (a key of `policies`, or a built-in name).
+    pub policy: Option<String>,
+    /// How many holders may hold the lock at once, each on its own slot (dockerd: its own
+    /// data root `<id>/slot-K`). Default 1.
+    pub slots: Option<u32>,
+    /// Whether a policy's `fall-back` decision is honoured (run without the shared lock).
+    #[serde(default)]
+    pub fallback: bool,
+    /// Wait mode for these locks.
+    pub wait_mode: Option<WaitMode>,
+}
+
+/// A policy definition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDef {
+    /// `builtin:NAME` or a path to a `.wasm` component (relative paths are relative to the
+    /// configuration file).
+    pub module: String,
+    /// Optional pin, `sha256:<hex>`; a module that does not match is refused.
+    pub sha256: Option<String>,
+    /// Passed to the policy's `configure` (values of any YAML scalar type, as strings).
+    #[serde(default, deserialize_with = "de_string_map")]
+    pub config: BTreeMap<String, String>,
+    /// Sandbox limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// What a policy fault does.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// Per-policy sandbox limits; unset fields take the defaults in `policy::limits`.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Fuel (roughly: wasm instructions) per call.
+    pub fuel: Option<u64>,
+    /// Linear memory cap in MiB.
+    pub memory_mib: Option<u64>,
+    /// Table elements cap.
+    pub table_elements: Option<u32>,
+    /// Instances cap (core instances inside the component).
+    pub instances: Option<u32>,
+    /// Smallest `keep-waiting` interval accepted, ms (smaller values are raised).
+    pub min_interval_ms: Option<u64>,
+    /// Largest `keep-waiting` interval accepted, ms (larger values are lowered).
+    pub max_interval_ms: Option<u64>,
+    /// Bytes of log output (stdout, stderr, `host.log`) kept per call.
+    pub log_bytes: Option<u64>,
+}
+
+/// How dockerd is started by `cachelock dockerd`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DockerdConfig {
+    /// dockerd binary (default `dockerd`, looked up on PATH).
+    pub binary: Option<PathBuf>,
+    /// Extra arguments appended to dockerd's command line.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The docker CLI used for hygiene and image loads (default `docker`).
+    pub docker_cli: Option<PathBuf>,
+    /// The user's daemon.json to merge (default `/etc/docker/daemon.json` when it exists).
+    pub daemon_json_file: Option<PathBuf>,
+    /// Settings merged over the defaults and the user's daemon.json (objects merged, arrays
+    /// concatenated).
+    pub daemon_json: Option<serde_json::Value>,
+    /// Networking of each dockerd: `bridge` (own bridge and subnet per instance, the default),
+    /// `none` (no bridge, no iptables: containers get only loopback).
+    pub network: Option<String>,
+    /// Base directory of exec roots and sockets (short: unix socket paths are limited to 107
+    /// bytes). Default `/run/cachelock`.
+    pub run_dir: Option<PathBuf>,
+    /// Prefix used when re-tagging cached images (default `cachelock_cached_`).
+    pub image_prefix: Option<String>,
+    /// Lines of dockerd's log passed to `on-start-failure` and shown on failure (default 40).
+    pub log_tail_lines: Option<usize>,
+}
+
+/// What the configuration says about one lock, after rules and defaults are applied.
+#[derive(Debug, Clone)]
+pub struct LockSettings {
+    /// Name of the policy governing the lock.
+    pub policy: String,
+    /// Number of slots (1 for an ordinary lock).
+    pub slots: u32,
+    /// Whether `fall-back` decisions are honoured.
+    pub fallback: bool,
+    /// Wait mode from the rule, else the file, else `auto`.
+    pub wait_mode: WaitMode,
+}
+
+/// A loaded configuration and where it came from (for relative paths and messages).
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// The parsed file, or the defaults.
+    pub config: Config,
+    /// The file it was read from, if any.
+    pub path: Option<PathBuf>,
+}
+
+impl Loaded {
+    /// Loads `explicit` (which must exist), else [`SYSTEM_CONFIG`] if present, else defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Self> {
+        match explicit {
+            Some(p) => Self::from_file(p),
+            None if Path::new(SYSTEM_CONFIG).exists() => Self::from_file(Path::new(SYSTEM_CONFIG)),
+            None => Ok(Self::default()),
+        }
+    }
+
+    /// Reads and validates one file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!(
+                "cannot read configuration file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let config = Config::parse(&text).map_err(|m| {
+            Error::config(format!("configuration file {}: {m}", path.display()))
+        })?;
+        Ok(Self {
+            config,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Resolves a path written in the file: relative paths are relative to the file's directory.
+    pub fn resolve_path(&self, p: &Path) -> PathBuf {
+        match (&self.path, p.is_relative()) {
+            (Some(file), true) => file.parent().unwrap_or(Path::new(".")).join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses YAML text; the error names the line, column and key path.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner
+                .location()
+                .map(|l| format!("line {} column {}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            if key.is_empty() || key == "." {
+                format!("{at}{inner}")
+            } else {
+                format!("{at}key `{key}`: {inner}")
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: globs, references to policies, ranges.
+    fn validate(&self) -> std::result::Result<(), String> {
+        for (i, rule) in self.locks.iter().enumerate() {
+            glob::Pattern::new(&rule.pattern)
+                .map_err(|e| format!("key `locks[{i}].match`: bad glob {:?}: {e}", rule.pattern))?;
+            if let Some(p) = &rule.policy {
+                if !self.has_policy(p) {
+                    return Err(format!(
+                        "key `locks[{i}].policy`: no policy named {p:?} (define it under `policies:` or use default, priority, deadline)"
+                    ));
+                }
+            }
+            if rule.slots == Some(0) {
+                return Err(format!("key `locks[{i}].slots`: must be at least 1"));
+            }
+        }
+        if let Some(p) = &self.default_policy {
+            if !self.has_policy(p) {
+                return Err(format!("key `default_policy`: no policy named {p:?}"));
+            }
+        }
+        for (name, def) in &self.policies {
+            if let Some(pin) = &def.sha256 {
+                let hex = pin.strip_prefix("sha256:").unwrap_or(pin);
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "key `policies.{name}.sha256`: expected `sha256:` followed by 64 hex digits"
+                    ));
+                }
+            }
+        }
+        for (key, v) in [
+            ("progress_interval", self.progress_interval),
+            ("queue_key_grace", self.queue_key_grace),
+        ] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(format!("key `{key}`: must be a non-negative number of seconds"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `name` is a defined or built-in policy.
+    pub fn has_policy(&self, name: &str) -> bool {
+        self.policies.contains_key(name) || builtin_policy(name).is_some()
+    }
+
+    /// The definition of policy `name`: from `policies`, else the built-in of that name.
+    pub fn policy_def(&self, name: &str) -> Option<PolicyDef> {
+        self.policies.get(name).cloned().or_else(|| {
+            builtin_policy(name).map(|module| PolicyDef {
+                module: module.to_string(),
+                sha256: None,
+                config: BTreeMap::new(),
+                limits: Limits::default(),
+                on_error: OnError::Fail,
+            })
+        })
+    }
+
+    /// The first rule matching `lock`, if any.
+    pub fn rule_for(&self, lock: &str) -> Option<&LockRule> {
+        self.locks.iter().find(|r| {
+            glob::Pattern::new(&r.pattern)
+                .map(|p| p.matches(lock))
+                .unwrap_or(false)
+        })
+    }
+
+    /// Settings for `lock` after rules and defaults.
+    pub fn lock_settings(&self, lock: &str) -> LockSettings {
+        let rule = self.rule_for(lock);
+        LockSettings {
+            policy: rule
+                .and_then(|r| r.policy.clone())
+                .or_else(|| self.default_policy.clone())
+                .unwrap_or_else(|| DEFAULT_POLICY.to_string()),
+            slots: rule.and_then(|r| r.slots).unwrap_or(1),
+            fallback: rule.map(|r| r.fallback).unwrap_or(false),
+            wait_mode: rule
+                .and_then(|r| r.wait_mode)
+                .or(self.wait_mode)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Progress interval (seconds).
+    pub fn progress_interval(&self) -> f64 {
+        self.progress_interval.unwrap_or(5.0)
+    }
+
+    /// Queue-key grace in milliseconds.
+    pub fn queue_key_grace_ms(&self) -> u64 {
+        (self.queue_key_grace.unwrap_or(600.0) * 1000.0) as u64
+    }
+}
+
+/// `builtin:NAME` for the built-in policy names, else `None`.
+pub fn builtin_policy(name: &str) -> Option<&'static str> {
+    match name {
+        "default" => Some("builtin:default"),
+        "priority" => Some("builtin:priority"),
+        "deadline" => Some("builtin:deadline"),
+        _ => None,
+    }
+}
+
+/// The lock directory when neither flag, environment nor file names one: [`SYSTEM_LOCK_DIR`]
+/// when it exists and is writable or can be created, else `$XDG_RUNTIME_DIR/cachelock`, else
+/// `<tmp>/cachelock-<uid>`.
+pub fn default_lock_dir() -> PathBuf {
+    let system = Path::new(SYSTEM_LOCK_DIR);
+    if writable_dir(system) || std::fs::create_dir_all(system).is_ok() && writable_dir(system) {
+        return system.to_path_buf();
+    }
+    if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(run).join("cachelock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("cachelock-{uid}"))
+}
+
+fn writable_dir(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path.
+    p.is_dir() && unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0
+}
+
+fn de_octal<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {
+    let s: Option<serde_yaml::Value> = Option::deserialize(d)?;
+    let Some(v) = s else { return Ok(None) };
+    let text = match &v {
+        serde_yaml::Value::String(s) => s.clone(),
+        serde_yaml::Value::Number(n) => n.to_string(),
+        _ => return Err(serde::de::Error::custom("expected an octal mode such as \"0664\"")),
+    };
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
+        serde::de::Error::custom(format!("{text:?} is not an octal mode such as \"0664\""))
+    })?;
+    if mode > 0o7777 {
+        return Err(serde::de::Error::custom(format!("mode {text:?} is out of range")));
+    }
+    Ok(Some(mode))
+}
+
+fn de_string_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, String>, D::Error> {
+    let raw: BTreeMap<String, serde_yaml::Value> = BTreeMap::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                _ => {
+                    return Err(serde::de::Error::custom(format!(
+                        "config value of {k:?} must be a string, number or boolean"
+                    )))
+                }
+            };
+            Ok((k, s))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = Config::parse("lock_dir: /tmp/x\npolicies:\n  p:\n    module: builtin:default\n    limts: {}\n")
+            .unwrap_err();
+        assert!(err.contains("line 5"), "{err}");
+        assert!(err.contains("limts"), "{err}");
+        assert!(err.contains("policies.p"), "{err}");
+    }
+
+    #[test]
+    fn rules_bind_first_match_and_defaults_apply() {
+        let c = Config::parse(
+            "locks:\n  - match: 'ci-*'\n    policy: priority\n    slots: 3\n    fallback: true\n  - match: '*'\n    policy: deadline\n",
+        )
+        .unwrap();
+        let s = c.lock_settings("ci-main");
+        assert_eq!((s.policy.as_str(), s.slots, s.fallback), ("priority", 3, true));
+        let s = c.lock_settings("other");
+        assert_eq!((s.policy.as_str(), s.slots, s.fallback), ("deadline", 1, false));
+        assert_eq!(Config::default().lock_settings("x").policy, "default");
+    }
+
+    #[test]
+    fn undefined_policy_and_bad_pin_are_refused() {
+        let err = Config::parse("locks:\n  - match: x\n    policy: nope\n").unwrap_err();
+        assert!(err.contains("nope"), "{err}");
+        let err = Config::parse("policies:\n  p:\n    module: a.wasm\n    sha256: abc\n").unwrap_err();
+        assert!(err.contains("sha256"), "{err}");
+    }
+
+    #[test]
+    fn modes_and_config_values() {
+        let c = Config::parse(
+            "file_mode: \"0640\"\npolicies:\n  p:\n    module: builtin:priority\n    config: {aging_per_minute: 5, boost: true, label: main}\n",
+        )
+        .unwrap();
+        assert_eq!(c.file_mode, Some(0o640));
+        let p = c.policy_def("p").unwrap();
+        assert_eq!(p.config["aging_per_minute"], "5");
+        assert_eq!(p.config["boost"], "true");
+        assert!(Config::parse("file_mode: \"0999\"\n").is_err());
+    }
+}

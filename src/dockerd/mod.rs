@@ -1,0 +1,1 @@
+//! dockerd lifecycle for `cachelock dockerd`.

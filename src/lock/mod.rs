@@ -1,0 +1,3 @@
+//! The lock engine: flock-based locks with a fair ticket queue.
+
+pub mod name;

@@ -1,0 +1,119 @@
+//! Host-side mirror of the types in `wit/policy.wit` (`cachelock:policy@0.1.0`).
+//!
+//! The engine, the dockerd wrapper and `policy simulate` speak these types; the WASM host
+//! converts them to and from the generated bindings at the component boundary, so nothing
+//! outside `src/policy/` depends on wasmtime.
+
+use serde::{Deserialize, Serialize};
+
+/// How a lock is requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One holder at a time (flock `LOCK_EX`).
+    #[default]
+    Exclusive,
+    /// Any number of shared holders, never beside an exclusive one (flock `LOCK_SH`).
+    Shared,
+}
+
+/// A request to take a lock, as recorded when it joined the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Lock name; in dockerd mode, the cache id.
+    pub lock: String,
+    /// Exclusive or shared.
+    pub mode: Mode,
+    /// `--priority`, default 0.
+    pub priority: i32,
+    /// `--label key=value`, in the order given.
+    pub labels: Vec<(String, String)>,
+    /// Host name of the requester (for people, never for liveness).
+    pub host: String,
+    /// Process id of the requester (for people, never for liveness).
+    pub pid: u32,
+    /// Unix milliseconds at which the request joined the queue. The engine keeps this strictly
+    /// increasing in arrival order per lock (a hybrid logical clock), so ordering by it is
+    /// ordering by arrival even across hosts whose clocks differ.
+    pub enqueued_at_ms: u64,
+    /// The caller's bound on waiting (`-w`); `-n` gives `Some(0)`.
+    pub wait_limit_ms: Option<u64>,
+}
+
+/// One process holding or waiting for a lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// Ticket id, unique per lock; ties in rank and arrival go to the smallest.
+    pub id: String,
+    /// The request behind it.
+    pub request: Request,
+}
+
+/// What a waiting request sees each time it is evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitState {
+    /// The waiting request.
+    pub me: Ticket,
+    /// Tickets holding the lock now.
+    pub holders: Vec<Ticket>,
+    /// Live waiters other than `me`, in no particular order.
+    pub waiters: Vec<Ticket>,
+    /// Milliseconds waited so far.
+    pub waited_ms: u64,
+    /// How many times `on_wait` was called for this request before.
+    pub evaluations: u32,
+    /// Host wall clock, Unix milliseconds.
+    pub now_ms: u64,
+}
+
+/// What to do while the lock is not ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WaitDecision {
+    /// Keep waiting; evaluate again after at most this many milliseconds.
+    KeepWaiting(u64),
+    /// Stop waiting and fail with this reason.
+    GiveUp(String),
+    /// Stop waiting and run without the shared lock, where the lock's rule allows it.
+    FallBack(String),
+}
+
+/// One attempt to start dockerd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartAttempt {
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// The cache id, or `None` for an ephemeral data root.
+    pub cache_id: Option<String>,
+}
+
+/// Why dockerd did not become ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartFailure {
+    /// No answer to `/_ping` within the start timeout (milliseconds waited).
+    TimedOut(u64),
+    /// dockerd exited during start-up with this code (`None` if a signal ended it).
+    Exited(Option<i32>),
+}
+
+/// What to do after a failed start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryDecision {
+    /// Start dockerd again after this many milliseconds.
+    RetryAfter(u64),
+    /// Stop trying and fail with this reason.
+    GiveUp(String),
+}
+
+/// Log level of a policy's `host.log` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
