@@ -58,7 +58,13 @@ pub struct LockArgs {
     #[arg(short = 'E', long = "conflict-exit-code", value_name = "N", default_value_t = code::CONFLICT_DEFAULT, value_parser = clap::value_parser!(i32).range(0..=255))]
     pub conflict_exit_code: i32,
     /// Priority of this request (higher goes first under the default policy).
-    #[arg(short = 'p', long = "priority", value_name = "N", default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(
+        short = 'p',
+        long = "priority",
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub priority: i32,
     /// A label KEY=VALUE for policies and status (repeatable).
     #[arg(short = 'l', long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
@@ -96,7 +102,12 @@ pub struct RunArgs {
     #[arg(value_name = "LOCK")]
     pub name: String,
     /// The command and its arguments.
-    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     pub command: Vec<OsString>,
 }
 
@@ -192,7 +203,12 @@ pub struct DockerdArgs {
 #[derive(Debug, Args)]
 pub struct EarthlyArgs {
     /// `execute CMD...` or `get-compose-config`.
-    #[arg(value_name = "SUBCOMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "SUBCOMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     pub args: Vec<OsString>,
 }
 

@@ -210,9 +210,8 @@ impl Loaded {
                 path.display()
             ))
         })?;
-        let config = Config::parse(&text).map_err(|m| {
-            Error::config(format!("configuration file {}: {m}", path.display()))
-        })?;
+        let config = Config::parse(&text)
+            .map_err(|m| Error::config(format!("configuration file {}: {m}", path.display())))?;
         Ok(Self {
             config,
             path: Some(path.to_path_buf()),
@@ -289,7 +288,9 @@ impl Config {
         ] {
             if let Some(v) = v {
                 if !(v.is_finite() && v >= 0.0) {
-                    return Err(format!("key `{key}`: must be a non-negative number of seconds"));
+                    return Err(format!(
+                        "key `{key}`: must be a non-negative number of seconds"
+                    ));
                 }
             }
         }
@@ -392,13 +393,19 @@ fn de_octal<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>,
     let text = match &v {
         serde_yaml::Value::String(s) => s.clone(),
         serde_yaml::Value::Number(n) => n.to_string(),
-        _ => return Err(serde::de::Error::custom("expected an octal mode such as \"0664\"")),
+        _ => {
+            return Err(serde::de::Error::custom(
+                "expected an octal mode such as \"0664\"",
+            ))
+        }
     };
     let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
         serde::de::Error::custom(format!("{text:?} is not an octal mode such as \"0664\""))
     })?;
     if mode > 0o7777 {
-        return Err(serde::de::Error::custom(format!("mode {text:?} is out of range")));
+        return Err(serde::de::Error::custom(format!(
+            "mode {text:?} is out of range"
+        )));
     }
     Ok(Some(mode))
 }
@@ -430,8 +437,10 @@ mod tests {
 
     #[test]
     fn unknown_key_names_line_and_key() {
-        let err = Config::parse("lock_dir: /tmp/x\npolicies:\n  p:\n    module: builtin:default\n    limts: {}\n")
-            .unwrap_err();
+        let err = Config::parse(
+            "lock_dir: /tmp/x\npolicies:\n  p:\n    module: builtin:default\n    limts: {}\n",
+        )
+        .unwrap_err();
         assert!(err.contains("line 5"), "{err}");
         assert!(err.contains("limts"), "{err}");
         assert!(err.contains("policies.p"), "{err}");
@@ -444,9 +453,15 @@ mod tests {
         )
         .unwrap();
         let s = c.lock_settings("ci-main");
-        assert_eq!((s.policy.as_str(), s.slots, s.fallback), ("priority", 3, true));
+        assert_eq!(
+            (s.policy.as_str(), s.slots, s.fallback),
+            ("priority", 3, true)
+        );
         let s = c.lock_settings("other");
-        assert_eq!((s.policy.as_str(), s.slots, s.fallback), ("deadline", 1, false));
+        assert_eq!(
+            (s.policy.as_str(), s.slots, s.fallback),
+            ("deadline", 1, false)
+        );
         assert_eq!(Config::default().lock_settings("x").policy, "default");
     }
 
@@ -454,7 +469,8 @@ mod tests {
     fn undefined_policy_and_bad_pin_are_refused() {
         let err = Config::parse("locks:\n  - match: x\n    policy: nope\n").unwrap_err();
         assert!(err.contains("nope"), "{err}");
-        let err = Config::parse("policies:\n  p:\n    module: a.wasm\n    sha256: abc\n").unwrap_err();
+        let err =
+            Config::parse("policies:\n  p:\n    module: a.wasm\n    sha256: abc\n").unwrap_err();
         assert!(err.contains("sha256"), "{err}");
     }
 

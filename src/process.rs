@@ -58,7 +58,10 @@ pub fn spawn_error(program: &std::ffi::OsStr, err: io::Error) -> Error {
             Kind::CannotExecute,
             format!("{name}: permission denied (is it executable?)"),
         ),
-        _ => Error::new(Kind::CannotExecute, format!("{name}: cannot execute: {err}")),
+        _ => Error::new(
+            Kind::CannotExecute,
+            format!("{name}: cannot execute: {err}"),
+        ),
     }
 }
 
@@ -90,7 +93,10 @@ impl Signals {
         for sig in FORWARDED.iter().copied().chain([libc::SIGCHLD]) {
             let flag = Arc::new(AtomicBool::new(false));
             ids.push(signal_hook::flag::register(sig, flag.clone())?);
-            ids.push(signal_hook::low_level::pipe::register(sig, write.try_clone()?)?);
+            ids.push(signal_hook::low_level::pipe::register(
+                sig,
+                write.try_clone()?,
+            )?);
             flags.push((sig, flag));
         }
         Ok(Self { flags, read, ids })
@@ -158,7 +164,10 @@ mod tests {
     fn exit_codes_and_signals() {
         let s = Command::new("sh").args(["-c", "exit 7"]).status().unwrap();
         assert_eq!(exit_code(s), 7);
-        let s = Command::new("sh").args(["-c", "kill -9 $$"]).status().unwrap();
+        let s = Command::new("sh")
+            .args(["-c", "kill -9 $$"])
+            .status()
+            .unwrap();
         assert_eq!(exit_code(s), 128 + 9);
     }
 
@@ -173,7 +182,10 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", &format!("test -e /proc/self/fd/{fd}")]);
         let mut child = spawn(&mut cmd, &[], libc::SIGTERM).unwrap();
-        assert!(!child.wait().unwrap().success(), "fd {fd} leaked without asking");
+        assert!(
+            !child.wait().unwrap().success(),
+            "fd {fd} leaked without asking"
+        );
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub fn validate(name: &str) -> Result<()> {
     let problem = if bytes.is_empty() {
         Some("it is empty".to_string())
     } else if bytes.len() > MAX_LEN {
-        Some(format!("it is {} bytes long (at most {MAX_LEN})", bytes.len()))
+        Some(format!(
+            "it is {} bytes long (at most {MAX_LEN})",
+            bytes.len()
+        ))
     } else if !bytes[0].is_ascii_alphanumeric() {
         Some("it must start with a letter or digit".to_string())
     } else {
@@ -43,7 +46,18 @@ mod tests {
         for ok in ["a", "A0", "build-cache_1.x", &"a".repeat(128)] {
             assert!(validate(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "../x", "/", "a/b", ".hidden", "-x", "a\0b", "sp ace", &"a".repeat(129), "é"] {
+        for bad in [
+            "",
+            "../x",
+            "/",
+            "a/b",
+            ".hidden",
+            "-x",
+            "a\0b",
+            "sp ace",
+            &"a".repeat(129),
+            "é",
+        ] {
             assert!(validate(bad).is_err(), "{bad:?}");
         }
     }

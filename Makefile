@@ -1,0 +1,18 @@
+# The two commands of the README: `make demo` runs the main job on embedded defaults,
+# `make test` installs what the tests need and runs the whole suite.
+
+.PHONY: test setup demo
+
+# Everything the test suite needs on a fresh Debian machine (as root): the wasm target for the
+# built-in and test policies, Debian's dockerd and busybox-static (test images without a registry).
+setup:
+	rustup target add wasm32-wasip2
+	@if ! command -v dockerd >/dev/null || ! test -x /bin/busybox; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io busybox-static; \
+	fi
+
+test: setup
+	cargo test --no-fail-fast
+
+demo:
+	cargo run --release -- run demo -- sh -c 'echo "holding $$CACHELOCK_LOCK (ticket $$CACHELOCK_TICKET, generation $$CACHELOCK_GENERATION)"'
