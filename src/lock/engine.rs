@@ -125,7 +125,7 @@ pub enum Acquired {
 #[derive(Debug)]
 pub struct Guard {
     lock: Option<File>,
-    ticket: Option<OwnTicket>,
+    ticket: Option<Box<OwnTicket>>,
     generation: u64,
     slot: u32,
     waited: Duration,
@@ -462,7 +462,7 @@ impl Waiter<'_> {
         self.progress.acquired(waited);
         Ok(Guard {
             lock: Some(file),
-            ticket: Some(own),
+            ticket: Some(Box::new(own)),
             generation,
             slot,
             waited,
