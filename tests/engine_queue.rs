@@ -476,3 +476,39 @@ fn library_aging_ranks_do_not_livelock() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn lock_stays_held_while_an_inherited_descriptor_lives() {
+    let env = Env::new();
+    // The command leaves a background process that inherited the lock, then exits.
+    let bg_done = env.path("bg-done");
+    let script = format!(
+        "(read -t 0.6 <> {fifo}; echo \"bg 0 $EPOCHREALTIME\" >> {log}; echo > {done}) >/dev/null 2>&1 & exit 0",
+        fifo = env.path("fifo").display(),
+        log = env.path("order.log").display(),
+        done = bg_done.display()
+    );
+    assert_eq!(
+        env.run(&["-q", "orph", "--", "bash", "-c", &script])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert!(!bg_done.exists());
+    let o = env.run(&["-n", "orph", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "the orphan still holds the lock");
+    let mut w = waiter(&env, "orph", "next", &[], 1);
+    assert_eq!(w.wait(), 0);
+    let v = read_log(&env.path("order.log"));
+    let bg = v.iter().find(|s| s.tag == "bg").expect("orphan logged");
+    let next = v.iter().find(|s| s.tag == "next").expect("waiter logged");
+    assert!(
+        next.start >= bg.end,
+        "the waiter got in while the orphan ran"
+    );
+    assert!(
+        next.start - bg.end < 0.1,
+        "successor took {:.1} ms after the orphan's end",
+        (next.start - bg.end) * 1000.0
+    );
+}
