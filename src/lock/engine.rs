@@ -204,8 +204,6 @@ pub fn acquire(
     name::validate(&opts.name)?;
     let paths = dir.prepare(&opts.name)?;
     let mode = wait::effective_mode(opts.wait_mode, &paths.base);
-    // Watch before enqueueing so that no change after our first scan is missed.
-    let watcher = Watcher::new(&paths.queue, mode);
     ticket::sweep_tmp(&paths);
     let start = Instant::now();
     let (n, at) = meta::enqueue(&paths, now_ms(), opts.queue_key.as_deref())?;
@@ -238,7 +236,7 @@ pub fn acquire(
         progress: Progress::new(&opts.name, opts.progress_interval),
         evaluations: 0,
     };
-    w.run(policy, signals, &watcher)
+    w.run(policy, signals, mode)
 }
 
 struct Waiter<'a> {
@@ -268,8 +266,11 @@ impl Waiter<'_> {
         &mut self,
         policy: &mut dyn Policy,
         signals: &Signals,
-        watcher: &Watcher,
+        mode: WaitMode,
     ) -> Result<Acquired> {
+        // Created only once the lock is contended (an uncontended request never pays for
+        // inotify), followed by a fresh evaluation so that no change is missed in between.
+        let mut watcher: Option<Watcher> = None;
         loop {
             if let Some(&sig) = signals.take().first() {
                 return Err(self.interrupted(sig));
@@ -281,6 +282,10 @@ impl Waiter<'_> {
                     near_head,
                     interval,
                 } => (in_head, near_head, interval),
+            };
+            let Some(watcher) = watcher.as_ref() else {
+                watcher = Some(Watcher::new(&self.paths.queue, mode));
+                continue;
             };
             let now = Instant::now();
             let mut eval_at = if watcher.notifies() {
@@ -301,8 +306,16 @@ impl Waiter<'_> {
                             return Err(self.interrupted(sig));
                         }
                     }
-                    Wake::Changed if near_head => break,
-                    Wake::Changed => {
+                    Wake::Removed if in_head => {
+                        // Someone left (typically the holder releasing): try before scanning,
+                        // which keeps the scan off the handoff's critical path.
+                        if let Some((slot, file)) = self.try_slots()? {
+                            return self.acquired(slot, file).map(Acquired::Held);
+                        }
+                        break;
+                    }
+                    Wake::Changed | Wake::Removed if near_head => break,
+                    Wake::Changed | Wake::Removed => {
                         eval_at = eval_at.min(Instant::now() + BACK_OF_QUEUE_DEBOUNCE);
                     }
                     Wake::Timeout => {

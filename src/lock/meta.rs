@@ -36,30 +36,42 @@ struct KeyRecord {
     expires_at_ms: u64,
 }
 
-/// Reads `meta.json` without locking (status, progress): a missing or torn file reads as zeros.
+/// Reads `meta.json` under a shared `meta.lock` (status, progress): a missing file reads as
+/// zeros. Nothing is created.
 pub fn read(paths: &LockPaths) -> MetaData {
+    let Ok(lock) = super::dir::open_nofollow(&paths.meta_lock(), false, 0) else {
+        return MetaData::default();
+    };
+    let _ = FileExt::lock_shared(&lock);
     std::fs::read(paths.meta_json())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
 }
 
-/// Runs `f` on the metadata under `meta.lock` and writes it back atomically.
+/// Runs `f` on the metadata under `meta.lock` and writes it back in place. In place rather
+/// than write-and-rename: readers hold `meta.lock` too, and ext4's rename-over heuristics
+/// start a writeback that costs milliseconds on every handoff.
 fn with_meta<T>(paths: &LockPaths, f: impl FnOnce(&mut MetaData) -> Result<T>) -> Result<T> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt as _;
     let lock = open_checked(&paths.meta_lock(), true, paths.file_mode)?;
     FileExt::lock(&lock)
         .map_err(|e| Error::io(format!("cannot lock {}", paths.meta_lock().display()), e))?;
-    let mut meta = read(paths);
+    let mut file = open_checked(&paths.meta_json(), true, paths.file_mode)?;
+    let mut old = Vec::new();
+    file.read_to_end(&mut old)
+        .map_err(|e| Error::io(format!("cannot read {}", paths.meta_json().display()), e))?;
+    let mut meta: MetaData = serde_json::from_slice(&old).unwrap_or_default();
     let out = f(&mut meta)?;
-    let tmp = paths
-        .base
-        .join(format!("meta.json.{}.tmp", std::process::id()));
-    let text = serde_json::to_vec(&meta).expect("meta encodes");
-    write_new(&tmp, &text, paths.file_mode)?;
-    std::fs::rename(&tmp, paths.meta_json()).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(format!("cannot update {}", paths.meta_json().display()), e)
-    })?;
+    let mut text = serde_json::to_vec(&meta).expect("meta encodes");
+    // Trailing spaces keep a shorter document valid JSON without a truncate.
+    if text.len() < old.len() {
+        text.resize(old.len(), b' ');
+    }
+    file.write_all_at(&text, 0)
+        .map_err(|e| Error::io(format!("cannot update {}", paths.meta_json().display()), e))?;
+    drop(file);
     drop(lock);
     Ok(out)
 }

@@ -50,6 +50,9 @@ pub enum Wake {
     Signal,
     /// The queue changed (or inotify overflowed: re-evaluate to be safe).
     Changed,
+    /// Tickets only left the queue: nobody new can rank before us, so a waiter in the head set
+    /// may try the lock before re-scanning.
+    Removed,
     /// The timeout passed with nothing seen.
     Timeout,
 }
@@ -103,22 +106,78 @@ impl Watcher {
             return Wake::Signal;
         }
         if fds[1].revents != 0 {
-            self.drain();
-            return Wake::Changed;
+            return if self.drain_only_removals() {
+                Wake::Removed
+            } else {
+                Wake::Changed
+            };
         }
         Wake::Timeout
     }
 
-    fn drain(&self) {
-        let Some(fd) = &self.inotify else { return };
+    /// Reads all pending events; true when every one was a removal.
+    fn drain_only_removals(&self) -> bool {
+        let Some(fd) = &self.inotify else {
+            return false;
+        };
         let mut buf = [0u8; 4096];
+        let mut only_removals = true;
+        let mut any = false;
         loop {
             // SAFETY: reading into a stack buffer of the given length.
             let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
                 break;
             }
+            let n = n as usize;
+            let head = std::mem::size_of::<libc::inotify_event>();
+            let mut off = 0;
+            while off + head <= n {
+                // SAFETY: the kernel wrote a whole event header at `off`; read it unaligned.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                any = true;
+                if ev.mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) == 0 {
+                    only_removals = false;
+                }
+                off += head + ev.len as usize;
+            }
         }
+        any && only_removals
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(fd) = self.inotify.take() {
+            close_in_background(fd);
+        }
+    }
+}
+
+/// Closing an inotify instance waits for an RCU grace period (often 5–20 ms): far too long for
+/// the path between taking a lock and starting the command. A closer thread does it instead.
+fn close_in_background(fd: OwnedFd) {
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Mutex, OnceLock};
+    static CLOSER: OnceLock<Mutex<Sender<OwnedFd>>> = OnceLock::new();
+    let tx = CLOSER.get_or_init(|| {
+        let (tx, rx) = channel::<OwnedFd>();
+        let spawned = std::thread::Builder::new()
+            .name("cachelock-inotify-close".into())
+            .spawn(move || {
+                for fd in rx {
+                    drop(fd);
+                }
+            });
+        if spawned.is_err() {
+            tracing::debug!("no closer thread; inotify descriptors close inline");
+        }
+        Mutex::new(tx)
+    });
+    if let Ok(tx) = tx.lock() {
+        // If the thread could not be started the send fails and drops `fd` here.
+        let _ = tx.send(fd);
     }
 }
 
