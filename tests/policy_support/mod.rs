@@ -17,6 +17,7 @@ pub fn test_policy(name: &str) -> PathBuf {
 /// A configuration parsed from YAML, with its compile cache in `dir`.
 pub fn loaded(dir: &Path, yaml: &str) -> Loaded {
     let text = format!("policy_cache_dir: {}\n{yaml}", dir.join("cache").display());
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("config.yaml");
     std::fs::write(&path, &text).unwrap();
     let config = Config::parse(&text).unwrap();
