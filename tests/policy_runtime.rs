@@ -73,10 +73,6 @@ fn load_errors_are_configuration_errors() {
             "core WebAssembly module, not a component",
         ),
         (
-            dir.path().join("missing.wasm").display().to_string(),
-            "cannot read module",
-        ),
-        (
             test_policy("test-other-world").display().to_string(),
             "does not implement the cachelock:policy/policy@0.1.0 world",
         ),
@@ -85,6 +81,12 @@ fn load_errors_are_configuration_errors() {
             "configure refused the configuration: test-configure-error refuses",
         ),
     ];
+    let missing = dir.path().join("missing.wasm").display().to_string();
+    let err = policy::for_lock(&l, &settings("default"), Some(&missing), &[])
+        .err()
+        .expect("a missing module is refused up front");
+    assert_eq!(err.exit_code(), 78);
+    assert!(err.message.contains("does not exist"), "{err}");
     for (file, want) in cases {
         let mut p = policy::for_lock(&l, &settings("default"), Some(&file), &[]).unwrap();
         let e = p.rank(&ticket("a", 0, 1, &[]), 2).unwrap_err();

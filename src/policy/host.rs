@@ -230,7 +230,14 @@ impl WasmPolicy {
     /// (exit 78) naming the policy and saying what to fix.
     pub fn load(spec: &PolicySpec) -> Result<Self, Error> {
         let name: Arc<str> = Arc::from(spec.name.as_str());
-        let bad = |m: String| Error::config(format!("policy '{}': {m}", spec.name));
+        // "policy 'team-x' (/etc/cachelock/x.wasm): ..." or, for a path or builtin:NAME given
+        // directly, "policy x.wasm: ...".
+        let who = if spec.name == spec.source.to_string() {
+            format!("policy {}", spec.name)
+        } else {
+            format!("policy '{}' ({})", spec.name, spec.source)
+        };
+        let bad = |m: String| Error::config(format!("{who}: {m}"));
         let (bytes, sha): (std::borrow::Cow<'static, [u8]>, String) = match &spec.source {
             Source::Builtin(b) => (b.bytes.into(), b.sha256.to_string()),
             Source::File(p) => {
@@ -251,17 +258,15 @@ impl WasmPolicy {
                 .to_ascii_lowercase();
             if want != sha {
                 return Err(bad(format!(
-                    "module {} has sha256:{sha} but the policy file pins sha256:{want}; refusing it \
-                     (update the pin if the new module is intended)",
-                    spec.source
+                    "the module has sha256:{sha} but the policy file pins sha256:{want}; refusing it \
+                     (update the pin if the new module is intended)"
                 )));
             }
         }
-        check_header(&bytes).map_err(|m| bad(format!("{} {m}", spec.source)))?;
+        check_header(&bytes).map_err(|m| bad(format!("the module {m}")))?;
         let (component, origin) = cache::load(&bytes, &sha, &spec.cache_dir).map_err(|e| {
             bad(format!(
-                "{} is not a valid WebAssembly component: {e:#}",
-                spec.source
+                "the module is not a valid WebAssembly component: {e:#}"
             ))
         })?;
         let ty = component.component_type();
@@ -282,8 +287,7 @@ impl WasmPolicy {
                 exports,
             },
         };
-        p.instantiate()
-            .map_err(|m| bad(format!("{}: {m}", spec.source)))?;
+        p.instantiate().map_err(bad)?;
         Ok(p)
     }
 
@@ -317,7 +321,7 @@ impl WasmPolicy {
                 if store.data().limiter.memory_hit || store.data().limiter.table_hit {
                     format!("needs more memory or table space than its limits allow at start-up: {e:#}")
                 } else {
-                    format!("does not implement the {WORLD} world (is it built against wit/policy.wit?): {e:#}")
+                    format!("the module does not implement the {WORLD} world (is it built against wit/policy.wit?): {e:#}")
                 }
             })?;
         let r = policy.call_configure(&mut store, &self.config);

@@ -122,6 +122,17 @@ pub fn for_lock(
 ) -> crate::error::Result<Box<dyn Policy>> {
     let name = override_policy.unwrap_or(&settings.policy);
     let spec = spec::resolve(loaded, name, extra_config)?;
+    // A stat is cheap enough even for an uncontended request, and a missing module is better
+    // found on the first run than on the first contended one.
+    if let spec::Source::File(p) = &spec.source {
+        if !p.is_file() {
+            return Err(crate::error::Error::config(format!(
+                "policy '{}': module {} does not exist (check `module:` in the policy file or the --policy path)",
+                spec.name,
+                p.display()
+            )));
+        }
+    }
     Ok(Box::new(lazy::LazyPolicy::new(spec)))
 }
 

@@ -8,7 +8,7 @@ struct Absurd {
 }
 
 fn huge(c: char) -> String {
-    std::iter::repeat_n(c, 4 << 20).collect()
+    c.to_string().repeat(4 << 20)
 }
 
 impl Policy for Absurd {
@@ -25,7 +25,7 @@ impl Policy for Absurd {
             "give-up" => WaitDecision::GiveUp(huge('g')),
             "fall-back" => WaitDecision::FallBack(huge('f')),
             _ => {
-                let line: String = std::iter::repeat_n('x', 1 << 20).collect();
+                let line = "x".repeat(1 << 20);
                 log(Level::Error, &line);
                 log(Level::Error, &line);
                 println!("{line}");

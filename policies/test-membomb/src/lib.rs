@@ -10,7 +10,8 @@ impl Policy for MemBomb {
     fn on_wait(&mut self, _: &WaitState) -> WaitDecision {
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
-            hoard.push(std::hint::black_box(vec![1u8; 1 << 20]));
+            // Reserve without touching: the point is the memory cap, not the fuel limit.
+            hoard.push(std::hint::black_box(Vec::with_capacity(1 << 20)));
             if hoard.len() == usize::MAX {
                 break;
             }
