@@ -9,6 +9,8 @@ use super::*;
 
 /// Simulated Unix time of t=0 (any fixed value: policies see `now-ms` and `enqueued-at-ms`).
 pub const EPOCH_MS: u64 = 1_700_000_000_000;
+/// When a refused fall-back is evaluated again.
+pub const REFUSED_FALLBACK_RETRY_MS: u64 = 100;
 /// Bound on decisions, so that a scenario cannot run for ever.
 pub const MAX_DECISIONS: usize = 200_000;
 
@@ -280,7 +282,7 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
                 WaitDecision::FallBack(reason) => {
                     ev(&mut out, t, &id, "wait", format!("fall-back refused (the lock does not allow it; `fallback: true` in the scenario): {reason}"));
                     let w = &mut waiting[i];
-                    w.next_eval = t + 1000;
+                    w.next_eval = t + REFUSED_FALLBACK_RETRY_MS;
                     w.evaluations += 1;
                 }
             }
