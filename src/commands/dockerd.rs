@@ -2,7 +2,6 @@
 //! its own dockerd, release.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::cli::DockerdArgs;
 use crate::config::{self, Loaded};
@@ -14,6 +13,11 @@ use crate::process::Signals;
 pub fn execute(args: DockerdArgs) -> Result<i32> {
     if let Some(id) = &args.cache_id {
         crate::lock::name::validate(id)?;
+    }
+    if args.lock.shared {
+        return Err(Error::usage(
+            "--shared makes no sense for `cachelock dockerd`: one dockerd owns a data root; use slots (`locks: [{match: ID, slots: N}]`) for parallel builds",
+        ));
     }
     let loaded = Loaded::load(args.lock.config.as_deref())?;
     let resolved = setup::resolve(&loaded, network::Mode::Netns, setup::DEFAULT_PREFIX)?;
@@ -51,7 +55,7 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         Some(lock::Taken::Held(h)) => (
             root::cached_root(&cache_root, &lock_name, h.slot(), settings.slots),
             true,
-            vec![h.fd()],
+            vec![h.lock_fd()],
             Some(h.slot()),
         ),
         Some(lock::Taken::FellBack(reason)) => {
@@ -102,78 +106,37 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
     result
 }
 
-/// Taking the cache id's lock.
+/// Taking the cache id's lock through the engine.
 mod lock {
     use super::*;
     use crate::config::LockSettings;
-    use crate::dockerd::flock;
+    use crate::lock::{AcquireOptions, Acquired, Guard, LockDir};
     use crate::policy::Policy;
 
     /// The outcome of waiting for the cache id.
     pub enum Taken {
         /// One slot held.
-        Held(Holder),
+        Held(Guard),
         /// The policy chose to run on a fresh private root.
         FellBack(String),
     }
 
-    /// A held slot.
-    pub struct Holder {
-        held: flock::Held,
-    }
-
-    impl Holder {
-        pub fn fd(&self) -> std::os::fd::RawFd {
-            use std::os::fd::AsRawFd;
-            self.held.file.as_raw_fd()
-        }
-        pub fn slot(&self) -> u32 {
-            self.held.index as u32
-        }
-    }
-
-    /// Kernel locks on the engine's slot files `<lock_dir>/<id>.lock/lock[.K]`, so that this
-    /// excludes (and is excluded by) every other holder of the same lock.
+    /// Joins the cache id's queue (same queue, priorities, labels, bounds and progress as
+    /// `cachelock run`) and waits for a slot.
     pub fn take(
         args: &DockerdArgs,
         loaded: &Loaded,
         id: &str,
         settings: &LockSettings,
-        _policy: &mut dyn Policy,
+        policy: &mut dyn Policy,
         signals: &Signals,
     ) -> Result<Taken> {
-        let lock_dir = args
-            .lock
-            .lock_dir
-            .clone()
-            .or_else(|| loaded.config.lock_dir.clone())
-            .unwrap_or_else(config::default_lock_dir);
-        let dir = lock_dir.join(format!("{id}.lock"));
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            Error::cant_create(format!(
-                "cannot create lock directory {}: {e}",
-                dir.display()
-            ))
-        })?;
-        let paths: Vec<PathBuf> = (0..settings.slots.max(1))
-            .map(|k| {
-                if k == 0 {
-                    dir.join("lock")
-                } else {
-                    dir.join(format!("lock.{k}"))
-                }
-            })
-            .collect();
-        let progress = (!args.lock.quiet)
-            .then(|| Duration::from_secs_f64(loaded.config.progress_interval().max(0.1)));
-        let held = flock::acquire_any(
-            &paths,
-            args.lock.wait_limit_ms().map(Duration::from_millis),
-            args.lock.conflict_exit_code,
-            signals,
-            progress,
-            &format!("cache id {id}"),
-        )?;
-        Ok(Taken::Held(Holder { held }))
+        let root = crate::lock::resolve_root(args.lock.lock_dir.as_deref(), loaded);
+        let dir = LockDir::open(&root, loaded.config.file_mode, loaded.config.dir_mode)?;
+        let opts = AcquireOptions::from_args(id, &args.lock, settings, &loaded.config);
+        Ok(match crate::lock::acquire(&dir, &opts, policy, signals)? {
+            Acquired::Held(g) => Taken::Held(g),
+            Acquired::FellBack { reason } => Taken::FellBack(reason),
+        })
     }
 }
