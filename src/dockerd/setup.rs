@@ -74,7 +74,14 @@ pub fn resolve(
     // In netns mode the namespace has no host networks to avoid but the uplink's; elsewhere
     // the host's routes (its own docker0 among them) are what must not be shadowed.
     let defaults = daemon_json::defaults(&daemon_json::host_routes());
-    let (doc, dropped) = daemon_json::build(defaults, user_file, c.daemon_json.clone(), json!({}));
+    let (mut doc, dropped) =
+        daemon_json::build(defaults, user_file, c.daemon_json.clone(), json!({}));
+    if network == network::Mode::None {
+        // dockerd refuses `--bridge=none` together with `bip`.
+        if let Value::Object(m) = &mut doc {
+            m.remove("bip");
+        }
+    }
     if !dropped.is_empty() {
         tracing::warn!(
             "daemon.json keys {dropped:?} are ignored: cachelock sets them per instance"
