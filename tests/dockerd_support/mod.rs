@@ -48,26 +48,24 @@ pub struct Env {
 }
 
 impl Env {
-    /// An environment whose config holds `run_dir` plus `extra` YAML (top-level keys; lines
-    /// starting with two spaces are added under `dockerd:`).
-    pub fn new(extra: &str) -> Env {
+    /// An environment whose config holds `run_dir` plus `dockerd` (lines of the `dockerd:`
+    /// mapping, each indented by two spaces).
+    pub fn new(dockerd: &str) -> Env {
+        Self::with(dockerd, "")
+    }
+
+    /// Like [`Env::new`], plus top-level YAML `top`.
+    pub fn with(dockerd: &str, top: &str) -> Env {
         require_dockerd();
         let dir = tempfile::tempdir().expect("tempdir");
         let run_dir = PathBuf::from(format!("/run/clt-{}", rand8()));
         let cache_root = dir.path().join("cache");
         let lock_dir = dir.path().join("locks");
         let config = dir.path().join("config.yaml");
-        let (dockerd_lines, top): (Vec<&str>, Vec<&str>) =
-            extra.lines().partition(|l| l.starts_with("  "));
-        let mut yaml = format!("dockerd:\n  run_dir: {}\n", run_dir.display());
-        for l in dockerd_lines {
-            yaml.push_str(l);
-            yaml.push('\n');
-        }
-        for l in top {
-            yaml.push_str(l);
-            yaml.push('\n');
-        }
+        let yaml = format!(
+            "dockerd:\n  run_dir: {}\n{dockerd}\n{top}\n",
+            run_dir.display()
+        );
         std::fs::write(&config, yaml).unwrap();
         Env {
             dir,
