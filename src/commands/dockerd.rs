@@ -116,7 +116,7 @@ mod lock {
     /// The outcome of waiting for the cache id.
     pub enum Taken {
         /// One slot held.
-        Held(Guard),
+        Held(Box<Guard>),
         /// The policy chose to run on a fresh private root.
         FellBack(String),
     }
@@ -135,7 +135,7 @@ mod lock {
         let dir = LockDir::open(&root, loaded.config.file_mode, loaded.config.dir_mode)?;
         let opts = AcquireOptions::from_args(id, &args.lock, settings, &loaded.config);
         Ok(match crate::lock::acquire(&dir, &opts, policy, signals)? {
-            Acquired::Held(g) => Taken::Held(g),
+            Acquired::Held(g) => Taken::Held(Box::new(g)),
             Acquired::FellBack { reason } => Taken::FellBack(reason),
         })
     }

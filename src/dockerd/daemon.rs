@@ -128,7 +128,7 @@ pub fn find_binary(binary: &Path) -> Option<PathBuf> {
 
 /// How one start attempt ended.
 enum Outcome {
-    Ready(Daemon),
+    Ready(Box<Daemon>),
     Failed(StartFailure, Child, Marker, Option<Uplink>),
 }
 
@@ -155,7 +155,7 @@ impl Daemon {
             match Self::attempt(&spec, &binary, Duration::from_millis(timeout), signals)? {
                 Outcome::Ready(mut d) => {
                     d.attempts = attempt;
-                    return Ok(d);
+                    return Ok(*d);
                 }
                 Outcome::Failed(failure, child, marker, uplink) => {
                     kill_tree(child, &marker, uplink);
@@ -271,14 +271,14 @@ impl Daemon {
                 Err(e) => return Err(Error::io("waiting for dockerd", e)),
             }
             if ping(&spec.socket()) {
-                return Ok(Outcome::Ready(Daemon {
+                return Ok(Outcome::Ready(Box::new(Daemon {
                     child,
                     marker,
                     uplink,
                     spec: spec.clone(),
                     ready_after: started.elapsed(),
                     attempts: 1,
-                }));
+                })));
             }
             if started.elapsed() >= timeout {
                 return Ok(Outcome::Failed(
