@@ -22,6 +22,10 @@ use crate::process::Signals;
 /// (ranks may age; a waiter ahead may have died). Between these, timer wake-ups cost one flock
 /// try at the head and nothing elsewhere.
 const FULL_EVAL_PERIOD: Duration = Duration::from_millis(250);
+/// Waiters further back than the one after the head set coalesce queue changes for this long
+/// before re-scanning: every release and arrival wakes every waiter, and only the front of the
+/// queue needs to react at once (the rest re-scan once per burst instead of once per event).
+const BACK_OF_QUEUE_DEBOUNCE: Duration = Duration::from_millis(5);
 /// Interval used when the policy's decision cannot be honoured (a fall-back not allowed).
 const FALLBACK_INTERVAL_MS: u64 = 100;
 
@@ -121,7 +125,7 @@ pub enum Acquired {
 #[derive(Debug)]
 pub struct Guard {
     lock: Option<File>,
-    ticket: Option<OwnTicket>,
+    ticket: Option<Box<OwnTicket>>,
     generation: u64,
     slot: u32,
     waited: Duration,
@@ -251,7 +255,12 @@ struct Waiter<'a> {
 /// What one full evaluation decided.
 enum Next {
     Done(Acquired),
-    Wait { in_head: bool, interval: Duration },
+    Wait {
+        in_head: bool,
+        /// Whether this waiter is in, or right behind, the head set.
+        near_head: bool,
+        interval: Duration,
+    },
 }
 
 impl Waiter<'_> {
@@ -265,12 +274,16 @@ impl Waiter<'_> {
             if let Some(&sig) = signals.take().first() {
                 return Err(self.interrupted(sig));
             }
-            let (in_head, interval) = match self.evaluate(policy)? {
+            let (in_head, near_head, interval) = match self.evaluate(policy)? {
                 Next::Done(a) => return Ok(a),
-                Next::Wait { in_head, interval } => (in_head, interval),
+                Next::Wait {
+                    in_head,
+                    near_head,
+                    interval,
+                } => (in_head, near_head, interval),
             };
             let now = Instant::now();
-            let eval_at = if watcher.notifies() {
+            let mut eval_at = if watcher.notifies() {
                 now + interval.max(FULL_EVAL_PERIOD)
             } else {
                 now + interval
@@ -288,7 +301,10 @@ impl Waiter<'_> {
                             return Err(self.interrupted(sig));
                         }
                     }
-                    Wake::Changed => break,
+                    Wake::Changed if near_head => break,
+                    Wake::Changed => {
+                        eval_at = eval_at.min(Instant::now() + BACK_OF_QUEUE_DEBOUNCE);
+                    }
                     Wake::Timeout => {
                         let now = Instant::now();
                         if now >= eval_at || self.deadline.is_some_and(|d| now >= d) {
@@ -327,7 +343,8 @@ impl Waiter<'_> {
             .iter()
             .position(|(t, _)| t.id == me.id)
             .expect("own ticket is ranked");
-        let in_head = pos < queue::head_len(&ordered, self.opts.slots.max(1));
+        let head_len = queue::head_len(&ordered, self.opts.slots.max(1));
+        let in_head = pos < head_len;
         if in_head {
             if let Some((slot, file)) = self.try_slots()? {
                 return self
@@ -398,6 +415,7 @@ impl Waiter<'_> {
             .waiting(&snap.holders, pos + 1, ordered.len(), now);
         Ok(Next::Wait {
             in_head,
+            near_head: pos <= head_len,
             interval: interval.max(Duration::from_millis(1)),
         })
     }
@@ -444,7 +462,7 @@ impl Waiter<'_> {
         self.progress.acquired(waited);
         Ok(Guard {
             lock: Some(file),
-            ticket: Some(own),
+            ticket: Some(Box::new(own)),
             generation,
             slot,
             waited,

@@ -155,3 +155,33 @@ pub fn remember_key(
             .map_err(|e| Error::io(format!("cannot record queue key in {}", path.display()), e))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::LockDir;
+
+    #[test]
+    fn arrival_clock_is_strictly_increasing_and_keys_keep_arrival() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = LockDir::open(tmp.path(), None, None)
+            .unwrap()
+            .prepare("m")
+            .unwrap();
+        let (n0, a0) = enqueue(&paths, 1_000, None).unwrap();
+        // A host whose clock is behind still arrives later.
+        let (n1, a1) = enqueue(&paths, 500, None).unwrap();
+        let (_, a2) = enqueue(&paths, 1_000, None).unwrap();
+        assert_eq!((n0, n1), (0, 1));
+        assert!(a0 < a1 && a1 < a2, "{a0} {a1} {a2}");
+        remember_key(&paths, "job", a0, 2_000, 100).unwrap();
+        assert_eq!(enqueue(&paths, 2_050, Some("job")).unwrap().1, a0);
+        // Expired: a fresh arrival.
+        assert!(enqueue(&paths, 2_200, Some("job")).unwrap().1 > a2);
+        // Acquiring forgets the key.
+        remember_key(&paths, "job", a0, 3_000, 1_000).unwrap();
+        assert_eq!(acquired(&paths, Some("job")).unwrap(), 1);
+        assert!(enqueue(&paths, 3_100, Some("job")).unwrap().1 > a2);
+        assert_eq!(read(&paths).generation, 1);
+    }
+}

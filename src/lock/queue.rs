@@ -85,3 +85,52 @@ pub fn head_len(ordered: &[(TicketData, i64)], slots: u32) -> usize {
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::native::DefaultPolicy;
+
+    fn t(id: &str, mode: Mode, priority: i32, at: u64) -> TicketData {
+        TicketData {
+            id: id.into(),
+            lock: "l".into(),
+            mode,
+            priority,
+            labels: vec![],
+            host: "h".into(),
+            pid: 1,
+            enqueued_at_ms: at,
+            wait_limit_ms: None,
+            queue_key: None,
+            holding: false,
+            slot: None,
+            acquired_at_ms: None,
+            generation: None,
+        }
+    }
+
+    #[test]
+    fn order_is_rank_then_arrival_then_id() {
+        let w = vec![
+            t("3", Mode::Exclusive, 0, 10),
+            t("1", Mode::Exclusive, 0, 20),
+            t("2", Mode::Exclusive, 5, 30),
+            t("0", Mode::Exclusive, 0, 10),
+        ];
+        let o = order(w, &mut DefaultPolicy, 0).unwrap();
+        let ids: Vec<&str> = o.iter().map(|(t, _)| t.id.as_str()).collect();
+        assert_eq!(ids, ["2", "0", "3", "1"]);
+    }
+
+    #[test]
+    fn head_set_extends_over_leading_shared_waiters() {
+        let s = |id| (t(id, Mode::Shared, 0, 0), 0);
+        let x = |id| (t(id, Mode::Exclusive, 0, 0), 0);
+        assert_eq!(head_len(&[x("a"), x("b")], 1), 1);
+        assert_eq!(head_len(&[s("a"), s("b"), x("c"), s("d")], 1), 2);
+        assert_eq!(head_len(&[x("a"), s("b"), s("c")], 1), 1);
+        assert_eq!(head_len(&[x("a"), x("b"), x("c")], 2), 2);
+        assert_eq!(head_len(&[], 1), 0);
+    }
+}

@@ -145,3 +145,27 @@ fn inotify_on(dir: &Path) -> io::Result<OwnedFd> {
     }
     Ok(owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_notify_on_local_disks_and_explicit_modes_win() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(!is_network_fs(tmp.path()));
+        assert_eq!(effective_mode(WaitMode::Auto, tmp.path()), WaitMode::Notify);
+        assert_eq!(effective_mode(WaitMode::Poll, tmp.path()), WaitMode::Poll);
+        let w = Watcher::new(tmp.path(), WaitMode::Notify);
+        assert!(w.notifies());
+        let (r, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsRawFd;
+        std::fs::write(tmp.path().join("x"), "").unwrap();
+        assert_eq!(w.wait(r.as_raw_fd(), Duration::from_secs(5)), Wake::Changed);
+        assert_eq!(
+            w.wait(r.as_raw_fd(), Duration::from_millis(10)),
+            Wake::Timeout
+        );
+        assert!(!Watcher::new(tmp.path(), WaitMode::Poll).notifies());
+    }
+}
