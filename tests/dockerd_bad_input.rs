@@ -44,10 +44,20 @@ fn read_only_cache_root_is_77() {
     let ro = env.path("ro");
     std::fs::create_dir_all(&ro).unwrap();
     let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", ro.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "ro,size=1m",
+            "tmpfs",
+            ro.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
-    assert!(st.success(), "mounting a read-only tmpfs (tests run as root)");
+    assert!(
+        st.success(),
+        "mounting a read-only tmpfs (tests run as root)"
+    );
     let o = env.dockerd(
         &["--cache-root", ro.to_str().unwrap(), "--cache-id", "a"],
         "echo RAN",
