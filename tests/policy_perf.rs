@@ -38,7 +38,9 @@ fn speed_targets() {
     }
     // Decision cost: on-wait with 8 other waiters, and rank, on a warm instance.
     let (_, mut p) = policy::load_now(&l, "builtin:priority", &[]).unwrap();
-    let waiters: Vec<_> = (0..8).map(|i| ticket(&format!("w{i}"), i % 3, 100 + i as u64, &[("branch", "x")])).collect();
+    let waiters: Vec<_> = (0..8)
+        .map(|i| ticket(&format!("w{i}"), i % 3, 100 + i as u64, &[("branch", "x")]))
+        .collect();
     let s = state(ticket("me", 1, 50, &[("branch", "main")]), waiters, 1000, 3);
     let me = ticket("me", 1, 50, &[("branch", "main")]);
     let n = 2000;
@@ -62,5 +64,8 @@ fn speed_targets() {
     );
     assert!(rank <= Duration::from_micros(5), "rank costs {rank:?}");
     assert!(warm <= Duration::from_millis(1), "warm load costs {warm:?}");
-    assert!(first <= Duration::from_millis(150), "first run costs {first:?}");
+    assert!(
+        first <= Duration::from_millis(150),
+        "first run costs {first:?}"
+    );
 }

@@ -43,7 +43,11 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
         spec.source,
         info.size,
         info.sha256,
-        if spec.sha256.is_some() { ", pin matches" } else { "" }
+        if spec.sha256.is_some() {
+            ", pin matches"
+        } else {
+            ""
+        }
     );
     println!(
         "compiled:  {}",
@@ -58,7 +62,11 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
     if spec.config.is_empty() {
         println!("configure: ok (empty config)");
     } else {
-        let kv: Vec<String> = spec.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let kv: Vec<String> = spec
+            .config
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!("configure: ok ({})", kv.join(", "));
     }
     println!(
@@ -215,10 +223,7 @@ const SDK_SOURCE: &str = include_str!("../../policies/sdk/src/lib.rs");
 const WIT: &str = include_str!("../../wit/policy.wit");
 
 fn new(name: &str, dir: Option<&Path>) -> Result<i32> {
-    let valid = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic())
+    let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -254,7 +259,11 @@ fn new(name: &str, dir: Option<&Path>) -> Result<i32> {
         "target/wasm32-wasip2/release/{}.wasm",
         name.replace('-', "_")
     );
-    println!("created policy crate {} ({} files)", root.display(), files.len());
+    println!(
+        "created policy crate {} ({} files)",
+        root.display(),
+        files.len()
+    );
     println!("next:");
     println!("  cd {}", root.display());
     println!("  cargo build --release          # needs: rustup target add wasm32-wasip2");

@@ -131,9 +131,27 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
                 break;
             }
             pending.pop();
-            let ticket = mk(&a.id, a.mode, a.priority, labels(&a.labels), a.at_ms, a.wait_limit_ms);
-            ev(&mut out, t, &a.id, "arrive", format!("priority {}, {:?}", a.priority, a.mode).to_lowercase());
-            waiting.push(Waiter { idx: i, ticket, next_eval: t, evaluations: 0 });
+            let ticket = mk(
+                &a.id,
+                a.mode,
+                a.priority,
+                labels(&a.labels),
+                a.at_ms,
+                a.wait_limit_ms,
+            );
+            ev(
+                &mut out,
+                t,
+                &a.id,
+                "arrive",
+                format!("priority {}, {:?}", a.priority, a.mode).to_lowercase(),
+            );
+            waiting.push(Waiter {
+                idx: i,
+                ticket,
+                next_eval: t,
+                evaluations: 0,
+            });
         }
         // Serve in policy order while the head is compatible with the holders.
         if !waiting.is_empty() {
@@ -142,17 +160,27 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
             for (pos, w) in waiting.iter().enumerate() {
                 out.decisions += 1;
                 let r = policy.rank(&w.ticket, now)?;
-                keyed.push((std::cmp::Reverse(r), w.ticket.request.enqueued_at_ms, w.ticket.id.clone(), pos, r));
+                keyed.push((
+                    std::cmp::Reverse(r),
+                    w.ticket.request.enqueued_at_ms,
+                    w.ticket.id.clone(),
+                    pos,
+                    r,
+                ));
             }
             keyed.sort();
             let mut served = Vec::new();
             for (_, _, _, pos, rank) in keyed {
                 let w = &waiting[pos];
-                let exclusive_held = holders.iter().any(|h| h.ticket.request.mode == Mode::Exclusive);
+                let exclusive_held = holders
+                    .iter()
+                    .any(|h| h.ticket.request.mode == Mode::Exclusive);
                 let ok = match w.ticket.request.mode {
                     Mode::Exclusive => {
                         holders.len() < scenario.slots as usize
-                            && holders.iter().all(|h| h.ticket.request.mode == Mode::Exclusive)
+                            && holders
+                                .iter()
+                                .all(|h| h.ticket.request.mode == Mode::Exclusive)
                     }
                     Mode::Shared => !exclusive_held,
                 };
@@ -161,10 +189,22 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
                 }
                 let a = &scenario.arrivals[w.idx];
                 let waited = t - a.at_ms;
-                ev(&mut out, t, &w.ticket.id, "serve", format!("rank {rank}, waited {waited} ms"));
+                ev(
+                    &mut out,
+                    t,
+                    &w.ticket.id,
+                    "serve",
+                    format!("rank {rank}, waited {waited} ms"),
+                );
                 out.served_order.push(w.ticket.id.clone());
-                fates[w.idx].1 = Fate::Served { at_ms: t, waited_ms: waited };
-                holders.push(Holding { ticket: w.ticket.clone(), release_at: Some(t + a.hold_ms) });
+                fates[w.idx].1 = Fate::Served {
+                    at_ms: t,
+                    waited_ms: waited,
+                };
+                holders.push(Holding {
+                    ticket: w.ticket.clone(),
+                    release_at: Some(t + a.hold_ms),
+                });
                 served.push(pos);
             }
             served.sort_unstable();
@@ -208,9 +248,7 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
             // The caller's bound caps whatever the policy says (as the engine does).
             let over_limit = a.wait_limit_ms.is_some_and(|l| waited >= l);
             match decision {
-                WaitDecision::KeepWaiting(_) | WaitDecision::FallBack(_)
-                    if over_limit =>
-                {
+                WaitDecision::KeepWaiting(_) | WaitDecision::FallBack(_) if over_limit => {
                     let reason = format!("waited {waited} ms, the caller's limit");
                     ev(&mut out, t, &id, "give-up", reason.clone());
                     fates[w.idx].1 = Fate::GaveUp { at_ms: t, reason };
@@ -285,10 +323,18 @@ pub fn render(o: &Outcome) -> String {
     for (id, fate) in &o.fates {
         let f = match fate {
             Fate::Served { at_ms, waited_ms } => {
-                format!("served at {:.3}s after waiting {:.3}s", *at_ms as f64 / 1000.0, *waited_ms as f64 / 1000.0)
+                format!(
+                    "served at {:.3}s after waiting {:.3}s",
+                    *at_ms as f64 / 1000.0,
+                    *waited_ms as f64 / 1000.0
+                )
             }
-            Fate::GaveUp { at_ms, reason } => format!("gave up at {:.3}s: {reason}", *at_ms as f64 / 1000.0),
-            Fate::FellBack { at_ms, reason } => format!("fell back at {:.3}s: {reason}", *at_ms as f64 / 1000.0),
+            Fate::GaveUp { at_ms, reason } => {
+                format!("gave up at {:.3}s: {reason}", *at_ms as f64 / 1000.0)
+            }
+            Fate::FellBack { at_ms, reason } => {
+                format!("fell back at {:.3}s: {reason}", *at_ms as f64 / 1000.0)
+            }
             Fate::Waiting => "still waiting at the end".to_string(),
         };
         let _ = writeln!(s, "  {id}: {f}");
