@@ -121,6 +121,9 @@ fn sigkill_of_wrapper_leaves_no_dockerd_and_next_run_starts_cleanly() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("second-run-ok"));
+    // The crashed run's instance directory (pidfile, socket, log) was swept by the second.
+    let left: Vec<_> = std::fs::read_dir(&env.run_dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
     env.assert_clean();
 }
 
