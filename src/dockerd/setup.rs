@@ -154,7 +154,10 @@ impl Resolved {
             inherit,
             log_tail_lines: self.log_tail_lines,
             cache_id,
-            log_file: None,
+            // A log that outlives the run, e.g. /var/log/docker.log as Earthly's wrapper keeps.
+            log_file: std::env::var_os("CACHELOCK_DOCKERD_LOG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         }
     }
 
