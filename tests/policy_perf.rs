@@ -96,6 +96,12 @@ fn speed_targets() {
          on-wait with 8 waiters {wait:?}"
     );
     assert!(rank.1 <= Duration::from_micros(5), "rank costs {rank:?}");
-    assert!(warm.1 <= Duration::from_millis(1), "warm load costs {warm:?}");
-    assert!(first.0 <= Duration::from_secs(3), "first run costs {first:?}");
+    assert!(
+        warm.1 <= Duration::from_millis(1),
+        "warm load costs {warm:?}"
+    );
+    assert!(
+        first.0 <= Duration::from_secs(3),
+        "first run costs {first:?}"
+    );
 }
