@@ -2,9 +2,12 @@
 //! contract mapped onto the same machinery as `cachelock dockerd`.
 //!
 //! Earthly runs `WITH DOCKER` as `dockerd-wrapper.sh execute CMD...` inside the build container
-//! with `EARTHLY_*` variables describing the data root, the images to load and compose. The
-//! cache lock is a flock on `<data-root>/.earthly-docker-lock`, the file Earthly's own wrapper
-//! locks, so both exclude each other on a shared directory.
+//! with `EARTHLY_*` variables describing the data root, the images to load and compose. A
+//! cached root is locked in two steps: first cachelock's fair queue in `<data-root>/.cachelock`
+//! (priorities, labels, bounds, progress and `status` as `cachelock run`, options from
+//! `CACHELOCK_*` variables since Earthly passes no flags), then a flock on
+//! `<data-root>/.earthly-docker-lock`, the file Earthly's own wrapper locks, so both exclude
+//! each other on a shared directory.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -19,6 +22,10 @@ use crate::process::Signals;
 
 /// Earthly's lock file inside the data root.
 pub const LOCK_FILE: &str = ".earthly-docker-lock";
+/// cachelock's lock directory inside a cached data root (shared by every host using the root).
+pub const LOCK_DIR: &str = ".cachelock";
+/// Lock name when the data root's base name is not a valid lock name.
+pub const FALLBACK_LOCK_NAME: &str = "dind";
 /// Earthly's hygiene prefix.
 pub const PREFIX: &str = "earthly_cached_";
 /// Where `get-compose-config` writes.
@@ -130,6 +137,8 @@ fn execute_cmd(loaded: &Loaded, command: Vec<OsString>) -> Result<i32> {
         )
     })?);
     let cached = env("EARTHLY_DOCKERD_CACHE_DATA").as_deref() == Some("true");
+    // Bad queue options fail before anything is created or started.
+    let queue_opts = cached.then(queue::Options::from_env).transpose()?;
     let loads: Vec<PathBuf> = words("EARTHLY_DOCKER_LOAD_FILES")
         .into_iter()
         .map(PathBuf::from)
@@ -174,38 +183,29 @@ fn execute_cmd(loaded: &Loaded, command: Vec<OsString>) -> Result<i32> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| crate::lock::name::validate(n).is_ok())
-        .unwrap_or_else(|| "earthly".to_string());
+        .unwrap_or_else(|| FALLBACK_LOCK_NAME.to_string());
     let settings = loaded.config.lock_settings(&lock_name);
     let mut policy = crate::policy::for_lock(loaded, &settings, None, &[])?;
 
-    let held = if cached {
-        step!("locking {}", data_root.join(LOCK_FILE).display());
-        let h = flock::acquire_any(
-            &[data_root.join(LOCK_FILE)],
-            None,
-            1,
+    let held = match &queue_opts {
+        Some(q) => Some(queue::take(
+            loaded,
+            &settings,
+            q,
+            &data_root,
+            &lock_name,
+            policy.as_mut(),
             &signals,
-            Some(Duration::from_secs_f64(
-                loaded.config.progress_interval().max(0.1),
-            )),
-            &format!("the cached data root {}", data_root.display()),
-        )?;
-        step!("locked after {:.1}s", h.waited.as_secs_f64());
-        Some(h)
-    } else {
-        // Earthly wipes an uncached root before use.
-        root::wipe_contents(&data_root, &[])
-            .map_err(|e| Error::io(format!("wiping {}", data_root.display()), e))?;
-        None
+        )?),
+        None => {
+            // Earthly wipes an uncached root before use.
+            root::wipe_contents(&data_root, &[])
+                .map_err(|e| Error::io(format!("wiping {}", data_root.display()), e))?;
+            None
+        }
     };
     let short = session::short_id();
-    let inherit = held
-        .as_ref()
-        .map(|h| {
-            use std::os::fd::AsRawFd;
-            vec![h.file.as_raw_fd()]
-        })
-        .unwrap_or_default();
+    let inherit = held.as_ref().map(queue::Held::fds).unwrap_or_default();
     let spec = resolved.spec(
         data_root.clone(),
         &short,
@@ -281,4 +281,215 @@ fn isolate_cgroup_v2() {
         tracing::debug!("cgroup v2 delegation not enabled: {e}");
     }
     step!("moved processes into {}", child.display());
+}
+
+/// The cached root's two locks: cachelock's queue, then Earthly's flock.
+mod queue {
+    use super::*;
+    use crate::config::LockSettings;
+    use crate::lock::{AcquireOptions, Acquired, Guard, LockDir};
+    use crate::policy::Policy;
+
+    /// Queue options from the environment (Earthly passes no flags).
+    #[derive(Debug, Clone, Default)]
+    pub struct Options {
+        /// `CACHELOCK_PRIORITY`.
+        pub priority: i32,
+        /// `CACHELOCK_WAIT`, in milliseconds.
+        pub wait_limit_ms: Option<u64>,
+        /// `CACHELOCK_LABELS` (`k=v,k=v`).
+        pub labels: Vec<(String, String)>,
+        /// `CACHELOCK_QUEUE_KEY`.
+        pub queue_key: Option<String>,
+    }
+
+    impl Options {
+        /// Reads `CACHELOCK_PRIORITY`, `CACHELOCK_WAIT`, `CACHELOCK_LABELS` and
+        /// `CACHELOCK_QUEUE_KEY`; an invalid value is a usage error (exit 64).
+        pub fn from_env() -> Result<Options> {
+            Self::parse(env)
+        }
+
+        fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Options> {
+            let priority = match get("CACHELOCK_PRIORITY") {
+                None => 0,
+                Some(v) => v.trim().parse().map_err(|_| {
+                    Error::usage(format!(
+                        "CACHELOCK_PRIORITY={v:?} is not an integer: set a priority such as 10 or -5, or unset it"
+                    ))
+                })?,
+            };
+            let wait_limit_ms = match get("CACHELOCK_WAIT") {
+                None => None,
+                Some(v) => match v.trim().parse::<f64>() {
+                    Ok(s) if s.is_finite() && s >= 0.0 => Some((s * 1000.0).round() as u64),
+                    _ => {
+                        return Err(Error::usage(format!(
+                            "CACHELOCK_WAIT={v:?} is not a non-negative number of seconds: set e.g. 600 or 0.5, or unset it to wait without bound"
+                        )))
+                    }
+                },
+            };
+            let labels = match get("CACHELOCK_LABELS") {
+                None => Vec::new(),
+                Some(v) => v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| match p.split_once('=') {
+                        Some((k, val)) if !k.trim().is_empty() => {
+                            Ok((k.trim().to_string(), val.trim().to_string()))
+                        }
+                        _ => Err(Error::usage(format!(
+                            "CACHELOCK_LABELS entry {p:?} is not KEY=VALUE: write labels as KEY=VALUE,KEY=VALUE"
+                        ))),
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            Ok(Options {
+                priority,
+                wait_limit_ms,
+                labels,
+                queue_key: get("CACHELOCK_QUEUE_KEY"),
+            })
+        }
+    }
+
+    /// Both locks of a cached root; released when dropped (the flock first, then the queue).
+    #[derive(Debug)]
+    pub struct Held {
+        earthly: flock::Held,
+        guard: Guard,
+    }
+
+    impl Held {
+        /// The kernel-locked descriptors dockerd inherits, so that both locks stay held as long
+        /// as any dockerd on the root lives.
+        pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+            use std::os::fd::AsRawFd;
+            vec![self.guard.lock_fd(), self.earthly.file.as_raw_fd()]
+        }
+    }
+
+    /// Joins lock `name`'s queue in `<data_root>/.cachelock` and waits (policy, bounds and
+    /// progress as `cachelock run`), then takes Earthly's flock within what is left of the
+    /// bound.
+    pub fn take(
+        loaded: &Loaded,
+        settings: &LockSettings,
+        q: &Options,
+        data_root: &Path,
+        name: &str,
+        policy: &mut dyn Policy,
+        signals: &Signals,
+    ) -> Result<Held> {
+        let config = &loaded.config;
+        let dir = LockDir::open(&data_root.join(LOCK_DIR), config.file_mode, config.dir_mode)?;
+        let progress =
+            Some(Duration::from_secs_f64(config.progress_interval())).filter(|d| !d.is_zero());
+        let opts = AcquireOptions {
+            priority: q.priority,
+            labels: q.labels.clone(),
+            queue_key: q.queue_key.clone(),
+            wait_limit_ms: q.wait_limit_ms,
+            wait_mode: settings.wait_mode,
+            // Earthly fixes the data root: neither parallel slots nor a private root apply.
+            slots: 1,
+            fallback_allowed: false,
+            key_grace_ms: config.queue_key_grace_ms(),
+            progress_interval: progress,
+            ..AcquireOptions::new(name)
+        };
+        step!(
+            "queueing for lock {name} in {} (priority {})",
+            dir.root().display(),
+            q.priority
+        );
+        let guard = match crate::lock::acquire(&dir, &opts, policy, signals)? {
+            Acquired::Held(g) => g,
+            Acquired::FellBack { reason } => {
+                return Err(Error::new(
+                    Kind::Software,
+                    format!("unexpected fall-back for lock {name}: {reason}"),
+                ))
+            }
+        };
+        step!("locking {}", data_root.join(LOCK_FILE).display());
+        let left = q
+            .wait_limit_ms
+            .map(|ms| Duration::from_millis(ms).saturating_sub(guard.waited()));
+        let earthly = flock::acquire_any(
+            &[data_root.join(LOCK_FILE)],
+            left,
+            opts.conflict_exit_code,
+            signals,
+            progress,
+            &format!(
+                "{} (held outside cachelock, e.g. by Earthly's own wrapper)",
+                data_root.join(LOCK_FILE).display()
+            ),
+        )?;
+        step!(
+            "locked after {:.1}s",
+            (guard.waited() + earthly.waited).as_secs_f64()
+        );
+        Ok(Held { earthly, guard })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn parse(vars: &[(&str, &str)]) -> Result<Options> {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Options::parse(|n| {
+                vars.iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+                    .filter(|v| !v.is_empty())
+            })
+        }
+
+        #[test]
+        fn reads_every_variable() {
+            let o = parse(&[
+                ("CACHELOCK_PRIORITY", "-5"),
+                ("CACHELOCK_WAIT", "0.25"),
+                ("CACHELOCK_LABELS", "job=12, ref=main,,"),
+                ("CACHELOCK_QUEUE_KEY", "pipeline-7"),
+            ])
+            .unwrap();
+            assert_eq!(o.priority, -5);
+            assert_eq!(o.wait_limit_ms, Some(250));
+            assert_eq!(
+                o.labels,
+                vec![
+                    ("job".to_string(), "12".to_string()),
+                    ("ref".to_string(), "main".to_string())
+                ]
+            );
+            assert_eq!(o.queue_key.as_deref(), Some("pipeline-7"));
+            let d = parse(&[]).unwrap();
+            assert_eq!((d.priority, d.wait_limit_ms, d.labels.len()), (0, None, 0));
+        }
+
+        #[test]
+        fn invalid_values_are_usage_errors() {
+            for (k, v) in [
+                ("CACHELOCK_PRIORITY", "high"),
+                ("CACHELOCK_WAIT", "-1"),
+                ("CACHELOCK_WAIT", "soon"),
+                ("CACHELOCK_WAIT", "inf"),
+                ("CACHELOCK_LABELS", "job"),
+                ("CACHELOCK_LABELS", "=x"),
+            ] {
+                let e = parse(&[(k, v)]).unwrap_err();
+                assert_eq!(e.exit_code(), 64, "{k}={v}: {e}");
+                assert!(e.to_string().contains(k), "{e}");
+            }
+        }
+    }
 }
