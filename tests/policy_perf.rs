@@ -1,9 +1,9 @@
 //! The speed targets, measured robustly (medians of several runs, serially in one
-//! test): first run of a never-seen policy (target ≤ 150 ms), warm load (≤ 1 ms), decision
+//! test): first run of a never-seen policy (target ≤ 150 ms; quick Winch code, the optimized
+//! code compiles in the background), warm load (≤ 1 ms), decision
 //! (≤ 5 µs). Wall time and the CPU time of the work are both printed: this machine is shared,
 //! so wall time also counts waiting for a core. Decision cost and warm load are asserted on
-//! CPU time; first run (parallel compilation on several threads) on wall time, against a
-//! bound that catches regressions (see docs/policies.md for the measured figures).
+//! CPU time of the process, first run included (see docs/policies.md for the figures).
 
 mod policy_support;
 
@@ -48,10 +48,14 @@ fn speed_targets() {
         });
         first_wall.push(w);
         first_cpu.push(c);
+        // The optimized compile it started in the background is not part of the next sample.
+        policy::cache::wait_for_background();
     }
-    // Warm: the compiled policy is in the cache (load, instantiate, configure, one decision).
+    // Warm: the optimized code is in the cache (load, instantiate, configure, one decision).
+    policy::cache::wait_for_background();
     let l = loaded(&dir.path().join("warm"), "");
     policy::load_now(&l, "builtin:priority", &[]).unwrap();
+    policy::cache::wait_for_background();
     let (mut warm_wall, mut warm_cpu) = (Vec::new(), Vec::new());
     for _ in 0..21 {
         let (w, c) = measure(|| {
@@ -63,6 +67,7 @@ fn speed_targets() {
     }
     // Decisions on a warm instance: rank of one ticket; on-wait with 8 other waiters.
     let (_, mut p) = policy::load_now(&l, "builtin:priority", &[]).unwrap();
+    assert_eq!(p.info().origin, policy::cache::Origin::Cached);
     let waiters: Vec<_> = (0..8)
         .map(|i| ticket(&format!("w{i}"), i % 3, 100 + i as u64, &[("branch", "x")]))
         .collect();
@@ -101,7 +106,7 @@ fn speed_targets() {
         "warm load costs {warm:?}"
     );
     assert!(
-        first.0 <= Duration::from_secs(3),
+        first.1 <= Duration::from_millis(150),
         "first run costs {first:?}"
     );
 }

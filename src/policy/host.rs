@@ -191,10 +191,16 @@ impl wasmtime_wasi::cli::StdoutStream for CappedSink {
 }
 
 /// The linker of every policy store: WASI p2 (sandboxed by the context) plus `host`.
-fn linker() -> &'static Linker<HostState> {
-    static LINKER: OnceLock<Linker<HostState>> = OnceLock::new();
-    LINKER.get_or_init(|| {
-        let mut l = Linker::new(cache::engine());
+fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
+    static OPTIMIZED: OnceLock<Linker<HostState>> = OnceLock::new();
+    static QUICK: OnceLock<Linker<HostState>> = OnceLock::new();
+    let cell = if wasmtime::Engine::same(engine, cache::engine()) {
+        &OPTIMIZED
+    } else {
+        &QUICK
+    };
+    cell.get_or_init(|| {
+        let mut l = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut l).expect("WASI p2 links");
         bindings::Policy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut l, |s| s)
             .expect("policy host interface links");
@@ -271,7 +277,7 @@ impl WasmPolicy {
         })?;
         let ty = component.component_type();
         let exports = ty
-            .exports(cache::engine())
+            .exports(component.engine())
             .map(|(n, _)| n.to_string())
             .collect();
         let mut p = WasmPolicy {
@@ -304,10 +310,8 @@ impl WasmPolicy {
     /// A fresh instance, configured. Used at load and after a fault (a trapped instance cannot
     /// be entered again).
     fn instantiate(&mut self) -> Result<(), String> {
-        let mut store = Store::new(
-            cache::engine(),
-            HostState::new(self.name.clone(), &self.limits),
-        );
+        let engine = self.component.engine().clone();
+        let mut store = Store::new(&engine, HostState::new(self.name.clone(), &self.limits));
         store.limiter(|s| &mut s.limiter);
         store
             .set_fuel(
@@ -316,7 +320,7 @@ impl WasmPolicy {
                     .saturating_mul(limits::CONFIGURE_FUEL_FACTOR),
             )
             .map_err(|e| e.to_string())?;
-        let policy = bindings::Policy::instantiate(&mut store, &self.component, linker())
+        let policy = bindings::Policy::instantiate(&mut store, &self.component, linker(&engine))
             .map_err(|e| {
                 if store.data().limiter.memory_hit || store.data().limiter.table_hit {
                     format!("needs more memory or table space than its limits allow at start-up: {e:#}")

@@ -15,9 +15,17 @@ struct Deadline {
 
 impl Policy for Deadline {
     fn configure(config: &Config) -> Result<Self, String> {
-        config.deny_unknown(&["max_wait", "fallback_after", "base_interval", "max_interval"])?;
+        config.deny_unknown(&[
+            "max_wait",
+            "fallback_after",
+            "base_interval",
+            "max_interval",
+        ])?;
         let base = config.duration_ms("base_interval")?.unwrap_or(50).max(1);
-        let cap = config.duration_ms("max_interval")?.unwrap_or(2_000).max(base);
+        let cap = config
+            .duration_ms("max_interval")?
+            .unwrap_or(2_000)
+            .max(base);
         Ok(Deadline {
             max_wait: config.duration_ms("max_wait")?,
             fallback_after: config.duration_ms("fallback_after")?,
@@ -57,7 +65,7 @@ impl Policy for Deadline {
                 ));
             }
         }
-        let pos = defaults::position(state, |t| defaults::rank(t));
+        let pos = defaults::position(state, defaults::rank);
         let mut interval = if pos == 0 {
             self.base
         } else {
@@ -65,13 +73,18 @@ impl Policy for Deadline {
             let raw = self.base.saturating_mul(1u64 << exp).min(self.cap);
             // Jitter in [75%, 100%] so that waiters that arrived together spread out;
             // derived from the ticket id so that it is deterministic.
-            let h = fnv1a(state.me.id.as_bytes()) ^ (state.evaluations as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let h = fnv1a(state.me.id.as_bytes())
+                ^ (state.evaluations as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             raw - raw * (h % 26) / 100
         };
         // Never sleep past the next deadline.
-        for d in [self.fallback_after, self.max_wait, state.me.request.wait_limit_ms]
-            .into_iter()
-            .flatten()
+        for d in [
+            self.fallback_after,
+            self.max_wait,
+            state.me.request.wait_limit_ms,
+        ]
+        .into_iter()
+        .flatten()
         {
             if d > waited {
                 interval = interval.min(d - waited);

@@ -30,7 +30,7 @@ impl Policy for Absurd {
                 log(Level::Error, &line);
                 println!("{line}");
                 eprintln!("{line}");
-                if state.evaluations % 2 == 0 {
+                if state.evaluations.is_multiple_of(2) {
                     WaitDecision::KeepWaiting(u64::MAX)
                 } else {
                     WaitDecision::KeepWaiting(0)

@@ -9,7 +9,10 @@ impl Policy for Trap {
     }
     fn on_wait(&mut self, state: &WaitState) -> WaitDecision {
         log(Level::Warn, "about to trap");
-        panic!("test-trap: on-wait traps on purpose ({} ms waited)", state.waited_ms)
+        panic!(
+            "test-trap: on-wait traps on purpose ({} ms waited)",
+            state.waited_ms
+        )
     }
 }
 
