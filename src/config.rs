@@ -239,20 +239,7 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let at = inner
-                .location()
-                .map(|l| format!("line {} column {}: ", l.line(), l.column()))
-                .unwrap_or_default();
-            if key.is_empty() || key == "." {
-                format!("{at}{inner}")
-            } else {
-                format!("{at}key `{key}`: {inner}")
-            }
-        })?;
+        let config: Config = parse_yaml(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -356,6 +343,26 @@ impl Config {
     pub fn queue_key_grace_ms(&self) -> u64 {
         (self.queue_key_grace.unwrap_or(600.0) * 1000.0) as u64
     }
+}
+
+/// Deserializes YAML into `T`; the error names the line, column and key path (e.g.
+/// ``line 5 column 5: key `policies.p`: unknown field `limts` ``), so that every file cachelock
+/// reads reports mistakes the same way.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let at = inner
+            .location()
+            .map(|l| format!("line {} column {}: ", l.line(), l.column()))
+            .unwrap_or_default();
+        if key.is_empty() || key == "." {
+            format!("{at}{inner}")
+        } else {
+            format!("{at}key `{key}`: {inner}")
+        }
+    })
 }
 
 /// `builtin:NAME` for the built-in policy names, else `None`.

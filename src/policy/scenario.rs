@@ -114,20 +114,7 @@ impl Scenario {
         if text.trim().is_empty() {
             return Err("the scenario is empty: give at least `arrivals:`".into());
         }
-        let de = serde_yaml::Deserializer::from_str(text);
-        let s: Scenario = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let at = inner
-                .location()
-                .map(|l| format!("line {} column {}: ", l.line(), l.column()))
-                .unwrap_or_default();
-            if key.is_empty() || key == "." {
-                format!("{at}{inner}")
-            } else {
-                format!("{at}key `{key}`: {inner}")
-            }
-        })?;
+        let s: Scenario = crate::config::parse_yaml(text)?;
         s.validate()?;
         Ok(s)
     }
