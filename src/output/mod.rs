@@ -1,6 +1,9 @@
 //! What cachelock prints: logging set-up here; progress lines and status rendering in
 //! their own modules, so that user-facing text is found where it is printed.
 
+pub mod progress;
+pub mod status;
+
 /// Logs go to stderr. `CACHELOCK_LOG` takes a tracing filter (e.g. `cachelock=debug`);
 /// otherwise `-v` raises the level from warnings to debug (`-vv`: trace).
 pub fn init_logging(verbose: u8) {

@@ -1,0 +1,232 @@
+//! Ticket files: one per live request in `queue/`, flocked by its owner for as long as it lives.
+//!
+//! Liveness never uses PIDs: a ticket is alive exactly while some process holds a flock on it.
+//! A ticket is created in `tmp/`, locked, written and only then renamed into `queue/`, so a
+//! scanner can never find a live ticket unlocked and delete it.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt as _, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use fs4::FileExt;
+use serde::{Deserialize, Serialize};
+
+use super::dir::{open_checked, open_nofollow, LockPaths};
+use crate::error::{Error, Result};
+use crate::policy::{Mode, Request, Ticket};
+
+/// What a ticket file records (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketData {
+    /// Ticket id, unique per lock; zero-padded so string order is arrival-number order.
+    pub id: String,
+    /// Lock name.
+    pub lock: String,
+    /// Exclusive or shared.
+    pub mode: Mode,
+    /// `--priority`.
+    pub priority: i32,
+    /// `--label`s in the order given.
+    pub labels: Vec<(String, String)>,
+    /// Host of the owner (for people only).
+    pub host: String,
+    /// PID of the owner (for people only).
+    pub pid: u32,
+    /// Arrival stamp (hybrid logical clock, strictly increasing per lock).
+    pub enqueued_at_ms: u64,
+    /// The caller's wait bound.
+    pub wait_limit_ms: Option<u64>,
+    /// `--queue-key`.
+    pub queue_key: Option<String>,
+    /// Whether the owner holds the lock now.
+    #[serde(default)]
+    pub holding: bool,
+    /// The slot held.
+    #[serde(default)]
+    pub slot: Option<u32>,
+    /// Wall clock when the lock was taken.
+    #[serde(default)]
+    pub acquired_at_ms: Option<u64>,
+    /// Generation (fencing token) of this acquisition.
+    #[serde(default)]
+    pub generation: Option<u64>,
+}
+
+impl TicketData {
+    /// The policy's view of this ticket.
+    pub fn to_ticket(&self) -> Ticket {
+        Ticket {
+            id: self.id.clone(),
+            request: Request {
+                lock: self.lock.clone(),
+                mode: self.mode,
+                priority: self.priority,
+                labels: self.labels.clone(),
+                host: self.host.clone(),
+                pid: self.pid,
+                enqueued_at_ms: self.enqueued_at_ms,
+                wait_limit_ms: self.wait_limit_ms,
+            },
+        }
+    }
+}
+
+/// Formats ticket number `n` as an id.
+pub fn ticket_id(n: u64) -> String {
+    format!("{n:012}")
+}
+
+/// The caller's own ticket: the file stays open and flocked until [`OwnTicket::remove`] or drop.
+#[derive(Debug)]
+pub struct OwnTicket {
+    file: Option<File>,
+    path: PathBuf,
+    /// What the ticket says.
+    pub data: TicketData,
+    written: usize,
+}
+
+impl OwnTicket {
+    /// Creates, locks, writes and publishes a ticket in `queue/`.
+    pub fn create(paths: &LockPaths, data: TicketData) -> Result<OwnTicket> {
+        let tmp = paths
+            .tmp
+            .join(format!("{}.{}", data.id, std::process::id()));
+        let file = open_checked(&tmp, true, paths.file_mode)?;
+        if let Err(e) = FileExt::try_lock(&file) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(
+                format!("cannot lock new ticket {}", tmp.display()),
+                e.into(),
+            ));
+        }
+        let mut t = OwnTicket {
+            file: Some(file),
+            path: tmp.clone(),
+            data,
+            written: 0,
+        };
+        t.write()?;
+        let path = paths.queue.join(&t.data.id);
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(format!("cannot publish ticket {}", path.display()), e)
+        })?;
+        t.path = path;
+        Ok(t)
+    }
+
+    /// Rewrites the file in place through the locked descriptor (a second open would drop the
+    /// lock on NFS). Padding with spaces up to the previous length instead of truncating keeps
+    /// every read a complete JSON document.
+    pub fn write(&mut self) -> Result<()> {
+        let mut text = serde_json::to_vec(&self.data)
+            .map_err(|e| Error::software(format!("cannot encode ticket: {e}")))?;
+        if text.len() < self.written {
+            text.resize(self.written, b' ');
+        }
+        let file = self.file.as_ref().expect("ticket file open");
+        file.write_all_at(&text, 0)
+            .map_err(|e| Error::io(format!("cannot write ticket {}", self.path.display()), e))?;
+        self.written = text.len();
+        Ok(())
+    }
+
+    /// Records that the lock is held.
+    pub fn mark_holding(&mut self, slot: u32, generation: u64, now_ms: u64) -> Result<()> {
+        self.data.holding = true;
+        self.data.slot = Some(slot);
+        self.data.generation = Some(generation);
+        self.data.acquired_at_ms = Some(now_ms);
+        self.write()
+    }
+
+    /// Leaves the queue: unlink while still locked (so no prober can mistake it for dead and
+    /// race us), then close.
+    pub fn remove(mut self) {
+        self.remove_inner();
+    }
+
+    fn remove_inner(&mut self) {
+        if let Some(f) = self.file.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(f);
+        }
+    }
+}
+
+impl Drop for OwnTicket {
+    fn drop(&mut self) {
+        self.remove_inner();
+    }
+}
+
+/// What probing another ticket found.
+#[derive(Debug)]
+pub enum Probe {
+    /// Alive, with its content (`None` if it could not be parsed, e.g. a torn write).
+    Alive(Option<TicketData>),
+    /// Its owner is dead; the file was removed.
+    Dead,
+    /// It vanished meanwhile.
+    Gone,
+}
+
+/// Reads another process's ticket and tests its liveness with a non-blocking exclusive flock
+/// (never call this on one's own ticket: on NFS the close would drop one's own lock). A dead
+/// ticket is unlinked while the probe lock is held, after checking the path still names the
+/// same file.
+pub fn probe(path: &Path) -> Probe {
+    let mut file = match open_nofollow(path, false, 0) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Probe::Gone,
+        Err(_) => return Probe::Alive(None),
+    };
+    match FileExt::try_lock(&file) {
+        Ok(()) => {
+            let same = match (file.metadata(), std::fs::symlink_metadata(path)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if same {
+                let _ = std::fs::remove_file(path);
+            }
+            Probe::Dead
+        }
+        Err(_) => Probe::Alive(read_data(&mut file)),
+    }
+}
+
+fn read_data(file: &mut File) -> Option<TicketData> {
+    for _ in 0..3 {
+        let mut buf = Vec::with_capacity(1024);
+        let _ = file.read_to_end(&mut buf);
+        if let Ok(d) = serde_json::from_slice::<TicketData>(&buf) {
+            return Some(d);
+        }
+        // A torn read of an in-place rewrite: read again from the start.
+        let _ = std::io::Seek::rewind(file);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    None
+}
+
+/// Removes leftovers in `tmp/` whose creator died before publishing them. Only old files are
+/// probed: a fresh one may be between its creator's `open` and `flock`.
+pub fn sweep_tmp(paths: &LockPaths) {
+    let Ok(rd) = std::fs::read_dir(&paths.tmp) else {
+        return;
+    };
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    for e in rd.flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t < old)
+            .unwrap_or(false);
+        if stale {
+            let _ = probe(&e.path());
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! Shared helpers of the engine's integration tests: a private lock directory, the real binary,
+//! children killed on drop, a critical-section script that logs its own start/end times (the
+//! independent overlap detector), and fairness statistics.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cachelock")
+}
+
+/// A private lock directory and configuration for one test.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub lock_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self::with_config("")
+    }
+
+    /// With `yaml` as the configuration file.
+    pub fn with_config(yaml: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let lock_dir = tmp.path().join("locks");
+        let config = tmp.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        std::fs::write(tmp.path().join("fifo-placeholder"), "").unwrap();
+        let fifo = tmp.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: valid path.
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        Env {
+            tmp,
+            lock_dir,
+            config,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// `cachelock` with this env's lock dir and config.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.env("CACHELOCK_LOCK_DIR", &self.lock_dir)
+            .env("CACHELOCK_CONFIG", &self.config)
+            .env_remove("CACHELOCK_LOG");
+        c
+    }
+
+    /// `cachelock run ARGS...` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().arg("run").args(args).output().expect("run")
+    }
+
+    /// Spawns `cachelock ARGS...` (in its own process group) killed on drop.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let child = self
+            .cmd()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        Proc(Some(child))
+    }
+
+    /// Live ticket files of `lock`.
+    pub fn tickets(&self, lock: &str) -> Vec<String> {
+        let q = self.lock_dir.join(format!("{lock}.lock/queue"));
+        let mut v: Vec<String> = std::fs::read_dir(q)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Waits until `lock` has `n` tickets (holders + waiters).
+    pub fn wait_tickets(&self, lock: &str, n: usize) {
+        let t0 = Instant::now();
+        while self.tickets(lock).len() != n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "lock {lock}: expected {n} tickets, have {:?}",
+                self.tickets(lock)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `cachelock status --json` parsed.
+    pub fn status_json(&self, lock: Option<&str>) -> serde_json::Value {
+        let mut c = self.cmd();
+        c.args(["status", "--json"]);
+        if let Some(l) = lock {
+            c.arg(l);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// A bash critical section that appends "TAG START END" (µs-resolution wall clock) to
+    /// `log`, holding for `hold_s` seconds without forking.
+    pub fn section(&self, log: &Path, tag: &str, hold_s: f64) -> Vec<String> {
+        vec![
+            "bash".into(),
+            "-c".into(),
+            r#"s=$EPOCHREALTIME; read -t "$3" <> "$4"; e=$EPOCHREALTIME; echo "$2 $s $e" >> "$1""#
+                .into(),
+            "_".into(),
+            log.display().to_string(),
+            tag.into(),
+            format!("{hold_s}"),
+            self.path("fifo").display().to_string(),
+        ]
+    }
+}
+
+/// A child process killed (with its process group) on drop.
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.0.as_ref().unwrap().id() as i32
+    }
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+    pub fn signal_group(&self, sig: i32) {
+        // SAFETY: signalling our child's process group.
+        unsafe { libc::kill(-self.pid(), sig) };
+    }
+    /// Waits at most `timeout` for exit; returns the exit code (128+N for a signal).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.0.as_mut().unwrap().try_wait().unwrap() {
+                return Some(s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)));
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    pub fn wait(&mut self) -> i32 {
+        self.wait_timeout(Duration::from_secs(30))
+            .expect("process did not exit in 30 s")
+    }
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(e) = self.0.as_mut().unwrap().stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: killing our own child's group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One logged critical section.
+#[derive(Debug, Clone)]
+pub struct Section {
+    pub tag: String,
+    pub start: f64,
+    pub end: f64,
+}
+
+/// Reads a section log, sorted by start.
+pub fn read_log(log: &Path) -> Vec<Section> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut v: Vec<Section> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some(Section {
+                tag: it.next()?.to_string(),
+                start: it.next()?.parse().ok()?,
+                end: it.next()?.parse().ok()?,
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.start.partial_cmp(&b.start).unwrap());
+    v
+}
+
+/// Pairs of sections that overlap in time (should be none for an exclusive lock).
+pub fn overlaps(v: &[Section]) -> Vec<(Section, Section)> {
+    let mut out = Vec::new();
+    let mut max_end: Option<&Section> = None;
+    for s in v {
+        if let Some(m) = max_end {
+            if s.start < m.end {
+                out.push((m.clone(), s.clone()));
+            }
+        }
+        if max_end.is_none_or(|m| s.end > m.end) {
+            max_end = Some(s);
+        }
+    }
+    out
+}
+
+/// Handoff gaps in ms between consecutive sections.
+pub fn handoffs_ms(v: &[Section]) -> Vec<f64> {
+    v.windows(2)
+        .map(|w| (w[1].start - w[0].end) * 1000.0)
+        .collect()
+}
+
+/// The p-th percentile (0..=100) of `xs`.
+pub fn percentile(xs: &[f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i]
+}
+
+/// Jain's fairness index of `xs`.
+pub fn jain(xs: &[f64]) -> f64 {
+    let s: f64 = xs.iter().sum();
+    let s2: f64 = xs.iter().map(|x| x * x).sum();
+    if s2 == 0.0 {
+        return 0.0;
+    }
+    s * s / (xs.len() as f64 * s2)
+}
+
+/// Unix time in seconds (f64), comparable with bash's $EPOCHREALTIME.
+pub fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// CPU time (user+system) of `pid` in seconds, from /proc.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+/// Runs `workers` loops for `dur`, each repeatedly running the command `argv_for(i)` (retrying
+/// after `retry_sleep` when it exits with `conflict_code`), and returns the section log.
+pub fn contend(
+    env: &Env,
+    log: &Path,
+    dur: Duration,
+    workers: Vec<(Vec<String>, Option<Duration>)>,
+) -> Vec<Section> {
+    let _ = std::fs::remove_file(log);
+    let end = Instant::now() + dur;
+    let handles: Vec<_> = workers
+        .into_iter()
+        .map(|(argv, retry_sleep)| {
+            let envv: Vec<(String, String)> = vec![
+                (
+                    "CACHELOCK_LOCK_DIR".into(),
+                    env.lock_dir.display().to_string(),
+                ),
+                ("CACHELOCK_CONFIG".into(), env.config.display().to_string()),
+            ];
+            std::thread::spawn(move || {
+                while Instant::now() < end {
+                    let st = Command::new(&argv[0])
+                        .args(&argv[1..])
+                        .envs(envv.clone())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .expect("worker");
+                    if !st.success() {
+                        if let Some(d) = retry_sleep {
+                            std::thread::sleep(d);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    read_log(log)
+}
+
+/// Turns per tag, in `tags` order.
+pub fn turns(v: &[Section], tags: &[String]) -> Vec<f64> {
+    tags.iter()
+        .map(|t| v.iter().filter(|s| &s.tag == t).count() as f64)
+        .collect()
+}
