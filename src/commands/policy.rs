@@ -1,9 +1,418 @@
 //! `cachelock policy check|simulate|list|new`.
 
+use std::path::{Path, PathBuf};
+
 use crate::cli::PolicyCommand;
-use crate::error::{Error, Result};
+use crate::config::{Loaded, OnError};
+use crate::error::{Error, Kind, Result};
+use crate::policy::{self, scenario::Scenario, simulate, Policy, StartAttempt, Ticket};
 
 /// Runs a `cachelock policy` sub-command; returns the exit code.
-pub fn execute(_cmd: PolicyCommand) -> Result<i32> {
-    Err(Error::software("`cachelock policy` is not built yet"))
+pub fn execute(cmd: PolicyCommand) -> Result<i32> {
+    match cmd {
+        PolicyCommand::Check {
+            policy,
+            policy_config,
+            config,
+        } => check(&Loaded::load(config.as_deref())?, &policy, &policy_config),
+        PolicyCommand::Simulate {
+            policy,
+            scenario,
+            policy_config,
+            json,
+            config,
+        } => simulate(
+            &Loaded::load(config.as_deref())?,
+            &policy,
+            &scenario,
+            &policy_config,
+            json,
+        ),
+        PolicyCommand::List { config } => list(&Loaded::load(config.as_deref())?),
+        PolicyCommand::New { name, dir } => new(&name, dir.as_deref()),
+    }
+}
+
+fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32> {
+    let (spec, mut p) = policy::load_now(loaded, name, extra)?;
+    let info = p.info().clone();
+    let l = p.limits().clone();
+    println!("policy:    {}", spec.name);
+    println!(
+        "module:    {} ({} bytes, sha256:{}){}",
+        spec.source,
+        info.size,
+        info.sha256,
+        if spec.sha256.is_some() {
+            ", pin matches"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "compiled:  {}",
+        match info.origin {
+            policy::cache::Origin::Cached => "taken from the cache",
+            policy::cache::Origin::Compiled => "now (cached for next time)",
+        }
+    );
+    println!("cache:     {}", spec.cache_dir.display());
+    println!("world:     {} (ok)", policy::host::WORLD);
+    println!("exports:   {}", info.exports.join(", "));
+    if spec.config.is_empty() {
+        println!("configure: ok (empty config)");
+    } else {
+        let kv: Vec<String> = spec
+            .config
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("configure: ok ({})", kv.join(", "));
+    }
+    println!(
+        "limits:    fuel {} per call, memory {} MiB, table elements {}, instances {}, \
+         keep-waiting clamped to [{}, {}] ms, log {} bytes per call",
+        l.fuel,
+        l.memory_bytes >> 20,
+        l.table_elements,
+        l.instances,
+        l.min_interval_ms,
+        l.max_interval_ms,
+        l.log_bytes
+    );
+    println!(
+        "on_error:  {}",
+        match spec.on_error {
+            OnError::Fail => "fail (a fault fails the request, exit 70)",
+            OnError::Default => "default (a faulted decision is taken by builtin:default)",
+        }
+    );
+    // One call of each decision on a sample, so that a policy that loads but faults on use is
+    // caught here rather than in production.
+    let sample = Ticket {
+        id: "sample".into(),
+        request: policy::Request {
+            lock: "sample".into(),
+            mode: policy::Mode::Exclusive,
+            priority: 0,
+            labels: Vec::new(),
+            host: "check".into(),
+            pid: std::process::id(),
+            enqueued_at_ms: 1_700_000_000_000,
+            wait_limit_ms: None,
+        },
+    };
+    let state = policy::WaitState {
+        me: sample.clone(),
+        holders: Vec::new(),
+        waiters: Vec::new(),
+        waited_ms: 0,
+        evaluations: 0,
+        now_ms: 1_700_000_000_000,
+    };
+    let attempt = StartAttempt {
+        attempt: 1,
+        cache_id: Some("sample".into()),
+    };
+    let rank = p.rank(&sample, 1_700_000_000_000)?;
+    let wait = p.on_wait(&state)?;
+    let start = p.start_timeout_ms(&attempt)?;
+    let stop = p.stop_timeout_ms(Some("sample"))?;
+    println!(
+        "sample:    rank(priority 0) = {rank}; on-wait(alone) = {wait:?}; \
+         start-timeout = {start} ms; stop-timeout = {stop} ms"
+    );
+    Ok(0)
+}
+
+fn simulate(
+    loaded: &Loaded,
+    name: &str,
+    scenario: &Path,
+    extra: &[(String, String)],
+    json: bool,
+) -> Result<i32> {
+    let text = std::fs::read_to_string(scenario).map_err(|e| {
+        Error::new(
+            Kind::NoInput,
+            format!("cannot read scenario {}: {e}", scenario.display()),
+        )
+    })?;
+    let sc = Scenario::parse(&text).map_err(|m| {
+        Error::new(
+            Kind::DataErr,
+            format!("scenario {}: {m}", scenario.display()),
+        )
+    })?;
+    let (_, mut p) = policy::load_now(loaded, name, extra)?;
+    let outcome = simulate::run(&mut p as &mut dyn Policy, &sc)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome).expect("outcome serializes")
+        );
+    } else {
+        print!("{}", simulate::render(&outcome));
+    }
+    Ok(0)
+}
+
+fn list(loaded: &Loaded) -> Result<i32> {
+    let c = &loaded.config;
+    match &loaded.path {
+        Some(p) => println!("configuration: {}", p.display()),
+        None => println!("configuration: none (built-in defaults)"),
+    }
+    let describe = |name: &str| -> String {
+        match c.policy_def(name) {
+            Some(d) => {
+                let mut s = format!("{name} = {}", d.module);
+                if let Some(pin) = &d.sha256 {
+                    s.push_str(&format!(" (pinned {pin})"));
+                }
+                if !d.config.is_empty() {
+                    let kv: Vec<String> =
+                        d.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    s.push_str(&format!(" config {{{}}}", kv.join(", ")));
+                }
+                if d.on_error == OnError::Default {
+                    s.push_str(" on_error=default");
+                }
+                s
+            }
+            None => format!("{name} (undefined)"),
+        }
+    };
+    println!("\nlocks:");
+    if c.locks.is_empty() {
+        println!("  (no rules)");
+    }
+    for r in &c.locks {
+        let s = r
+            .policy
+            .clone()
+            .or_else(|| c.default_policy.clone())
+            .unwrap_or_else(|| crate::config::DEFAULT_POLICY.to_string());
+        println!(
+            "  {:<24} policy {:<40} slots {}  fallback {}",
+            r.pattern,
+            describe(&s),
+            r.slots.unwrap_or(1),
+            if r.fallback { "yes" } else { "no" }
+        );
+    }
+    let default = c
+        .default_policy
+        .clone()
+        .unwrap_or_else(|| crate::config::DEFAULT_POLICY.to_string());
+    println!("  {:<24} policy {}", "(any other lock)", describe(&default));
+    println!("\npolicies:");
+    let mut names: Vec<String> = c.policies.keys().cloned().collect();
+    for b in policy::builtin::names() {
+        if !c.policies.contains_key(b) {
+            names.push(b.to_string());
+        }
+    }
+    for n in names {
+        println!("  {}", describe(&n));
+    }
+    Ok(0)
+}
+
+const SDK_SOURCE: &str = include_str!("../../policies/sdk/src/lib.rs");
+const WIT: &str = include_str!("../../wit/policy.wit");
+
+fn new(name: &str, dir: Option<&Path>) -> Result<i32> {
+    let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name.len() <= 64;
+    if !valid {
+        return Err(Error::usage(format!(
+            "{name:?} is not a valid crate name: use a letter, then letters, digits, - or _"
+        )));
+    }
+    let root: PathBuf = dir.map(Path::to_path_buf).unwrap_or_else(|| name.into());
+    if root.exists()
+        && std::fs::read_dir(&root)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::cant_create(format!(
+            "{} already exists and is not empty; choose another NAME or --dir",
+            root.display()
+        )));
+    }
+    let files = scaffold(name);
+    for (rel, content) in &files {
+        let path = root.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Error::cant_create(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        std::fs::write(&path, content)
+            .map_err(|e| Error::cant_create(format!("cannot write {}: {e}", path.display())))?;
+    }
+    let wasm = format!(
+        "target/wasm32-wasip2/release/{}.wasm",
+        name.replace('-', "_")
+    );
+    println!(
+        "created policy crate {} ({} files)",
+        root.display(),
+        files.len()
+    );
+    println!("next:");
+    println!("  cd {}", root.display());
+    println!("  cargo build --release          # needs: rustup target add wasm32-wasip2");
+    println!("  cachelock policy check {wasm}");
+    println!("  cachelock policy simulate --policy {wasm} --scenario scenario.yaml");
+    Ok(0)
+}
+
+/// The files of a new policy crate: the policy, and a private copy of the SDK and the WIT so
+/// the crate builds on its own, wherever it is.
+pub fn scaffold(name: &str) -> Vec<(String, String)> {
+    let crate_ident = name.replace('-', "_");
+    let sdk_lib = SDK_SOURCE.replace("path: \"../../wit\"", "path: \"wit\"");
+    vec![
+        (
+            "Cargo.toml".into(),
+            format!(
+                r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+cachelock-policy-sdk = {{ path = "sdk" }}
+
+# A standalone workspace: this crate builds wherever it is copied.
+[workspace]
+members = [".", "sdk"]
+
+# Small modules compile fast when cachelock first loads them.
+[profile.release]
+opt-level = "s"
+lto = true
+codegen-units = 1
+strip = true
+panic = "abort"
+debug = false
+"#
+            ),
+        ),
+        (
+            ".cargo/config.toml".into(),
+            "# Policies are WebAssembly components.\n[build]\ntarget = \"wasm32-wasip2\"\n".into(),
+        ),
+        (".gitignore".into(), "/target\n".into()),
+        (
+            "sdk/Cargo.toml".into(),
+            r#"[package]
+name = "cachelock-policy-sdk"
+description = "Write cachelock policies (WIT world cachelock:policy@0.1.0) by implementing only what you change."
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[dependencies]
+wit-bindgen = { version = "0.61", default-features = false, features = ["macros", "realloc", "std"] }
+"#
+            .into(),
+        ),
+        ("sdk/src/lib.rs".into(), sdk_lib),
+        ("sdk/wit/policy.wit".into(), WIT.into()),
+        (
+            "src/lib.rs".into(),
+            format!(
+                r#"//! The `{name}` cachelock policy. Implement only the decisions you change; the others
+//! follow `builtin:default` (see the `Policy` trait in sdk/src/lib.rs and sdk/wit/policy.wit).
+use cachelock_policy_sdk::*;
+
+struct {ty} {{
+    /// Points added to requests labelled `branch=main` (config key `main_boost`).
+    main_boost: i64,
+}}
+
+impl Policy for {ty} {{
+    fn configure(config: &Config) -> Result<Self, String> {{
+        config.deny_unknown(&["main_boost"])?;
+        Ok({ty} {{
+            main_boost: config.parse_or("main_boost", 100)?,
+        }})
+    }}
+
+    /// Priority first, and `branch=main` ahead of everything else of the same priority.
+    fn rank(&mut self, waiter: &Ticket, _now_ms: u64) -> i64 {{
+        let main = waiter
+            .request
+            .labels
+            .iter()
+            .any(|(k, v)| k == "branch" && v == "main");
+        waiter.request.priority as i64 + if main {{ self.main_boost }} else {{ 0 }}
+    }}
+}}
+
+export_policy!({ty});
+"#,
+                ty = camel(&crate_ident)
+            ),
+        ),
+        (
+            "scenario.yaml".into(),
+            r#"# cachelock policy simulate --policy target/wasm32-wasip2/release/<name>.wasm --scenario scenario.yaml
+holders:
+  - {id: nightly, release_at_ms: 5000}
+arrivals:
+  - {id: pr-1, at_ms: 0, labels: {branch: feature}}
+  - {id: pr-2, at_ms: 100, labels: {branch: feature}}
+  - {id: main, at_ms: 200, labels: {branch: main}}
+"#
+            .into(),
+        ),
+        (
+            "README.md".into(),
+            format!(
+                "# {name}: a cachelock policy\n\n\
+                 ```sh\n\
+                 cargo build --release                       # -> target/wasm32-wasip2/release/{crate_ident}.wasm\n\
+                 cachelock policy check target/wasm32-wasip2/release/{crate_ident}.wasm\n\
+                 cachelock policy simulate --policy target/wasm32-wasip2/release/{crate_ident}.wasm --scenario scenario.yaml\n\
+                 cachelock run --policy target/wasm32-wasip2/release/{crate_ident}.wasm LOCK -- CMD   # try it once\n\
+                 ```\n\n\
+                 Deploy: copy the .wasm next to the cachelock configuration and bind it:\n\n\
+                 ```yaml\npolicies:\n  {name}:\n    module: {crate_ident}.wasm\n    sha256: \"sha256:<sha256sum of the file>\"\n    config: {{main_boost: 100}}\nlocks:\n  - match: \"*\"\n    policy: {name}\n```\n"
+            ),
+        ),
+    ]
+}
+
+fn camel(ident: &str) -> String {
+    let mut out = String::new();
+    let mut up = true;
+    for c in ident.chars() {
+        if c == '_' {
+            up = true;
+        } else if up {
+            out.extend(c.to_uppercase());
+            up = false;
+        } else {
+            out.push(c);
+        }
+    }
+    // Never clash with the SDK's names (Policy, Config, Ticket...).
+    if out == "Policy" {
+        "MyPolicy".to_string()
+    } else if out.ends_with("Policy") {
+        out
+    } else {
+        out + "Policy"
+    }
 }

@@ -4,12 +4,22 @@
 //! `cachelock:policy@0.1.0` world (`wit/policy.wit`), sandboxed and resource-limited. The
 //! engine and the dockerd wrapper only see this trait.
 
+pub mod builtin;
+pub mod cache;
+pub mod host;
+pub mod lazy;
+pub mod limits;
 pub mod native;
+pub mod scenario;
+pub mod simulate;
+pub mod spec;
 pub mod types;
 
 pub use types::*;
 
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::Mutex;
 
 /// A policy call that failed and, under the policy's `on_error: fail`, fails the request.
 #[derive(Debug, Clone)]
@@ -28,9 +38,44 @@ impl fmt::Display for PolicyError {
 
 impl std::error::Error for PolicyError {}
 
+/// Load failures (missing module, not a component, wrong world, sha256 mismatch, configure
+/// error) that surfaced on a lazy policy's first call. Kept on the side rather than in a new
+/// field so that `PolicyError { policy, message }` literals elsewhere keep compiling.
+static LOAD_ERRORS: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
+
+impl PolicyError {
+    /// A policy that could not be loaded: converts to a configuration error (exit 78).
+    pub fn load(policy: &str, message: String) -> Self {
+        let e = PolicyError {
+            policy: policy.to_string(),
+            message,
+        };
+        LOAD_ERRORS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(HashSet::new)
+            .insert((e.policy.clone(), e.message.clone()));
+        e
+    }
+
+    /// Whether this is a load failure (exit 78) rather than a fault of a loaded policy (70).
+    pub fn is_load_error(&self) -> bool {
+        LOAD_ERRORS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|s| s.contains(&(self.policy.clone(), self.message.clone())))
+    }
+}
+
 impl From<PolicyError> for crate::error::Error {
     fn from(e: PolicyError) -> Self {
-        crate::error::Error::software(e.to_string())
+        if e.is_load_error() {
+            // The message of a load error already names the policy.
+            crate::error::Error::config(e.message)
+        } else {
+            crate::error::Error::software(e.to_string())
+        }
     }
 }
 
@@ -65,14 +110,40 @@ pub trait Policy {
 /// The policy governing one request: `override_policy` (`--policy NAME|builtin:NAME|FILE.wasm`)
 /// if given, else the policy the configuration binds to `settings`; `extra_config`
 /// (`--policy-config`) is merged over the configured `config` map. Loading is lazy: an
-/// uncontended request never instantiates its policy.
+/// uncontended request never instantiates its policy; a module that cannot be loaded is
+/// reported by the first call, as an error converting to exit 78.
 ///
-/// Until the WASM host lands this returns the native default policy.
+/// Errors here (exit 78) are the ones found without loading: an unknown policy name, bad limits.
 pub fn for_lock(
-    _loaded: &crate::config::Loaded,
-    _settings: &crate::config::LockSettings,
-    _override_policy: Option<&str>,
-    _extra_config: &[(String, String)],
+    loaded: &crate::config::Loaded,
+    settings: &crate::config::LockSettings,
+    override_policy: Option<&str>,
+    extra_config: &[(String, String)],
 ) -> crate::error::Result<Box<dyn Policy>> {
-    Ok(Box::new(native::DefaultPolicy))
+    let name = override_policy.unwrap_or(&settings.policy);
+    let spec = spec::resolve(loaded, name, extra_config)?;
+    // A stat is cheap enough even for an uncontended request, and a missing module is better
+    // found on the first run than on the first contended one.
+    if let spec::Source::File(p) = &spec.source {
+        if !p.is_file() {
+            return Err(crate::error::Error::config(format!(
+                "policy '{}': module {} does not exist (check `module:` in the policy file or the --policy path)",
+                spec.name,
+                p.display()
+            )));
+        }
+    }
+    Ok(Box::new(lazy::LazyPolicy::new(spec)))
+}
+
+/// Loads `name` (as [`for_lock`] resolves it) at once: for `policy check`/`simulate` and for
+/// callers that want load errors up front.
+pub fn load_now(
+    loaded: &crate::config::Loaded,
+    name: &str,
+    extra_config: &[(String, String)],
+) -> crate::error::Result<(spec::PolicySpec, host::WasmPolicy)> {
+    let spec = spec::resolve(loaded, name, extra_config)?;
+    let p = host::WasmPolicy::load(&spec)?;
+    Ok((spec, p))
 }

@@ -1,0 +1,530 @@
+//! The WASM host: one `bindgen!` over the `policy` world, the sandboxed store state, the linker,
+//! and [`WasmPolicy`], which loads a component, runs `configure` and serves [`Policy`] calls
+//! under the policy's limits.
+//!
+//! The sandbox: WASI p2 with no preopened directories, no environment, no arguments, no
+//! sockets or name lookup, stdin closed; stdout, stderr and `host.log` go to tracing, tagged with
+//! the policy name and capped per call.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Store, Trap};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::cache::{self, Origin};
+use super::limits::{self, Effective, Limiter};
+use super::spec::{PolicySpec, Source};
+use super::*;
+use crate::error::Error;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "policy",
+        path: "wit",
+    });
+}
+
+use bindings::cachelock::policy::types as wit;
+
+/// The world every policy must implement.
+pub const WORLD: &str = "cachelock:policy/policy@0.1.0";
+
+/// Store data: the WASI context, the limiter and the log capture of one policy instance.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    policy: Arc<str>,
+    log_budget: u64,
+    log_left: u64,
+    log_dropped: u64,
+    stdout: CappedSink,
+    stderr: CappedSink,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit::Host for HostState {}
+
+impl bindings::cachelock::policy::host::Host for HostState {
+    fn log(&mut self, level: wit::Level, message: String) {
+        let len = message.len() as u64;
+        if self.log_left == 0 {
+            self.log_dropped += len;
+            return;
+        }
+        let text = if len > self.log_left {
+            self.log_dropped += len - self.log_left;
+            limits::truncate(message, self.log_left as usize)
+        } else {
+            message
+        };
+        self.log_left = self.log_left.saturating_sub(len);
+        emit(&self.policy, level.into(), "log", &text);
+    }
+}
+
+fn emit(policy: &str, level: Level, stream: &str, text: &str) {
+    match level {
+        Level::Trace => tracing::trace!(policy, stream, "{text}"),
+        Level::Debug => tracing::debug!(policy, stream, "{text}"),
+        Level::Info => tracing::info!(policy, stream, "{text}"),
+        Level::Warn => tracing::warn!(policy, stream, "{text}"),
+        Level::Error => tracing::error!(policy, stream, "{text}"),
+    }
+}
+
+impl HostState {
+    fn new(policy: Arc<str>, limits: &Effective) -> Self {
+        let stdout = CappedSink::new(limits.log_bytes as usize);
+        let stderr = CappedSink::new(limits.log_bytes as usize);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: limits.limiter(),
+            policy,
+            log_budget: limits.log_bytes,
+            log_left: limits.log_bytes,
+            log_dropped: 0,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Sends what the call printed to tracing and resets the per-call budgets.
+    fn flush_logs(&mut self) {
+        for (sink, stream, level) in [
+            (&self.stdout, "stdout", Level::Info),
+            (&self.stderr, "stderr", Level::Warn),
+        ] {
+            let (text, dropped) = sink.take();
+            if !text.is_empty() {
+                for line in String::from_utf8_lossy(&text).lines() {
+                    emit(&self.policy, level, stream, line);
+                }
+            }
+            self.log_dropped += dropped;
+        }
+        if self.log_dropped > 0 {
+            tracing::warn!(
+                policy = &*self.policy,
+                "dropped {} bytes of policy output (limits.log_bytes = {} per call)",
+                self.log_dropped,
+                self.log_budget
+            );
+        }
+        self.log_dropped = 0;
+        self.log_left = self.log_budget;
+        self.limiter.memory_hit = false;
+        self.limiter.table_hit = false;
+    }
+}
+
+/// A policy's stdout or stderr: keeps the first `cap` bytes of each call, counts the rest.
+/// Writes always succeed, so a chatty policy is cut short, never failed.
+#[derive(Clone)]
+struct CappedSink(Arc<Mutex<(Vec<u8>, usize, u64)>>);
+
+impl CappedSink {
+    fn new(cap: usize) -> Self {
+        CappedSink(Arc::new(Mutex::new((Vec::new(), cap, 0))))
+    }
+    fn take(&self) -> (Vec<u8>, u64) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped = std::mem::take(&mut g.2);
+        (std::mem::take(&mut g.0), dropped)
+    }
+}
+
+impl OutputStream for CappedSink {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let room = g.1.saturating_sub(g.0.len());
+        let keep = room.min(bytes.len());
+        g.0.extend_from_slice(&bytes[..keep]);
+        g.2 += (bytes.len() - keep) as u64;
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CappedSink {
+    async fn ready(&mut self) {}
+}
+
+impl wasmtime_wasi::cli::IsTerminal for CappedSink {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for CappedSink {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        // Only WASI p3 uses this and p3 is not linked; a zero-capacity pipe keeps it inert.
+        Box::new(wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(0))
+    }
+}
+
+/// The linker of every policy store: WASI p2 (sandboxed by the context) plus `host`.
+fn linker() -> &'static Linker<HostState> {
+    static LINKER: OnceLock<Linker<HostState>> = OnceLock::new();
+    LINKER.get_or_init(|| {
+        let mut l = Linker::new(cache::engine());
+        wasmtime_wasi::p2::add_to_linker_sync(&mut l).expect("WASI p2 links");
+        bindings::Policy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut l, |s| s)
+            .expect("policy host interface links");
+        l
+    })
+}
+
+/// What was loaded, for `policy check` and measurements.
+#[derive(Debug, Clone)]
+pub struct LoadInfo {
+    /// Hex sha256 of the module.
+    pub sha256: String,
+    /// Size of the module in bytes.
+    pub size: usize,
+    /// Compiled now or taken from the cache.
+    pub origin: Origin,
+    /// The component's exports (names).
+    pub exports: Vec<String>,
+}
+
+/// A loaded, configured policy instance.
+pub struct WasmPolicy {
+    name: Arc<str>,
+    component: Component,
+    config: Vec<(String, String)>,
+    limits: Effective,
+    instance: Option<(Store<HostState>, bindings::Policy)>,
+    info: LoadInfo,
+}
+
+impl WasmPolicy {
+    /// Loads, validates and configures `spec`'s module. Every failure is a configuration error
+    /// (exit 78) naming the policy and saying what to fix.
+    pub fn load(spec: &PolicySpec) -> Result<Self, Error> {
+        let name: Arc<str> = Arc::from(spec.name.as_str());
+        // "policy 'team-x' (/etc/cachelock/x.wasm): ..." or, for a path or builtin:NAME given
+        // directly, "policy x.wasm: ...".
+        let who = if spec.name == spec.source.to_string() {
+            format!("policy {}", spec.name)
+        } else {
+            format!("policy '{}' ({})", spec.name, spec.source)
+        };
+        let bad = |m: String| Error::config(format!("{who}: {m}"));
+        let (bytes, sha): (std::borrow::Cow<'static, [u8]>, String) = match &spec.source {
+            Source::Builtin(b) => (b.bytes.into(), b.sha256.to_string()),
+            Source::File(p) => {
+                let bytes = std::fs::read(p).map_err(|e| {
+                    bad(format!(
+                        "cannot read module {}: {e} (check `module:` in the policy file or the --policy path)",
+                        p.display()
+                    ))
+                })?;
+                let sha = cache::sha256_hex(&bytes);
+                (bytes.into(), sha)
+            }
+        };
+        if let Some(pin) = &spec.sha256 {
+            let want = pin
+                .strip_prefix("sha256:")
+                .unwrap_or(pin)
+                .to_ascii_lowercase();
+            if want != sha {
+                return Err(bad(format!(
+                    "the module has sha256:{sha} but the policy file pins sha256:{want}; refusing it \
+                     (update the pin if the new module is intended)"
+                )));
+            }
+        }
+        check_header(&bytes).map_err(|m| bad(format!("the module {m}")))?;
+        let (component, origin) = cache::load(&bytes, &sha, &spec.cache_dir).map_err(|e| {
+            bad(format!(
+                "the module is not a valid WebAssembly component: {e:#}"
+            ))
+        })?;
+        let ty = component.component_type();
+        let exports = ty
+            .exports(cache::engine())
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let mut p = WasmPolicy {
+            name,
+            component,
+            config: spec.config.clone(),
+            limits: spec.limits.clone(),
+            instance: None,
+            info: LoadInfo {
+                sha256: sha,
+                size: bytes.len(),
+                origin,
+                exports,
+            },
+        };
+        p.instantiate().map_err(bad)?;
+        Ok(p)
+    }
+
+    /// What was loaded.
+    pub fn info(&self) -> &LoadInfo {
+        &self.info
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Effective {
+        &self.limits
+    }
+
+    /// A fresh instance, configured. Used at load and after a fault (a trapped instance cannot
+    /// be entered again).
+    fn instantiate(&mut self) -> Result<(), String> {
+        let mut store = Store::new(
+            cache::engine(),
+            HostState::new(self.name.clone(), &self.limits),
+        );
+        store.limiter(|s| &mut s.limiter);
+        store
+            .set_fuel(
+                self.limits
+                    .fuel
+                    .saturating_mul(limits::CONFIGURE_FUEL_FACTOR),
+            )
+            .map_err(|e| e.to_string())?;
+        let policy = bindings::Policy::instantiate(&mut store, &self.component, linker())
+            .map_err(|e| {
+                if store.data().limiter.memory_hit || store.data().limiter.table_hit {
+                    format!("needs more memory or table space than its limits allow at start-up: {e:#}")
+                } else {
+                    format!("the module does not implement the {WORLD} world (is it built against wit/policy.wit?): {e:#}")
+                }
+            })?;
+        let r = policy.call_configure(&mut store, &self.config);
+        store.data_mut().flush_logs();
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => {
+                return Err(format!(
+                    "configure refused the configuration: {}",
+                    limits::truncate(msg, limits::MAX_REASON_BYTES)
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "configure failed: {}",
+                    describe_fault(&store, &self.limits, &e)
+                ))
+            }
+        }
+        self.instance = Some((store, policy));
+        Ok(())
+    }
+
+    /// Runs one export under the per-call fuel; a fault drops the instance (the next call gets
+    /// a fresh one) and becomes a [`PolicyError`].
+    fn call<R>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Store<HostState>, &bindings::Policy) -> wasmtime::Result<R>,
+    ) -> Result<R, PolicyError> {
+        if self.instance.is_none() {
+            self.instantiate().map_err(|m| PolicyError {
+                policy: self.name.to_string(),
+                message: m,
+            })?;
+        }
+        let (store, policy) = self.instance.as_mut().expect("instantiated above");
+        store.set_fuel(self.limits.fuel).map_err(|e| PolicyError {
+            policy: self.name.to_string(),
+            message: e.to_string(),
+        })?;
+        let r = f(store, policy);
+        let result = match r {
+            Ok(v) => Ok(v),
+            Err(e) => Err(PolicyError {
+                policy: self.name.to_string(),
+                message: format!("{what}: {}", describe_fault(store, &self.limits, &e)),
+            }),
+        };
+        store.data_mut().flush_logs();
+        if result.is_err() {
+            self.instance = None;
+        }
+        result
+    }
+}
+
+/// One sentence saying what the policy did.
+fn describe_fault(store: &Store<HostState>, limits: &Effective, e: &wasmtime::Error) -> String {
+    let lim = &store.data().limiter;
+    if lim.memory_hit {
+        return format!(
+            "exceeded its memory limit ({} MiB; limits.memory_mib)",
+            limits.memory_bytes >> 20
+        );
+    }
+    if lim.table_hit {
+        return format!(
+            "exceeded its table limit ({} elements; limits.table_elements)",
+            limits.table_elements
+        );
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => format!(
+            "ran out of fuel ({} per call; limits.fuel): an endless loop or far too much work",
+            limits.fuel
+        ),
+        Some(Trap::UnreachableCodeReached) => {
+            "trapped (wasm `unreachable`: a panic or abort in the policy)".to_string()
+        }
+        Some(t) => format!("trapped ({t})"),
+        None => format!("failed: {e}"),
+    }
+}
+
+/// Tells a core module or a non-wasm file from a component, with what to do about it.
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err("is not WebAssembly (no \\0asm header): a policy is a WebAssembly component (build it with `cargo build --release --target wasm32-wasip2`)".into());
+    }
+    match &bytes[4..8] {
+        [1, 0, 0, 0] => Err("is a core WebAssembly module, not a component: build it for wasm32-wasip2 (or wrap it with `wasm-tools component new`)".into()),
+        [_, _, 1, 0] => Ok(()),
+        _ => Err("has an unknown WebAssembly version/layer".into()),
+    }
+}
+
+impl Policy for WasmPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn rank(&mut self, waiter: &Ticket, now_ms: u64) -> Result<i64, PolicyError> {
+        let t = to_wit_ticket(waiter);
+        self.call("rank", |s, p| {
+            p.cachelock_policy_lock_policy().call_rank(s, &t, now_ms)
+        })
+    }
+
+    fn on_wait(&mut self, state: &WaitState) -> Result<WaitDecision, PolicyError> {
+        let st = wit::WaitState {
+            me: to_wit_ticket(&state.me),
+            holders: state.holders.iter().map(to_wit_ticket).collect(),
+            waiters: state.waiters.iter().map(to_wit_ticket).collect(),
+            waited_ms: state.waited_ms,
+            evaluations: state.evaluations,
+            now_ms: state.now_ms,
+        };
+        let d = self.call("on-wait", |s, p| {
+            p.cachelock_policy_lock_policy().call_on_wait(s, &st)
+        })?;
+        let d = match d {
+            wit::WaitDecision::KeepWaiting(ms) => WaitDecision::KeepWaiting(ms),
+            wit::WaitDecision::GiveUp(r) => WaitDecision::GiveUp(r),
+            wit::WaitDecision::FallBack(r) => WaitDecision::FallBack(r),
+        };
+        Ok(self.limits.sanitize_wait(d))
+    }
+
+    fn start_timeout_ms(&mut self, attempt: &StartAttempt) -> Result<u64, PolicyError> {
+        let a = to_wit_attempt(attempt);
+        let ms = self.call("start-timeout-ms", |s, p| {
+            p.cachelock_policy_dockerd_policy()
+                .call_start_timeout_ms(s, &a)
+        })?;
+        Ok(limits::sanitize_start_timeout(ms))
+    }
+
+    fn on_start_failure(
+        &mut self,
+        attempt: &StartAttempt,
+        failure: &StartFailure,
+        log_tail: &str,
+    ) -> Result<RetryDecision, PolicyError> {
+        let a = to_wit_attempt(attempt);
+        let f = match failure {
+            StartFailure::TimedOut(ms) => wit::StartFailure::TimedOut(*ms),
+            StartFailure::Exited(c) => wit::StartFailure::Exited(*c),
+        };
+        let d = self.call("on-start-failure", |s, p| {
+            p.cachelock_policy_dockerd_policy()
+                .call_on_start_failure(s, &a, f, log_tail)
+        })?;
+        Ok(limits::sanitize_retry(match d {
+            wit::RetryDecision::RetryAfter(ms) => RetryDecision::RetryAfter(ms),
+            wit::RetryDecision::GiveUp(r) => RetryDecision::GiveUp(r),
+        }))
+    }
+
+    fn stop_timeout_ms(&mut self, cache_id: Option<&str>) -> Result<u64, PolicyError> {
+        let ms = self.call("stop-timeout-ms", |s, p| {
+            p.cachelock_policy_dockerd_policy()
+                .call_stop_timeout_ms(s, cache_id)
+        })?;
+        Ok(limits::sanitize_stop_timeout(ms))
+    }
+}
+
+impl From<wit::Level> for Level {
+    fn from(l: wit::Level) -> Self {
+        match l {
+            wit::Level::Trace => Level::Trace,
+            wit::Level::Debug => Level::Debug,
+            wit::Level::Info => Level::Info,
+            wit::Level::Warn => Level::Warn,
+            wit::Level::Error => Level::Error,
+        }
+    }
+}
+
+fn to_wit_ticket(t: &Ticket) -> wit::Ticket {
+    let r = &t.request;
+    wit::Ticket {
+        id: t.id.clone(),
+        request: wit::Request {
+            lock: r.lock.clone(),
+            mode: match r.mode {
+                Mode::Exclusive => wit::Mode::Exclusive,
+                Mode::Shared => wit::Mode::Shared,
+            },
+            priority: r.priority,
+            labels: r.labels.clone(),
+            host: r.host.clone(),
+            pid: r.pid,
+            enqueued_at_ms: r.enqueued_at_ms,
+            wait_limit_ms: r.wait_limit_ms,
+        },
+    }
+}
+
+fn to_wit_attempt(a: &StartAttempt) -> wit::StartAttempt {
+    wit::StartAttempt {
+        attempt: a.attempt,
+        cache_id: a.cache_id.clone(),
+    }
+}
