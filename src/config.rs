@@ -158,9 +158,15 @@ pub struct DockerdConfig {
     /// Settings merged over the defaults and the user's daemon.json (objects merged, arrays
     /// concatenated).
     pub daemon_json: Option<serde_json::Value>,
-    /// Networking of each dockerd: `bridge` (own bridge and subnet per instance, the default),
-    /// `none` (no bridge, no iptables: containers get only loopback).
+    /// Networking of each dockerd (see docs/dockerd.md): `netns` (own network namespace with a
+    /// NAT uplink; the default of `cachelock dockerd`), `none` (no bridge, no iptables:
+    /// containers get loopback or `--network host`), `default` (dockerd's own networking in the
+    /// caller's namespace; the default of the Earthly drop-in, one instance per namespace).
     pub network: Option<String>,
+    /// Pool of /30 uplink networks for `network: netns` (default `10.199.0.0/16`).
+    pub uplink_pool: Option<String>,
+    /// Upper bound in seconds on the policy's SIGTERM grace before dockerd is killed.
+    pub stop_grace_max: Option<f64>,
     /// Base directory of exec roots and sockets (short: unix socket paths are limited to 107
     /// bytes). Default `/run/cachelock`.
     pub run_dir: Option<PathBuf>,

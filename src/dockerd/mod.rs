@@ -1,1 +1,17 @@
-//! dockerd lifecycle for `cachelock dockerd`.
+//! dockerd lifecycle for `cachelock dockerd` and the Earthly drop-in: one dockerd per (locked)
+//! data root, with its own exec root, socket, pidfile, log and network.
+//!
+//! Split by concern: [`root`] data roots and mounts, [`daemon_json`] the merged daemon.json,
+//! [`network`] per-instance network isolation, [`tree`] finding every process an instance
+//! started, [`daemon`] start/readiness/stop, [`hygiene`] cached-root clean-up with the docker CLI,
+//! [`session`] the whole sequence shared by `cachelock dockerd` and `cachelock earthly`.
+
+pub mod daemon;
+pub mod daemon_json;
+pub mod flock;
+pub mod hygiene;
+pub mod network;
+pub mod root;
+pub mod session;
+pub mod setup;
+pub mod tree;

@@ -1,0 +1,266 @@
+//! Cached-root hygiene with the docker CLI, as Earthly's wrapper does it: before the command,
+//! kill and prune leftovers, re-tag every image with a prefix and drop its other tags, load the
+//! requested images, then remove the prefixed images the load did not bring back, and dangling
+//! ones. The layers of what the build loads stay warm; everything else starts clean.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::error::{Error, Kind, Result};
+
+/// The docker CLI pointed at one dockerd.
+#[derive(Debug, Clone)]
+pub struct Docker {
+    /// The CLI binary.
+    pub cli: PathBuf,
+    /// `unix://...`.
+    pub host: String,
+}
+
+/// What hygiene did, reported on stderr and used by tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Containers killed or removed, volumes and networks pruned (pre-command).
+    pub containers_removed: usize,
+    /// Image ids re-tagged with the prefix.
+    pub retagged: usize,
+    /// Prefixed images whose id the load brought back (kept).
+    pub kept: usize,
+    /// Prefixed images removed.
+    pub removed: usize,
+}
+
+impl Docker {
+    /// A `docker` command with `DOCKER_HOST` set.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.cli);
+        c.env("DOCKER_HOST", &self.host).stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `docker ARGS`, returning stdout; a failure says which call failed and why.
+    pub fn run<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let shown = args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = self.command().args(&args).output().map_err(|e| {
+            Error::new(
+                Kind::Unavailable,
+                format!(
+                    "cannot run the docker CLI {}: {e}; install it or set `dockerd.docker_cli`",
+                    self.cli.display()
+                ),
+            )
+        })?;
+        if !out.status.success() {
+            return Err(Error::new(
+                Kind::Unavailable,
+                format!(
+                    "`docker {shown}` failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn lines<I, S>(&self, args: I) -> Result<Vec<String>>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Ok(self
+            .run(args)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// `{image id → tags}` of every tagged image (`<none>` tags skipped).
+    pub fn images(&self) -> Result<BTreeMap<String, BTreeSet<String>>> {
+        let mut map: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for l in self.lines([
+            "images",
+            "--no-trunc",
+            "--format",
+            "{{.ID}} {{.Repository}}:{{.Tag}}",
+        ])? {
+            let Some((id, tag)) = l.split_once(' ') else {
+                continue;
+            };
+            let e = map.entry(id.to_string()).or_default();
+            if !tag.contains("<none>") {
+                e.insert(tag.to_string());
+            }
+        }
+        Ok(map)
+    }
+
+    /// The storage driver dockerd chose.
+    pub fn storage_driver(&self) -> Result<String> {
+        Ok(self
+            .run(["info", "--format", "{{.Driver}}"])?
+            .trim()
+            .to_string())
+    }
+
+    /// Before the command on a cached root: kill and prune containers, volumes and networks;
+    /// give every image the tag `<prefix><id>` and remove its other tags.
+    pub fn prepare_cached(&self, prefix: &str, summary: &mut Summary) -> Result<()> {
+        let running = self.lines(["ps", "-q"])?;
+        if !running.is_empty() {
+            let mut args = vec!["kill".to_string()];
+            args.extend(running.iter().cloned());
+            let _ = self.run(&args);
+        }
+        summary.containers_removed = self.lines(["ps", "-aq"])?.len();
+        self.run(["container", "prune", "-f"])?;
+        self.run(["volume", "prune", "-f"])?;
+        self.run(["network", "prune", "-f"])?;
+        for (id, tags) in self.images()? {
+            let short = id.trim_start_matches("sha256:");
+            let short = &short[..short.len().min(12)];
+            let cached = format!("{prefix}{short}");
+            if !tags.contains(&format!("{cached}:latest")) {
+                self.run(["tag", id.as_str(), cached.as_str()])?;
+            }
+            for t in tags.iter().filter(|t| !t.starts_with(prefix)) {
+                self.run(["rmi", t.as_str()])?;
+            }
+            summary.retagged += 1;
+        }
+        Ok(())
+    }
+
+    /// Loads image tarballs (`docker load -i`).
+    pub fn load_files(&self, files: &[PathBuf]) -> Result<()> {
+        for f in files {
+            let out = self.run([OsStr::new("load"), OsStr::new("-i"), f.as_os_str()])?;
+            tracing::info!("{}: {}", f.display(), out.trim());
+        }
+        Ok(())
+    }
+
+    /// Pulls `reference` and tags it `tag`, for each pair (Earthly's embedded-registry loads).
+    pub fn load_registry(&self, pairs: &[(String, String)]) -> Result<()> {
+        for (reference, tag) in pairs {
+            self.run(["pull", reference.as_str()])?;
+            self.run(["tag", reference.as_str(), tag.as_str()])?;
+            self.run(["rmi", reference.as_str()])?;
+        }
+        Ok(())
+    }
+
+    /// After the loads on a cached root: images the load tagged again lose their prefix tag;
+    /// prefixed images nobody re-tagged are removed, then dangling images.
+    pub fn finish_cached(&self, prefix: &str, summary: &mut Summary) -> Result<()> {
+        for (_, tags) in self.images()? {
+            let (ours, others): (Vec<_>, Vec<_>) = tags.iter().partition(|t| t.starts_with(prefix));
+            if !others.is_empty() {
+                summary.kept += ours.len().min(1);
+            } else {
+                summary.removed += ours.len().min(1);
+            }
+            for t in ours {
+                // Untagging an image that still has other tags keeps its layers; otherwise
+                // this deletes it unless it is a parent of a kept one.
+                let _ = self.run(["rmi", t.as_str()]);
+            }
+        }
+        self.run(["image", "prune", "-f"])?;
+        Ok(())
+    }
+}
+
+/// Checks that every tarball can be read, before anything is started (exit 66).
+pub fn check_loadable(files: &[PathBuf]) -> Result<()> {
+    for f in files {
+        if let Err(e) = std::fs::File::open(f).and_then(|h| {
+            if h.metadata()?.is_dir() {
+                Err(std::io::Error::other("is a directory"))
+            } else {
+                Ok(())
+            }
+        }) {
+            return Err(Error::new(
+                Kind::NoInput,
+                format!("cannot read image tarball {}: {e}", f.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How to run compose: `docker compose` (the plugin) or `docker-compose`.
+#[derive(Debug, Clone)]
+pub enum ComposeCli {
+    /// `docker compose`.
+    Plugin,
+    /// A `docker-compose` binary.
+    Standalone(PathBuf),
+}
+
+impl Docker {
+    /// Finds a compose implementation, or says that none is installed (69).
+    pub fn compose_cli(&self) -> Result<ComposeCli> {
+        let plugin = self
+            .command()
+            .args(["compose", "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if plugin {
+            return Ok(ComposeCli::Plugin);
+        }
+        if let Some(p) = super::daemon::find_binary(Path::new("docker-compose")) {
+            return Ok(ComposeCli::Standalone(p));
+        }
+        Err(Error::new(
+            Kind::Unavailable,
+            "compose was requested (EARTHLY_START_COMPOSE=true) but neither `docker compose` nor `docker-compose` is installed; install the compose plugin (Debian: docker-compose)",
+        ))
+    }
+
+    /// Runs compose with `-f FILE...` and `args`.
+    pub fn compose(&self, cli: &ComposeCli, files: &[String], args: &[&str]) -> Result<()> {
+        let mut cmd = match cli {
+            ComposeCli::Plugin => {
+                let mut c = self.command();
+                c.arg("compose");
+                c
+            }
+            ComposeCli::Standalone(p) => {
+                let mut c = Command::new(p);
+                c.env("DOCKER_HOST", &self.host).stdin(Stdio::null());
+                c
+            }
+        };
+        for f in files {
+            cmd.arg("-f").arg(f);
+        }
+        cmd.args(args);
+        let status = cmd
+            .status()
+            .map_err(|e| Error::new(Kind::Unavailable, format!("cannot run compose: {e}")))?;
+        if !status.success() {
+            return Err(Error::new(
+                Kind::Unavailable,
+                format!("`compose {}` failed ({status})", args.join(" ")),
+            ));
+        }
+        Ok(())
+    }
+}

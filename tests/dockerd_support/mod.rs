@@ -1,0 +1,307 @@
+//! Shared helpers of the `dockerd_*` tests: an isolated environment per test (temp cache root,
+//! lock dir, config, a short run dir), the test image built once, and clean-up that kills
+//! whatever a failed test left running.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
+
+/// Fails the test (never skips) when dockerd or the test rootfs tools are missing.
+pub fn require_dockerd() {
+    assert!(
+        Path::new("/usr/sbin/dockerd").exists(),
+        "/usr/sbin/dockerd is missing: these tests need Debian's docker.io (make setup)"
+    );
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing: install busybox-static (make setup)"
+    );
+}
+
+fn rand8() -> String {
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .expect("urandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One test's world.
+pub struct Env {
+    /// Temp dir holding everything but the run dir.
+    pub dir: tempfile::TempDir,
+    /// Short run dir (instance sockets) under /run.
+    pub run_dir: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// Cache root.
+    pub cache_root: PathBuf,
+    /// Lock dir.
+    pub lock_dir: PathBuf,
+}
+
+impl Env {
+    /// An environment whose config holds `run_dir` plus `dockerd` (lines of the `dockerd:`
+    /// mapping, each indented by two spaces).
+    pub fn new(dockerd: &str) -> Env {
+        Self::with(dockerd, "")
+    }
+
+    /// Like [`Env::new`], plus top-level YAML `top`.
+    pub fn with(dockerd: &str, top: &str) -> Env {
+        require_dockerd();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run_dir = PathBuf::from(format!("/run/clt-{}", rand8()));
+        let cache_root = dir.path().join("cache");
+        let lock_dir = dir.path().join("locks");
+        let config = dir.path().join("config.yaml");
+        let yaml = format!(
+            "dockerd:\n  run_dir: {}\n{dockerd}\n{top}\n",
+            run_dir.display()
+        );
+        std::fs::write(&config, yaml).unwrap();
+        Env {
+            dir,
+            run_dir,
+            config,
+            cache_root,
+            lock_dir,
+        }
+    }
+
+    /// `cachelock` with this environment's config, lock dir and cache root.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("CACHELOCK_CONFIG", &self.config)
+            .env("CACHELOCK_LOCK_DIR", &self.lock_dir)
+            .env("CACHELOCK_CACHE_ROOT", &self.cache_root)
+            .env_remove("DOCKER_HOST")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `cachelock dockerd ARGS -- sh -c SCRIPT`, run to completion.
+    pub fn dockerd(&self, args: &[&str], script: &str) -> Output {
+        let out = self
+            .cmd()
+            .arg("dockerd")
+            .args(args)
+            .args(["--", "sh", "-c", script])
+            .output()
+            .expect("run cachelock");
+        out
+    }
+
+    /// Spawns `cachelock dockerd ARGS -- sh -c SCRIPT` with piped output.
+    pub fn spawn_dockerd(&self, args: &[&str], script: &str) -> Child {
+        self.cmd()
+            .arg("dockerd")
+            .args(args)
+            .args(["--", "sh", "-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cachelock")
+    }
+
+    /// A path inside the temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Processes belonging to this environment: any whose command line names its temp dir or
+    /// run dir (dockerd, containerd and shims all carry the exec root or data root).
+    pub fn processes(&self) -> Vec<(i32, String)> {
+        let keys = [
+            self.dir.path().display().to_string(),
+            self.run_dir.display().to_string(),
+        ];
+        let me = std::process::id() as i32;
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if keys.iter().any(|k| cmdline.contains(k.as_str())) {
+                out.push((pid, cmdline));
+            }
+        }
+        out
+    }
+
+    /// dockerd processes whose data root is `root`.
+    pub fn dockerds_on(&self, root: &Path) -> Vec<i32> {
+        let key = format!("--data-root={}", root.display());
+        self.processes()
+            .into_iter()
+            .filter(|(_, c)| c.split(' ').any(|a| a == key))
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Waits up to `timeout` for every process of this environment to be gone; returns the
+    /// survivors.
+    pub fn wait_clean(&self, timeout: Duration) -> Vec<(i32, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.processes();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Asserts that nothing of this environment runs (after a short grace).
+    pub fn assert_clean(&self) {
+        let left = self.wait_clean(Duration::from_secs(5));
+        assert!(left.is_empty(), "left running: {left:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let d = self.dir.path().display().to_string();
+        let r = self.run_dir.display().to_string();
+        assert!(
+            !mounts.lines().any(|l| l.contains(&d) || l.contains(&r)),
+            "mounts left"
+        );
+    }
+
+    /// Whether `-n` can take lock `name` right now (the lock is released).
+    pub fn lock_free(&self, name: &str) -> bool {
+        self.cmd()
+            .args(["run", "-n", "-q", name, "--", "true"])
+            .status()
+            .unwrap()
+            .success()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let left = self.processes();
+            if left.is_empty() {
+                break;
+            }
+            for (pid, _) in left {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let d = self.dir.path().display().to_string();
+        let r = self.run_dir.display().to_string();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&d) || m.starts_with(&r))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let c = std::ffi::CString::new(p).unwrap();
+            // SAFETY: valid path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// Kills a spawned child on drop.
+pub struct Killer(pub Option<Child>);
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `docker save` tarball of a busybox image tagged `bb:1`, built once (per target dir).
+pub fn image_tar() -> PathBuf {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dockerd-test-bb.tar");
+        if out.exists() {
+            return out;
+        }
+        let env = Env::new("  network: none");
+        let rootfs = env.path("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        for l in ["sh", "echo", "sleep", "cat", "ls", "true", "date", "touch"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(l)).unwrap();
+        }
+        let tmp = out.with_extension(format!("tar.{}", std::process::id()));
+        let o = env.dockerd(
+            &[],
+            &format!(
+                "tar -C {} -c . | docker import - bb:1 >/dev/null && docker save -o {} bb:1",
+                rootfs.display(),
+                tmp.display()
+            ),
+        );
+        assert!(o.status.success(), "building the test image: {}", text(&o));
+        std::fs::rename(&tmp, &out).unwrap();
+        out
+    })
+    .clone()
+}
+
+/// stdout + stderr of an output, for messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A fixture script's path.
+pub fn fixture(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/dockerd")
+        .join(name);
+    let mut perm = std::fs::metadata(&p).unwrap().permissions();
+    perm.set_mode(0o755);
+    let _ = std::fs::set_permissions(&p, perm);
+    p
+}
+
+/// Writes `text` to a new file in the env and returns the path.
+pub fn write(env: &Env, name: &str, text: &str) -> PathBuf {
+    let p = env.path(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    p
+}
+
+/// Now in nanoseconds since the epoch.
+pub fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Median of a slice.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
