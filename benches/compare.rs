@@ -967,6 +967,130 @@ impl Bench {
             .ok_or_else(|| "the high-priority request never ran".into())
     }
 
+    /// Aging: a `-p 0` request arriving while three loops keep the lock busy with `-p 10`
+    /// requests; with aging it must be served, without it it starves until the stream ends.
+    fn aging(&self, rows: &mut Vec<Row>, notes: &mut String) {
+        let dur = Duration::from_secs(if self.long { 20 } else { 5 });
+        let aging = |per_min: &str| -> Vec<OsString> {
+            let cfg = format!("aging_per_minute={per_min}");
+            vec![os("--policy"), os("builtin:priority"), os("--policy-config"), os(cfg)]
+        };
+        let cl = |per_min: &str, prio: &str| {
+            let d = self.tmp.path().join(format!("aging-lock-{per_min}"));
+            let mut a = self.cl_run(&d, &["-p", prio]);
+            let at = a.len() - 2;
+            for (k, x) in aging(per_min).into_iter().enumerate() {
+                a.insert(at + k, x);
+            }
+            a
+        };
+        let f = self.scratch("aging").join("flock.lock");
+        let with = self.aging_once(&cl("600", "10"), &cl("600", "0"), dur);
+        let without = self.aging_once(&cl("0", "10"), &cl("0", "0"), dur);
+        let anchor = self.aging_once(&self.flock(&f, &[]), &self.flock(&f, &[]), dur);
+        let show = |r: &Result<(Option<f64>, usize), String>| match r {
+            Ok((Some(w), _)) => format!("served after {}", fmt_ms(*w)),
+            Ok((None, _)) => format!("starved (not served in {} s)", dur.as_secs()),
+            Err(e) => format!("error: {}", e.lines().next().unwrap_or("")),
+        };
+        let _ = writeln!(
+            notes,
+            "- aging: 3 loops of `-p 10` requests (20 ms holds) for {} s, one `-p 0` request \
+             arriving after 0.5 s, `builtin:priority`: aging 600/min → {}; aging 0 → {}; \
+             flock (FIFO, no priority) → {}",
+            dur.as_secs(),
+            show(&with),
+            show(&without),
+            show(&anchor)
+        );
+        rows.push(Row {
+            figure: "aging: a `-p 0` request under a stream of `-p 10` (`aging_per_minute=600`)".into(),
+            cachelock: format!("{}; without aging: {}", show(&with), show(&without)),
+            anchor: format!("{} (FIFO)", show(&anchor)),
+            ratio: "—".into(),
+            target: "served (nobody starves)".into(),
+            met: match &with {
+                Ok((w, _)) => met(Some(w.is_some())),
+                Err(_) => met(None),
+            },
+        });
+    }
+
+    /// Returns the low request's wait (None: not served while the stream ran).
+    fn aging_once(
+        &self,
+        high: &[OsString],
+        low: &[OsString],
+        dur: Duration,
+    ) -> Result<(Option<f64>, usize), String> {
+        let dir = self.scratch("aging-run");
+        let log = dir.join("holds.log");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let errors = Mutex::new(Vec::new());
+        let mut result = Ok((None, 0));
+        thread::scope(|s| {
+            for i in 0..3 {
+                let (stop, errors, log) = (&stop, &errors, &log);
+                s.spawn(move || {
+                    let mut j = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        j += 1;
+                        let mut a = high.to_vec();
+                        a.extend(self.hold_argv(log, 20_000, &format!("high{i}:{j}")));
+                        match self.spawn(&a, false) {
+                            Ok(c) => {
+                                let (st, e) = self.wait(c);
+                                if !st.success() {
+                                    errors.lock().unwrap().push(format!("high exited {st}: {}", e.trim()));
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                errors.lock().unwrap().push(e.to_string());
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+            thread::sleep(Duration::from_millis(500));
+            let t0 = mono_ns();
+            let mut a = low.to_vec();
+            a.extend(self.hold_argv(&log, 1000, "low"));
+            let end = Instant::now() + dur - Duration::from_millis(500);
+            result = (|| {
+                let mut c = self.spawn(&a, false).map_err(|e| e.to_string())?;
+                let mut served = false;
+                while Instant::now() < end {
+                    if c.try_wait().map_err(|e| e.to_string())?.is_some() {
+                        served = true;
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                let (st, e) = self.wait(c);
+                if !st.success() {
+                    return Err(format!("low exited {st}: {}", e.trim()));
+                }
+                let text = fs::read_to_string(&log).map_err(|e| e.to_string())?;
+                let start: u64 = text
+                    .lines()
+                    .find(|l| l.starts_with("low "))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("no record of the low request")?;
+                let highs = text.lines().count() - 1;
+                Ok((served.then(|| (start - t0) as f64 / 1e6), highs))
+            })();
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        if let Some(e) = errors.into_inner().unwrap().into_iter().next() {
+            return Err(e);
+        }
+        result
+    }
+
     /// Peak RSS (VmHWM) of a process waiting on a held lock.
     fn rss(&self, rows: &mut Vec<Row>) {
         let measure = |holder: &[OsString], waiter: &[OsString]| -> Result<f64, String> {
@@ -1222,6 +1346,7 @@ fn main() {
         ("handoff", Box::new(|r, n, c| bench.handoff(r, n, c))),
         ("fairness", Box::new(|r, n, c| bench.fairness(r, n, c))),
         ("priority", Box::new(|r, n, _| bench.priority(r, n))),
+        ("aging", Box::new(|r, n, _| bench.aging(r, n))),
         ("decision", Box::new(|r, _, _| bench.decision_cost(r))),
         ("dockerd", Box::new(|r, n, _| bench.dockerd(r, n))),
         ("rss", Box::new(|r, _, _| bench.rss(r))),

@@ -16,7 +16,8 @@ status=0
 for target in $(cargo fuzz list); do
     mkdir -p "corpus/$target" "artifacts/$target"
     echo "== fuzzing $target for ${secs}s (sanitizer: $sanitizer)"
-    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "corpus/$target" -- \
+    # corpus/ grows (git-ignored); seeds/ holds the checked-in starting inputs.
+    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "corpus/$target" "seeds/$target" -- \
         -max_total_time="$secs" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
         -artifact_prefix="artifacts/$target/"; then
         echo "== $target FAILED: see fuzz/artifacts/$target/" >&2
