@@ -24,6 +24,8 @@ use plotters::prelude::*;
 
 const LOCK: &str = "bench";
 const FLOCK: &str = "flock";
+/// Concurrent `-p 10` loops in the aging figure.
+const HIGH_LOOPS: usize = 6;
 
 // ---------------------------------------------------------------------------------------------
 // Child-process entry points (the critical sections).
@@ -967,7 +969,7 @@ impl Bench {
             .ok_or_else(|| "the high-priority request never ran".into())
     }
 
-    /// Aging: a `-p 0` request arriving while three loops keep the lock busy with `-p 10`
+    /// Aging: a `-p 0` request arriving while several loops keep the lock busy with `-p 10`
     /// requests; with aging it must be served, without it it starves until the stream ends.
     fn aging(&self, rows: &mut Vec<Row>, notes: &mut String) {
         let dur = Duration::from_secs(if self.long { 20 } else { 5 });
@@ -995,7 +997,7 @@ impl Bench {
         };
         let _ = writeln!(
             notes,
-            "- aging: 3 loops of `-p 10` requests (20 ms holds) for {} s, one `-p 0` request \
+            "- aging: {HIGH_LOOPS} loops of `-p 10` requests (20 ms holds) for {} s, one `-p 0` request \
              arriving after 0.5 s, `builtin:priority`: aging 600/min → {}; aging 0 → {}; \
              flock (FIFO, no priority) → {}",
             dur.as_secs(),
@@ -1016,6 +1018,8 @@ impl Bench {
         });
     }
 
+    /// Loops issuing `-p 10` requests back to back: enough that one always waits even when a
+    /// loop's next request is slow to start on a loaded machine.
     /// Returns the low request's wait (None: not served while the stream ran).
     fn aging_once(
         &self,
@@ -1029,7 +1033,7 @@ impl Bench {
         let errors = Mutex::new(Vec::new());
         let mut result = Ok((None, 0));
         thread::scope(|s| {
-            for i in 0..3 {
+            for i in 0..HIGH_LOOPS {
                 let (stop, errors, log) = (&stop, &errors, &log);
                 s.spawn(move || {
                     let mut j = 0;

@@ -59,6 +59,17 @@ fn decisions(c: &mut Criterion) {
         c.bench_function(&format!("{short}-rank"), |b| {
             b.iter(|| p.rank(std::hint::black_box(&t), st.now_ms).unwrap())
         });
+        let alone = WaitState {
+            waiters: vec![],
+            ..st.clone()
+        };
+        c.bench_function(&format!("{short}-on_wait-0"), |b| {
+            b.iter_batched_ref(
+                || alone.clone(),
+                |s| p.on_wait(std::hint::black_box(s)).unwrap(),
+                BatchSize::SmallInput,
+            )
+        });
         c.bench_function(&format!("{short}-on_wait-16"), |b| {
             b.iter_batched_ref(
                 || st.clone(),
