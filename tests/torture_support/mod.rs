@@ -258,7 +258,7 @@ pub struct Chaos {
 pub struct Outcome {
     /// Completed critical sections (records in the log).
     pub acquisitions: usize,
-    /// SIGKILLs sent to a holding cachelock.
+    /// SIGKILLs sent to a holding cachelock (one whose command was running).
     pub killed_holders: usize,
     /// SIGKILLs sent to other (waiting or starting) cachelock processes.
     pub killed_waiters: usize,
@@ -275,6 +275,23 @@ pub struct Outcome {
 struct Registry {
     /// cachelock pid → killed by us.
     running: HashMap<u32, bool>,
+}
+
+/// Those of `parents` that have a child process right now.
+fn children_of(parents: &HashMap<u32, bool>) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                if let Some(pp) = ppid(pid) {
+                    if parents.contains_key(&(pp as u32)) && !out.contains(&(pp as u32)) {
+                        out.push(pp as u32);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Kills whatever a failed test would leave behind (by the unique environment tag).
@@ -324,7 +341,6 @@ impl Chaos {
                 let stop = stop_killing.clone();
                 let (kh, kw) = (killed_holders.clone(), killed_waiters.clone());
                 let mut rng = Rng(seeds[self.workers]);
-                let det = det.to_path_buf();
                 let every = self.kill_every;
                 s.spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
@@ -333,14 +349,14 @@ impl Chaos {
                         let mut g = reg.lock().unwrap();
                         let mut target = None;
                         if rng.chance(0.5) {
-                            // The holder's cachelock is the parent of the sentinel's owner.
-                            let owner = fs::read_to_string(det.join("excl"))
-                                .ok()
-                                .and_then(|o| o.trim().parse::<i32>().ok());
-                            if let Some(p) = owner.and_then(ppid) {
-                                if g.running.get(&(p as u32)) == Some(&false) {
-                                    target = Some((p as u32, true));
-                                }
+                            // A holding cachelock is one whose command (a child) is running.
+                            let holders: Vec<u32> = children_of(&g.running)
+                                .into_iter()
+                                .filter(|p| g.running.get(p) == Some(&false))
+                                .collect();
+                            if !holders.is_empty() {
+                                let p = holders[rng.below(holders.len() as u64) as usize];
+                                target = Some((p, true));
                             }
                         }
                         if target.is_none() {
