@@ -604,8 +604,17 @@ impl Bench {
                 let cfg = cache.join("config.yaml");
                 fs::write(&cfg, format!("policy_cache_dir: {}\n", cache.display())).unwrap();
                 let cfg_s = cfg.to_string_lossy().to_string();
-                let mut a =
-                    self.cl_run(&dir, &["--config", &cfg_s, "--policy", "builtin:priority", "-w", "0.01"]);
+                let mut a = self.cl_run(
+                    &dir,
+                    &[
+                        "--config",
+                        &cfg_s,
+                        "--policy",
+                        "builtin:priority",
+                        "-w",
+                        "0.01",
+                    ],
+                );
                 a.push(os("true"));
                 let (ms, st, err) = self.timed(&a)?;
                 if st.code() != Some(1) {
@@ -661,7 +670,8 @@ impl Bench {
                     warm.len()
                 );
                 rows.push(Row {
-                    figure: "first contended run, never-seen policy (`-w 0.01`, empty cache)".into(),
+                    figure: "first contended run, never-seen policy (`-w 0.01`, empty cache)"
+                        .into(),
                     cachelock: fmt_ms(c),
                     anchor: format!("{} (`flock -w 0.01`)", fmt_ms(a)),
                     ratio: ratio(c, a),
@@ -850,7 +860,12 @@ impl Bench {
             }
             let figure = format!("fairness: Jain's index, {label}");
             if let Some(e) = c.errors.first() {
-                rows.push(err_row(&figure, e, format!("{:.3}", jain(&f.turns)), "≥ 0.98"));
+                rows.push(err_row(
+                    &figure,
+                    e,
+                    format!("{:.3}", jain(&f.turns)),
+                    "≥ 0.98",
+                ));
                 continue;
             }
             let (jc, jf) = (jain(&c.turns), jain(&f.turns));
@@ -903,7 +918,12 @@ impl Bench {
                 fl_pos.push(p);
             }
         }
-        let list = |v: &[usize]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        let list = |v: &[usize]| {
+            v.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let _ = writeln!(
             notes,
             "- priority: {reps} repetitions; holder holds, 15 `-p 0` requests queue 40 ms apart, \
@@ -975,7 +995,12 @@ impl Bench {
         let dur = Duration::from_secs(if self.long { 20 } else { 5 });
         let aging = |per_min: &str| -> Vec<OsString> {
             let cfg = format!("aging_per_minute={per_min}");
-            vec![os("--policy"), os("builtin:priority"), os("--policy-config"), os(cfg)]
+            vec![
+                os("--policy"),
+                os("builtin:priority"),
+                os("--policy-config"),
+                os(cfg),
+            ]
         };
         let cl = |per_min: &str, prio: &str| {
             let d = self.tmp.path().join(format!("aging-lock-{per_min}"));
@@ -1006,7 +1031,8 @@ impl Bench {
             show(&anchor)
         );
         rows.push(Row {
-            figure: "aging: a `-p 0` request under a stream of `-p 10` (`aging_per_minute=600`)".into(),
+            figure: "aging: a `-p 0` request under a stream of `-p 10` (`aging_per_minute=600`)"
+                .into(),
             cachelock: format!("{}; without aging: {}", show(&with), show(&without)),
             anchor: format!("{} (FIFO)", show(&anchor)),
             ratio: "—".into(),
@@ -1045,7 +1071,10 @@ impl Bench {
                             Ok(c) => {
                                 let (st, e) = self.wait(c);
                                 if !st.success() {
-                                    errors.lock().unwrap().push(format!("high exited {st}: {}", e.trim()));
+                                    errors
+                                        .lock()
+                                        .unwrap()
+                                        .push(format!("high exited {st}: {}", e.trim()));
                                     break;
                                 }
                             }
@@ -1143,7 +1172,12 @@ impl Bench {
         let figure = "dockerd time-to-ready (start → command running), median";
         let target = "ratio ≤ 0.6";
         if !Path::new("/usr/sbin/dockerd").exists() {
-            rows.push(err_row(figure, "/usr/sbin/dockerd not installed", "—".into(), target));
+            rows.push(err_row(
+                figure,
+                "/usr/sbin/dockerd not installed",
+                "—".into(),
+                target,
+            ));
             return;
         }
         let n = if self.long { 8 } else { 3 };
@@ -1322,10 +1356,7 @@ fn main() {
     }
     let long = args.iter().any(|a| a == "--long");
     // `cargo bench` passes `--bench`; `cargo bench -- NAME` filters figures by name.
-    let only: Vec<&String> = args[1..]
-        .iter()
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let only: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with("--")).collect();
     let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     let bench = Bench {
         bin: PathBuf::from(env!("CARGO_BIN_EXE_cachelock")),
@@ -1343,7 +1374,10 @@ fn main() {
     let mut rows = Vec::new();
     let mut notes = String::new();
     let mut charts = Vec::new();
-    type Fig<'a> = (&'a str, Box<dyn Fn(&mut Vec<Row>, &mut String, &mut Vec<String>) + 'a>);
+    type Fig<'a> = (
+        &'a str,
+        Box<dyn Fn(&mut Vec<Row>, &mut String, &mut Vec<String>) + 'a>,
+    );
     let figures: Vec<Fig> = vec![
         ("uncontended", Box::new(|r, n, _| bench.uncontended(r, n))),
         ("first-run", Box::new(|r, n, _| bench.first_run(r, n))),
@@ -1359,7 +1393,10 @@ fn main() {
         if !want(name) {
             continue;
         }
-        eprintln!("== {name} ({:.0} s so far)", started.elapsed().as_secs_f64());
+        eprintln!(
+            "== {name} ({:.0} s so far)",
+            started.elapsed().as_secs_f64()
+        );
         let before = rows.len();
         f(&mut rows, &mut notes, &mut charts);
         for r in &rows[before..] {
@@ -1385,7 +1422,9 @@ fn render(rows: &[Row], notes: &str, charts: &[String], long: bool, took: Durati
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let _ = writeln!(md, "# Benchmarks: cachelock next to its anchors\n");
     let _ = writeln!(
         md,
@@ -1397,7 +1436,10 @@ fn render(rows: &[Row], notes: &str, charts: &[String], long: bool, took: Durati
         if long { "long" } else { "short" },
         took.as_secs_f64()
     );
-    let _ = writeln!(md, "| figure | cachelock | anchor | ratio | target | met? |");
+    let _ = writeln!(
+        md,
+        "| figure | cachelock | anchor | ratio | target | met? |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     for r in rows {
         let _ = writeln!(

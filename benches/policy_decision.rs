@@ -29,7 +29,10 @@ fn state(now_ms: u64) -> WaitState {
     WaitState {
         me: ticket(8, 0),
         holders: vec![ticket(0, 0)],
-        waiters: (1..=16).filter(|&i| i != 8).map(|i| ticket(i, (i % 3) as i32)).collect(),
+        waiters: (1..=16)
+            .filter(|&i| i != 8)
+            .map(|i| ticket(i, (i % 3) as i32))
+            .collect(),
         waited_ms: 1500,
         evaluations: 3,
         now_ms,

@@ -12,7 +12,10 @@ use torture_support::*;
 #[test]
 #[ignore = "helper entry point: the torture tests run it inside `cachelock run`"]
 fn torture_holder_entry() {
-    assert!(holder_main(), "run only by the torture tests, with TORTURE_DIR set");
+    assert!(
+        holder_main(),
+        "run only by the torture tests, with TORTURE_DIR set"
+    );
 }
 
 #[test]

@@ -40,7 +40,17 @@ fn our_dockerds(tag_env: &str, data_root: &str) -> Vec<i32> {
             out.push(pid);
         }
     }
+    // A dockerd's own children (Go forks before they exec containerd) are the same instance.
+    let all = out.clone();
+    out.retain(|&p| ppid(p).is_none_or(|pp| !all.contains(&pp)));
     out
+}
+
+/// `pid (parent PPID): command line`, for failure messages.
+fn describe(pid: i32) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    format!("{pid} (parent {:?}): {}", ppid(pid), cmdline.trim())
 }
 
 /// Kills every process carrying the tag (wrappers, dockerd, containerd) if the test fails.
@@ -85,7 +95,7 @@ fn sigkilled_dockerd_wrappers_leave_no_dockerd_and_never_two() {
 
     // The monitor: never two of our dockerd at once.
     let stop = Arc::new(AtomicBool::new(false));
-    let seen_two = Arc::new(Mutex::new(Vec::<Vec<i32>>::new()));
+    let seen_two = Arc::new(Mutex::new(Vec::<Vec<String>>::new()));
     let all_seen = Arc::new(Mutex::new(HashSet::<i32>::new()));
     let monitor = {
         let (stop, seen_two, all_seen) = (stop.clone(), seen_two.clone(), all_seen.clone());
@@ -95,7 +105,10 @@ fn sigkilled_dockerd_wrappers_leave_no_dockerd_and_never_two() {
                 let d = our_dockerds(&tag_env, &data_root);
                 all_seen.lock().unwrap().extend(d.iter().copied());
                 if d.len() > 1 {
-                    seen_two.lock().unwrap().push(d);
+                    seen_two
+                        .lock()
+                        .unwrap()
+                        .push(d.iter().map(|&p| describe(p)).collect());
                 }
                 thread::sleep(Duration::from_millis(5));
             }
@@ -108,7 +121,10 @@ fn sigkilled_dockerd_wrappers_leave_no_dockerd_and_never_two() {
             .arg("--config")
             .arg(&cfg)
             .args(["-q", "--cache-id", "tt", "--", "sleep", "1"])
-            .env(tag_env.split_once('=').unwrap().0, tag_env.split_once('=').unwrap().1)
+            .env(
+                tag_env.split_once('=').unwrap().0,
+                tag_env.split_once('=').unwrap().1,
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -177,10 +193,20 @@ fn sigkilled_dockerd_wrappers_leave_no_dockerd_and_never_two() {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(kills, kills_wanted, "the run hit its 10-minute bound");
-    assert!(seen_two.lock().unwrap().is_empty(), "two dockerd on one data root at once: {:?}", seen_two.lock().unwrap());
+    assert!(
+        seen_two.lock().unwrap().is_empty(),
+        "two dockerd on one data root at once: {:?}",
+        seen_two.lock().unwrap()
+    );
     assert!(left.is_empty(), "dockerd survived its wrapper: {left:?}");
-    assert!(others.is_empty(), "processes of this test survived (containerd? shims?): {others:?}");
-    assert!(!all_seen.lock().unwrap().is_empty(), "no dockerd was ever started");
+    assert!(
+        others.is_empty(),
+        "processes of this test survived (containerd? shims?): {others:?}"
+    );
+    assert!(
+        !all_seen.lock().unwrap().is_empty(),
+        "no dockerd was ever started"
+    );
     assert!(completed > 0, "no wrapper ever completed its command");
     // A wrapper killed while waiting or starting is expected; one that fails on its own is not.
     assert!(failures.is_empty(), "wrappers failed: {failures:#?}");

@@ -79,7 +79,10 @@ pub fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             // The state follows the parenthesised command name.
-            let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
             !matches!(state, Some("Z") | Some("X") | None)
         }
         Err(_) => false,
@@ -89,7 +92,12 @@ pub fn alive(pid: i32) -> bool {
 /// Parent pid of `pid`, if it exists.
 pub fn ppid(pid: i32) -> Option<i32> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Live processes whose environment contains `needle` (a `KEY=VALUE` unique to one test).
@@ -105,11 +113,7 @@ pub fn processes_with_env(needle: &str) -> Vec<i32> {
                 continue;
             }
             if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
-                if env
-                    .split(|&b| b == 0)
-                    .any(|kv| kv == needle.as_bytes())
-                    && alive(pid)
-                {
+                if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) && alive(pid) {
                     out.push(pid);
                 }
             }
@@ -155,7 +159,10 @@ pub fn holder_main() -> bool {
         if let Ok(owner) = fs::read_to_string(&excl) {
             if let Ok(o) = owner.trim().parse::<i32>() {
                 if alive(o) {
-                    append(&overlaps, &format!("shared {tag} pid {pid} beside exclusive pid {o}\n"));
+                    append(
+                        &overlaps,
+                        &format!("shared {tag} pid {pid} beside exclusive pid {o}\n"),
+                    );
                 }
             }
         }
@@ -167,7 +174,10 @@ pub fn holder_main() -> bool {
             if let Some(o) = name.strip_prefix("shared.") {
                 let o: i32 = o.parse().unwrap_or(0);
                 if o != pid && alive(o) {
-                    append(&overlaps, &format!("exclusive {tag} pid {pid} beside shared pid {o}\n"));
+                    append(
+                        &overlaps,
+                        &format!("exclusive {tag} pid {pid} beside shared pid {o}\n"),
+                    );
                 }
             }
         }
@@ -177,7 +187,10 @@ pub fn holder_main() -> bool {
         thread::sleep(Duration::from_micros(hold_us));
     }
     if fs::read_to_string(&mine).ok().as_deref() != Some(&pid.to_string()) {
-        append(&overlaps, &format!("{tag} pid {pid}: its sentinel was taken while holding\n"));
+        append(
+            &overlaps,
+            &format!("{tag} pid {pid}: its sentinel was taken while holding\n"),
+        );
     } else {
         let _ = fs::remove_file(&mine);
     }
@@ -201,14 +214,18 @@ fn claim_exclusive(excl: &Path, pid: i32, tag: &str, overlaps: &Path) {
             .open(excl)
         {
             Ok(mut f) => {
-                f.write_all(pid.to_string().as_bytes()).expect("write sentinel");
+                f.write_all(pid.to_string().as_bytes())
+                    .expect("write sentinel");
                 return;
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 match fs::read_to_string(excl) {
                     Ok(owner) => match owner.trim().parse::<i32>() {
                         Ok(o) if alive(o) => {
-                            append(overlaps, &format!("exclusive {tag} pid {pid} beside exclusive pid {o}\n"));
+                            append(
+                                overlaps,
+                                &format!("exclusive {tag} pid {pid} beside exclusive pid {o}\n"),
+                            );
                             return;
                         }
                         // Dead owner (or one killed before writing its pid): stale, take over.
@@ -218,7 +235,10 @@ fn claim_exclusive(excl: &Path, pid: i32, tag: &str, overlaps: &Path) {
                     },
                     // It vanished between our create and our read: its owner was inside.
                     Err(_) => {
-                        append(overlaps, &format!("exclusive {tag} pid {pid}: sentinel vanished under it\n"));
+                        append(
+                            overlaps,
+                            &format!("exclusive {tag} pid {pid}: sentinel vanished under it\n"),
+                        );
                         return;
                     }
                 }
@@ -226,7 +246,10 @@ fn claim_exclusive(excl: &Path, pid: i32, tag: &str, overlaps: &Path) {
             Err(e) => panic!("sentinel: {e}"),
         }
     }
-    append(overlaps, &format!("exclusive {tag} pid {pid}: could not claim the sentinel\n"));
+    append(
+        overlaps,
+        &format!("exclusive {tag} pid {pid}: could not claim the sentinel\n"),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -523,12 +546,16 @@ fn check_intervals(log: &Path) -> (usize, Vec<String>) {
     for (enter, exit, excl, _, tag) in &v {
         if let Some((le, ltag)) = exclusive {
             if le > *enter {
-                problems.push(format!("interval overlap: exclusive {ltag} until {le}, {tag} from {enter}"));
+                problems.push(format!(
+                    "interval overlap: exclusive {ltag} until {le}, {tag} from {enter}"
+                ));
             }
         }
         if let Some((le, ltag)) = any {
             if *excl && le > *enter {
-                problems.push(format!("interval overlap: {ltag} until {le}, exclusive {tag} from {enter}"));
+                problems.push(format!(
+                    "interval overlap: {ltag} until {le}, exclusive {tag} from {enter}"
+                ));
             }
         }
         if any.is_none_or(|(le, _)| *exit > le) {
@@ -542,7 +569,9 @@ fn check_intervals(log: &Path) -> (usize, Vec<String>) {
     let mut max_gen = 0;
     for (_, _, excl, g, tag) in &v {
         match g {
-            None => problems.push(format!("{tag}: CACHELOCK_GENERATION missing or not a number")),
+            None => problems.push(format!(
+                "{tag}: CACHELOCK_GENERATION missing or not a number"
+            )),
             Some(g) => {
                 if let Some(other) = gens.insert(*g, tag.clone()) {
                     problems.push(format!("generation {g} given to both {other} and {tag}"));
@@ -649,8 +678,16 @@ pub fn assert_outcome(o: &Outcome, min_acquisitions: usize) {
         o.acquisitions, o.served, o.killed_holders, o.killed_waiters
     );
     assert!(o.overlaps.is_empty(), "overlaps: {:#?}", o.overlaps);
-    assert!(o.failures.is_empty(), "requests not served: {:#?}", o.failures);
-    assert!(o.leftovers.is_empty(), "holder processes left: {:?}", o.leftovers);
+    assert!(
+        o.failures.is_empty(),
+        "requests not served: {:#?}",
+        o.failures
+    );
+    assert!(
+        o.leftovers.is_empty(),
+        "holder processes left: {:?}",
+        o.leftovers
+    );
     assert!(
         o.acquisitions >= min_acquisitions,
         "only {} acquisitions (expected ≥ {min_acquisitions})",
