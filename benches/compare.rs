@@ -592,7 +592,9 @@ impl Bench {
         // policy loading and one evaluation are measured.
         let holder = self.cl_run(&dir, &[]);
         let flock_holder = self.flock(&file, &[]);
-        let res = (|| -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), String> {
+        // (cold, warm, anchor) samples in ms.
+        type Samples = (Vec<f64>, Vec<f64>, Vec<f64>);
+        let res = (|| -> Result<Samples, String> {
             let (h, go) = self.block_lock(&holder, &self.scratch("h"))?;
             let (fh, fgo) = self.block_lock(&flock_holder, &self.scratch("h"))?;
             let mut cold = Vec::new();
