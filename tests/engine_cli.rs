@@ -251,6 +251,7 @@ fn progress_lines_name_holder_and_position() {
     let env = Env::with_config("progress_interval: 0.2\n");
     let mut holder = hold_until(&env, "prog", "go", &[]);
     let mut w = env.spawn(&["run", "prog", "--", "true"]);
+    env.wait_tickets("prog", 2);
     let mut q = env.spawn(&["run", "-q", "prog", "--", "true"]);
     env.wait_tickets("prog", 3);
     std::thread::sleep(Duration::from_millis(600));

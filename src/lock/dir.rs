@@ -177,6 +177,18 @@ pub fn open_nofollow(path: &Path, create: bool, mode: u32) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens another process's file for probing or reading: read-write where permitted (NFS needs
+/// it for exclusive locks), else read-only (enough for local flock and for reading).
+pub fn open_for_probe(path: &Path) -> io::Result<File> {
+    match open_nofollow(path, false, 0) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path),
+        r => r,
+    }
+}
+
 /// Like [`open_nofollow`] but turns errors into messages that name the file; a symlink (ELOOP)
 /// gets its own explanation.
 pub fn open_checked(path: &Path, create: bool, mode: u32) -> Result<File> {

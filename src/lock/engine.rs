@@ -235,6 +235,7 @@ pub fn acquire(
             .map(|ms| start + Duration::from_millis(ms)),
         progress: Progress::new(&opts.name, opts.progress_interval),
         evaluations: 0,
+        seen: Vec::new(),
     };
     w.run(policy, signals, mode)
 }
@@ -248,6 +249,8 @@ struct Waiter<'a> {
     deadline: Option<Instant>,
     progress: Progress,
     evaluations: u32,
+    /// Ticket names the last scan found alive (sorted), for cheap change checks when polling.
+    seen: Vec<String>,
 }
 
 /// What one full evaluation decided.
@@ -288,11 +291,7 @@ impl Waiter<'_> {
                 continue;
             };
             let now = Instant::now();
-            let mut eval_at = if watcher.notifies() {
-                now + interval.max(FULL_EVAL_PERIOD)
-            } else {
-                now + interval
-            };
+            let mut eval_at = now + interval.max(FULL_EVAL_PERIOD);
             let mut tick_at = now + interval;
             loop {
                 let now = Instant::now();
@@ -324,6 +323,13 @@ impl Waiter<'_> {
                             break;
                         }
                         if now >= tick_at {
+                            // Polling: a listing of `queue/` (no probes, no policy) tells
+                            // whether anything arrived or left since the last scan.
+                            if !watcher.notifies()
+                                && queue::list_names(&self.paths).ok().as_ref() != Some(&self.seen)
+                            {
+                                break;
+                            }
                             // The cheap path: the holder may have died or an orphan exited
                             // without any file changing; one flock try, no scan, no policy.
                             if in_head {
@@ -351,6 +357,12 @@ impl Waiter<'_> {
             .map_err(|e| Error::io(format!("cannot read {}", self.paths.queue.display()), e))?;
         let mut all = snap.waiters.clone();
         all.push(me.clone());
+        self.seen = all
+            .iter()
+            .chain(&snap.holders)
+            .map(|t| t.id.clone())
+            .collect();
+        self.seen.sort();
         let ordered = queue::order(all, policy, now)?;
         let pos = ordered
             .iter()

@@ -39,7 +39,7 @@ struct KeyRecord {
 /// Reads `meta.json` under a shared `meta.lock` (status, progress): a missing file reads as
 /// zeros. Nothing is created.
 pub fn read(paths: &LockPaths) -> MetaData {
-    let Ok(lock) = super::dir::open_nofollow(&paths.meta_lock(), false, 0) else {
+    let Ok(lock) = super::dir::open_for_probe(&paths.meta_lock()) else {
         return MetaData::default();
     };
     let _ = FileExt::lock_shared(&lock);

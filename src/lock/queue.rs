@@ -39,6 +39,18 @@ pub fn scan(paths: &LockPaths, skip: Option<&str>) -> std::io::Result<Snapshot> 
     Ok(snap)
 }
 
+/// The names in `queue/`, sorted (no probing: a cheap "did anything change" check).
+pub fn list_names(paths: &LockPaths) -> std::io::Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(&paths.queue)? {
+        if let Some(n) = e?.file_name().to_str() {
+            v.push(n.to_string());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
 /// Orders `waiters` by (rank desc, arrival asc, id asc) and returns them with their ranks.
 /// A lone waiter is not ranked at all, so an uncontended request never calls the policy.
 pub fn order(

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use fs4::FileExt;
 use serde::{Deserialize, Serialize};
 
-use super::dir::{open_checked, open_nofollow, LockPaths};
+use super::dir::{open_checked, open_for_probe, LockPaths};
 use crate::error::{Error, Result};
 use crate::policy::{Mode, Request, Ticket};
 
@@ -178,7 +178,7 @@ pub enum Probe {
 /// ticket is unlinked while the probe lock is held, after checking the path still names the
 /// same file.
 pub fn probe(path: &Path) -> Probe {
-    let mut file = match open_nofollow(path, false, 0) {
+    let mut file = match open_for_probe(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Probe::Gone,
         Err(_) => return Probe::Alive(None),
