@@ -46,7 +46,17 @@ fn main() {
     // dir...) must not leak into the wasm build.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        let leaks = (key.starts_with("CARGO_") && key != "CARGO_HOME")
+        // Keep what says where and how to fetch crates (home, offline mode, registries).
+        let keep = key == "CARGO_HOME"
+            || [
+                "CARGO_NET_",
+                "CARGO_HTTP_",
+                "CARGO_REGISTRIES_",
+                "CARGO_REGISTRY_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p));
+        let leaks = (key.starts_with("CARGO_") && !keep)
             || matches!(
                 key.as_str(),
                 "RUSTFLAGS"

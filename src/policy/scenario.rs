@@ -6,6 +6,7 @@
 //! slots: 1               # exclusive holders at once (default 1)
 //! fallback: true         # whether fall-back decisions are honoured (default false)
 //! until_ms: 600000       # stop the simulation here (default 3600000)
+//! step_ms: 100           # optional: advance time in steps of this size (default: event to event)
 //! holders:               # holding the lock at t=0
 //!   - {id: h1, release_at_ms: 5000}
 //! arrivals:
@@ -35,6 +36,10 @@ pub struct Scenario {
     /// End of the simulation, ms.
     #[serde(default = "default_until")]
     pub until_ms: u64,
+    /// Optional time step: the clock advances in multiples of this (like a host that only
+    /// looks every `step_ms`); absent or 0 = from event to event, exactly.
+    #[serde(default)]
+    pub step_ms: u64,
     /// Holding the lock at t=0.
     #[serde(default)]
     pub holders: Vec<Holder>,

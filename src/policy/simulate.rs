@@ -9,6 +9,8 @@ use super::*;
 
 /// Simulated Unix time of t=0 (any fixed value: policies see `now-ms` and `enqueued-at-ms`).
 pub const EPOCH_MS: u64 = 1_700_000_000_000;
+/// When a refused fall-back is evaluated again.
+pub const REFUSED_FALLBACK_RETRY_MS: u64 = 100;
 /// Bound on decisions, so that a scenario cannot run for ever.
 pub const MAX_DECISIONS: usize = 200_000;
 
@@ -280,7 +282,7 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
                 WaitDecision::FallBack(reason) => {
                     ev(&mut out, t, &id, "wait", format!("fall-back refused (the lock does not allow it; `fallback: true` in the scenario): {reason}"));
                     let w = &mut waiting[i];
-                    w.next_eval = t + 1000;
+                    w.next_eval = t + REFUSED_FALLBACK_RETRY_MS;
                     w.evaluations += 1;
                 }
             }
@@ -295,7 +297,11 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
         .into_iter()
         .flatten()
         .filter(|&n| n > t)
-        .min();
+        .min()
+        .map(|n| match scenario.step_ms {
+            0 => n,
+            step => n.div_ceil(step).saturating_mul(step),
+        });
         match next {
             Some(n) if n <= scenario.until_ms => t = n,
             _ => break,
@@ -350,4 +356,41 @@ pub fn render(o: &Outcome) -> String {
     }
     let _ = writeln!(s, "{} policy calls", o.decisions);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::native::DefaultPolicy;
+
+    #[test]
+    fn exact_and_stepped_time() {
+        let text = "holders:\n  - {id: h, release_at_ms: 1005}\narrivals:\n  - {id: a, at_ms: 3, hold_ms: 10}\n  - {id: b, at_ms: 7, hold_ms: 10}\n";
+        let o = run(&mut DefaultPolicy, &Scenario::parse(text).unwrap()).unwrap();
+        assert_eq!(o.served_order, ["a", "b"]);
+        assert_eq!(
+            o.fates[0].1,
+            Fate::Served {
+                at_ms: 1005,
+                waited_ms: 1002
+            }
+        );
+        assert_eq!(
+            o.fates[1].1,
+            Fate::Served {
+                at_ms: 1015,
+                waited_ms: 1008
+            }
+        );
+        let stepped = format!("step_ms: 100\n{text}");
+        let o = run(&mut DefaultPolicy, &Scenario::parse(&stepped).unwrap()).unwrap();
+        assert_eq!(
+            o.fates[0].1,
+            Fate::Served {
+                at_ms: 1100,
+                waited_ms: 1097
+            }
+        );
+        assert!(o.events.iter().all(|e| e.t_ms % 100 == 0), "{:?}", o.events);
+    }
 }

@@ -37,21 +37,23 @@ impl Policy for Deadline {
                 ));
             }
         }
-        if let Some(f) = self.fallback_after {
-            if waited >= f {
-                return WaitDecision::FallBack(format!(
-                    "waited {:.1}s (fallback_after {:.1}s): running without the shared lock",
-                    secs(waited),
-                    secs(f)
-                ));
-            }
-        }
+        // max_wait first: where the lock refuses a fallback, the request keeps waiting after
+        // fallback_after and still gives up at max_wait.
         if let Some(m) = self.max_wait {
             if waited >= m {
                 return WaitDecision::GiveUp(format!(
                     "waited {:.1}s, the policy's max_wait of {:.1}s",
                     secs(waited),
                     secs(m)
+                ));
+            }
+        }
+        if let Some(f) = self.fallback_after {
+            if waited >= f {
+                return WaitDecision::FallBack(format!(
+                    "waited {:.1}s (fallback_after {:.1}s): running without the shared lock",
+                    secs(waited),
+                    secs(f)
                 ));
             }
         }
