@@ -189,3 +189,47 @@ fn nonblock_conflict_while_a_run_holds_the_cache_id() {
     assert!(o.status.success(), "{}", text(&o));
     env.assert_clean();
 }
+
+#[test]
+fn fall_back_runs_uncached_on_a_fresh_root_while_the_cache_is_busy() {
+    let env = Env::with(
+        "",
+        "locks:\n  - match: 'fb*'\n    fallback: true\n    policy: quick\npolicies:\n  quick:\n    module: builtin:deadline\n    config: {fallback_after: 300ms}",
+    );
+    let flag = env.path("ready");
+    let mut holder = Killer(Some(env.spawn_dockerd(
+        &["--cache-id", "fb1"],
+        &format!("touch {}; sleep 4; date +%s%N", flag.display()),
+    )));
+    let t = std::time::Instant::now();
+    while !flag.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = env.dockerd(
+        &["--cache-id", "fb1"],
+        "echo \"$CACHELOCK_DOCKERD_DATA_ROOT ${CACHELOCK_DOCKERD_SLOT:-none}\"; date +%s%N",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let mut lines = out.lines();
+    let first: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let fb_end: u128 = lines.next().unwrap().trim().parse().unwrap();
+    let fresh = std::path::Path::new(first[0]);
+    assert!(
+        fresh.starts_with(env.cache_root.join(".ephemeral")),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(first[1], "none");
+    assert!(!fresh.exists(), "fall-back root not wiped");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fresh private data root"));
+    let h = holder.0.take().unwrap().wait_with_output().unwrap();
+    assert!(h.status.success(), "{}", text(&h));
+    let holder_end: u128 = String::from_utf8_lossy(&h.stdout).trim().parse().unwrap();
+    assert!(
+        fb_end < holder_end,
+        "the fall-back run did not run beside the holder"
+    );
+    env.assert_clean();
+}

@@ -121,6 +121,9 @@ fn sigkill_of_wrapper_leaves_no_dockerd_and_next_run_starts_cleanly() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("second-run-ok"));
+    // The crashed run's instance directory (pidfile, socket, log) was swept by the second.
+    let left: Vec<_> = std::fs::read_dir(&env.run_dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
     env.assert_clean();
 }
 
@@ -258,4 +261,25 @@ fn time_to_ready_beats_one_second_docker_ps_poll() {
         "cachelock {m_ours} ms vs poll {m_theirs} ms"
     );
     env.assert_clean();
+}
+
+#[test]
+fn configured_daemon_json_and_args_reach_dockerd() {
+    // Arrays concatenate across the user's daemon.json and the configured settings.
+    let probe = Env::new("");
+    let file = write(&probe, "daemon.json", r#"{"labels": ["layer1=file"]}"#);
+    let env = Env::new(&format!(
+        "  daemon_json_file: {}\n  daemon_json:\n    labels: [layer2=config]\n  args: [--log-level=warn]",
+        file.display()
+    ));
+    let o = env.dockerd(&[], "docker info --format '{{json .Labels}}'; cat /proc/$CACHELOCK_DOCKERD_PID/cmdline | tr '\\0' ' '");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("layer1=file") && out.contains("layer2=config"),
+        "{out}"
+    );
+    assert!(out.contains("--log-level=warn"), "{out}");
+    env.assert_clean();
+    drop(probe);
 }

@@ -206,15 +206,12 @@ fn execute_cmd(loaded: &Loaded, command: Vec<OsString>) -> Result<i32> {
             vec![h.file.as_raw_fd()]
         })
         .unwrap_or_default();
-    let mut spec = resolved.spec(
+    let spec = resolved.spec(
         data_root.clone(),
         &short,
         inherit,
         cached.then(|| lock_name.clone()),
     );
-    if let Some(log) = env("CACHELOCK_DOCKERD_LOG") {
-        spec.log_file = Some(PathBuf::from(log));
-    }
     let plan = session::Plan {
         spec,
         docker_cli: resolved.docker_cli.clone(),

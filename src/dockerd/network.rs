@@ -148,6 +148,38 @@ fn iptables(op: &str, rule: &[String]) -> std::result::Result<(), String> {
     run(&args)
 }
 
+/// Removes uplink rules whose host interface no longer exists: what a SIGKILLed wrapper left
+/// (its namespace, and with it the veth, is gone once its dockerd exited). An instance creates
+/// its interface before its rules and removes its rules before its interface, so live
+/// instances' rules are never touched.
+pub fn sweep_stale_rules() {
+    for (table, chain) in [("nat", "POSTROUTING"), ("filter", "FORWARD")] {
+        let Ok(out) = Command::new("iptables")
+            .args(["-w", "-t", table, "-S", chain])
+            .stdin(Stdio::null())
+            .output()
+        else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let iface = words
+                .windows(2)
+                .find(|w| (w[0] == "-o" || w[0] == "-i") && w[1].starts_with("clup"))
+                .map(|w| w[1]);
+            let Some(iface) = iface else { continue };
+            if words.first() != Some(&"-A")
+                || std::path::Path::new("/sys/class/net").join(iface).exists()
+            {
+                continue;
+            }
+            let mut args = vec!["iptables", "-w", "-t", table, "-D"];
+            args.extend(&words[1..]);
+            let _ = run(&args);
+        }
+    }
+}
+
 impl Uplink {
     /// Connects the network namespace of `pid` to the host: a veth pair with a free /30 from
     /// `pool`, a default route, and NAT. `pid` must already be in its new namespace.
@@ -156,6 +188,7 @@ impl Uplink {
         let base = u32::from(pool.0) & (u32::MAX << (32 - pool.1));
         let start = pid % count;
         let pid_s = pid.to_string();
+        sweep_stale_rules();
         for k in 0..count.min(4096) {
             let i = (start + k) % count;
             let host_if = format!("clup{i}");
@@ -221,6 +254,7 @@ impl Uplink {
             while iptables("-D", &rule).is_ok() {}
         }
         let _ = run(&["ip", "link", "del", &self.host_if]);
+        sweep_stale_rules();
     }
 }
 

@@ -154,7 +154,10 @@ impl Resolved {
             inherit,
             log_tail_lines: self.log_tail_lines,
             cache_id,
-            log_file: None,
+            // A log that outlives the run, e.g. /var/log/docker.log as Earthly's wrapper keeps.
+            log_file: std::env::var_os("CACHELOCK_DOCKERD_LOG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         }
     }
 
@@ -171,6 +174,24 @@ impl Resolved {
         }
         std::fs::create_dir_all(&self.run_dir).map_err(|e| {
             Error::cant_create(format!("cannot create {}: {e}", self.run_dir.display()))
-        })
+        })?;
+        sweep_run_dir(&self.run_dir);
+        Ok(())
+    }
+}
+
+/// Removes instance directories left by crashed runs: those whose process-tree marker no
+/// process holds any more (a live instance's cachelock and dockerd tree keep it open).
+pub fn sweep_run_dir(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        let marker = dir.join("tree");
+        if marker.exists() && super::tree::holders_of_path(&marker).is_empty() {
+            tracing::debug!("removing stale instance directory {}", dir.display());
+            let _ = super::root::wipe(&dir);
+        }
     }
 }
