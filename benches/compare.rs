@@ -1475,5 +1475,20 @@ fn render(rows: &[Row], notes: &str, charts: &[String], long: bool, took: Durati
          cargo bench --bench compare -- --long # longer runs\n\
          cargo bench --bench compare -- handoff # one figure, printed instead of written\n```"
     );
+    let _ = writeln!(
+        md,
+        "\n## Safety: torture tests and fuzzing\n\n\
+         `cargo test --test torture_chaos --test torture_shared --test torture_aging --test torture_dockerd` \
+         runs the bounded form (about 20–25 s each, the dockerd one about 40 s): 16 processes \
+         contending with random SIGKILLs of holders and waiters, checked by an independent overlap \
+         detector (an `O_CREAT|O_EXCL` sentinel per exclusive holder, one file per shared holder, and \
+         enter/exit times appended with `O_APPEND`), fencing tokens, every surviving request served, \
+         no ticket left; the same with `builtin:priority` aging and a shared/exclusive mix; 50 SIGKILLs \
+         of `cachelock dockerd` on one cache id with a `/proc` monitor (never two dockerd on the data \
+         root, none left). Longer: `CACHELOCK_TORTURE_SECS=600`, `CACHELOCK_TORTURE_DOCKERD_KILLS=N`; \
+         a failure prints `CACHELOCK_TORTURE_SEED` to replay it. Fuzzing: `fuzz/smoke.sh [SECONDS]` \
+         runs the configuration and scenario parser targets (cargo-fuzz, stable toolchain with \
+         `RUSTC_BOOTSTRAP=1`)."
+    );
     md
 }
