@@ -1,0 +1,11 @@
+//! Fuzzes the `policy simulate` scenario parser: any input must give a scenario or an error,
+//! never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = cachelock::policy::scenario::Scenario::parse(text);
+    }
+});

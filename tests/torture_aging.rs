@@ -1,0 +1,49 @@
+//! Chaos under a policy whose ranks change while requests wait: `builtin:priority` with fast
+//! aging and random priorities, a shared/exclusive mix, random SIGKILLs. No overlap, no
+//! livelock (every surviving request served within the drain bound), no ticket left.
+//! Longer: `CACHELOCK_TORTURE_SECS=600 cargo test --test torture_aging -- --nocapture`.
+
+mod torture_support;
+
+use std::time::Duration;
+use torture_support::*;
+
+/// Entry point of the critical section (the test binary re-executes itself through it).
+#[test]
+#[ignore = "helper entry point: the torture tests run it inside `cachelock run`"]
+fn torture_holder_entry() {
+    assert!(
+        holder_main(),
+        "run only by the torture tests, with TORTURE_DIR set"
+    );
+}
+
+#[test]
+fn chaos_with_aging_priorities_and_sigkills() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cachelock"));
+    let tmp = tempfile::tempdir().unwrap();
+    let (locks, det) = (tmp.path().join("locks"), tmp.path().join("detector"));
+    std::fs::create_dir_all(&det).unwrap();
+    let chaos = Chaos {
+        workers: 16,
+        duration: torture_secs(20),
+        kill_every: Duration::from_millis(150),
+        shared_ratio: 0.25,
+        // Priorities 0..=4 with 10 points of aging per second: ranks cross within a second,
+        // so the head changes while requests wait.
+        priorities: 5,
+        extra: vec![
+            "--policy".into(),
+            "builtin:priority".into(),
+            "--policy-config".into(),
+            "aging_per_minute=600".into(),
+        ],
+        hold_us_max: 2000,
+        drain: Duration::from_secs(30),
+    };
+    let mut rng = Rng::from_env("chaos_with_aging_priorities_and_sigkills");
+    let o = chaos.run(bin, &locks, &det, &mut rng);
+    let problems = check_no_tickets(bin, &locks);
+    assert_outcome(&o, 500);
+    assert!(problems.is_empty(), "after the chaos: {problems:#?}");
+}
