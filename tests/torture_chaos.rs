@@ -20,10 +20,6 @@ fn torture_holder_entry() {
 
 #[test]
 fn chaos_exclusive_with_sigkills() {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cachelock"));
-    let tmp = tempfile::tempdir().unwrap();
-    let (locks, det) = (tmp.path().join("locks"), tmp.path().join("detector"));
-    std::fs::create_dir_all(&det).unwrap();
     let chaos = Chaos {
         workers: 16,
         duration: torture_secs(25),
@@ -34,9 +30,5 @@ fn chaos_exclusive_with_sigkills() {
         hold_us_max: 2000,
         drain: Duration::from_secs(30),
     };
-    let mut rng = Rng::from_env("chaos_exclusive_with_sigkills");
-    let o = chaos.run(bin, &locks, &det, &mut rng);
-    let problems = check_no_tickets(bin, &locks);
-    assert_outcome(&o, 500);
-    assert!(problems.is_empty(), "after the chaos: {problems:#?}");
+    run_chaos_and_check("chaos_exclusive_with_sigkills", chaos, 500);
 }

@@ -696,3 +696,18 @@ pub fn assert_outcome(o: &Outcome, min_acquisitions: usize) {
     assert!(o.killed_holders > 0, "no holder was killed");
     assert!(o.killed_waiters > 0, "no waiter was killed");
 }
+
+/// Runs `chaos` against the real binary on a fresh lock directory and detector, then checks
+/// the outcome (no overlap, survivors served, at least `min_acquisitions`) and that no ticket
+/// is left. `test` names the seed stream (`CACHELOCK_TORTURE_SEED` replays it).
+pub fn run_chaos_and_check(test: &str, chaos: Chaos, min_acquisitions: usize) {
+    let bin = Path::new(env!("CARGO_BIN_EXE_cachelock"));
+    let tmp = tempfile::tempdir().unwrap();
+    let (locks, det) = (tmp.path().join("locks"), tmp.path().join("detector"));
+    std::fs::create_dir_all(&det).unwrap();
+    let mut rng = Rng::from_env(test);
+    let o = chaos.run(bin, &locks, &det, &mut rng);
+    let problems = check_no_tickets(bin, &locks);
+    assert_outcome(&o, min_acquisitions);
+    assert!(problems.is_empty(), "after the chaos: {problems:#?}");
+}
