@@ -79,13 +79,7 @@ fn one(root: &Path, name: &str, loaded: &Loaded) -> Result<LockStatus> {
         .map(|t| HolderStatus {
             held_for_ms: t.acquired_at_ms.map(|a| now.saturating_sub(a)).unwrap_or(0),
             slot: t.slot.unwrap_or(0),
-            ticket: t.id,
-            host: t.host,
-            pid: t.pid,
-            mode: t.mode,
-            priority: t.priority,
-            labels: t.labels.into_iter().collect(),
-            queue_key: t.queue_key,
+            ticket: t.into(),
         })
         .collect();
     let waiters = ranked
@@ -94,13 +88,7 @@ fn one(root: &Path, name: &str, loaded: &Loaded) -> Result<LockStatus> {
         .map(|(i, (t, rank))| WaiterStatus {
             position: i + 1,
             waited_ms: now.saturating_sub(t.enqueued_at_ms),
-            ticket: t.id,
-            host: t.host,
-            pid: t.pid,
-            mode: t.mode,
-            priority: t.priority,
-            labels: t.labels.into_iter().collect(),
-            queue_key: t.queue_key,
+            ticket: t.into(),
             rank,
         })
         .collect();

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::lock::ticket::TicketData;
 use crate::policy::Mode;
 
 /// The whole document.
@@ -30,17 +31,48 @@ pub struct LockStatus {
     pub waiters: Vec<WaiterStatus>,
 }
 
+/// What status shows of any ticket, holder or waiter (flattened into both in JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct TicketStatus {
+    /// Ticket id.
+    pub ticket: String,
+    /// Owner's host (for people; liveness never depends on it).
+    pub host: String,
+    /// Owner's pid on that host.
+    pub pid: u32,
+    /// Exclusive or shared.
+    pub mode: Mode,
+    /// `--priority`.
+    pub priority: i32,
+    /// `--label`s (a repeated key shows its last value).
+    pub labels: BTreeMap<String, String>,
+    /// `--queue-key`, if any.
+    pub queue_key: Option<String>,
+}
+
+impl From<TicketData> for TicketStatus {
+    fn from(t: TicketData) -> Self {
+        Self {
+            ticket: t.id,
+            host: t.host,
+            pid: t.pid,
+            mode: t.mode,
+            priority: t.priority,
+            labels: t.labels.into_iter().collect(),
+            queue_key: t.queue_key,
+        }
+    }
+}
+
 /// A holder.
 #[derive(Debug, Clone, Serialize)]
 pub struct HolderStatus {
-    pub ticket: String,
-    pub host: String,
-    pub pid: u32,
-    pub mode: Mode,
-    pub priority: i32,
-    pub labels: BTreeMap<String, String>,
-    pub queue_key: Option<String>,
+    /// The holder's ticket.
+    #[serde(flatten)]
+    pub ticket: TicketStatus,
+    /// Slot held (0 for a one-slot lock).
     pub slot: u32,
+    /// Milliseconds since it took the lock.
     pub held_for_ms: u64,
 }
 
@@ -49,14 +81,12 @@ pub struct HolderStatus {
 pub struct WaiterStatus {
     /// 1 = next to be served.
     pub position: usize,
-    pub ticket: String,
-    pub host: String,
-    pub pid: u32,
-    pub mode: Mode,
-    pub priority: i32,
-    pub labels: BTreeMap<String, String>,
-    pub queue_key: Option<String>,
+    /// The waiter's ticket.
+    #[serde(flatten)]
+    pub ticket: TicketStatus,
+    /// Rank under the lock's configured policy.
     pub rank: i64,
+    /// Milliseconds since its (possibly remembered) arrival.
     pub waited_ms: u64,
 }
 
@@ -67,16 +97,25 @@ fn mode_str(m: Mode) -> &'static str {
     }
 }
 
-fn labels_str(l: &BTreeMap<String, String>) -> String {
-    if l.is_empty() {
-        return String::new();
+/// `(head, tail)` of a ticket's text line: what goes before and after the role-specific part.
+fn ticket_text(t: &TicketStatus) -> (String, String) {
+    let head = format!(
+        "ticket {}  {}:{}  {}  priority {}",
+        t.ticket,
+        t.host,
+        t.pid,
+        mode_str(t.mode),
+        t.priority
+    );
+    let mut tail = String::new();
+    if !t.labels.is_empty() {
+        let parts: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        tail.push_str(&format!("  labels {}", parts.join(",")));
     }
-    let parts: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("  labels {}", parts.join(","))
-}
-
-fn key_str(k: &Option<String>) -> String {
-    k.as_ref().map(|k| format!("  key {k}")).unwrap_or_default()
+    if let Some(k) = &t.queue_key {
+        tail.push_str(&format!("  key {k}"));
+    }
+    (head, tail)
 }
 
 /// Text for people.
@@ -91,17 +130,11 @@ pub fn render_text(doc: &StatusDoc) -> String {
             out.push_str("  held by: nobody\n");
         }
         for h in &l.holders {
+            let (head, tail) = ticket_text(&h.ticket);
             out.push_str(&format!(
-                "  held by: ticket {}  {}:{}  {}  priority {}  slot {}  for {:.1}s{}{}\n",
-                h.ticket,
-                h.host,
-                h.pid,
-                mode_str(h.mode),
-                h.priority,
+                "  held by: {head}  slot {}  for {:.1}s{tail}\n",
                 h.slot,
                 h.held_for_ms as f64 / 1000.0,
-                labels_str(&h.labels),
-                key_str(&h.queue_key)
             ));
         }
         if l.waiters.is_empty() {
@@ -110,18 +143,12 @@ pub fn render_text(doc: &StatusDoc) -> String {
             out.push_str("  waiting (in serving order):\n");
         }
         for w in &l.waiters {
+            let (head, tail) = ticket_text(&w.ticket);
             out.push_str(&format!(
-                "    {}. ticket {}  {}:{}  {}  priority {}  rank {}  waited {:.1}s{}{}\n",
+                "    {}. {head}  rank {}  waited {:.1}s{tail}\n",
                 w.position,
-                w.ticket,
-                w.host,
-                w.pid,
-                mode_str(w.mode),
-                w.priority,
                 w.rank,
                 w.waited_ms as f64 / 1000.0,
-                labels_str(&w.labels),
-                key_str(&w.queue_key)
             ));
         }
     }
