@@ -6,12 +6,9 @@ use std::path::{Path, PathBuf};
 use cachelock::config::{Config, Loaded};
 use cachelock::policy::{Mode, Request, Ticket, WaitState};
 
-/// A test policy component built by build.rs (`test-loop` → `test_loop.wasm`).
+/// A test policy component of crates/test-programs (`test-loop` → `test_loop.wasm`).
 pub fn test_policy(name: &str) -> PathBuf {
-    let p = Path::new(env!("CACHELOCK_TEST_POLICY_DIR"))
-        .join(format!("{}.wasm", name.replace('-', "_")));
-    assert!(p.is_file(), "{} was not built", p.display());
-    p
+    test_programs_artifacts::component(name)
 }
 
 /// A configuration parsed from YAML, with its compile cache in `dir`.

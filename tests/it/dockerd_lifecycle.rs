@@ -2,12 +2,10 @@
 //! dockerd tree, signals, SIGKILL of the wrapper, stop grace, start failures and retries, and
 //! time-to-ready compared with Earthly's one-second `docker ps` poll.
 
-mod dockerd_support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dockerd_support::*;
+use crate::support::dockerd::*;
 
 #[test]
 fn container_runs_and_exit_code_passes_through() {
@@ -252,7 +250,7 @@ fn time_to_ready_beats_one_second_docker_ps_poll() {
         dockerd.0 = None;
         let _ = env.wait_clean(Duration::from_secs(15));
     }
-    let (m_ours, m_theirs) = (median(&mut ours), median(&mut theirs));
+    let (m_ours, m_theirs) = (median(&ours), median(&theirs));
     eprintln!(
         "time to ready: cachelock median {m_ours:.0} ms {ours:?}; docker ps every 1 s median {m_theirs:.0} ms {theirs:?}"
     );

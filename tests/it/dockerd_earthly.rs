@@ -3,13 +3,11 @@
 //! `.earthly-docker-lock` exclusion, cached and uncached roots, compose requested without
 //! compose installed.
 
-mod dockerd_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dockerd_support::*;
+use crate::support::dockerd::*;
 
 /// `dockerd-wrapper.sh` as a symlink to the binary, as installed in place of Earthly's.
 fn wrapper(env: &Env) -> PathBuf {

@@ -1,9 +1,7 @@
 //! Bad input to `cachelock dockerd` (issue 4 §5): each a clear message and its sysexits code,
 //! with the lock released and nothing left running.
 
-mod dockerd_support;
-
-use dockerd_support::*;
+use crate::support::dockerd::*;
 
 fn check(env: &Env, o: &std::process::Output, code: i32, needle: &str) {
     assert_eq!(o.status.code(), Some(code), "{}", text(o));

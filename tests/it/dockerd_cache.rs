@@ -1,11 +1,9 @@
 //! Cached data roots against the real dockerd: exclusion on one cache id, hygiene across runs,
 //! slots running in parallel (network isolation), fresh roots.
 
-mod dockerd_support;
-
 use std::time::Duration;
 
-use dockerd_support::*;
+use crate::support::dockerd::*;
 
 /// Each run records (start, end) of its command, the dockerd processes on the data root seen
 /// by the OS at both ends, and dockerd's own start time.

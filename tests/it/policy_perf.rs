@@ -5,12 +5,10 @@
 //! so wall time also counts waiting for a core. Decision cost and warm load are asserted on
 //! CPU time of the process, first run included (see docs/policies.md for the figures).
 
-mod policy_support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::policy::*;
 use cachelock::policy::{self, Policy};
-use policy_support::*;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -1,11 +1,9 @@
 //! `cachelock run` and `cachelock status` through the real binary: exit codes, environment,
 //! -n/-w/-E, signals, progress lines, status text/JSON and every bad input.
 
-mod engine_support;
-
 use std::time::{Duration, Instant};
 
-use engine_support::*;
+use crate::support::util::*;
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

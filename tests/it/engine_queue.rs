@@ -2,12 +2,11 @@
 //! wait modes, priority, -n not jumping the queue, queue keys, dead waiters) and through the
 //! library API with native test policies (policy errors, fall-back, caller bounds, aging).
 
-mod engine_support;
-
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::util::*;
 use cachelock::config::WaitMode;
 use cachelock::lock::{acquire, AcquireOptions, Acquired, LockDir};
 use cachelock::policy::native::DefaultPolicy;
@@ -15,7 +14,6 @@ use cachelock::policy::{
     Policy, PolicyError, RetryDecision, StartAttempt, StartFailure, Ticket, WaitDecision, WaitState,
 };
 use cachelock::process::Signals;
-use engine_support::*;
 
 /// Spawns a holder of `lock` that keeps it until `go` exists.
 fn hold_until(env: &Env, lock: &str, go: &str) -> Proc {

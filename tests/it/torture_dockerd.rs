@@ -4,8 +4,6 @@
 //! A monitor scanning `/proc` every few milliseconds must never see two dockerd on the data
 //! root, and once everything ended no dockerd may survive.
 
-mod torture_support;
-
 use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
@@ -15,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use torture_support::*;
+use crate::support::torture::*;
 
 /// Live dockerd processes started by this test: by the test's unique environment tag (dockerd
 /// inherits the wrapper's environment) or by the data root on their command line.

@@ -300,8 +300,4 @@ pub fn now_ns() -> u128 {
         .as_nanos()
 }
 
-/// Median of a slice.
-pub fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+pub use super::stats::median;

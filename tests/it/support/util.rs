@@ -3,6 +3,8 @@
 //! independent overlap detector), and fairness statistics.
 #![allow(dead_code)]
 
+pub use super::stats::{jain, percentile};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -236,27 +238,6 @@ pub fn handoffs_ms(v: &[Section]) -> Vec<f64> {
     v.windows(2)
         .map(|w| (w[1].start - w[0].end) * 1000.0)
         .collect()
-}
-
-/// The p-th percentile (0..=100) of `xs`.
-pub fn percentile(xs: &[f64], p: f64) -> f64 {
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i]
-}
-
-/// Jain's fairness index of `xs`.
-pub fn jain(xs: &[f64]) -> f64 {
-    let s: f64 = xs.iter().sum();
-    let s2: f64 = xs.iter().map(|x| x * x).sum();
-    if s2 == 0.0 {
-        return 0.0;
-    }
-    s * s / (xs.len() as f64 * s2)
 }
 
 /// Unix time in seconds (f64), comparable with bash's $EPOCHREALTIME.

@@ -1,11 +1,9 @@
 //! The WASM host through the library API: built-ins, limits, faults, integrity, laziness.
 
-mod policy_support;
-
+use crate::support::policy::*;
 use cachelock::config::{LockSettings, WaitMode};
 use cachelock::error::Error;
 use cachelock::policy::{self, Policy, RetryDecision, StartAttempt, StartFailure, WaitDecision};
-use policy_support::*;
 
 fn settings(policy: &str) -> LockSettings {
     LockSettings {

@@ -1,11 +1,9 @@
 //! `cachelock policy simulate|check|list|new` as a user runs them.
 
-mod policy_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use policy_support::test_policy;
+use crate::support::policy::test_policy;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
 
@@ -316,8 +314,9 @@ fn new_scaffolds_a_buildable_policy() {
     assert_eq!(again.status.code(), Some(73), "{}", text(&again));
     let bad = run(dir.path(), &["policy", "new", "9lives"]);
     assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
-    // Share the policies' target directory so the SDK's dependencies are not rebuilt.
-    let target: PathBuf = Path::new(env!("CACHELOCK_TEST_POLICY_DIR")).join("../..");
+    // Share the test programs' target directory so the SDK's dependencies are not rebuilt.
+    let wasm = test_policy("test-loop");
+    let target: PathBuf = wasm.ancestors().nth(3).unwrap().to_path_buf();
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();

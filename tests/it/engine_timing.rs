@@ -4,11 +4,9 @@
 //! and the CPU use of an idle waiter. `cargo test --test engine_timing -- --nocapture` shows
 //! the figures.
 
-mod engine_support;
-
 use std::time::{Duration, Instant};
 
-use engine_support::*;
+use crate::support::util::*;
 
 const RUN: Duration = Duration::from_secs(4);
 const HOLD: f64 = 0.005;

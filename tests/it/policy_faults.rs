@@ -2,13 +2,11 @@
 //! `cachelock run` process, so its policy is loaded and called. Each case must end in the
 //! documented outcome within its limit, and leave the lock usable with no ticket behind.
 
-mod policy_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use policy_support::test_policy;
+use crate::support::policy::test_policy;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
 

@@ -1,0 +1,19 @@
+//! The integration tests: one binary (wasmtime links once), one module per area, real parts
+//! throughout — real processes on real lock files, real WebAssembly components, a real dockerd.
+//! `cargo test --test it MODULE::` runs one area, e.g. `cargo test --test it engine_cli::`.
+
+mod support;
+
+mod dockerd_bad_input;
+mod dockerd_cache;
+mod dockerd_earthly;
+mod dockerd_lifecycle;
+mod engine_cli;
+mod engine_queue;
+mod engine_timing;
+mod policy_commands;
+mod policy_faults;
+mod policy_perf;
+mod policy_runtime;
+mod torture;
+mod torture_dockerd;
