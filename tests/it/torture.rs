@@ -8,6 +8,11 @@
 use crate::support::torture::*;
 use std::time::Duration;
 
+/// A sanity floor on the work each chaos does (not a figure: ~1100-1560 are seen on an idle
+/// machine, far fewer while the machine builds), so that a chaos that served almost nothing
+/// cannot pass.
+const MIN_ACQUISITIONS: usize = 100;
+
 /// Entry point of the critical section (the test binary re-executes itself through it).
 #[test]
 #[ignore = "helper entry point: the torture tests run it inside `cachelock run`"]
