@@ -1,12 +1,16 @@
 # The two commands of the README: `make demo` runs the main job on embedded defaults,
-# `make test` installs what the tests need and runs the whole suite.
+# `make test` installs what the tests need and runs the whole suite. Both work on a machine
+# that has only the Rust toolchain.
 
-.PHONY: test setup demo
+.PHONY: test setup build-setup demo
 
-# Everything the test suite needs on a fresh Debian machine (as root): the wasm target for the
-# built-in and test policies, Debian's dockerd and busybox-static (test images without a registry).
-setup:
+# What any build needs: the built-in policies are compiled for wasm32-wasip2 by build.rs.
+build-setup:
 	rustup target add wasm32-wasip2
+
+# Everything the test suite needs on a fresh Debian machine (as root): the build's needs,
+# Debian's dockerd and busybox-static (test images without a registry).
+setup: build-setup
 	@if ! command -v dockerd >/dev/null || ! test -x /bin/busybox; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io busybox-static; \
 	fi
@@ -14,5 +18,5 @@ setup:
 test: setup
 	cargo test --no-fail-fast
 
-demo:
+demo: build-setup
 	cargo run --release -- run demo -- sh -c 'echo "holding $$CACHELOCK_LOCK (ticket $$CACHELOCK_TICKET, generation $$CACHELOCK_GENERATION)"'

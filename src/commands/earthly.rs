@@ -13,12 +13,14 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cachelock::config::Loaded;
+use cachelock::dockerd::hygiene::Docker;
+use cachelock::dockerd::{flock, hygiene, network, root, session, setup};
+use cachelock::error::{Error, Kind, Result};
+use cachelock::process::Signals;
+
 use crate::cli::EarthlyArgs;
-use crate::config::Loaded;
-use crate::dockerd::hygiene::Docker;
-use crate::dockerd::{flock, hygiene, network, root, session, setup};
-use crate::error::{Error, Kind, Result};
-use crate::process::Signals;
+use crate::request::LockRequest;
 
 /// Earthly's lock file inside the data root.
 pub const LOCK_FILE: &str = ".earthly-docker-lock";
@@ -137,8 +139,15 @@ fn execute_cmd(loaded: &Loaded, command: Vec<OsString>) -> Result<i32> {
         )
     })?);
     let cached = env("EARTHLY_DOCKERD_CACHE_DATA").as_deref() == Some("true");
+    let lock_name = data_root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| cachelock::lock::name::validate(n).is_ok())
+        .unwrap_or_else(|| FALLBACK_LOCK_NAME.to_string());
     // Bad queue options fail before anything is created or started.
-    let queue_opts = cached.then(queue::Options::from_env).transpose()?;
+    let request = cached
+        .then(|| LockRequest::from_env(&lock_name, loaded.clone(), data_root.join(LOCK_DIR), env))
+        .transpose()?;
     let loads: Vec<PathBuf> = words("EARTHLY_DOCKER_LOAD_FILES")
         .into_iter()
         .map(PathBuf::from)
@@ -177,26 +186,13 @@ fn execute_cmd(loaded: &Loaded, command: Vec<OsString>) -> Result<i32> {
     step!("data root {} (cached: {cached})", data_root.display());
     run_pre_script()?;
     isolate_cgroup_v2();
-    let signals = Signals::install().map_err(|e| Error::io("installing signal handlers", e))?;
+    let signals = Signals::install()?;
 
-    let lock_name = data_root
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| crate::lock::name::validate(n).is_ok())
-        .unwrap_or_else(|| FALLBACK_LOCK_NAME.to_string());
     let settings = loaded.config.lock_settings(&lock_name);
-    let mut policy = crate::policy::for_lock(loaded, &settings, None, &[])?;
+    let mut policy = cachelock::policy::for_lock(loaded, &settings, None, &[])?;
 
-    let held = match &queue_opts {
-        Some(q) => Some(queue::take(
-            loaded,
-            &settings,
-            q,
-            &data_root,
-            &lock_name,
-            policy.as_mut(),
-            &signals,
-        )?),
+    let held = match &request {
+        Some(r) => Some(queue::take(r, &data_root, policy.as_mut(), &signals)?),
         None => {
             // Earthly wipes an uncached root before use.
             root::wipe_contents(&data_root, &[])
@@ -244,7 +240,7 @@ fn run_pre_script() -> Result<()> {
     step!("running pre-script {path}");
     let status = std::process::Command::new(&path)
         .status()
-        .map_err(|e| crate::process::spawn_error(path.as_ref(), e))?;
+        .map_err(|e| cachelock::process::spawn_error(path.as_ref(), e))?;
     if !status.success() {
         return Err(Error::new(
             Kind::Software,
@@ -286,74 +282,8 @@ fn isolate_cgroup_v2() {
 /// The cached root's two locks: cachelock's queue, then Earthly's flock.
 mod queue {
     use super::*;
-    use crate::config::LockSettings;
-    use crate::lock::{AcquireOptions, Acquired, Guard, LockDir};
-    use crate::policy::Policy;
-
-    /// Queue options from the environment (Earthly passes no flags).
-    #[derive(Debug, Clone, Default)]
-    pub struct Options {
-        /// `CACHELOCK_PRIORITY`.
-        pub priority: i32,
-        /// `CACHELOCK_WAIT`, in milliseconds.
-        pub wait_limit_ms: Option<u64>,
-        /// `CACHELOCK_LABELS` (`k=v,k=v`).
-        pub labels: Vec<(String, String)>,
-        /// `CACHELOCK_QUEUE_KEY`.
-        pub queue_key: Option<String>,
-    }
-
-    impl Options {
-        /// Reads `CACHELOCK_PRIORITY`, `CACHELOCK_WAIT`, `CACHELOCK_LABELS` and
-        /// `CACHELOCK_QUEUE_KEY`; an invalid value is a usage error (exit 64).
-        pub fn from_env() -> Result<Options> {
-            Self::parse(env)
-        }
-
-        fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Options> {
-            let priority = match get("CACHELOCK_PRIORITY") {
-                None => 0,
-                Some(v) => v.trim().parse().map_err(|_| {
-                    Error::usage(format!(
-                        "CACHELOCK_PRIORITY={v:?} is not an integer: set a priority such as 10 or -5, or unset it"
-                    ))
-                })?,
-            };
-            let wait_limit_ms = match get("CACHELOCK_WAIT") {
-                None => None,
-                Some(v) => match v.trim().parse::<f64>() {
-                    Ok(s) if s.is_finite() && s >= 0.0 => Some((s * 1000.0).round() as u64),
-                    _ => {
-                        return Err(Error::usage(format!(
-                            "CACHELOCK_WAIT={v:?} is not a non-negative number of seconds: set e.g. 600 or 0.5, or unset it to wait without bound"
-                        )))
-                    }
-                },
-            };
-            let labels = match get("CACHELOCK_LABELS") {
-                None => Vec::new(),
-                Some(v) => v
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(|p| match p.split_once('=') {
-                        Some((k, val)) if !k.trim().is_empty() => {
-                            Ok((k.trim().to_string(), val.trim().to_string()))
-                        }
-                        _ => Err(Error::usage(format!(
-                            "CACHELOCK_LABELS entry {p:?} is not KEY=VALUE: write labels as KEY=VALUE,KEY=VALUE"
-                        ))),
-                    })
-                    .collect::<Result<_>>()?,
-            };
-            Ok(Options {
-                priority,
-                wait_limit_ms,
-                labels,
-                queue_key: get("CACHELOCK_QUEUE_KEY"),
-            })
-        }
-    }
+    use cachelock::lock::{Acquired, Containment, Guard};
+    use cachelock::policy::Policy;
 
     /// Both locks of a cached root; released when dropped (the flock first, then the queue).
     #[derive(Debug)]
@@ -367,45 +297,28 @@ mod queue {
         /// as any dockerd on the root lives.
         pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
             use std::os::fd::AsRawFd;
-            vec![self.guard.lock_fd(), self.earthly.file.as_raw_fd()]
+            let Containment::Inherit(mut fds) = self.guard.containment();
+            fds.push(self.earthly.file.as_raw_fd());
+            fds
         }
     }
 
-    /// Joins lock `name`'s queue in `<data_root>/.cachelock` and waits (policy, bounds and
+    /// Joins the request's queue in `<data_root>/.cachelock` and waits (policy, bounds and
     /// progress as `cachelock run`), then takes Earthly's flock within what is left of the
     /// bound.
     pub fn take(
-        loaded: &Loaded,
-        settings: &LockSettings,
-        q: &Options,
+        request: &LockRequest,
         data_root: &Path,
-        name: &str,
         policy: &mut dyn Policy,
         signals: &Signals,
     ) -> Result<Held> {
-        let config = &loaded.config;
-        let dir = LockDir::open(&data_root.join(LOCK_DIR), config.file_mode, config.dir_mode)?;
-        let progress =
-            Some(Duration::from_secs_f64(config.progress_interval())).filter(|d| !d.is_zero());
-        let opts = AcquireOptions {
-            priority: q.priority,
-            labels: q.labels.clone(),
-            queue_key: q.queue_key.clone(),
-            wait_limit_ms: q.wait_limit_ms,
-            wait_mode: settings.wait_mode,
-            // Earthly fixes the data root: neither parallel slots nor a private root apply.
-            slots: 1,
-            fallback_allowed: false,
-            key_grace_ms: config.queue_key_grace_ms(),
-            progress_interval: progress,
-            ..AcquireOptions::new(name)
-        };
+        let name = &request.options.name;
         step!(
             "queueing for lock {name} in {} (priority {})",
-            dir.root().display(),
-            q.priority
+            data_root.join(LOCK_DIR).display(),
+            request.options.priority
         );
-        let guard = match crate::lock::acquire(&dir, &opts, policy, signals)? {
+        let guard = match request.acquire(policy, signals)? {
             Acquired::Held(g) => g,
             Acquired::FellBack { reason } => {
                 return Err(Error::new(
@@ -415,15 +328,16 @@ mod queue {
             }
         };
         step!("locking {}", data_root.join(LOCK_FILE).display());
-        let left = q
+        let left = request
+            .options
             .wait_limit_ms
             .map(|ms| Duration::from_millis(ms).saturating_sub(guard.waited()));
         let earthly = flock::acquire_any(
             &[data_root.join(LOCK_FILE)],
             left,
-            opts.conflict_exit_code,
+            request.options.conflict_exit_code,
             signals,
-            progress,
+            request.options.progress_interval,
             &format!(
                 "{} (held outside cachelock, e.g. by Earthly's own wrapper)",
                 data_root.join(LOCK_FILE).display()
@@ -434,62 +348,5 @@ mod queue {
             (guard.waited() + earthly.waited).as_secs_f64()
         );
         Ok(Held { earthly, guard })
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        fn parse(vars: &[(&str, &str)]) -> Result<Options> {
-            let vars: Vec<(String, String)> = vars
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            Options::parse(|n| {
-                vars.iter()
-                    .find(|(k, _)| k == n)
-                    .map(|(_, v)| v.clone())
-                    .filter(|v| !v.is_empty())
-            })
-        }
-
-        #[test]
-        fn reads_every_variable() {
-            let o = parse(&[
-                ("CACHELOCK_PRIORITY", "-5"),
-                ("CACHELOCK_WAIT", "0.25"),
-                ("CACHELOCK_LABELS", "job=12, ref=main,,"),
-                ("CACHELOCK_QUEUE_KEY", "pipeline-7"),
-            ])
-            .unwrap();
-            assert_eq!(o.priority, -5);
-            assert_eq!(o.wait_limit_ms, Some(250));
-            assert_eq!(
-                o.labels,
-                vec![
-                    ("job".to_string(), "12".to_string()),
-                    ("ref".to_string(), "main".to_string())
-                ]
-            );
-            assert_eq!(o.queue_key.as_deref(), Some("pipeline-7"));
-            let d = parse(&[]).unwrap();
-            assert_eq!((d.priority, d.wait_limit_ms, d.labels.len()), (0, None, 0));
-        }
-
-        #[test]
-        fn invalid_values_are_usage_errors() {
-            for (k, v) in [
-                ("CACHELOCK_PRIORITY", "high"),
-                ("CACHELOCK_WAIT", "-1"),
-                ("CACHELOCK_WAIT", "soon"),
-                ("CACHELOCK_WAIT", "inf"),
-                ("CACHELOCK_LABELS", "job"),
-                ("CACHELOCK_LABELS", "=x"),
-            ] {
-                let e = parse(&[(k, v)]).unwrap_err();
-                assert_eq!(e.exit_code(), 64, "{k}={v}: {e}");
-                assert!(e.to_string().contains(k), "{e}");
-            }
-        }
     }
 }

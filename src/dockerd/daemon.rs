@@ -168,9 +168,9 @@ impl Daemon {
                             );
                             let until = Instant::now() + Duration::from_millis(ms);
                             while Instant::now() < until {
-                                if let Some(sig) = signals.take().first() {
+                                if let Some(sig) = signals.take_terminating() {
                                     return Err(Error::new(
-                                        Kind::Signal(*sig),
+                                        Kind::Signal(sig),
                                         "interrupted while waiting to restart dockerd",
                                     ));
                                 }
@@ -251,10 +251,10 @@ impl Daemon {
         }
         let mut child = child;
         loop {
-            if let Some(sig) = signals.take().first() {
+            if let Some(sig) = signals.take_terminating() {
                 kill_tree(child, &marker, uplink);
                 return Err(Error::new(
-                    Kind::Signal(*sig),
+                    Kind::Signal(sig),
                     "interrupted while dockerd was starting; it was stopped",
                 ));
             }
@@ -316,8 +316,7 @@ impl Daemon {
     /// process of the instance and their children (containers); returns once all are gone, the
     /// uplink is removed and no mount of the instance is left. Returns whether SIGKILL was needed.
     pub fn stop(mut self, grace: Duration) -> bool {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = crate::sys::kill(self.child.id() as i32, libc::SIGTERM);
         let deadline = Instant::now() + grace;
         let mut clean = false;
         while Instant::now() < deadline {

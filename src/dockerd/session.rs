@@ -124,7 +124,7 @@ fn run_ready(plan: &Plan, daemon: &Daemon, docker: &Docker, signals: &Signals) -
             summary.removed
         );
     }
-    if let Some(sig) = signals.take().first() {
+    if let Some(sig) = signals.take_terminating() {
         return Ok(128 + sig);
     }
     let compose = match &plan.compose {
