@@ -1,17 +1,33 @@
 # The two commands of the README: `make demo` runs the main job on embedded defaults,
-# `make test` installs what the tests need and runs the whole suite.
+# `make test` installs what the tests need and runs the whole suite. `make static` builds the
+# statically linked binary for Earthly's Alpine-based buildkitd image.
 
-.PHONY: test setup demo
+.PHONY: test setup demo static static-dev
+
+MUSL := x86_64-unknown-linux-musl
+# Debian packages the tests use: dockerd and busybox-static (test images without a registry),
+# the registry and docker-compose of the Earthly drop-in tests, musl-tools for the static build.
+PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools
 
 # Everything the test suite needs on a fresh Debian machine (as root): the wasm target for the
-# built-in and test policies, Debian's dockerd and busybox-static (test images without a registry).
+# built-in and test policies, the musl target for the static binary, the packages above.
 setup:
-	rustup target add wasm32-wasip2
-	@if ! command -v dockerd >/dev/null || ! test -x /bin/busybox; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io busybox-static; \
+	rustup target add wasm32-wasip2 $(MUSL)
+	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	fi
 
-test: setup
+# The static binary the README installs in a buildkitd image.
+static: setup
+	cargo build --release --target $(MUSL) --bin cachelock
+	@echo "target/$(MUSL)/release/cachelock"
+
+# The same static linking in the dev profile, for the test that runs it in a busybox-only root.
+static-dev: setup
+	cargo build --target $(MUSL) --bin cachelock
+
+test: setup static-dev
 	cargo test --no-fail-fast
 
 demo:

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::cli::DockerdArgs;
 use crate::config::{self, Loaded};
-use crate::dockerd::{hygiene, network, root, session, setup};
+use crate::dockerd::{claim, hygiene, root, session, setup, usage};
 use crate::error::{Error, Result};
 use crate::process::Signals;
 
@@ -20,7 +20,7 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         ));
     }
     let loaded = Loaded::load(args.lock.config.as_deref())?;
-    let resolved = setup::resolve(&loaded, network::Mode::Netns, setup::DEFAULT_PREFIX)?;
+    let resolved = setup::resolve(&loaded, setup::Defaults::DOCKERD)?;
     hygiene::check_loadable(&args.load)?;
     let cache_root = args
         .cache_root
@@ -88,8 +88,24 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
     if let Some(s) = slot {
         env.push(("CACHELOCK_DOCKERD_SLOT".to_string(), s.to_string()));
     }
+    // Shared paths (a log, a default socket) only when configured and free.
+    let mut inherit = inherit;
+    let log_claim = resolved.log_file.as_deref().and_then(claim::log);
+    if let Some(c) = &log_claim {
+        let _ = c.file().set_len(0);
+        inherit.push(c.fd());
+    }
+    let sock_claim = resolved.default_socket.as_deref().and_then(claim::socket);
+    inherit.extend(sock_claim.iter().map(claim::Claim::fd));
     let plan = session::Plan {
-        spec: resolved.spec(data_root, &short, inherit, args.cache_id.clone()),
+        spec: resolved.spec(
+            data_root,
+            &short,
+            inherit,
+            args.cache_id.clone(),
+            log_claim.as_ref().map(|c| c.path.clone()),
+            sock_claim.iter().map(|c| c.path.clone()).collect(),
+        ),
         docker_cli: resolved.docker_cli.clone(),
         cached_prefix: cached.then(|| resolved.prefix.clone()),
         wipe_after: !cached,
@@ -102,7 +118,18 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         stop_grace_cap: resolved.stop_grace_cap,
     };
     let result = session::run(&plan, policy.as_mut(), &signals);
+    if let (Some(cap), Some(lock::Taken::Held(_)), Some(id)) =
+        (resolved.cache_max_size, &taken, &args.cache_id)
+    {
+        // Still holding the cache id: its root is measured, never evicted.
+        let lock_root = crate::lock::resolve_root(args.lock.lock_dir.as_deref(), &loaded);
+        let layout = usage::Layout::Dockerd {
+            lock_dir: crate::lock::LockDir::open_existing(&lock_root),
+        };
+        usage::report(&cache_root, &layout, cap, id);
+    }
     drop(taken);
+    drop((log_claim, sock_claim));
     result
 }
 

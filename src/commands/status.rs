@@ -18,7 +18,13 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
     }
     let loaded = Loaded::load(args.config.as_deref())?;
     let root = lock::resolve_root(args.lock_dir.as_deref(), &loaded);
-    let doc = collect(&root, args.name.as_deref(), &loaded)?;
+    let mut doc = collect(&root, args.name.as_deref(), &loaded)?;
+    if let Some(cache_root) = &args.cache_root {
+        doc.cache = Some(crate::dockerd::usage::status(
+            cache_root,
+            loaded.config.dockerd.cache_max_size,
+        ));
+    }
     if args.json {
         print!("{}", render_json(&doc));
     } else {
@@ -52,7 +58,7 @@ pub fn collect(root: &Path, only: Option<&str>, loaded: &Loaded) -> Result<Statu
     for name in names {
         locks.push(one(root, &name, loaded)?);
     }
-    Ok(StatusDoc { locks })
+    Ok(StatusDoc { locks, cache: None })
 }
 
 fn one(root: &Path, name: &str, loaded: &Loaded) -> Result<LockStatus> {

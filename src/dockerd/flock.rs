@@ -1,7 +1,9 @@
 //! A plain kernel flock on one of several files, waited for with signals and a caller's bound.
 //!
 //! The Earthly drop-in locks `<data-root>/.earthly-docker-lock` exactly as Earthly's wrapper
-//! does (so an Earthly wrapper and cachelock sharing a directory exclude each other).
+//! does (so an Earthly wrapper and cachelock sharing a directory exclude each other), or shared
+//! when several slots of one root run at once (each holder keeps the stock wrapper, which takes
+//! it exclusively, out).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -32,11 +34,12 @@ fn open(path: &Path) -> Result<File> {
         .map_err(|e| Error::io(format!("opening lock file {}", path.display()), e))
 }
 
-/// Takes an exclusive flock on any one of `paths`, polling every 50 ms; gives up after
+/// Takes a flock (shared when `shared`) on any one of `paths`, polling every 50 ms; gives up after
 /// `limit` (exit `conflict_code`) and returns `Kind::Signal` on SIGINT/SIGTERM/SIGHUP. While
 /// waiting, prints `who` every `progress` (None: quiet).
 pub fn acquire_any(
     paths: &[PathBuf],
+    shared: bool,
     limit: Option<Duration>,
     conflict_code: i32,
     signals: &Signals,
@@ -49,7 +52,8 @@ pub fn acquire_any(
     loop {
         for (index, f) in files.iter().enumerate() {
             // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+            if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
                 let file = f.try_clone().map_err(|e| Error::io("lock file", e))?;
                 return Ok(Held {
                     file,

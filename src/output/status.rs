@@ -16,6 +16,9 @@ use crate::policy::Mode;
 pub struct StatusDoc {
     /// One entry per lock, by name.
     pub locks: Vec<LockStatus>,
+    /// Cached data roots under `--cache-root`, when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::dockerd::usage::CacheStatus>,
 }
 
 /// One lock.
@@ -152,10 +155,48 @@ pub fn render_text(doc: &StatusDoc) -> String {
             ));
         }
     }
+    if let Some(c) = &doc.cache {
+        out.push_str(&cache_text(c));
+    }
     out
 }
 
 /// The JSON document (pretty-printed, one trailing newline).
+/// The cache section of the text status.
+fn cache_text(c: &crate::dockerd::usage::CacheStatus) -> String {
+    use crate::dockerd::usage::human;
+    let now = crate::lock::engine::now_ms();
+    let ago = |ms: u64| format!("{:.0} min ago", now.saturating_sub(ms) as f64 / 60_000.0);
+    let mut out = format!(
+        "cache root {}: {} cached data root(s), {} of {}\n",
+        c.root.display(),
+        c.roots.len(),
+        human(c.total_bytes),
+        c.cap_bytes
+            .map(|b| format!("a {} cap", human(b)))
+            .unwrap_or_else(|| "no cap".to_string())
+    );
+    for r in &c.roots {
+        out.push_str(&format!(
+            "  {}  {}  last used {}{}\n",
+            r.name,
+            human(r.bytes),
+            ago(r.last_used_ms),
+            if r.held { "  held" } else { "" }
+        ));
+    }
+    for e in &c.evictions {
+        out.push_str(&format!(
+            "  evicted {} ({}) {} (last used {})\n",
+            e.name,
+            human(e.bytes),
+            ago(e.at_ms),
+            ago(e.last_used_ms)
+        ));
+    }
+    out
+}
+
 pub fn render_json(doc: &StatusDoc) -> String {
     let mut s = serde_json::to_string_pretty(doc).expect("status encodes");
     s.push('\n');
