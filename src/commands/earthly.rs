@@ -9,7 +9,6 @@
 //! Earthly's own wrapper locks, so both exclude each other on a shared directory. An uncached
 //! run gets a private folder inside the data root, removed afterwards.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,7 +42,12 @@ pub fn execute(args: EarthlyArgs) -> Result<i32> {
         return run_debug_cmd(&cmd);
     }
     run_pre_script(&vars.pre_script(), trace)?;
-    let loaded = Loaded::load(env("CACHELOCK_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from).as_deref())?;
+    let loaded = Loaded::load(
+        env("CACHELOCK_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .as_deref(),
+    )?;
     match earthly::parse(&args.args, &vars)? {
         Invocation::VersionMismatch(message) => {
             eprintln!("{message}");
@@ -199,7 +203,11 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
             )? {
                 lock::Taken::Held(h) => {
                     let root = usage::earthly_slot_root(&data_root, h.slot);
-                    trace.step(format_args!("slot {} of {slots}: {}", h.slot, root.display()));
+                    trace.step(format_args!(
+                        "slot {} of {slots}: {}",
+                        h.slot,
+                        root.display()
+                    ));
                     RunRoot::Cached(root, Some(h))
                 }
                 lock::Taken::FellBack(reason) => {
@@ -244,7 +252,10 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
         inherit.push(c.fd());
         trace.step(format_args!("dockerd also listens on {}", c.path.display()));
     } else if let Some(want) = &resolved.default_socket {
-        trace.step(format_args!("{} is in use; DOCKER_HOST names this dockerd's own socket", want.display()));
+        trace.step(format_args!(
+            "{} is in use; DOCKER_HOST names this dockerd's own socket",
+            want.display()
+        ));
     }
     let spec = resolved.spec(
         dockerd_root.clone(),
@@ -271,7 +282,10 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
         env,
         stop_grace_cap: resolved.stop_grace_cap,
     };
-    trace.step(format_args!("starting dockerd on {}", dockerd_root.display()));
+    trace.step(format_args!(
+        "starting dockerd on {}",
+        dockerd_root.display()
+    ));
     let result = session::run(&plan, policy.as_mut(), &signals);
     match run_root {
         RunRoot::Private(p) => {
@@ -287,7 +301,11 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
                     &parent,
                     &usage::Layout::Earthly,
                     cap,
-                    data_root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_str(),
+                    data_root
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                        .as_str(),
                 );
             }
             drop(held);

@@ -177,7 +177,10 @@ impl<'a> Vars<'a> {
 
     /// `EARTH(LY)_DOCKER_WRAPPER_DEBUG` is on (`1`, as Earthly tests it; `true` too).
     pub fn debug(&self) -> bool {
-        matches!(self.user("DOCKER_WRAPPER_DEBUG", None).as_deref(), Some("1" | "true"))
+        matches!(
+            self.user("DOCKER_WRAPPER_DEBUG", None).as_deref(),
+            Some("1" | "true")
+        )
     }
 
     /// `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD`: run it, then exit 1.
@@ -280,51 +283,53 @@ fn parse_execute(args: &[OsString], vars: &Vars) -> Result<Invocation> {
     };
     let command = args[at..].to_vec();
     let mut warnings = Vec::new();
-    let (contract, data_root, cached, flock_acquired, load_files, compose) =
-        if let Some(root) = flags.data_root.clone() {
-            let compose = flags.start_compose.then(|| Compose {
-                files: flags.compose_files.clone(),
-                services: flags.compose_services.clone(),
-            });
-            (
-                Contract::EarthBuild,
-                root,
-                flags.cache_data,
-                flags.flock_acquired,
-                flags.load_files.clone(),
-                compose,
-            )
-        } else if flags.any {
-            return Err(Error::usage(
+    let (contract, data_root, cached, flock_acquired, load_files, compose) = if let Some(root) =
+        flags.data_root.clone()
+    {
+        let compose = flags.start_compose.then(|| Compose {
+            files: flags.compose_files.clone(),
+            services: flags.compose_services.clone(),
+        });
+        (
+            Contract::EarthBuild,
+            root,
+            flags.cache_data,
+            flags.flock_acquired,
+            flags.load_files.clone(),
+            compose,
+        )
+    } else if flags.any {
+        return Err(Error::usage(
                 "--data-root=DIR is missing: EarthBuild passes it with the other flags; give it, or use Earthly's EARTHLY_DOCKERD_DATA_ROOT without flags",
             ));
-        } else {
-            let root = vars.raw("EARTHLY_DOCKERD_DATA_ROOT").ok_or_else(|| {
+    } else {
+        let root = vars.raw("EARTHLY_DOCKERD_DATA_ROOT").ok_or_else(|| {
                 Error::usage(
                     "EARTHLY_DOCKERD_DATA_ROOT is not set (and no --data-root flag): Earthly sets it to /var/earthly/dind/<id>; set it when running the wrapper by hand",
                 )
             })?;
-            let compose = (vars.raw("EARTHLY_START_COMPOSE").as_deref() == Some("true")).then(
-                || Compose {
-                    files: words(vars.raw("EARTHLY_COMPOSE_FILES")),
-                    services: words(vars.raw("EARTHLY_COMPOSE_SERVICES")),
-                },
-            );
-            (
-                Contract::Earthly,
-                root,
-                vars.raw("EARTHLY_DOCKERD_CACHE_DATA").as_deref() == Some("true"),
-                vars.raw("EARTHLY_FLOCK_AQUIRED").is_some(),
-                words(vars.raw("EARTHLY_DOCKER_LOAD_FILES")),
-                compose,
-            )
-        };
+        let compose =
+            (vars.raw("EARTHLY_START_COMPOSE").as_deref() == Some("true")).then(|| Compose {
+                files: words(vars.raw("EARTHLY_COMPOSE_FILES")),
+                services: words(vars.raw("EARTHLY_COMPOSE_SERVICES")),
+            });
+        (
+            Contract::Earthly,
+            root,
+            vars.raw("EARTHLY_DOCKERD_CACHE_DATA").as_deref() == Some("true"),
+            vars.raw("EARTHLY_FLOCK_AQUIRED").is_some(),
+            words(vars.raw("EARTHLY_DOCKER_LOAD_FILES")),
+            compose,
+        )
+    };
     if command.is_empty() {
         return Err(Error::usage("`execute` needs a command to run"));
     }
     let warn = (contract == Contract::EarthBuild).then_some(&mut warnings);
     let registry = registry_entries(
-        vars.user("DOCKER_LOAD_REGISTRY", warn).as_deref().unwrap_or(""),
+        vars.user("DOCKER_LOAD_REGISTRY", warn)
+            .as_deref()
+            .unwrap_or(""),
         &vars.registry(),
     )?;
     Ok(Invocation::Execute(Execute {
@@ -402,7 +407,11 @@ pub fn command_env(data_root: &Path, compose_started: bool) -> Vec<(String, Stri
         ),
     ];
     if compose_started {
-        env.extend(COMPOSE_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env.extend(
+            COMPOSE_ENV
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
     }
     env
 }
@@ -475,7 +484,11 @@ pub fn uname() -> String {
         return String::new();
     }
     let field = |f: &[libc::c_char]| {
-        let bytes: Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let bytes: Vec<u8> = f
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     };
     [
@@ -656,7 +669,10 @@ mod tests {
         let v = Vars::new(&get);
         for (a, needle) in [
             (&["execute"][..], "needs a command"),
-            (&["execute", "--cache-data", "--", "true"][..], "--data-root"),
+            (
+                &["execute", "--cache-data", "--", "true"][..],
+                "--data-root",
+            ),
             (&["frob"][..], "unknown sub-command"),
             (&["get-compose-config"][..], "no compose file"),
         ] {
@@ -678,7 +694,10 @@ mod tests {
             Invocation::ComposeConfig(c) => {
                 assert_eq!(c.contract, Contract::Earthly);
                 assert_eq!(c.files, vec!["x.yml", "y.yml"]);
-                assert_eq!(c.contract.compose_config_path(), "/tmp/earthly/compose-config.yml");
+                assert_eq!(
+                    c.contract.compose_config_path(),
+                    "/tmp/earthly/compose-config.yml"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -706,7 +725,10 @@ mod tests {
         let d = Contract::EarthBuild.daemon_json("r:1");
         assert_eq!(d["features"]["containerd-snapshotter"], json!(false));
         assert_eq!(d["insecure-registries"], json!(["r:1"]));
-        assert!(Contract::Earthly.daemon_json("r:1").get("features").is_none());
+        assert!(Contract::Earthly
+            .daemon_json("r:1")
+            .get("features")
+            .is_none());
         let env = command_env(Path::new("/d"), true);
         for (k, v) in [
             ("EARTHLY_WITH_DOCKER", "1"),

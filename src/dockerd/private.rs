@@ -128,7 +128,10 @@ mod tests {
         assert!(!dead_path.exists(), "dead root swept");
         assert!(!t.path().join("cachelock-bbbbbbbb.lock").exists());
         assert!(live.path.join("f").exists(), "live root kept");
-        assert!(create(t.path(), "aaaaaaaa").is_err(), "a claimed id is refused");
+        assert!(
+            create(t.path(), "aaaaaaaa").is_err(),
+            "a claimed id is refused"
+        );
         let p = live.path.clone();
         live.remove().unwrap();
         third.remove().unwrap();

@@ -38,7 +38,12 @@ fn queue_until(env: &Env, root: &Path, ok: impl Fn(usize, usize) -> bool) -> ser
     }
 }
 
-fn earthly_spawn(env: &Env, params: &[(&str, &str)], extra: &[(&str, &str)], script: &str) -> Killer {
+fn earthly_spawn(
+    env: &Env,
+    params: &[(&str, &str)],
+    extra: &[(&str, &str)],
+    script: &str,
+) -> Killer {
     Killer(Some(
         earthly_call(env, params, extra, script)
             .stdout(Stdio::piped())
@@ -81,8 +86,15 @@ fn slots_two_builds_overlap_a_third_waits_and_the_stock_wrapper_stays_out() {
     wait_for_file(&env.path("b-in"));
     let mut c = earthly_spawn(&env, &params, &slots, &script("c"));
     let lock = queue_until(&env, &root, |h, w| h == 2 && w == 1);
-    assert_eq!(lock["waiters"][0]["pid"], c.0.as_ref().unwrap().id(), "{lock:#}");
-    assert!(!env.path("c-in").exists(), "a third build ran beside two slots");
+    assert_eq!(
+        lock["waiters"][0]["pid"],
+        c.0.as_ref().unwrap().id(),
+        "{lock:#}"
+    );
+    assert!(
+        !env.path("c-in").exists(),
+        "a third build ran beside two slots"
+    );
     // Earthly's own wrapper (flock on the root's lock file) is kept out while slots run.
     let stock = Command::new("flock")
         .args(["-n"])
@@ -121,9 +133,15 @@ fn eviction_under_a_small_cap_never_removes_a_held_root() {
     let dind = env.path("dind");
     let params = |name: &str| {
         vec![
-            ("EARTHLY_DOCKERD_DATA_ROOT".to_string(), dind.join(name).display().to_string()),
+            (
+                "EARTHLY_DOCKERD_DATA_ROOT".to_string(),
+                dind.join(name).display().to_string(),
+            ),
             ("EARTHLY_DOCKERD_CACHE_DATA".to_string(), "true".to_string()),
-            ("EARTHLY_DOCKER_LOAD_FILES".to_string(), tar.display().to_string()),
+            (
+                "EARTHLY_DOCKER_LOAD_FILES".to_string(),
+                tar.display().to_string(),
+            ),
         ]
     };
     let call = |name: &str, script: &str| {
@@ -137,7 +155,10 @@ fn eviction_under_a_small_cap_never_removes_a_held_root() {
     }
     // cache_c's run evicted cache_b (least recently used, unheld).
     assert!(!dind.join("cache_b/image").exists());
-    assert!(dind.join("cache_b/.earthly-docker-lock").exists(), "lock files stay");
+    assert!(
+        dind.join("cache_b/.earthly-docker-lock").exists(),
+        "lock files stay"
+    );
     // cache_a is held by a running build while cache_d finishes.
     let (a_in, release) = (env.path("a-in"), env.path("release"));
     let mut a = Killer(Some(
@@ -159,11 +180,20 @@ fn eviction_under_a_small_cap_never_removes_a_held_root() {
     assert!(o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains(&format!("evicted cached data root {}", dind.join("cache_c").display())),
+        err.contains(&format!(
+            "evicted cached data root {}",
+            dind.join("cache_c").display()
+        )),
         "{err}"
     );
-    assert!(err.contains("held roots cannot be evicted (cache_a)"), "{err}");
-    assert!(dind.join("cache_a/image").is_dir(), "a held root was evicted");
+    assert!(
+        err.contains("held roots cannot be evicted (cache_a)"),
+        "{err}"
+    );
+    assert!(
+        dind.join("cache_a/image").is_dir(),
+        "a held root was evicted"
+    );
     let s = status_json(&env, &["--cache-root", dind.to_str().unwrap()]);
     let cache = &s["cache"];
     assert_eq!(cache["cap_bytes"], 1, "{s:#}");
@@ -206,8 +236,14 @@ fn cachelock_dockerd_evicts_unheld_cache_ids_under_a_cap() {
         let o = env.dockerd(&["--cache-id", id, "--load", tar], "true");
         assert!(o.status.success(), "{}", text(&o));
     }
-    assert!(!env.cache_root.join("one/image").exists(), "one was not evicted");
-    assert!(env.cache_root.join("two/image").is_dir(), "the run's own root was evicted");
+    assert!(
+        !env.cache_root.join("one/image").exists(),
+        "one was not evicted"
+    );
+    assert!(
+        env.cache_root.join("two/image").is_dir(),
+        "the run's own root was evicted"
+    );
     let s = status_json(&env, &["--cache-root", env.cache_root.to_str().unwrap()]);
     assert_eq!(s["cache"]["evictions"][0]["name"], "one", "{s:#}");
     env.assert_clean();
@@ -250,8 +286,15 @@ fn has_interpreter(elf: &[u8]) -> bool {
 fn static_binary_runs_in_a_busybox_only_root() {
     let bin = static_binary();
     let elf = std::fs::read(&bin).unwrap();
-    assert!(!has_interpreter(&elf), "{} is dynamically linked", bin.display());
-    assert!(has_interpreter(&std::fs::read(BIN).unwrap()), "the check sees a dynamic binary");
+    assert!(
+        !has_interpreter(&elf),
+        "{} is dynamically linked",
+        bin.display()
+    );
+    assert!(
+        has_interpreter(&std::fs::read(BIN).unwrap()),
+        "the check sees a dynamic binary"
+    );
     let t = tempfile::tempdir().unwrap();
     let root = t.path();
     for d in ["bin", "proc", "dev", "tmp", "etc"] {
@@ -264,7 +307,9 @@ fn static_binary_runs_in_a_busybox_only_root() {
     std::fs::copy(&bin, root.join("bin/cachelock")).unwrap();
     // Installed under Earthly's name, as the README's Dockerfile does.
     std::fs::copy(&bin, root.join("bin/dockerd-wrapper.sh")).unwrap();
-    let no_libc = ["lib", "lib64", "usr"].iter().all(|d| !root.join(d).exists());
+    let no_libc = ["lib", "lib64", "usr"]
+        .iter()
+        .all(|d| !root.join(d).exists());
     assert!(no_libc, "the root must hold no C library");
     // A private mount namespace: /proc and /dev for the chroot vanish with it.
     let run = |inner: &str| {
@@ -281,13 +326,25 @@ fn static_binary_runs_in_a_busybox_only_root() {
     };
     let o = run("/bin/cachelock --version");
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("cachelock "), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("cachelock "),
+        "{}",
+        text(&o)
+    );
     // A real lock with the embedded default policy (wasmtime runs in the static binary).
     let o = run("HOME=/tmp /bin/cachelock run --lock-dir /tmp/locks demo -- /bin/sh -c \"echo held-\\$CACHELOCK_LOCK\"");
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("held-demo"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("held-demo"),
+        "{}",
+        text(&o)
+    );
     // The drop-in answers to its name; with no dockerd in the root it says so (69).
     let o = run("EARTHLY_DOCKERD_DATA_ROOT=/tmp/d /bin/dockerd-wrapper.sh execute true");
     assert_eq!(o.status.code(), Some(69), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("dockerd"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("dockerd"),
+        "{}",
+        text(&o)
+    );
 }

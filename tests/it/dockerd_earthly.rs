@@ -4,7 +4,7 @@
 //! cachelock's queue in `<data-root>/.cachelock` followed by the `.earthly-docker-lock`
 //! exclusion.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -316,11 +316,7 @@ fn earthly_lock_file_still_excludes_the_drop_in() {
 
     // The command proves it ran only after the other holder let go.
     let ran = env.path("ran");
-    let script = format!(
-        "test -e {} && touch {}",
-        release.display(),
-        ran.display()
-    );
+    let script = format!("test -e {} && touch {}", release.display(), ran.display());
     let mut waiter = spawn_earthly(&env, &vars, &["execute", "sh", "-c", &script]);
     // It passed cachelock's queue (holds it) and waits on Earthly's file.
     let s = status_until(&env, &root, "the drop-in holding the queue", |s| {
@@ -335,7 +331,10 @@ fn earthly_lock_file_still_excludes_the_drop_in() {
         .map_while(Result::ok)
         .find(|l| l.contains("waiting for") && l.contains(".earthly-docker-lock"))
         .expect("a progress line naming Earthly's lock file");
-    assert!(!ran.exists(), "ran while Earthly's lock was held: {progress}");
+    assert!(
+        !ran.exists(),
+        "ran while Earthly's lock was held: {progress}"
+    );
     std::fs::write(&release, "").unwrap();
     let o = finish(&mut waiter);
     assert!(o.status.success(), "{}", text(&o));
@@ -489,7 +488,7 @@ fn earthly_call_loads_registry_images_in_both_formats() {
                 "EARTHLY_DOCKER_LOAD_REGISTRY",
                 "sess-1/app:1|myapp:dev sess-1/tool:2",
             ),
-            ("CACHELOCK_EARTHLY_REGISTRY", &addr),
+            ("CACHELOCK_EARTHLY_REGISTRY", addr.as_str()),
         ],
         &format!("echo W=$EARTHLY_WITH_DOCKER R=$EARTH_DOCKERD_DATA_ROOT; {LIST_IMAGES}; docker info -f '{{{{json .RegistryConfig.IndexConfigs}}}}'"),
     )
@@ -501,7 +500,10 @@ fn earthly_call_loads_registry_images_in_both_formats() {
     assert_eq!(lines[0], format!("W=1 R={root_s}"), "{out}");
     // Tagged as the user asked, the pulled names removed (`rmi --force`).
     assert_eq!(lines[1..3], ["myapp:dev", "tool:2"], "{out}");
-    assert!(lines[3].contains(&format!("\"{addr}\"")), "insecure registry: {out}");
+    assert!(
+        lines[3].contains(&format!("\"{addr}\"")),
+        "insecure registry: {out}"
+    );
     assert!(!out.contains(&format!("{addr}/sess-1")), "{out}");
     env.assert_clean();
 }
@@ -519,7 +521,7 @@ fn registry_pull_failure_stops_dockerd_and_fails_the_run() {
                 "EARTHLY_DOCKER_LOAD_REGISTRY",
                 "sess-2/ok:1|ok:1 sess-2/missing:1|missing:1",
             ),
-            ("CACHELOCK_EARTHLY_REGISTRY", &addr),
+            ("CACHELOCK_EARTHLY_REGISTRY", addr.as_str()),
         ],
         "echo RAN",
     )
@@ -527,7 +529,10 @@ fn registry_pull_failure_stops_dockerd_and_fails_the_run() {
     .unwrap();
     assert_eq!(o.status.code(), Some(69), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("sess-2/missing:1") && err.contains("1 of 2"), "{err}");
+    assert!(
+        err.contains("sess-2/missing:1") && err.contains("1 of 2"),
+        "{err}"
+    );
     assert!(!String::from_utf8_lossy(&o.stdout).contains("RAN"));
     assert_eq!(
         std::fs::read_dir(&root).unwrap().count(),
@@ -555,7 +560,7 @@ fn earthbuild_call_with_flags_and_earth_variables() {
         &flags,
         &[
             ("EARTH_DOCKER_LOAD_REGISTRY", "sess-3/svc:1|svc:test"),
-            ("CACHELOCK_EARTHLY_REGISTRY", &addr),
+            ("CACHELOCK_EARTHLY_REGISTRY", addr.as_str()),
             ("EARTH_DOCKER_WRAPPER_DEBUG", "1"),
         ],
         &format!("echo W=$EARTH_WITH_DOCKER R=$EARTH_DOCKERD_DATA_ROOT; {LIST_IMAGES}; docker info -f '{{{{json .RegistryConfig.Mirrors}}}}'"),
@@ -567,10 +572,16 @@ fn earthbuild_call_with_flags_and_earth_variables() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], format!("W=1 R={root_s}"), "{out}");
     assert_eq!(lines[1..3], ["bb:1", "svc:test"], "{out}");
-    assert!(lines[3].contains("mirror.gcr.io"), "EarthBuild's daemon.json: {out}");
+    assert!(
+        lines[3].contains("mirror.gcr.io"),
+        "EarthBuild's daemon.json: {out}"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("contract: EarthBuild"), "{err}");
-    assert!(root.join(".earthly-docker-lock").exists(), "cached and locked");
+    assert!(
+        root.join(".earthly-docker-lock").exists(),
+        "cached and locked"
+    );
 
     // The old variable still works, with a deprecation warning.
     let o = earthbuild_call(
@@ -578,7 +589,7 @@ fn earthbuild_call_with_flags_and_earth_variables() {
         &flags[..1],
         &[
             ("EARTHLY_DOCKER_LOAD_REGISTRY", "sess-3/svc:1|svc:old"),
-            ("CACHELOCK_EARTHLY_REGISTRY", &addr),
+            ("CACHELOCK_EARTHLY_REGISTRY", addr.as_str()),
         ],
         LIST_IMAGES,
     )
@@ -615,9 +626,16 @@ fn compose_up_and_down_with_earthlys_environment() {
         "version: '3'\nservices:\n  svc:\n    image: bb:1\n    command: sleep 1000\n    network_mode: host\n",
     );
     let pre = env.path("pre-ran");
-    let pre_script = write(&env, "pre.sh", &format!("#!/bin/sh\necho x >> {}\n", pre.display()));
-    std::fs::set_permissions(&pre_script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    let pre_script = write(
+        &env,
+        "pre.sh",
+        &format!("#!/bin/sh\necho x >> {}\n", pre.display()),
+    );
+    std::fs::set_permissions(
+        &pre_script,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let params = [
         ("EARTHLY_DOCKERD_DATA_ROOT", root.to_str().unwrap()),
         ("EARTHLY_DOCKERD_CACHE_DATA", "true"),
@@ -626,7 +644,10 @@ fn compose_up_and_down_with_earthlys_environment() {
         ("EARTHLY_COMPOSE_FILES", file.to_str().unwrap()),
         ("EARTHLY_COMPOSE_SERVICES", "svc"),
     ];
-    let pre_env = [("EARTHLY_DOCKER_WRAPPER_PRE_SCRIPT", pre_script.to_str().unwrap())];
+    let pre_env = [(
+        "EARTHLY_DOCKER_WRAPPER_PRE_SCRIPT",
+        pre_script.to_str().unwrap(),
+    )];
     let o = earthly_call(
         &env,
         &params,
@@ -732,7 +753,9 @@ fn two_concurrent_uncached_runs_on_one_root_both_succeed() {
 fn tools_reach_dockerd_on_var_run_docker_sock_and_the_log_is_var_log_docker_log() {
     let _host = host_paths();
     // The drop-in's defaults: /var/run/docker.sock when free, /var/log/docker.log.
-    let env = Env::new("  network: none\n  default_socket: /var/run/docker.sock\n  log_file: /var/log/docker.log");
+    let env = Env::new(
+        "  network: none\n  default_socket: /var/run/docker.sock\n  log_file: /var/log/docker.log",
+    );
     let sock = Path::new("/var/run/docker.sock");
     assert!(
         std::os::unix::net::UnixStream::connect(sock).is_err(),
@@ -752,7 +775,10 @@ fn tools_reach_dockerd_on_var_run_docker_sock_and_the_log_is_var_log_docker_log(
     let out = String::from_utf8_lossy(&o.stdout);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(Path::new(lines[0]).parent(), Some(root.as_path()), "{out}");
-    assert!(lines[1].starts_with("unix://") && lines[1] != "unix:///var/run/docker.sock", "{out}");
+    assert!(
+        lines[1].starts_with("unix://") && lines[1] != "unix:///var/run/docker.sock",
+        "{out}"
+    );
     assert_eq!(lines[2], "OK", "{out}");
     let log = std::fs::read_to_string("/var/log/docker.log").unwrap();
     assert!(log.contains("/var/run/docker.sock"), "dockerd's log: {log}");
@@ -770,7 +796,10 @@ fn tools_reach_dockerd_on_var_run_docker_sock_and_the_log_is_var_log_docker_log(
     ));
     let o = earthly_call(
         &env2,
-        &[("EARTHLY_DOCKERD_DATA_ROOT", env2.path("r").to_str().unwrap())],
+        &[(
+            "EARTHLY_DOCKERD_DATA_ROOT",
+            env2.path("r").to_str().unwrap(),
+        )],
         &[],
         "docker info -f '{{.DockerRootDir}}'",
     )
@@ -805,12 +834,20 @@ fn start_failure_prints_the_whole_log_bounded() {
     assert_eq!(o.status.code(), Some(69), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     let first = err.lines().next().unwrap();
-    assert!(first.contains(&format!("its log is {}", log.display())), "{first}");
-    assert!(err.contains("error initializing graphdriver: boom"), "{err}");
+    assert!(
+        first.contains(&format!("its log is {}", log.display())),
+        "{first}"
+    );
+    assert!(
+        err.contains("error initializing graphdriver: boom"),
+        "{err}"
+    );
     assert!(err.contains("line 1999"), "{err}");
     assert!(!err.contains("FIRST-LINE"), "more than 64 KiB shown");
     assert!(err.len() < 70 * 1024, "{} bytes", err.len());
-    assert!(std::fs::read_to_string(&log).unwrap().contains("FIRST-LINE"));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("FIRST-LINE"));
     env.assert_clean();
 }
 
@@ -827,8 +864,17 @@ fn debug_cmd_runs_then_exits_1() {
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("Running debug command: echo in-debug; exit 3"), "{out}");
+    assert!(
+        out.contains("Running debug command: echo in-debug; exit 3"),
+        "{out}"
+    );
     assert!(out.contains("in-debug"), "{out}");
-    assert!(out.contains("debug command exited with 3; forcing exit 1"), "{out}");
-    assert!(!out.contains("RAN") && !env.path("d").exists(), "nothing else ran");
+    assert!(
+        out.contains("debug command exited with 3; forcing exit 1"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("RAN") && !env.path("d").exists(),
+        "nothing else ran"
+    );
 }

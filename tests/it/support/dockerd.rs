@@ -397,7 +397,12 @@ pub fn wrapper_path(env: &Env) -> PathBuf {
 /// execute /bin/sh -c '<script>''` (earthfile2llb's makeWithDockerdWrapFun and
 /// strWithEnvVarsAndDocker), with `secret_env` passed as environment (Earthly sends
 /// `EARTHLY_DOCKER_LOAD_REGISTRY` as a secret-as-env).
-pub fn earthly_call(env: &Env, params: &[(&str, &str)], secret_env: &[(&str, &str)], script: &str) -> Command {
+pub fn earthly_call(
+    env: &Env,
+    params: &[(&str, &str)],
+    secret_env: &[(&str, &str)],
+    script: &str,
+) -> Command {
     let vars: Vec<String> = params.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     let line = format!(
         "{} {} execute /bin/sh -c {}",
@@ -410,7 +415,12 @@ pub fn earthly_call(env: &Env, params: &[(&str, &str)], secret_env: &[(&str, &st
 
 /// The command line EarthBuild's CLI runs: `/bin/sh -c '<wrapper> execute --flag='v'... --
 /// /bin/sh -c '<script>''` (dockerdFlag quotes each value).
-pub fn earthbuild_call(env: &Env, flags: &[(&str, Option<&str>)], secret_env: &[(&str, &str)], script: &str) -> Command {
+pub fn earthbuild_call(
+    env: &Env,
+    flags: &[(&str, Option<&str>)],
+    secret_env: &[(&str, &str)],
+    script: &str,
+) -> Command {
     let flags: Vec<String> = flags
         .iter()
         .map(|(k, v)| match v {
@@ -446,7 +456,11 @@ pub fn shell_call(env: &Env, line: &str, extra: &[(&str, &str)]) -> Command {
 pub fn wait_for_file(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
