@@ -191,6 +191,13 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
     let run_root = match &queue {
         Some(q) => {
             let slots = q.slots.unwrap_or(settings.slots).max(1);
+            trace.step(format_args!(
+                "locking {}: queue {lock_name} in {}, then {} ({slots} slot(s), priority {})",
+                data_root.display(),
+                earthly::QUEUE_DIR,
+                earthly::LOCK_FILE,
+                q.priority
+            ));
             match lock::take(
                 &data_root,
                 &lock_name,

@@ -696,7 +696,7 @@ fn compose_up_and_down_with_earthlys_environment() {
         assert!(merged.contains("sleep 1000"), "{merged}");
     }
     let pre_runs = std::fs::read_to_string(&pre).unwrap().lines().count();
-    assert_eq!(pre_runs, 4, "the pre-script runs for every sub-command");
+    assert_eq!(pre_runs, 3, "the pre-script runs for both sub-commands");
     env.assert_clean();
 }
 
