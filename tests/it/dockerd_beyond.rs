@@ -357,3 +357,46 @@ fn static_binary_runs_in_a_busybox_only_root() {
         text(&o)
     );
 }
+
+#[test]
+fn fall_back_runs_a_busy_cached_root_build_at_once_on_a_private_root() {
+    let env = Env::with(
+        "  network: none",
+        "locks:\n  - match: 'cache_*'\n    fallback: true\n    policy: quick\npolicies:\n  quick:\n    module: builtin:deadline\n    config: {fallback_after: 300ms}",
+    );
+    let root = env.path("dind/cache_fb");
+    let params = [
+        ("EARTHLY_DOCKERD_DATA_ROOT", root.to_str().unwrap()),
+        ("EARTHLY_DOCKERD_CACHE_DATA", "true"),
+    ];
+    let (held, release) = (env.path("held"), env.path("release"));
+    let mut holder = earthly_spawn(
+        &env,
+        &params,
+        &[],
+        &format!(
+            "touch {}; while [ ! -e {} ]; do sleep 0.05; done",
+            held.display(),
+            release.display()
+        ),
+    );
+    wait_for_file(&held);
+    let o = earthly_call(&env, &params, &[], "docker info -f '{{.DockerRootDir}}'")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let used = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert_eq!(
+        used.parent(),
+        Some(env.path("dind/.cachelock-private").as_path()),
+        "{}",
+        text(&o)
+    );
+    assert!(!used.exists(), "the private root was not removed");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fresh private data root"));
+    assert!(!release.exists(), "ran only after the holder");
+    std::fs::write(&release, "").unwrap();
+    let h = done(&mut holder);
+    assert!(h.status.success(), "{}", text(&h));
+    env.assert_clean();
+}
