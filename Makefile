@@ -23,9 +23,11 @@ static: setup
 	cargo build --release --target $(MUSL) --bin cachelock
 	@echo "target/$(MUSL)/release/cachelock"
 
-# The same static linking in the dev profile, for the test that runs it in a busybox-only root.
+# The same static linking (a property of the musl target, not of the profile) in the dev
+# profile with unoptimised dependencies: the cheapest build for the test that runs it in a
+# busybox-only root (measured here: 223 s of CPU instead of 594 s with optimised dependencies).
 static-dev: setup
-	cargo build --target $(MUSL) --bin cachelock
+	cargo build --target $(MUSL) --bin cachelock --config 'profile.dev.package."*".opt-level=0'
 
 test: setup static-dev
 	cargo test --no-fail-fast

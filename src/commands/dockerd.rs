@@ -89,22 +89,20 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         env.push(("CACHELOCK_DOCKERD_SLOT".to_string(), s.to_string()));
     }
     // Shared paths (a log, a default socket) only when configured and free.
+    let host = claim::HostPaths::claim(
+        resolved.log_file.as_deref(),
+        resolved.default_socket.as_deref(),
+    );
     let mut inherit = inherit;
-    let log_claim = resolved.log_file.as_deref().and_then(claim::log);
-    if let Some(c) = &log_claim {
-        let _ = c.file().set_len(0);
-        inherit.push(c.fd());
-    }
-    let sock_claim = resolved.default_socket.as_deref().and_then(claim::socket);
-    inherit.extend(sock_claim.iter().map(claim::Claim::fd));
+    inherit.extend(host.fds());
     let plan = session::Plan {
         spec: resolved.spec(
             data_root,
             &short,
             inherit,
             args.cache_id.clone(),
-            log_claim.as_ref().map(|c| c.path.clone()),
-            sock_claim.iter().map(|c| c.path.clone()).collect(),
+            host.log_path(),
+            host.sockets(),
         ),
         docker_cli: resolved.docker_cli.clone(),
         cached_prefix: cached.then(|| resolved.prefix.clone()),
@@ -129,7 +127,7 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         usage::report(&cache_root, &layout, cap, id);
     }
     drop(taken);
-    drop((log_claim, sock_claim));
+    drop(host);
     result
 }
 

@@ -188,48 +188,16 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
     let settings = loaded.config.lock_settings(&lock_name);
     let mut policy = crate::policy::for_lock(loaded, &settings, None, &[])?;
 
-    let run_root = match &queue {
-        Some(q) => {
-            let slots = q.slots.unwrap_or(settings.slots).max(1);
-            trace.step(format_args!(
-                "locking {}: queue {lock_name} in {}, then {} ({slots} slot(s), priority {})",
-                data_root.display(),
-                earthly::QUEUE_DIR,
-                earthly::LOCK_FILE,
-                q.priority
-            ));
-            match lock::take(
-                &data_root,
-                &lock_name,
-                slots,
-                q,
-                loaded,
-                &settings,
-                policy.as_mut(),
-                &signals,
-            )? {
-                lock::Taken::Held(h) => {
-                    let root = usage::earthly_slot_root(&data_root, h.slot);
-                    trace.step(format_args!(
-                        "slot {} of {slots}: {}",
-                        h.slot,
-                        root.display()
-                    ));
-                    RunRoot::Cached(root, Some(h))
-                }
-                lock::Taken::FellBack(reason) => {
-                    eprintln!(
-                        "cachelock: running on a fresh private data root instead of the cache {}: {reason}",
-                        data_root.display()
-                    );
-                    RunRoot::Private(private::create(&parent.join(earthly::PRIVATE_DIR), &short)?)
-                }
-            }
-        }
-        None if e.cached => RunRoot::Cached(data_root.clone(), None),
-        // Earthly's `mktemp -d` inside the root: two runs of one target share the root.
-        None => RunRoot::Private(private::create(&data_root, &short)?),
-    };
+    let run_root = take_root(
+        &e,
+        queue.as_ref(),
+        &lock_name,
+        loaded,
+        &settings,
+        policy.as_mut(),
+        &signals,
+        trace,
+    )?;
     let (dockerd_root, cached, mut inherit, slot) = match &run_root {
         RunRoot::Cached(r, h) => (
             r.clone(),
@@ -242,35 +210,31 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
     root::create_dir(&dockerd_root)?;
 
     // Earthly's log and socket paths, when no other daemon on this host has them.
-    let log_claim = resolved.log_file.as_deref().and_then(claim::log);
-    match (&resolved.log_file, &log_claim) {
-        (Some(want), None) => trace.step(format_args!(
-            "{} is in use by another daemon; dockerd logs to its instance directory",
-            want.display()
-        )),
-        (_, Some(c)) => {
-            let _ = c.file().set_len(0);
-            inherit.push(c.fd());
+    let host = claim::HostPaths::claim(
+        resolved.log_file.as_deref(),
+        resolved.default_socket.as_deref(),
+    );
+    inherit.extend(host.fds());
+    for (want, got) in [
+        (&resolved.log_file, host.log_path()),
+        (&resolved.default_socket, host.sockets().pop()),
+    ] {
+        match (want, got) {
+            (Some(w), None) => trace.step(format_args!(
+                "{} is in use by another daemon; this dockerd keeps its own",
+                w.display()
+            )),
+            (_, Some(g)) => trace.step(format_args!("dockerd uses {}", g.display())),
+            _ => {}
         }
-        _ => {}
-    }
-    let sock_claim = resolved.default_socket.as_deref().and_then(claim::socket);
-    if let Some(c) = &sock_claim {
-        inherit.push(c.fd());
-        trace.step(format_args!("dockerd also listens on {}", c.path.display()));
-    } else if let Some(want) = &resolved.default_socket {
-        trace.step(format_args!(
-            "{} is in use; DOCKER_HOST names this dockerd's own socket",
-            want.display()
-        ));
     }
     let spec = resolved.spec(
         dockerd_root.clone(),
         &short,
         inherit,
         cached.then(|| lock_name.clone()),
-        log_claim.as_ref().map(|c| c.path.clone()),
-        sock_claim.iter().map(|c| c.path.clone()).collect(),
+        host.log_path(),
+        host.sockets(),
     );
     let mut env = earthly::command_env(&data_root, e.compose.is_some());
     if let Some(s) = slot {
@@ -318,8 +282,62 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
             drop(held);
         }
     }
-    drop((log_claim, sock_claim));
+    drop(host);
     result
+}
+
+/// Chooses and takes the run's data root: a slot of the cached root through [`lock::take`], a
+/// private root beside the cached roots on fall-back, the cached root as is when the caller
+/// holds Earthly's lock, or a private folder inside an uncached root.
+#[allow(clippy::too_many_arguments)]
+fn take_root(
+    e: &Execute,
+    queue: Option<&lock::Options>,
+    lock_name: &str,
+    loaded: &Loaded,
+    settings: &crate::config::LockSettings,
+    policy: &mut dyn crate::policy::Policy,
+    signals: &Signals,
+    trace: Trace,
+) -> Result<RunRoot> {
+    let data_root = &e.data_root;
+    let parent = data_root.parent().unwrap_or(Path::new("/"));
+    let short = session::short_id();
+    Ok(match queue {
+        Some(q) => {
+            let slots = q.slots.unwrap_or(settings.slots).max(1);
+            trace.step(format_args!(
+                "locking {}: queue {lock_name} in {}, then {} ({slots} slot(s), priority {})",
+                data_root.display(),
+                earthly::QUEUE_DIR,
+                earthly::LOCK_FILE,
+                q.priority
+            ));
+            match lock::take(
+                data_root, lock_name, slots, q, loaded, settings, policy, signals,
+            )? {
+                lock::Taken::Held(h) => {
+                    let root = usage::earthly_slot_root(data_root, h.slot);
+                    trace.step(format_args!(
+                        "slot {} of {slots}: {}",
+                        h.slot,
+                        root.display()
+                    ));
+                    RunRoot::Cached(root, Some(h))
+                }
+                lock::Taken::FellBack(reason) => {
+                    eprintln!(
+                        "cachelock: running on a fresh private data root instead of the cache {}: {reason}",
+                        data_root.display()
+                    );
+                    RunRoot::Private(private::create(&parent.join(earthly::PRIVATE_DIR), &short)?)
+                }
+            }
+        }
+        None if e.cached => RunRoot::Cached(data_root.clone(), None),
+        // Earthly's `mktemp -d` inside the root: two runs of one target share the root.
+        None => RunRoot::Private(private::create(data_root, &short)?),
+    })
 }
 
 /// Earthly's WSL switch to iptables-legacy (networking fails with iptables-nft there).

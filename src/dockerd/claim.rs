@@ -88,6 +88,44 @@ pub fn log(path: &Path) -> Option<Claim> {
     })
 }
 
+/// The shared paths one run claimed: dockerd logs to `log` and also listens on `socket`.
+#[derive(Debug, Default)]
+pub struct HostPaths {
+    /// The claimed log file (truncated for this run).
+    pub log: Option<Claim>,
+    /// The claimed socket path.
+    pub socket: Option<Claim>,
+}
+
+impl HostPaths {
+    /// Claims what is configured and free; the log is truncated once claimed.
+    pub fn claim(log_path: Option<&Path>, socket_path: Option<&Path>) -> HostPaths {
+        let log = log_path.and_then(log);
+        if let Some(c) = &log {
+            let _ = c.file().set_len(0);
+        }
+        HostPaths {
+            log,
+            socket: socket_path.and_then(socket),
+        }
+    }
+
+    /// Descriptors dockerd inherits (each claim lasts as long as the daemon).
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.log.iter().chain(&self.socket).map(Claim::fd).collect()
+    }
+
+    /// The log path for the dockerd spec.
+    pub fn log_path(&self) -> Option<PathBuf> {
+        self.log.as_ref().map(|c| c.path.clone())
+    }
+
+    /// The extra sockets for the dockerd spec.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        self.socket.iter().map(|c| c.path.clone()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

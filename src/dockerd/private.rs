@@ -17,13 +17,15 @@ use crate::error::{Error, Result};
 const PREFIX: &str = "cachelock-";
 const LOCK_SUFFIX: &str = ".lock";
 
-/// A claimed private root; [`PrivateRoot::remove`] wipes it and drops the claim.
+/// A claimed private root; [`PrivateRoot::remove`] (or dropping it, on an error path) wipes it
+/// and drops the claim.
 #[derive(Debug)]
 pub struct PrivateRoot {
     /// The data root.
     pub path: PathBuf,
     claim: File,
     claim_path: PathBuf,
+    removed: bool,
 }
 
 fn try_lock(f: &File) -> bool {
@@ -64,6 +66,7 @@ pub fn create(dir: &Path, short_id: &str) -> Result<PrivateRoot> {
         path,
         claim,
         claim_path,
+        removed: false,
     })
 }
 
@@ -74,10 +77,19 @@ impl PrivateRoot {
     }
 
     /// Wipes the root (after detaching mounts) and removes the claim file.
-    pub fn remove(self) -> std::io::Result<()> {
+    pub fn remove(mut self) -> std::io::Result<()> {
+        self.removed = true;
         let r = super::root::wipe(&self.path);
         let _ = std::fs::remove_file(&self.claim_path);
         r
+    }
+}
+
+impl Drop for PrivateRoot {
+    fn drop(&mut self) {
+        if !self.removed && super::root::wipe(&self.path).is_ok() {
+            let _ = std::fs::remove_file(&self.claim_path);
+        }
     }
 }
 
@@ -119,11 +131,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let live = create(t.path(), "aaaaaaaa").unwrap();
         std::fs::write(live.path.join("f"), "x").unwrap();
-        let dead = create(t.path(), "bbbbbbbb").unwrap();
-        let dead_path = dead.path.clone();
-        // A crash: the claim is released without removing anything.
-        drop(dead);
-        assert!(dead_path.exists());
+        // What a run that died leaves: its folder and an unlocked claim file.
+        let dead_path = t.path().join("cachelock-bbbbbbbb");
+        std::fs::create_dir_all(dead_path.join("overlay2")).unwrap();
+        std::fs::write(t.path().join("cachelock-bbbbbbbb.lock"), "").unwrap();
         let third = create(t.path(), "cccccccc").unwrap();
         assert!(!dead_path.exists(), "dead root swept");
         assert!(!t.path().join("cachelock-bbbbbbbb.lock").exists());
@@ -134,7 +145,8 @@ mod tests {
         );
         let p = live.path.clone();
         live.remove().unwrap();
-        third.remove().unwrap();
+        // An error path drops the root: removed as well.
+        drop(third);
         assert!(!p.exists());
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
     }

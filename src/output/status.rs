@@ -166,15 +166,22 @@ pub fn render_text(doc: &StatusDoc) -> String {
 fn cache_text(c: &crate::dockerd::usage::CacheStatus) -> String {
     use crate::dockerd::usage::human;
     let now = crate::lock::engine::now_ms();
-    let ago = |ms: u64| format!("{:.0} min ago", now.saturating_sub(ms) as f64 / 60_000.0);
+    let ago = |ms: u64| {
+        let min = now.saturating_sub(ms) / 60_000;
+        match min {
+            0..=119 => format!("{min} min ago"),
+            120..=2879 => format!("{} h ago", min / 60),
+            _ => format!("{} days ago", min / 1440),
+        }
+    };
     let mut out = format!(
-        "cache root {}: {} cached data root(s), {} of {}\n",
+        "cache root {}: {} cached data root(s), {}{}\n",
         c.root.display(),
         c.roots.len(),
         human(c.total_bytes),
         c.cap_bytes
-            .map(|b| format!("a {} cap", human(b)))
-            .unwrap_or_else(|| "no cap".to_string())
+            .map(|b| format!(" of a {} cap", human(b)))
+            .unwrap_or_else(|| ", no cap".to_string())
     );
     for r in &c.roots {
         out.push_str(&format!(
