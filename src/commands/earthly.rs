@@ -92,9 +92,6 @@ fn run_pre_script(path: &str, trace: Trace) -> Result<()> {
 }
 
 fn compose_config(loaded: &Loaded, c: &ComposeConfig) -> Result<i32> {
-    for w in &c.warnings {
-        eprintln!("WARNING: {w}");
-    }
     let docker = Docker {
         cli: loaded
             .config

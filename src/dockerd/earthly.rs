@@ -129,8 +129,6 @@ pub struct ComposeConfig {
     pub contract: Contract,
     /// Files to merge.
     pub files: Vec<String>,
-    /// Deprecation notes to print.
-    pub warnings: Vec<String>,
 }
 
 /// What the caller asked for.
@@ -360,11 +358,7 @@ fn parse_compose_config(args: &[OsString], vars: &Vars) -> Result<Invocation> {
             "no compose file to merge: give --compose-file=F (EarthBuild) or EARTHLY_COMPOSE_FILES (Earthly)",
         ));
     }
-    Ok(Invocation::ComposeConfig(ComposeConfig {
-        contract,
-        files,
-        warnings: Vec::new(),
-    }))
+    Ok(Invocation::ComposeConfig(ComposeConfig { contract, files }))
 }
 
 /// Parses the registry variable: space-separated `REF|USER_TAG` entries, or (before Earthly
