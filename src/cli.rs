@@ -133,6 +133,10 @@ pub struct StatusArgs {
     /// Configuration file (YAML).
     #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Also show the cached data roots under this cache root: sizes, last use, holders, the
+    /// cap (`dockerd.cache_max_size`) and recent evictions.
+    #[arg(long = "cache-root", value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
 }
 
 /// `cachelock policy ...`.

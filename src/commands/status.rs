@@ -45,7 +45,14 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         };
         locks.push(view(status, &settings.policy, now));
     }
-    let doc = StatusDoc { locks };
+    let cache = args.cache_root.as_ref().map(|cache_root| {
+        cachelock::dockerd::usage::status(cache_root, loaded.config.dockerd.cache_max_size)
+    });
+    let doc = StatusDoc {
+        locks,
+        cache,
+        now_ms: now,
+    };
     if args.json {
         print!("{}", render_json(&doc));
     } else {

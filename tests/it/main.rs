@@ -5,6 +5,7 @@
 mod support;
 
 mod dockerd_bad_input;
+mod dockerd_beyond;
 mod dockerd_cache;
 mod dockerd_earthly;
 mod dockerd_lifecycle;
