@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -34,18 +33,11 @@ impl Claim {
 }
 
 fn open(path: &Path) -> std::io::Result<File> {
-    File::options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    crate::sys::open_in_shared_dir(path, crate::sys::Open::Create(0o644))
 }
 
 fn try_lock(f: &File) -> bool {
-    // SAFETY: flock on a descriptor we own.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    crate::sys::try_flock(f, true).unwrap_or(false)
 }
 
 /// Claims the unix socket path `sock` when it is free: no other wrapper holds its claim file

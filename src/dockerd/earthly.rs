@@ -471,28 +471,7 @@ pub fn wsl_iptables_legacy(kernel: &str, iptables_version: &str, sbin: &Path) ->
 
 /// `uname -a`'s fields (sysname, nodename, release, version, machine), for the WSL check.
 pub fn uname() -> String {
-    // SAFETY: utsname is plain data; uname fills it.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return String::new();
-    }
-    let field = |f: &[libc::c_char]| {
-        let bytes: Vec<u8> = f
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
-        String::from_utf8_lossy(&bytes).into_owned()
-    };
-    [
-        field(&u.sysname),
-        field(&u.nodename),
-        field(&u.release),
-        field(&u.version),
-        field(&u.machine),
-    ]
-    .join(" ")
+    crate::sys::uname_all()
 }
 
 #[cfg(test)]

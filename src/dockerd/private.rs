@@ -29,19 +29,11 @@ pub struct PrivateRoot {
 }
 
 fn try_lock(f: &File) -> bool {
-    // SAFETY: flock on a descriptor we own.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    crate::sys::try_flock(f, true).unwrap_or(false)
 }
 
 fn open_claim(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    File::options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    crate::sys::open_in_shared_dir(path, crate::sys::Open::Create(0o644))
 }
 
 /// Claims and creates a fresh private root in `dir` (created if missing), after removing the
