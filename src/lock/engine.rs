@@ -351,10 +351,19 @@ impl Waiter<'_> {
 
     /// Scan, rank, try if at the head, else ask the policy how long to wait.
     fn evaluate(&mut self, policy: &mut dyn Policy) -> Result<Next> {
-        let now = now_ms();
         let me = self.own().data.clone();
-        let snap = queue::scan(&self.paths, Some(&me.id))
-            .map_err(|e| Error::io(format!("cannot read {}", self.paths.queue.display()), e))?;
+        let scan = || {
+            queue::scan(&self.paths, Some(&me.id))
+                .map_err(|e| Error::io(format!("cannot read {}", self.paths.queue.display()), e))
+        };
+        let mut snap = scan()?;
+        // Contended: load the policy before ranking (a bounded wait for a compile); a snapshot
+        // taken before that wait is stale and is taken again. An uncontended request never
+        // loads its policy.
+        if !(snap.waiters.is_empty() && snap.holders.is_empty()) && policy.ready()? {
+            snap = scan()?;
+        }
+        let now = now_ms();
         let mut all = snap.waiters.clone();
         all.push(me.clone());
         self.seen = all

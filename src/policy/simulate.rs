@@ -240,10 +240,10 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
             };
             out.decisions += 1;
             if out.decisions > MAX_DECISIONS {
-                return Err(PolicyError {
-                    policy: policy.name().to_string(),
-                    message: format!("the simulation made more than {MAX_DECISIONS} decisions; shorten `until_ms`"),
-                });
+                return Err(PolicyError::fault(
+                    policy.name(),
+                    format!("the simulation made more than {MAX_DECISIONS} decisions; shorten `until_ms`"),
+                ));
             }
             let decision = policy.on_wait(&state)?;
             let id = w.ticket.id.clone();
