@@ -14,6 +14,8 @@ mod engine_timing;
 mod policy_commands;
 mod policy_faults;
 mod policy_perf;
+mod policy_python;
 mod policy_runtime;
+mod policy_security;
 mod torture;
 mod torture_dockerd;

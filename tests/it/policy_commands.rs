@@ -3,16 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::policy::test_policy;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
+use crate::support::policy::{isolated_config, test_policy, BIN};
 
 fn run(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
         .current_dir(dir)
         .env("XDG_CACHE_HOME", dir.join("cache"))
-        .env_remove("CACHELOCK_CONFIG")
+        .env("CACHELOCK_CONFIG", isolated_config(&dir.join("cfg"), ""))
         .output()
         .unwrap()
 }

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::policy::test_policy;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
+use crate::support::policy::{isolated_config, test_policy, BIN};
 
 /// A lock directory with a holder process; the holder is ended when this is dropped.
 struct Held {
@@ -31,6 +29,7 @@ impl Held {
                 hold.as_secs_f64()
             ))
             .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .env("CACHELOCK_CONFIG", isolated_config(dir.path(), ""))
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -58,8 +57,9 @@ impl Held {
         std::fs::write(
             &path,
             format!(
-                "policy_cache_dir: {}\npolicies:\n  p:\n{body}",
-                self.path().join("cache").display()
+                "policy_cache_dir: {}\npolicy_host_cache_dir: {}\npolicies:\n  p:\n{body}",
+                self.path().join("cache").display(),
+                self.path().join("host-cache").display()
             ),
         )
         .unwrap();
@@ -75,6 +75,7 @@ impl Held {
             .args(args)
             .args(["l", "true"])
             .env("XDG_CACHE_HOME", self.path().join("cache"))
+            .env("CACHELOCK_CONFIG", isolated_config(self.path(), ""))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
