@@ -147,7 +147,9 @@ pub struct Module<'a> {
 /// once per cache entry, if need be) while a background thread compiles the optimized code into
 /// the cache for the next run. A cache that cannot be used only costs compiles.
 pub fn load(m: &Module, dirs: &CacheDirs, budget: &Budget) -> Result<(Component, Origin), LoadError> {
-    let own = dirs.own.as_ref().and_then(|o| open_trusted(o, true));
+    // Created only when something must be written (a user served by the host cache gets no
+    // directory of their own).
+    let mut own = dirs.own.as_ref().and_then(|o| open_trusted(o, false));
     let host = if dirs.own.as_ref() == Some(&dirs.host) {
         None
     } else {
@@ -159,8 +161,15 @@ pub fn load(m: &Module, dirs: &CacheDirs, budget: &Budget) -> Result<(Component,
     if let Some(c) = readable.iter().find_map(|d| cached(engine(), d, &opt_key)) {
         return Ok((c, Origin::Cached));
     }
+    let cached_quick = readable
+        .iter()
+        .find_map(|d| cached(quick_engine(), d, &quick_key));
+    drop(readable);
+    if own.is_none() {
+        own = dirs.own.as_ref().and_then(|o| open_trusted(o, true));
+    }
     let writable = own.as_ref().filter(|d| d.writable());
-    let quick = match readable.iter().find_map(|d| cached(quick_engine(), d, &quick_key)) {
+    let quick = match cached_quick {
         Some(c) => (c, Origin::CachedQuick),
         None => {
             let c = match writable {

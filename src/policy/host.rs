@@ -460,6 +460,8 @@ impl WasmPolicy {
                 }
             })?;
         let r = policy.call_configure(&mut store, &self.config);
+        // Described before the logs are flushed (that resets what the call hit).
+        let r = r.map_err(|e| describe_fault(&store, &self.limits, &e));
         store.data_mut().flush_logs();
         match r {
             Ok(Ok(())) => {}
@@ -469,12 +471,7 @@ impl WasmPolicy {
                     limits::truncate(msg, limits::MAX_REASON_BYTES)
                 ))
             }
-            Err(e) => {
-                return Err(format!(
-                    "configure failed: {}",
-                    describe_fault(&store, &self.limits, &e)
-                ))
-            }
+            Err(fault) => return Err(format!("configure failed: {fault}")),
         }
         self.instance = Some((store, policy));
         Ok(())

@@ -107,6 +107,14 @@ struct Holder {
     child: Child,
 }
 
+impl Drop for Holder {
+    fn drop(&mut self) {
+        // A failed test must not leave a holder behind (released ones have exited already).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Holder {
     fn start(dir: &Path, cfg: &Path) -> Holder {
         let fifo = dir.join("release");
@@ -140,6 +148,7 @@ impl Holder {
         writeln!(f, "go").unwrap();
         drop(f);
         assert!(self.child.wait().unwrap().success());
+        drop(self);
     }
 }
 
@@ -252,7 +261,8 @@ fn a_python_policy_that_sleeps_is_stopped_at_its_time_limit() {
         py.display()
     );
     let start = Instant::now();
-    let out = cachelock(dir, &yaml, &["run", "-q", "--policy", "p", "--lock-dir"])
+    // -v: a policy's info-level log lines show at -v (warnings and errors always).
+    let out = cachelock(dir, &yaml, &["run", "-q", "-v", "--policy", "p", "--lock-dir"])
         .arg(dir.join("locks"))
         .args(["l", "true"])
         .output()
