@@ -13,7 +13,6 @@ mod engine_queue;
 mod engine_timing;
 mod policy_commands;
 mod policy_faults;
-mod policy_perf;
 mod policy_python;
 mod policy_runtime;
 mod policy_security;
