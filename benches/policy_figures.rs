@@ -182,7 +182,10 @@ fn main() {
     eprintln!("policy_figures: {runs} runs per cold figure; load {load}");
 
     // Cold: a never-seen policy, an empty cache each time.
-    for (name, policy) in [("Python", py), ("Rust (builtin:priority)", "builtin:priority")] {
+    for (name, policy) in [
+        ("Python", py),
+        ("Rust (builtin:priority)", "builtin:priority"),
+    ] {
         let (mut walls, mut idles) = (Vec::new(), Vec::new());
         for i in 0..runs {
             let d = tmp.path().join(format!("cold-{}-{i}", name.len()));
@@ -210,7 +213,11 @@ fn main() {
         .arg(py)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let after = children_usage();
     rows.push((
         "deploy: `policy check` of the Python policy (quick + optimized compile): wall / CPU / peak RSS of a compiler".into(),
@@ -230,7 +237,10 @@ fn main() {
     assert!(out.status.success());
 
     // Warm: after the deploy step.
-    for (name, policy) in [("Python", py), ("Rust (builtin:priority)", "builtin:priority")] {
+    for (name, policy) in [
+        ("Python", py),
+        ("Rust (builtin:priority)", "builtin:priority"),
+    ] {
         let (mut walls, mut idles, mut rss) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs.max(5) {
             let (wall, idle, r) = contended(&warm, &cfg, policy, 300);
@@ -264,11 +274,18 @@ fn main() {
         format!("{:.1} MiB", median(rss) as f64 / 1024.0),
     ));
 
-    for (name, policy) in [("Python", py), ("Rust (builtin:priority)", "builtin:priority")] {
+    for (name, policy) in [
+        ("Python", py),
+        ("Rust (builtin:priority)", "builtin:priority"),
+    ] {
         let (r, w) = decisions(&warm, policy);
         rows.push((
             format!("warm decision, {name}: rank / on-wait with 8 other waiters"),
-            format!("{:.1} µs / {:.1} µs", r.as_secs_f64() * 1e6, w.as_secs_f64() * 1e6),
+            format!(
+                "{:.1} µs / {:.1} µs",
+                r.as_secs_f64() * 1e6,
+                w.as_secs_f64() * 1e6
+            ),
         ));
     }
 

@@ -146,7 +146,11 @@ pub struct Module<'a> {
 /// Loads `m`: the optimized code if a trusted cache has it, else the quick code (compiled now,
 /// once per cache entry, if need be) while a background thread compiles the optimized code into
 /// the cache for the next run. A cache that cannot be used only costs compiles.
-pub fn load(m: &Module, dirs: &CacheDirs, budget: &Budget) -> Result<(Component, Origin), LoadError> {
+pub fn load(
+    m: &Module,
+    dirs: &CacheDirs,
+    budget: &Budget,
+) -> Result<(Component, Origin), LoadError> {
     // Created only when something must be written (a user served by the host cache gets no
     // directory of their own).
     let mut own = dirs.own.as_ref().and_then(|o| open_trusted(o, false));
@@ -191,9 +195,16 @@ pub fn load(m: &Module, dirs: &CacheDirs, budget: &Budget) -> Result<(Component,
         }
     };
     if let Some(d) = dirs.own.clone().filter(|_| writable.is_some()) {
-        let (bytes, sha, trusted, budget) = (m.bytes.to_vec(), m.sha.to_string(), m.trusted, budget.clone());
+        let (bytes, sha, trusted, budget) = (
+            m.bytes.to_vec(),
+            m.sha.to_string(),
+            m.trusted,
+            budget.clone(),
+        );
         let handle = std::thread::spawn(move || {
-            let Some(dir) = open_trusted(&d, true) else { return };
+            let Some(dir) = open_trusted(&d, true) else {
+                return;
+            };
             let m = Module {
                 bytes: &bytes,
                 sha: &sha,
@@ -202,7 +213,10 @@ pub fn load(m: &Module, dirs: &CacheDirs, budget: &Budget) -> Result<(Component,
             let key = artifact_key(engine(), &sha);
             // One process compiles; the others go on with the quick code.
             if let Err(e) = compile_if_free(&dir, &m, &key, &budget) {
-                tracing::debug!("background compile of policy {sha} failed: {}", e.0.message());
+                tracing::debug!(
+                    "background compile of policy {sha} failed: {}",
+                    e.0.message()
+                );
             }
         });
         BACKGROUND
@@ -255,7 +269,10 @@ fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
     let got = match digest_file(&file) {
         Ok(d) => d,
         Err(e) => {
-            tracing::debug!("cannot read cached policy {}: {e}", dir.path.join(&name).display());
+            tracing::debug!(
+                "cannot read cached policy {}: {e}",
+                dir.path.join(&name).display()
+            );
             return None;
         }
     };
@@ -268,7 +285,10 @@ fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
     }
     deserialize_open(engine, &file)
         .map_err(|e| {
-            tracing::debug!("ignoring unusable cached policy {}: {e:#}", dir.path.join(&name).display())
+            tracing::debug!(
+                "ignoring unusable cached policy {}: {e:#}",
+                dir.path.join(&name).display()
+            )
         })
         .ok()
 }
@@ -303,7 +323,13 @@ fn digest_file(mut f: &File) -> std::io::Result<String> {
 
 /// Compiles `m` for `tier` into the entry `key` of `dir`, unless another process did while we
 /// waited for the entry's lock.
-fn compile_into(dir: &TrustedDir, m: &Module, tier: Tier, key: &str, budget: &Budget) -> Result<Component, LoadError> {
+fn compile_into(
+    dir: &TrustedDir,
+    m: &Module,
+    tier: Tier,
+    key: &str,
+    budget: &Budget,
+) -> Result<Component, LoadError> {
     let io = |what: String, e: std::io::Error| LoadError(CompileError::Io(format!("{what}: {e}")));
     let lock = dir
         .lock_file(&format!("{key}.lock"))
@@ -319,13 +345,23 @@ fn compile_into(dir: &TrustedDir, m: &Module, tier: Tier, key: &str, budget: &Bu
 }
 
 /// The background optimized compile: only if no other process is already doing it.
-fn compile_if_free(dir: &TrustedDir, m: &Module, key: &str, budget: &Budget) -> Result<(), LoadError> {
+fn compile_if_free(
+    dir: &TrustedDir,
+    m: &Module,
+    key: &str,
+    budget: &Budget,
+) -> Result<(), LoadError> {
     let io = |e: std::io::Error| LoadError(CompileError::Io(e.to_string()));
     let lock = dir.lock_file(&format!("{key}.lock")).map_err(io)?;
     if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_err() {
         return Ok(());
     }
-    if dir.open_file(&format!("{key}.cwasm")).ok().flatten().is_some() {
+    if dir
+        .open_file(&format!("{key}.cwasm"))
+        .ok()
+        .flatten()
+        .is_some()
+    {
         return Ok(());
     }
     refused_before(dir, key, budget)?;
@@ -374,29 +410,40 @@ fn temp_name(key: &str, what: &str) -> String {
 }
 
 /// Compiles with the entry lock held, then writes the artifact and its digest.
-fn compile_locked(dir: &TrustedDir, m: &Module, tier: Tier, key: &str, budget: &Budget) -> Result<Component, LoadError> {
+fn compile_locked(
+    dir: &TrustedDir,
+    m: &Module,
+    tier: Tier,
+    key: &str,
+    budget: &Budget,
+) -> Result<Component, LoadError> {
     let io = |what: &str, e: std::io::Error| {
-        LoadError(CompileError::Io(format!("{what} in {}: {e}", dir.path.display())))
+        LoadError(CompileError::Io(format!(
+            "{what} in {}: {e}",
+            dir.path.display()
+        )))
     };
     remove_stale_temps(dir);
     let mode = if dir.owner == 0 { 0o644 } else { 0o600 };
     let tmp = temp_name(key, "cwasm");
-    let mut out = dir.create_new(&tmp, mode).map_err(|e| io("cannot create a temp file", e))?;
+    let mut out = dir
+        .create_new(&tmp, mode)
+        .map_err(|e| io("cannot create a temp file", e))?;
     let result = (|| {
         produce(m, tier, budget, &mut out).inspect_err(|e| {
             if let CompileError::OverBudget(msg) = &e.0 {
                 remember_refusal(dir, key, budget, msg);
             }
         })?;
-        out.sync_all().map_err(|e| io("cannot write the compiled policy", e))?;
+        out.sync_all()
+            .map_err(|e| io("cannot write the compiled policy", e))?;
         let digest = digest_file(&out).map_err(|e| io("cannot read the compiled policy", e))?;
         write_small(dir, &format!("{key}.sha256"), &digest, mode)
             .map_err(|e| io("cannot write the digest", e))?;
         dir.rename(&tmp, &format!("{key}.cwasm"))
             .map_err(|e| io("cannot store the compiled policy", e))?;
-        deserialize_open(tier.engine(), &out).map_err(|e| {
-            LoadError(CompileError::Invalid(format!("{e:#}")))
-        })
+        deserialize_open(tier.engine(), &out)
+            .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))
     })();
     if result.is_err() {
         dir.remove(&tmp);
@@ -412,10 +459,14 @@ fn compile_anonymous(m: &Module, tier: Tier, budget: &Budget) -> Result<Componen
             "no policy compile cache of your own (set policy_cache_dir, or HOME): every process compiles its policy"
         )
     });
-    let mut out = compile::anonymous_output()
-        .map_err(|e| LoadError(CompileError::Io(format!("cannot create a memory file: {e}"))))?;
+    let mut out = compile::anonymous_output().map_err(|e| {
+        LoadError(CompileError::Io(format!(
+            "cannot create a memory file: {e}"
+        )))
+    })?;
     produce(m, tier, budget, &mut out)?;
-    deserialize_open(tier.engine(), &out).map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))
+    deserialize_open(tier.engine(), &out)
+        .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))
 }
 
 /// Writes the artifact of `m` to `out`: in this process for a built-in, else in a budgeted
@@ -426,8 +477,11 @@ fn produce(m: &Module, tier: Tier, budget: &Budget, out: &mut File) -> Result<()
             .engine()
             .precompile_component(m.bytes)
             .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))?;
-        out.write_all(&compiled)
-            .map_err(|e| LoadError(CompileError::Io(format!("cannot write the compiled policy: {e}"))))?;
+        out.write_all(&compiled).map_err(|e| {
+            LoadError(CompileError::Io(format!(
+                "cannot write the compiled policy: {e}"
+            )))
+        })?;
         return Ok(());
     }
     compile::in_child(m.bytes, tier, budget, out).map_err(LoadError)?;

@@ -297,7 +297,9 @@ pub fn in_child(
             max_code >> 20
         ))),
         (_, Some(libc::SIGABRT)) | (_, Some(libc::SIGSEGV)) | (_, Some(libc::SIGBUS))
-            if msg.contains("memory allocation") || msg.contains("out of memory") || msg.is_empty() =>
+            if msg.contains("memory allocation")
+                || msg.contains("out of memory")
+                || msg.is_empty() =>
         {
             Err(budget_key(&format!(
                 "more than {} MiB of memory",
@@ -400,12 +402,16 @@ mod tests {
             cpu_seconds: Some(0),
             ..Default::default()
         };
-        assert!(Budget::from_config(&bad).unwrap_err().contains("cpu_seconds"));
+        assert!(Budget::from_config(&bad)
+            .unwrap_err()
+            .contains("cpu_seconds"));
         let bad = CompileBudget {
             memory_mib: Some(1),
             ..Default::default()
         };
-        assert!(Budget::from_config(&bad).unwrap_err().contains("memory_mib"));
+        assert!(Budget::from_config(&bad)
+            .unwrap_err()
+            .contains("memory_mib"));
         assert_eq!(max_code_bytes(1 << 20), (16 << 20) + (16 << 20));
     }
 }

@@ -223,10 +223,12 @@ fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
         let mut poll = l.instance(WASI_IO_POLL).expect("wasi:io/poll is linked");
         poll.func_wrap(
             "poll",
-            |mut store: StoreContextMut<'_, HostState>,
-             (list,): (Vec<Resource<DynPollable>>,)| {
+            |mut store: StoreContextMut<'_, HostState>, (list,): (Vec<Resource<DynPollable>>,)| {
                 use wasmtime_wasi::p2::bindings::io::poll::Host;
-                let rem = store.data().deadline.saturating_duration_since(Instant::now());
+                let rem = store
+                    .data()
+                    .deadline
+                    .saturating_duration_since(Instant::now());
                 let table = &mut store.data_mut().table;
                 let r = wasmtime_wasi::runtime::in_tokio(async {
                     tokio::time::timeout(rem, Host::poll(table, list)).await
@@ -235,7 +237,9 @@ fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
                     Ok(v) => v.map(|v| (v,)),
                     Err(_) => {
                         store.data_mut().timed_out = true;
-                        Err(wasmtime::format_err!("the call's time limit passed while it waited"))
+                        Err(wasmtime::format_err!(
+                            "the call's time limit passed while it waited"
+                        ))
                     }
                 }
             },
@@ -245,7 +249,10 @@ fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
             "[method]pollable.block",
             |mut store: StoreContextMut<'_, HostState>, (p,): (Resource<DynPollable>,)| {
                 use wasmtime_wasi::p2::bindings::io::poll::HostPollable;
-                let rem = store.data().deadline.saturating_duration_since(Instant::now());
+                let rem = store
+                    .data()
+                    .deadline
+                    .saturating_duration_since(Instant::now());
                 let table = &mut store.data_mut().table;
                 let r = wasmtime_wasi::runtime::in_tokio(async {
                     tokio::time::timeout(rem, HostPollable::block(table, p)).await
@@ -254,7 +261,9 @@ fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
                     Ok(v) => v,
                     Err(_) => {
                         store.data_mut().timed_out = true;
-                        Err(wasmtime::format_err!("the call's time limit passed while it waited"))
+                        Err(wasmtime::format_err!(
+                            "the call's time limit passed while it waited"
+                        ))
                     }
                 }
             },

@@ -29,7 +29,10 @@ pub fn ticket_bytes(t: &Ticket) -> usize {
         + t.id.len()
         + r.lock.len()
         + r.host.len()
-        + r.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + r.labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 fn state_bytes(s: &WaitState) -> usize {
@@ -87,11 +90,16 @@ pub fn fit_state(s: &WaitState, budget: usize) -> Option<WaitState> {
     }
     if state_bytes(&s) > budget {
         s.waiters.sort_by(|a, b| {
-            (std::cmp::Reverse(a.request.priority), a.request.enqueued_at_ms, &a.id).cmp(&(
-                std::cmp::Reverse(b.request.priority),
-                b.request.enqueued_at_ms,
-                &b.id,
-            ))
+            (
+                std::cmp::Reverse(a.request.priority),
+                a.request.enqueued_at_ms,
+                &a.id,
+            )
+                .cmp(&(
+                    std::cmp::Reverse(b.request.priority),
+                    b.request.enqueued_at_ms,
+                    &b.id,
+                ))
         });
         let mut total = state_bytes(&WaitState {
             waiters: Vec::new(),

@@ -85,9 +85,12 @@ impl LazyPolicy {
             match rx.try_recv() {
                 Ok(r) => Some(r),
                 Err(mpsc::TryRecvError::Empty) => None,
-                Err(mpsc::TryRecvError::Disconnected) => Some(Err(crate::error::Error::config(
-                    format!("policy '{}': the loader stopped without a result", self.spec.name),
-                ))),
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    Some(Err(crate::error::Error::config(format!(
+                        "policy '{}': the loader stopped without a result",
+                        self.spec.name
+                    ))))
+                }
             }
         } else {
             self.wait_loader(until)
@@ -106,7 +109,9 @@ impl LazyPolicy {
         let interrupted = until.map(|_| signal_watch());
         loop {
             let slice = match until {
-                Some(u) => u.saturating_duration_since(Instant::now()).min(SIGNAL_SLICE),
+                Some(u) => u
+                    .saturating_duration_since(Instant::now())
+                    .min(SIGNAL_SLICE),
                 None => SIGNAL_SLICE,
             };
             match rx.recv_timeout(slice) {
@@ -204,8 +209,8 @@ impl LazyPolicy {
                 cache: self.spec.cache.clone(),
                 budget: self.spec.budget.clone(),
             };
-            let p = WasmPolicy::load(&spec)
-                .map_err(|e| PolicyError::fault(&spec.name, e.message))?;
+            let p =
+                WasmPolicy::load(&spec).map_err(|e| PolicyError::fault(&spec.name, e.message))?;
             self.fallback = Some(p);
         }
         f(self.fallback.as_mut().expect("loaded above"))

@@ -95,7 +95,11 @@ impl fmt::Display for PolicyError {
             ErrorKind::Fault => write!(f, "policy '{}': {}", self.policy, self.message)?,
         }
         if let Some(t) = &self.ticket {
-            write!(f, " (while ranking ticket {}", limits::truncate(t.id.clone(), 64))?;
+            write!(
+                f,
+                " (while ranking ticket {}",
+                limits::truncate(t.id.clone(), 64)
+            )?;
             if !t.labels.is_empty() {
                 let l: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 write!(f, ", labels {}", limits::truncate(l.join(" "), 256))?;

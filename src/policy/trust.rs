@@ -120,7 +120,10 @@ pub fn open_dir(path: &Path, create: bool, mode: u32) -> io::Result<TrustedDir> 
         if st.st_uid != 0 && st.st_uid != me {
             return Err(untrusted(
                 &walked,
-                format!("owned by uid {}, neither you (uid {me}) nor root", st.st_uid),
+                format!(
+                    "owned by uid {}, neither you (uid {me}) nor root",
+                    st.st_uid
+                ),
             ));
         }
         let writable_by_others = st.st_mode & 0o022 != 0;
@@ -175,7 +178,10 @@ impl TrustedDir {
         if st.st_mode & 0o022 != 0 {
             return Err(untrusted(
                 &path,
-                format!("mode {:04o} lets group or others write it", st.st_mode & 0o7777),
+                format!(
+                    "mode {:04o} lets group or others write it",
+                    st.st_mode & 0o7777
+                ),
             ));
         }
         if st.st_nlink != 1 {
@@ -277,12 +283,20 @@ mod tests {
         assert!(t.open_file("ok").unwrap().is_some());
         assert!(t.open_file("missing").unwrap().is_none());
         std::fs::set_permissions(d.join("ok"), std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(t.open_file("ok").unwrap_err().to_string().contains("mode 0666"));
+        assert!(t
+            .open_file("ok")
+            .unwrap_err()
+            .to_string()
+            .contains("mode 0666"));
         std::os::unix::fs::symlink(d.join("ok"), d.join("link")).unwrap();
         assert!(t.open_file("link").is_err());
         std::fs::hard_link(d.join("ok"), d.join("hard")).unwrap();
         std::fs::set_permissions(d.join("ok"), std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(t.open_file("hard").unwrap_err().to_string().contains("hard links"));
+        assert!(t
+            .open_file("hard")
+            .unwrap_err()
+            .to_string()
+            .contains("hard links"));
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770)).unwrap();
         assert!(open_dir(&d, false, 0o700)
             .unwrap_err()

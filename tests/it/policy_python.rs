@@ -82,20 +82,28 @@ fn check_and_simulate_a_python_policy() {
         "holders:\n  - {id: h, release_at_ms: 1000}\narrivals:\n  - {id: a, at_ms: 0, labels: {rank: '1'}}\n  - {id: b, at_ms: 10, labels: {rank: '3'}}\n  - {id: c, at_ms: 20, labels: {branch: main}}\n  - {id: d, at_ms: 30, priority: 2}\n",
     )
     .unwrap();
-    let out = cachelock(dir.path(), "", &["policy", "simulate", "--json", "--policy"])
-        .arg(&py)
-        .arg("--scenario")
-        .arg(&scenario)
-        .output()
-        .unwrap();
+    let out = cachelock(
+        dir.path(),
+        "",
+        &["policy", "simulate", "--json", "--policy"],
+    )
+    .arg(&py)
+    .arg("--scenario")
+    .arg(&scenario)
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["served_order"], serde_json::json!(["c", "b", "d", "a"]));
     // A configuration the policy refuses is a configuration error naming the key.
-    let out = cachelock(dir.path(), "", &["policy", "check", "--policy-config", "colour=red"])
-        .arg(&py)
-        .output()
-        .unwrap();
+    let out = cachelock(
+        dir.path(),
+        "",
+        &["policy", "check", "--policy-config", "colour=red"],
+    )
+    .arg(&py)
+    .output()
+    .unwrap();
     let t = text(&out);
     assert_eq!(out.status.code(), Some(78), "{t}");
     assert!(t.contains("unknown config key 'colour'"), "{t}");
@@ -171,7 +179,11 @@ fn queued(dir: &Path) -> usize {
 }
 
 fn nanos_in(file: &Path) -> u128 {
-    std::fs::read_to_string(file).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn mtime_nanos(p: &Path) -> u128 {
@@ -232,7 +244,10 @@ fn waiters_share_the_first_compile_and_keep_rank_order() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
         .collect();
-    assert!(!artifacts.is_empty() && artifacts.len() <= 2, "{artifacts:?}");
+    assert!(
+        !artifacts.is_empty() && artifacts.len() <= 2,
+        "{artifacts:?}"
+    );
     let compiled = artifacts.iter().map(|p| mtime_nanos(p)).min().unwrap();
     let released = nanos_in(&dir.join("released"));
     let first: u128 = std::fs::read_to_string(dir.join("acquired"))
@@ -262,20 +277,32 @@ fn a_python_policy_that_sleeps_is_stopped_at_its_time_limit() {
     );
     let start = Instant::now();
     // -v: a policy's info-level log lines show at -v (warnings and errors always).
-    let out = cachelock(dir, &yaml, &["run", "-q", "-v", "--policy", "p", "--lock-dir"])
-        .arg(dir.join("locks"))
-        .args(["l", "true"])
-        .output()
-        .unwrap();
+    let out = cachelock(
+        dir,
+        &yaml,
+        &["run", "-q", "-v", "--policy", "p", "--lock-dir"],
+    )
+    .arg(dir.join("locks"))
+    .args(["l", "true"])
+    .output()
+    .unwrap();
     let t = text(&out);
     assert_eq!(out.status.code(), Some(70), "{t}");
     assert!(
-        t.contains("on-wait") && t.contains("ran past its time limit (300 ms per call; limits.time_ms)"),
+        t.contains("on-wait")
+            && t.contains("ran past its time limit (300 ms per call; limits.time_ms)"),
         "{t}"
     );
-    assert!(t.contains("sleeping in on-wait"), "the policy's log line: {t}");
+    assert!(
+        t.contains("sleeping in on-wait"),
+        "the policy's log line: {t}"
+    );
     // Bounded by the limit, not by the 10-minute sleep (generous: a loaded CI machine).
-    assert!(start.elapsed() < Duration::from_secs(60), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
     // A sleep in configure is a load error (exit 78).
     let yaml = yaml.replace("on-wait", "configure");
     let out = cachelock(dir, &yaml, &["run", "-q", "--policy", "p", "--lock-dir"])
@@ -285,7 +312,10 @@ fn a_python_policy_that_sleeps_is_stopped_at_its_time_limit() {
         .unwrap();
     let t = text(&out);
     assert_eq!(out.status.code(), Some(78), "{t}");
-    assert!(t.contains("configure failed") && t.contains("time limit"), "{t}");
+    assert!(
+        t.contains("configure failed") && t.contains("time limit"),
+        "{t}"
+    );
     holder.release();
 }
 
@@ -317,5 +347,8 @@ fn rank_faults_name_the_ticket_and_big_queues_are_fitted() {
         .map(|i| ticket(&format!("w{i}"), i % 3, 100 + i as u64, &[("blob", &big)]))
         .collect();
     let s = state(ticket("me", 5, 50, &[("rank", "1")]), waiters, 1000, 3);
-    assert!(matches!(p.on_wait(&s).unwrap(), WaitDecision::KeepWaiting(_)));
+    assert!(matches!(
+        p.on_wait(&s).unwrap(),
+        WaitDecision::KeepWaiting(_)
+    ));
 }

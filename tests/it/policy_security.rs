@@ -103,12 +103,21 @@ fn write_config(path: &Path, own: &Path, host: &Path, who: (u32, u32)) -> PathBu
 /// As `attacker`, compiles `builtin:default` and `test-trap` into `stage`, then plants the
 /// trap's code under builtin:default's keys (with matching digests) in `plant`.
 fn plant(attacker: (u32, u32), home: &Path, stage: &Path, plant: &Path) {
-    let cfg = write_config(&home.join("stage.yaml"), stage, &home.join("none"), attacker);
+    let cfg = write_config(
+        &home.join("stage.yaml"),
+        stage,
+        &home.join("none"),
+        attacker,
+    );
     let trap = home.join("trap.wasm");
     std::fs::copy(test_policy("test-trap"), &trap).unwrap();
     std::fs::set_permissions(&trap, std::fs::Permissions::from_mode(0o644)).unwrap();
     for p in ["builtin:default", trap.to_str().unwrap()] {
-        let out = as_user(attacker, home, &["policy", "check", "--config", cfg.to_str().unwrap(), p]);
+        let out = as_user(
+            attacker,
+            home,
+            &["policy", "check", "--config", cfg.to_str().unwrap(), p],
+        );
         // The trap policy's check fails in on-wait; it is compiled all the same.
         assert!(
             out.status.success() || text(&out).contains("about to trap"),
@@ -170,7 +179,17 @@ fn planted_compile_caches_never_run_as_another_user() {
 
     // Control: the planted code is live — its owner, trusting their own cache, runs it.
     let cfg = write_config(&ahome.join("own.yaml"), &planted, &r.join("none"), attacker);
-    let out = as_user(attacker, &ahome, &["policy", "check", "--config", cfg.to_str().unwrap(), "builtin:default"]);
+    let out = as_user(
+        attacker,
+        &ahome,
+        &[
+            "policy",
+            "check",
+            "--config",
+            cfg.to_str().unwrap(),
+            "builtin:default",
+        ],
+    );
     assert!(
         out.status.code() == Some(70) && text(&out).contains("about to trap"),
         "the planted artifact must be effective for the test to mean anything: {}",
@@ -180,7 +199,16 @@ fn planted_compile_caches_never_run_as_another_user() {
     // The attacks, each as a configuration the victim might have.
     let link = shared.join("link");
     let out = Command::new("setpriv")
-        .args(["--reuid", &attacker.0.to_string(), "--regid", &attacker.1.to_string(), "--clear-groups", "--", "ln", "-s"])
+        .args([
+            "--reuid",
+            &attacker.0.to_string(),
+            "--regid",
+            &attacker.1.to_string(),
+            "--clear-groups",
+            "--",
+            "ln",
+            "-s",
+        ])
         .arg(&planted)
         .arg(&link)
         .output()
@@ -197,25 +225,75 @@ fn planted_compile_caches_never_run_as_another_user() {
     }
     let none = vhome.join("none");
     let cases: [(&str, &Path, &Path, &str); 4] = [
-        ("own cache planted by another user", &planted, &none, "owned by uid"),
-        ("own cache is a symlink planted by another user", &link, &none, "symlink"),
-        ("host cache owned by another user", &vhome.join("own"), &planted, "owned by uid"),
-        ("own cache writable by others", &careless, &none, "lets group or others write"),
+        (
+            "own cache planted by another user",
+            &planted,
+            &none,
+            "owned by uid",
+        ),
+        (
+            "own cache is a symlink planted by another user",
+            &link,
+            &none,
+            "symlink",
+        ),
+        (
+            "host cache owned by another user",
+            &vhome.join("own"),
+            &planted,
+            "owned by uid",
+        ),
+        (
+            "own cache writable by others",
+            &careless,
+            &none,
+            "lets group or others write",
+        ),
     ];
     for (i, (what, own, host, why)) in cases.iter().enumerate() {
         let cfg = write_config(&vhome.join(format!("c{i}.yaml")), own, host, victim);
-        let out = as_user(victim, &vhome, &["policy", "check", "--config", cfg.to_str().unwrap(), "builtin:default"]);
+        let out = as_user(
+            victim,
+            &vhome,
+            &[
+                "policy",
+                "check",
+                "--config",
+                cfg.to_str().unwrap(),
+                "builtin:default",
+            ],
+        );
         let t = text(&out);
         assert_eq!(out.status.code(), Some(0), "{what}: {t}");
-        assert!(!t.contains("about to trap"), "{what}: the planted code ran: {t}");
-        assert!(t.contains("is not trusted") && t.contains(why), "{what}: {t}");
+        assert!(
+            !t.contains("about to trap"),
+            "{what}: the planted code ran: {t}"
+        );
+        assert!(
+            t.contains("is not trusted") && t.contains(why),
+            "{what}: {t}"
+        );
     }
     // The old fallback /tmp/cachelock-cache-<uid> is never used: with no HOME and no
     // configured cache, nothing is cached (and nothing planted there is read).
     let out = Command::new("setpriv")
-        .args(["--reuid", &victim.0.to_string(), "--regid", &victim.1.to_string(), "--clear-groups", "--", BIN, "policy", "check", "builtin:default"])
+        .args([
+            "--reuid",
+            &victim.0.to_string(),
+            "--regid",
+            &victim.1.to_string(),
+            "--clear-groups",
+            "--",
+            BIN,
+            "policy",
+            "check",
+            "builtin:default",
+        ])
         .env_clear()
-        .env("CACHELOCK_CONFIG", write_config(&vhome.join("nohome.yaml"), &r.join("unused"), &none, victim))
+        .env(
+            "CACHELOCK_CONFIG",
+            write_config(&vhome.join("nohome.yaml"), &r.join("unused"), &none, victim),
+        )
         .current_dir(&vhome)
         .output()
         .unwrap();
@@ -231,15 +309,17 @@ fn a_root_owned_host_cache_serves_every_user_and_tampering_is_detected() {
     let host = r.join("host-cache");
     // Deploy: root checks the policy; its cache is the host cache.
     let cfg = isolated_config(&r.join("root"), "");
-    std::fs::write(
-        &cfg,
-        format!("policy_host_cache_dir: {}\n", host.display()),
-    )
-    .unwrap();
+    std::fs::write(&cfg, format!("policy_host_cache_dir: {}\n", host.display())).unwrap();
     std::fs::set_permissions(r.join("root"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = Command::new(BIN)
-        .args(["policy", "check", "--config", cfg.to_str().unwrap(), "builtin:priority"])
+        .args([
+            "policy",
+            "check",
+            "--config",
+            cfg.to_str().unwrap(),
+            "builtin:priority",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -250,7 +330,17 @@ fn a_root_owned_host_cache_serves_every_user_and_tampering_is_detected() {
     for who in [victim, attacker] {
         let home = r.join(format!("home-{}", who.0));
         mkdir_owned(&home, who, 0o700);
-        let out = as_user(who, &home, &["policy", "check", "--config", cfg.to_str().unwrap(), "builtin:priority"]);
+        let out = as_user(
+            who,
+            &home,
+            &[
+                "policy",
+                "check",
+                "--config",
+                cfg.to_str().unwrap(),
+                "builtin:priority",
+            ],
+        );
         let t = text(&out);
         assert_eq!(out.status.code(), Some(0), "{t}");
         assert!(t.contains("compiled:  taken from the cache"), "{t}");
@@ -269,7 +359,13 @@ fn a_root_owned_host_cache_serves_every_user_and_tampering_is_detected() {
     bytes[n / 2] ^= 0xff;
     std::fs::write(&art, &bytes).unwrap();
     let out = Command::new(BIN)
-        .args(["policy", "check", "--config", cfg.to_str().unwrap(), "builtin:priority"])
+        .args([
+            "policy",
+            "check",
+            "--config",
+            cfg.to_str().unwrap(),
+            "builtin:priority",
+        ])
         .output()
         .unwrap();
     let t = text(&out);
@@ -341,13 +437,18 @@ fn compile_bombs_are_refused_within_the_budget() {
         let t = text(&out);
         assert_eq!(out.status.code(), Some(78), "{name}: {t}");
         assert!(
-            t.contains("compile budget") && t.contains("512 MiB, 10 s CPU") && t.contains("policy_compile"),
+            t.contains("compile budget")
+                && t.contains("512 MiB, 10 s CPU")
+                && t.contains("policy_compile"),
             "{name}: {t}"
         );
         let out = check();
         let t = text(&out);
         assert_eq!(out.status.code(), Some(78), "{name}: {t}");
-        assert!(t.contains("remembered from an earlier compile"), "{name}: {t}");
+        assert!(
+            t.contains("remembered from an earlier compile"),
+            "{name}: {t}"
+        );
         // No oversized artifact or temp file is left behind.
         let left: u64 = std::fs::read_dir(tmp.path().join("cache"))
             .unwrap()
