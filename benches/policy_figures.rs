@@ -13,14 +13,13 @@
 //! `cargo bench --bench policy_figures` (needs componentize-py, as the tests do). Prints a
 //! Markdown table; docs/policies.md quotes it.
 
-#[allow(dead_code)]
 #[path = "../tests/it/support/policy.rs"]
 mod policy_support;
 
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cachelock::policy::{self as pol, Policy};
 use policy_support::*;
@@ -28,13 +27,6 @@ use policy_support::*;
 fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
     v.sort();
     v[v.len() / 2]
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 fn ms(d: Duration) -> String {
@@ -260,6 +252,8 @@ fn main() {
     // Anchor: an uncontended run loads no policy.
     let mut rss = Vec::new();
     for _ in 0..5 {
+        // Reaped by wait4 in `wait_rss` (std's wait gives no rusage).
+        #[allow(clippy::zombie_processes)]
         let child = Command::new(BIN)
             .args(["run", "-q", "--lock-dir"])
             .arg(warm.join("anchor-locks"))
