@@ -354,9 +354,8 @@ fn simulate_file(dir: &Path, policy: &str, scenario: &Path) -> serde_json::Value
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// `policy new --lang python` scaffolds a policy that componentize-py builds and that passes
-/// `policy simulate`; `--lang js` writes the files its README builds with componentize-js (not
-/// installed by `make setup`: see docs/policies.md for what a JS build costs).
+/// `policy new --lang python|js` scaffolds policies that componentize-py and componentize-js
+/// (both installed by `make setup`) build and that pass `policy simulate`.
 #[test]
 fn new_scaffolds_python_and_js_policies() {
     let dir = tempfile::tempdir().unwrap();
@@ -414,9 +413,26 @@ fn new_scaffolds_python_and_js_policies() {
         pkg["devDependencies"]["@bytecodealliance/componentize-js"],
         "0.23.0"
     );
-    let js = std::fs::read_to_string(root.join("policy.js")).unwrap();
-    assert!(js.contains("export const lockPolicy") && js.contains("export function configure"));
     assert!(root.join("wit/policy.wit").is_file());
+    // The package's build script, run with the componentize-js `make setup` installed.
+    let version = Command::new("componentize-js")
+        .arg("--version")
+        .output()
+        .expect("componentize-js is needed: run `make setup` (npm install -g @bytecodealliance/componentize-js@0.23.0)");
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), "0.23.0");
+    let script = pkg["scripts"]["build"].as_str().unwrap();
+    let build = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{}", text(&build));
+    let v = simulate_file(
+        dir.path(),
+        root.join("js-team.wasm").to_str().unwrap(),
+        &root.join("scenario.yaml"),
+    );
+    assert_eq!(served(&v), ["main", "pr-1", "pr-2"]);
     let bad = run(dir.path(), &["policy", "new", "x", "--lang", "cobol"]);
     assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
 }
