@@ -352,3 +352,30 @@ fn rank_faults_name_the_ticket_and_big_queues_are_fitted() {
         WaitDecision::KeepWaiting(_)
     ));
 }
+
+/// Past `policy_compile.wait_seconds`, a waiter whose policy is still compiling ranks by the
+/// fallback (priority) instead of waiting on, and by the policy once it is compiled.
+#[test]
+fn past_the_wait_bound_ranks_fall_back_to_priority_until_compiled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let l = loaded(tmp.path(), "policy_compile: {wait_seconds: 0}\n");
+    let settings = l.config.lock_settings("l");
+    let py = python_policy().display().to_string();
+    let mut p = policy::for_lock(&l, &settings, Some(&py), &[]).unwrap();
+    let t = ticket("a", 2, 5, &[("rank", "40")]);
+    // An empty cache: the compile takes seconds; the bound is 0 s.
+    p.ready().unwrap();
+    assert_eq!(p.rank(&t, 10).unwrap(), 2, "fallback: rank = priority");
+    let start = Instant::now();
+    loop {
+        p.ready().unwrap();
+        if p.rank(&t, 10).unwrap() == 42 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the policy never finished compiling"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
