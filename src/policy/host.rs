@@ -666,6 +666,13 @@ impl Policy for WasmPolicy {
             StartFailure::TimedOut(ms) => wit::StartFailure::TimedOut(*ms),
             StartFailure::Exited(c) => wit::StartFailure::Exited(*c),
         };
+        // The tail's end is what matters (the last lines of the log): keep that part.
+        let max = self.limits.input_bytes();
+        let mut cut = log_tail.len().saturating_sub(max);
+        while !log_tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let log_tail = &log_tail[cut..];
         let d = self.call("on-start-failure", |s, p| {
             p.cachelock_policy_dockerd_policy()
                 .call_on_start_failure(s, &a, f, log_tail)
