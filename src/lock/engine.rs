@@ -357,10 +357,12 @@ impl Waiter<'_> {
                 .map_err(|e| Error::io(format!("cannot read {}", self.paths.queue.display()), e))
         };
         let mut snap = scan()?;
-        // Contended: load the policy before ranking (a bounded wait for a compile); a snapshot
-        // taken before that wait is stale and is taken again. An uncontended request never
-        // loads its policy.
-        if !(snap.waiters.is_empty() && snap.holders.is_empty()) && policy.ready()? {
+        // When the policy will be consulted (others to rank, or a holder to wait for), load it
+        // first (a bounded wait for a compile); a snapshot taken before that wait is stale and
+        // is taken again. An uncontended request, or `-n` behind a holder alone, never loads it.
+        let consulted = !snap.waiters.is_empty()
+            || (!snap.holders.is_empty() && self.opts.wait_limit_ms != Some(0));
+        if consulted && policy.ready()? {
             snap = scan()?;
         }
         let now = now_ms();
