@@ -332,3 +332,21 @@ fn matching_pin_is_accepted_and_uncontended_runs_never_load_the_policy() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// `-n` behind a holder alone consults no policy: a module that is not even WebAssembly (or a
+/// Python one that would take seconds to compile) costs nothing; the conflict is reported.
+#[test]
+fn nonblocking_behind_a_holder_never_loads_the_policy() {
+    let held = Held::new(Duration::from_secs(1));
+    let junk = held.path().join("junk.wasm");
+    std::fs::write(&junk, b"junk").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-n", "--lock-dir"])
+        .arg(held.path().join("locks"))
+        .args(["--policy", junk.to_str().unwrap(), "l", "true"])
+        .env("CACHELOCK_CONFIG", isolated_config(held.path(), ""))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    held.assert_intact();
+}
