@@ -1,15 +1,13 @@
-//! Command-line interface: argument definitions and dispatch to `commands`.
-//!
-//! A lock request flows CLI ([`LockArgs`]) → configuration (`config`) → engine (`lock`) →
-//! policy (`policy`). Usage errors exit 64 (not clap's 2), as flock(1)/sysexits do.
+//! The command line: clap definitions only. Flags become validated options in
+//! `request.rs`; nothing in the library sees these types.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::WaitMode;
-use crate::error::{code, Error};
+use cachelock::config::WaitMode;
+use cachelock::error::code;
 
 /// Fair, priority-aware locks for shared build caches, with policies in WebAssembly.
 #[derive(Debug, Parser)]
@@ -37,6 +35,14 @@ pub enum Command {
     Dockerd(DockerdArgs),
     /// Earthly's dockerd-wrapper.sh contract (`execute CMD...`, `get-compose-config`).
     Earthly(EarthlyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `cachelock man > /usr/local/share/man/man1/cachelock.1`.
+    Man,
 }
 
 /// Options shared by everything that takes a lock (`run`, `dockerd`).
@@ -73,7 +79,7 @@ pub struct LockArgs {
     #[arg(short = 'k', long = "queue-key", value_name = "KEY")]
     pub queue_key: Option<String>,
     /// How to wait: notify (inotify), poll, or auto (poll on network filesystems).
-    #[arg(long = "wait-mode", value_enum)]
+    #[arg(long = "wait-mode", value_name = "auto|notify|poll", value_parser = parse_wait_mode)]
     pub wait_mode: Option<WaitMode>,
     /// No progress lines while waiting.
     #[arg(short = 'q', long = "quiet")]
@@ -94,6 +100,7 @@ pub struct LockArgs {
 
 /// `cachelock run`.
 #[derive(Debug, Args)]
+#[command(after_long_help = exit_codes_help())]
 pub struct RunArgs {
     /// Lock options.
     #[command(flatten)]
@@ -126,6 +133,10 @@ pub struct StatusArgs {
     /// Configuration file (YAML).
     #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Also show the cached data roots under this cache root: sizes, last use, holders, the
+    /// cap (`dockerd.cache_max_size`) and recent evictions.
+    #[arg(long = "cache-root", value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
 }
 
 /// `cachelock policy ...`.
@@ -237,15 +248,17 @@ pub struct EarthlyArgs {
     pub args: Vec<OsString>,
 }
 
-impl LockArgs {
-    /// The caller's bound on waiting in milliseconds: `-n` gives 0, `-w S` gives S·1000.
-    pub fn wait_limit_ms(&self) -> Option<u64> {
-        if self.nonblock {
-            Some(0)
-        } else {
-            self.wait.map(|s| (s * 1000.0).round() as u64)
-        }
+fn parse_wait_mode(s: &str) -> Result<WaitMode, String> {
+    s.parse()
+}
+
+/// The exit code table, for `run --help` (the same table as the README's).
+fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:\n");
+    for (c, meaning) in cachelock::error::EXIT_CODES {
+        s.push_str(&format!("  {c:<14} {}\n", meaning.replace('`', "")));
     }
+    s
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -263,44 +276,4 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
-}
-
-/// Parses the command line (`dockerd-wrapper.sh` as argv[0] means the Earthly drop-in), sets up
-/// logging, runs the command and returns the process exit code.
-pub fn main() -> i32 {
-    let mut args: Vec<OsString> = std::env::args_os().collect();
-    let invoked_as = args
-        .first()
-        .and_then(|a| PathBuf::from(a).file_name().map(|f| f.to_owned()));
-    if invoked_as.as_deref() == Some(std::ffi::OsStr::new("dockerd-wrapper.sh")) {
-        args.insert(1, OsString::from("earthly"));
-    }
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => code::USAGE,
-            };
-        }
-    };
-    crate::output::init_logging(cli.verbose);
-    let result = match cli.command {
-        Command::Run(a) => crate::commands::run::execute(a),
-        Command::Status(a) => crate::commands::status::execute(a),
-        Command::Policy(p) => crate::commands::policy::execute(p),
-        Command::Dockerd(a) => crate::commands::dockerd::execute(a),
-        Command::Earthly(a) => crate::commands::earthly::execute(a),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => report(&e),
-    }
-}
-
-/// Prints an error the way every command does and returns its exit code.
-pub fn report(e: &Error) -> i32 {
-    eprintln!("cachelock: {e}");
-    e.exit_code()
 }

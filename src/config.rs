@@ -18,11 +18,13 @@ pub const SYSTEM_CONFIG: &str = "/etc/cachelock/config.yaml";
 pub const SYSTEM_LOCK_DIR: &str = "/var/lib/cachelock";
 /// Default dockerd cache root.
 pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/cachelock/dind";
+/// Most slots a lock may have (each is a lock file, or a data root for dockerd).
+pub const MAX_SLOTS: u32 = 256;
 /// Name of the policy used by locks that no rule binds.
 pub const DEFAULT_POLICY: &str = "default";
 
 /// How a waiter learns that the queue changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum WaitMode {
     /// `notify` on local filesystems, `poll` on network filesystems (detected with statfs).
@@ -32,6 +34,20 @@ pub enum WaitMode {
     Notify,
     /// Re-evaluate at the interval the policy returns (the head polls faster).
     Poll,
+}
+
+impl std::str::FromStr for WaitMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(WaitMode::Auto),
+            "notify" => Ok(WaitMode::Notify),
+            "poll" => Ok(WaitMode::Poll),
+            _ => Err(format!(
+                "{s:?} is not a wait mode: use auto, notify or poll"
+            )),
+        }
+    }
 }
 
 /// What a policy fault (trap, fuel, memory, deadline, configure error) does to the request.
@@ -197,6 +213,17 @@ pub struct DockerdConfig {
     pub image_prefix: Option<String>,
     /// Lines of dockerd's log passed to `on-start-failure` and shown on failure (default 40).
     pub log_tail_lines: Option<usize>,
+    /// dockerd's log when free (claimed per daemon), or `off` for the per-instance log. Default:
+    /// `/var/log/docker.log` for the Earthly drop-in, `off` for `cachelock dockerd`.
+    pub log_file: Option<String>,
+    /// A unix socket dockerd also listens on when free (claimed per daemon), or `off`. Default:
+    /// `/var/run/docker.sock` for the Earthly drop-in, `off` for `cachelock dockerd`.
+    pub default_socket: Option<String>,
+    /// Cap on the total size of the cached data roots under a cache root (bytes, or with a
+    /// suffix K, M, G, T in powers of 1024); least recently used roots that nobody holds are
+    /// evicted after a cached run. Unset: no cap.
+    #[serde(default, deserialize_with = "de_size")]
+    pub cache_max_size: Option<u64>,
 }
 
 /// What the configuration says about one lock, after rules and defaults are applied.
@@ -279,8 +306,12 @@ impl Config {
                     ));
                 }
             }
-            if rule.slots == Some(0) {
-                return Err(format!("key `locks[{i}].slots`: must be at least 1"));
+            if let Some(n) = rule.slots {
+                if !(1..=MAX_SLOTS).contains(&n) {
+                    return Err(format!(
+                        "key `locks[{i}].slots`: must be from 1 to {MAX_SLOTS}"
+                    ));
+                }
             }
         }
         if let Some(p) = &self.default_policy {
@@ -298,14 +329,14 @@ impl Config {
                 }
             }
         }
-        for (key, v) in [
-            ("progress_interval", self.progress_interval),
-            ("queue_key_grace", self.queue_key_grace),
+        for (key, v, max) in [
+            ("progress_interval", self.progress_interval, 86_400.0),
+            ("queue_key_grace", self.queue_key_grace, 31_536_000.0),
         ] {
             if let Some(v) = v {
-                if !(v.is_finite() && v >= 0.0) {
+                if !(v.is_finite() && (0.0..=max).contains(&v)) {
                     return Err(format!(
-                        "key `{key}`: must be a non-negative number of seconds"
+                        "key `{key}`: must be a number of seconds from 0 to {max}"
                     ));
                 }
             }
@@ -403,47 +434,83 @@ pub fn builtin_policy(name: &str) -> Option<&'static str> {
 /// `<tmp>/cachelock-<uid>`.
 pub fn default_lock_dir() -> PathBuf {
     let system = Path::new(SYSTEM_LOCK_DIR);
-    if writable_dir(system) || std::fs::create_dir_all(system).is_ok() && writable_dir(system) {
+    let writable = |p: &Path| p.is_dir() && crate::sys::can_write_dir(p);
+    if writable(system) || std::fs::create_dir_all(system).is_ok() && writable(system) {
         return system.to_path_buf();
     }
     if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         return PathBuf::from(run).join("cachelock");
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    std::env::temp_dir().join(format!("cachelock-{uid}"))
+    std::env::temp_dir().join(format!("cachelock-{}", crate::sys::uid()))
 }
 
-fn writable_dir(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path.
-    p.is_dir() && unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0
-}
-
+/// An octal mode, written `"0640"`, `0640` or `0o640` (all mean rw-r-----). Read as the
+/// scalar's text: YAML itself would read `0o640` as the integer 416 and `0640` as 640.
 fn de_octal<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {
-    let s: Option<serde_yaml::Value> = Option::deserialize(d)?;
-    let Some(v) = s else { return Ok(None) };
-    let text = match &v {
-        serde_yaml::Value::String(s) => s.clone(),
-        serde_yaml::Value::Number(n) => n.to_string(),
-        _ => {
-            return Err(serde::de::Error::custom(
-                "expected an octal mode such as \"0664\"",
-            ))
-        }
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
     };
-    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
-        serde::de::Error::custom(format!("{text:?} is not an octal mode such as \"0664\""))
-    })?;
+    let digits = text.trim();
+    let digits = digits
+        .strip_prefix("0o")
+        .or_else(|| digits.strip_prefix("0O"))
+        .unwrap_or(digits);
+    let mode = u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|_| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an octal mode such as \"0664\" (also 0664 or 0o664)"
+            ))
+        })?;
     if mode > 0o7777 {
         return Err(serde::de::Error::custom(format!(
-            "mode {text:?} is out of range"
+            "mode {text:?} is out of range (at most 07777)"
         )));
     }
     Ok(Some(mode))
+}
+
+/// Parses a size: bytes, or a number with K, M, G or T (powers of 1024; `KiB`, `MB`... too).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 500M or 20G"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{text:?} has an unknown unit; use K, M, G or T")),
+    };
+    let bytes = n * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
+    let v: Option<serde_yaml::Value> = Option::deserialize(d)?;
+    match v {
+        None => Ok(None),
+        Some(serde_yaml::Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom("a size must be a non-negative integer")),
+        Some(serde_yaml::Value::String(s)) => {
+            parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+        }
+        Some(_) => Err(serde::de::Error::custom(
+            "expected a size such as 500M or 20G",
+        )),
+    }
 }
 
 fn de_string_map<'de, D: Deserializer<'de>>(
@@ -511,12 +578,46 @@ mod tests {
     }
 
     #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1").unwrap(), 1);
+        assert_eq!(parse_size("2K").unwrap(), 2048);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("20 G").unwrap(), 20 << 30);
+        assert!(parse_size("20X").is_err());
+        assert!(parse_size("-1").is_err());
+        let c = Config::parse("dockerd:\n  cache_max_size: 10M\n").unwrap();
+        assert_eq!(c.dockerd.cache_max_size, Some(10 << 20));
+        let e = Config::parse("dockerd:\n  cache_max_size: lots\n").unwrap_err();
+        assert!(e.contains("cache_max_size"), "{e}");
+    }
+
+    #[test]
     fn modes_and_config_values() {
         let c = Config::parse(
             "file_mode: \"0640\"\npolicies:\n  p:\n    module: builtin:priority\n    config: {aging_per_minute: 5, boost: true, label: main}\n",
         )
         .unwrap();
         assert_eq!(c.file_mode, Some(0o640));
+        for same in [
+            "file_mode: 0o640\n",
+            "file_mode: 0640\n",
+            "file_mode: '0640'\n",
+        ] {
+            assert_eq!(
+                Config::parse(same).unwrap().file_mode,
+                Some(0o640),
+                "{same}"
+            );
+        }
+        for bad in [
+            "file_mode: rw\n",
+            "file_mode: 0o\n",
+            "file_mode: 0o17777\n",
+            "file_mode: -1\n",
+        ] {
+            let e = Config::parse(bad).unwrap_err();
+            assert!(e.contains("file_mode"), "{bad}: {e}");
+        }
         let p = c.policy_def("p").unwrap();
         assert_eq!(p.config["aging_per_minute"], "5");
         assert_eq!(p.config["boost"], "true");

@@ -1,8 +1,9 @@
 //! Errors and the exit codes they map to (flock(1) and sysexits.h conventions).
 //!
-//! Every exit code cachelock can return is listed in [`code`] and in the README's table; an
-//! error carries the code it ends with, so the place that detects a problem decides how it is
-//! reported and nobody downstream has to guess.
+//! Every exit code cachelock can return is named in [`code`] and described once, in
+//! [`EXIT_CODES`] (printed by `cachelock run --help`; the README's table is checked against it by
+//! a test). An error carries the kind it ends with, so the place that detects a problem decides
+//! how it is reported and nobody downstream has to guess.
 
 use std::fmt;
 
@@ -20,9 +21,10 @@ pub mod code {
     pub const UNAVAILABLE: i32 = 69;
     /// Internal error, or a policy fault under `on_error: fail`.
     pub const SOFTWARE: i32 = 70;
-    /// An operating-system error (fork, signals).
+    /// An operating-system error (signal set-up, waiting for a child).
     pub const OSERR: i32 = 71;
-    /// The lock directory (or a data root) cannot be created.
+    /// Something cannot be created: the lock directory, a cache root, a data root, a
+    /// `policy new` folder (or one is a symlink or exists already).
     pub const CANTCREAT: i32 = 73;
     /// An I/O error on a lock or ticket file.
     pub const IOERR: i32 = 74;
@@ -35,6 +37,24 @@ pub mod code {
     /// The command was not found.
     pub const NOT_FOUND: i32 = 127;
 }
+
+/// Every exit code and what it means, in the README's words (`code`, `meaning`).
+pub const EXIT_CODES: &[(&str, &str)] = &[
+    ("the command's", "the command ran; 128+N if signal N ended it"),
+    ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`; Earthly drop-in: an EarthBuild flag this version does not know, or `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD` ran (as Earthly's wrapper)"),
+    ("64", "usage: bad option, bad lock name (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`), bad `KEY=VALUE`, bad `CACHELOCK_*` variable"),
+    ("65", "bad data: a `policy simulate` scenario"),
+    ("66", "an input file is missing or unreadable (`--load` tarball, scenario)"),
+    ("69", "dockerd missing or never became ready (its whole log shown, 64 KiB at most); docker CLI or compose missing; a registry pull of the Earthly drop-in failed"),
+    ("70", "a policy fault under `on_error: fail` (trap, fuel, memory), or an internal error"),
+    ("71", "an operating-system error: signal handlers cannot be installed, the command cannot be waited for"),
+    ("73", "cannot create the lock directory, cache root, a data root or a `policy new` folder (or it is a symlink, or the folder exists)"),
+    ("74", "I/O error on a lock, ticket or metadata file (also: a symlink or FIFO planted in their place)"),
+    ("77", "no permission (cache root not writable)"),
+    ("78", "bad configuration: YAML (file, line and key are named), policy module (missing, not a component, another world, sha256 mismatch, `configure` error), daemon.json"),
+    ("126 / 127", "the command cannot be executed / was not found"),
+    ("128+N", "cachelock was ended by signal N while waiting (its ticket is removed)"),
+];
 
 /// What went wrong, and therefore which exit code it ends with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,3 +150,71 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row of [`EXIT_CODES`] that documents `code`.
+    fn documented(code: i32) -> Option<&'static str> {
+        EXIT_CODES.iter().map(|(c, _)| *c).find(|c| match code {
+            1 => c.starts_with("1 "),
+            126 | 127 => *c == "126 / 127",
+            n if n > 128 => *c == "128+N",
+            n => *c == n.to_string(),
+        })
+    }
+
+    #[test]
+    fn every_kind_is_documented() {
+        let kinds = [
+            Kind::Conflict(1),
+            Kind::Usage,
+            Kind::DataErr,
+            Kind::NoInput,
+            Kind::Unavailable,
+            Kind::Software,
+            Kind::OsErr,
+            Kind::CantCreate,
+            Kind::IoErr,
+            Kind::NoPerm,
+            Kind::Config,
+            Kind::CannotExecute,
+            Kind::NotFound,
+            Kind::Signal(15),
+        ];
+        for k in kinds {
+            let c = Error::new(k, "").exit_code();
+            assert!(
+                documented(c).is_some(),
+                "{k:?} exits {c}, which EXIT_CODES does not describe"
+            );
+        }
+    }
+
+    #[test]
+    fn readme_table_is_exit_codes() {
+        let readme = include_str!("../README.md");
+        let table: Vec<(String, String)> = readme
+            .split("### Exit codes")
+            .nth(1)
+            .expect("README has an `### Exit codes` section")
+            .lines()
+            .skip_while(|l| !l.starts_with("| code"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+                (cells[0].to_string(), cells[1..].join(" | "))
+            })
+            .collect();
+        let want: Vec<(String, String)> = EXIT_CODES
+            .iter()
+            .map(|(c, m)| (c.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(
+            table, want,
+            "README's exit code table differs from error::EXIT_CODES"
+        );
+    }
+}

@@ -1,11 +1,12 @@
-//! cachelock: fair, priority-aware flock locks for shared build caches.
+//! cachelock: fair, priority-aware locks for shared build caches.
 //!
-//! A lock request flows [`cli`] → [`config`] → [`lock`] (the engine: kernel flock for safety,
-//! a ticket queue for order) → [`policy`] (every timeout, retry and priority decision, made by a
-//! sandboxed WebAssembly component). [`dockerd`] runs one Docker daemon per locked data root.
+//! A lock request flows from the binary's `LockRequest` (command line + [`config`] +
+//! environment) → [`lock`] (the engine: a ticket queue for order, a [`lock::backend::Backend`]
+//! for exclusion) → [`policy`] (every timeout, retry and priority decision, made by a sandboxed
+//! WebAssembly component). [`dockerd`] runs one Docker daemon per locked data root;
+//! [`process`] runs a command so that the lock covers it; [`output`] renders what people read;
+//! [`sys`] is the one system-call layer. The library knows nothing of the command line.
 
-pub mod cli;
-pub mod commands;
 pub mod config;
 pub mod dockerd;
 pub mod error;
@@ -13,3 +14,4 @@ pub mod lock;
 pub mod output;
 pub mod policy;
 pub mod process;
+pub mod sys;

@@ -1,3 +1,55 @@
+//! The `cachelock` binary: parse the command line, dispatch to one sub-command, print an error
+//! and exit with its code. The only place errors become exit codes.
+
+mod cli;
+mod commands;
+mod request;
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::Parser;
+
+use cachelock::error::code;
+use cli::{Cli, Command};
+
 fn main() {
-    std::process::exit(cachelock::cli::main());
+    std::process::exit(run());
+}
+
+fn run() -> i32 {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    // Installed as Earthly's `dockerd-wrapper.sh`, the binary is the Earthly drop-in.
+    let invoked_as = args.first().and_then(|a| Path::new(a).file_name());
+    if invoked_as == Some("dockerd-wrapper.sh".as_ref()) {
+        args.insert(1, OsString::from("earthly"));
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                // Usage errors exit 64 (not clap's 2), as flock(1) and sysexits.h do.
+                _ => code::USAGE,
+            };
+        }
+    };
+    cachelock::output::init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Run(a) => commands::run::execute(a),
+        Command::Status(a) => commands::status::execute(a),
+        Command::Policy(p) => commands::policy::execute(p),
+        Command::Dockerd(a) => commands::dockerd::execute(a),
+        Command::Earthly(a) => commands::earthly::execute(a),
+        Command::Completions { shell } => commands::docs::completions(shell),
+        Command::Man => commands::docs::man(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cachelock: {e}");
+            e.exit_code()
+        }
+    }
 }

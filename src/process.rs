@@ -1,52 +1,62 @@
-//! Child processes: spawning with inherited lock descriptors and a parent-death signal,
-//! forwarding SIGINT/SIGTERM, and turning an exit status into cachelock's exit code.
+//! Child processes and signals: running a command so that a held lock covers it, the one rule
+//! for signals, and turning an exit status into cachelock's exit code.
 //!
-//! Why inherit: a SIGKILLed cachelock must not free a lock while its command still runs, so the
-//! locked descriptor is passed to the command (Rust opens everything `O_CLOEXEC`). Why a
-//! parent-death signal: the command is then told to stop when cachelock dies, so the lock is not
-//! held by an orphan for long. `PR_SET_PDEATHSIG` fires when the *thread* that forked exits:
-//! spawn from the main thread (or one that lives as long as the process).
+//! **Containment.** A lock covers its command the way its backend says
+//! ([`Containment`]): for flock, the command inherits the locked descriptor (Rust opens
+//! everything `O_CLOEXEC`), so a SIGKILLed cachelock cannot free the lock while its command
+//! runs; and the command gets a parent-death signal so that it is told to stop when cachelock
+//! dies. `PR_SET_PDEATHSIG` fires when the *thread* that forked exits: commands are spawned from
+//! the main thread.
+//!
+//! **Signals, as under flock(1).** The command runs in cachelock's process group, so a Ctrl-C
+//! typed at the terminal, and terminal input, reach it directly. cachelock forwards only what
+//! the command would not receive itself: SIGINT, SIGTERM and SIGHUP *sent to cachelock* (by
+//! `kill`, a CI runner's timeout...), never the terminal-generated ones, which the command
+//! already got (a second SIGINT makes tools such as terraform force-quit).
 
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use crate::error::{code, Error, Kind};
+use crate::error::{code, Error, Kind, Result};
+use crate::lock::Containment;
 
-/// Signals cachelock forwards to its command (and that end a wait cleanly).
-pub const FORWARDED: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// Signals that end a wait cleanly and are forwarded to a running command when sent to
+/// cachelock.
+pub const TERMINATING: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// Spawns `cmd` with `inherit` descriptors left open across exec and `pdeathsig` delivered to
 /// the child if cachelock dies.
 pub fn spawn(cmd: &mut Command, inherit: &[RawFd], pdeathsig: i32) -> io::Result<Child> {
     let inherit = inherit.to_vec();
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (fcntl, prctl, getppid, kill, getpid) on values captured before the fork.
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only makes raw system calls
+    // (fcntl, prctl, getppid, kill) on values captured before the fork.
     unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &inherit {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, pdeathsig as libc::c_ulong, 0, 0, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died between fork and prctl: then nobody will signal us.
-            if libc::getppid() != parent {
-                libc::kill(libc::getpid(), pdeathsig);
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || crate::sys::prepare_child(&inherit, pdeathsig, parent));
     }
     cmd.spawn()
+}
+
+/// Runs `cmd` so that the lock behind `containment` covers it, forwarding signals per the
+/// module's rule; returns the exit code cachelock reports (the command's, or 128+N).
+pub fn run_contained(
+    cmd: &mut Command,
+    containment: &Containment,
+    signals: &Signals,
+) -> Result<i32> {
+    let program = cmd.get_program().to_owned();
+    let inherit = match containment {
+        Containment::Inherit(fds) => fds.as_slice(),
+    };
+    let mut child = spawn(cmd, inherit, libc::SIGTERM).map_err(|e| spawn_error(&program, e))?;
+    let status = wait_forwarding(&mut child, signals)
+        .map_err(|e| Error::new(Kind::OsErr, format!("cannot wait for the command: {e}")))?;
+    Ok(exit_code(status))
 }
 
 /// Maps a failure to start the command to 127 (not found) or 126 (cannot execute), as shells do.
@@ -74,79 +84,121 @@ pub fn exit_code(status: ExitStatus) -> i32 {
     }
 }
 
-/// SIGINT/SIGTERM/SIGHUP (and SIGCHLD, to wake a waiting parent) caught into flags plus a
-/// self-pipe, so that a waiting loop can `poll` for them alongside other descriptors.
+/// Where a caught signal came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Sent by a process (`kill`, `sigqueue`): only cachelock got it.
+    Sent,
+    /// Generated by the terminal (Ctrl-C, hang-up): the whole foreground process group got it.
+    Terminal,
+}
+
+const SENT: u8 = 1;
+const TERMINAL: u8 = 2;
+
+/// SIGINT/SIGTERM/SIGHUP (and SIGCHLD, to wake a waiting parent) caught with their origin into
+/// flags plus a self-pipe, so that a waiting loop can `poll` for them beside other descriptors.
 pub struct Signals {
-    flags: Vec<(i32, Arc<AtomicBool>)>,
     read: UnixStream,
-    ids: Vec<signal_hook::SigId>,
+    flags: Arc<[AtomicU8; TERMINATING.len()]>,
+    ids: Vec<signal_hook_registry::SigId>,
 }
 
 impl Signals {
-    /// Installs the handlers. Keep the value alive for as long as signals should be caught.
-    pub fn install() -> io::Result<Self> {
+    /// Installs the handlers (exit 71 when that fails). Keep the value alive for as long as
+    /// signals should be caught.
+    pub fn install() -> Result<Self> {
+        Self::try_install()
+            .map_err(|e| Error::new(Kind::OsErr, format!("cannot install signal handlers: {e}")))
+    }
+
+    fn try_install() -> io::Result<Self> {
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
-        let mut flags = Vec::new();
+        let write = Arc::new(write);
+        let flags: Arc<[AtomicU8; TERMINATING.len()]> = Arc::new(Default::default());
         let mut ids = Vec::new();
-        for sig in FORWARDED.iter().copied().chain([libc::SIGCHLD]) {
-            let flag = Arc::new(AtomicBool::new(false));
-            ids.push(signal_hook::flag::register(sig, flag.clone())?);
-            ids.push(signal_hook::low_level::pipe::register(
-                sig,
-                write.try_clone()?,
-            )?);
-            flags.push((sig, flag));
+        for (i, sig) in TERMINATING
+            .iter()
+            .copied()
+            .map(Some)
+            .chain([None])
+            .enumerate()
+        {
+            let (flags, write) = (flags.clone(), write.clone());
+            let action = move |info: &libc::siginfo_t| {
+                if sig.is_some() {
+                    let origin = if info.si_code == libc::SI_KERNEL {
+                        TERMINAL
+                    } else {
+                        SENT
+                    };
+                    flags[i].fetch_or(origin, Ordering::SeqCst);
+                }
+                // A raw write(2): async-signal-safe; a full pipe already holds a wake-up.
+                let _ = rustix::io::write(write.as_fd(), &[1]);
+            };
+            let signal = sig.unwrap_or(libc::SIGCHLD);
+            // SAFETY: the action only does atomic operations and one write(2), both
+            // async-signal-safe, and allocates nothing.
+            ids.push(unsafe { signal_hook_registry::register_sigaction(signal, action) }?);
         }
-        Ok(Self { flags, read, ids })
+        Ok(Self { read, flags, ids })
     }
 
     /// A descriptor that becomes readable when a signal arrives (for `poll`).
-    pub fn fd(&self) -> RawFd {
-        self.read.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
     }
 
-    /// Empties the wake-up pipe and returns the terminating signals (not SIGCHLD) received since
-    /// the last call, in FORWARDED order.
-    pub fn take(&self) -> Vec<i32> {
+    /// Empties the wake-up pipe and returns the terminating signals received since the last
+    /// call, in [`TERMINATING`] order, with their origin (`Sent` if any copy was sent).
+    pub fn take(&self) -> Vec<(i32, Origin)> {
         let mut buf = [0u8; 64];
         while matches!((&self.read).read(&mut buf), Ok(n) if n > 0) {}
-        self.flags
+        TERMINATING
             .iter()
-            .filter(|(sig, _)| *sig != libc::SIGCHLD)
-            .filter(|(_, f)| f.swap(false, Ordering::SeqCst))
-            .map(|(sig, _)| *sig)
+            .zip(self.flags.iter())
+            .filter_map(|(sig, f)| match f.swap(0, Ordering::SeqCst) {
+                0 => None,
+                bits if bits & SENT != 0 => Some((*sig, Origin::Sent)),
+                _ => Some((*sig, Origin::Terminal)),
+            })
             .collect()
     }
 
-    /// Waits until the fd is readable or `timeout_ms` passes (-1: forever).
+    /// The first terminating signal received since the last call, whatever its origin (a wait
+    /// ends on either).
+    pub fn take_terminating(&self) -> Option<i32> {
+        self.take().first().map(|(sig, _)| *sig)
+    }
+
+    /// Waits until a signal arrives or `timeout_ms` passes (-1: forever).
     pub fn wait(&self, timeout_ms: i32) {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        let timeout =
+            (timeout_ms >= 0).then(|| std::time::Duration::from_millis(timeout_ms as u64));
+        crate::sys::poll_readable(&[self.fd()], timeout);
     }
 }
 
 impl Drop for Signals {
     fn drop(&mut self) {
         for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
+            signal_hook_registry::unregister(id);
         }
     }
 }
 
-/// Waits for `child`, forwarding every terminating signal cachelock receives meanwhile.
-/// Returns the child's status.
+/// Waits for `child`, forwarding to it every terminating signal *sent* to cachelock meanwhile
+/// (terminal-generated ones already reached it). Returns the child's status.
 pub fn wait_forwarding(child: &mut Child, signals: &Signals) -> io::Result<ExitStatus> {
     loop {
-        for sig in signals.take() {
-            // SAFETY: kill with the child's pid; a failure (already gone) is harmless.
-            unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        for (sig, origin) in signals.take() {
+            if origin == Origin::Sent {
+                // A failure (already gone) is harmless.
+                let _ = crate::sys::kill(child.id() as i32, sig);
+            }
         }
         if let Some(status) = child.try_wait()? {
             return Ok(status);
@@ -159,6 +211,7 @@ pub fn wait_forwarding(child: &mut Child, signals: &Signals) -> io::Result<ExitS
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn exit_codes_and_signals() {

@@ -3,24 +3,33 @@
 
 use std::path::PathBuf;
 
+use cachelock::config::{self, Loaded};
+use cachelock::dockerd::{claim, hygiene, root, session, setup, usage};
+use cachelock::error::{Error, Result};
+use cachelock::lock::{Acquired, Containment, Store};
+use cachelock::process::Signals;
+
 use crate::cli::DockerdArgs;
-use crate::config::{self, Loaded};
-use crate::dockerd::{hygiene, network, root, session, setup};
-use crate::error::{Error, Result};
-use crate::process::Signals;
+use crate::request::LockRequest;
 
 /// Runs `cachelock dockerd`; returns the exit code.
 pub fn execute(args: DockerdArgs) -> Result<i32> {
-    if let Some(id) = &args.cache_id {
-        crate::lock::name::validate(id)?;
-    }
     if args.lock.shared {
         return Err(Error::usage(
             "--shared makes no sense for `cachelock dockerd`: one dockerd owns a data root; use slots (`locks: [{match: ID, slots: N}]`) for parallel builds",
         ));
     }
-    let loaded = Loaded::load(args.lock.config.as_deref())?;
-    let resolved = setup::resolve(&loaded, network::Mode::Netns, setup::DEFAULT_PREFIX)?;
+    // The cache id is the lock: a bad one is refused before anything is touched.
+    let req = args
+        .cache_id
+        .as_deref()
+        .map(|id| LockRequest::from_flags(id, &args.lock))
+        .transpose()?;
+    let loaded = match &req {
+        Some(r) => r.loaded.clone(),
+        None => Loaded::load(args.lock.config.as_deref())?,
+    };
+    let resolved = setup::resolve(&loaded, setup::Defaults::DOCKERD)?;
     hygiene::check_loadable(&args.load)?;
     let cache_root = args
         .cache_root
@@ -29,50 +38,46 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CACHE_ROOT));
     root::check_cache_root(&cache_root)?;
     resolved.check_run_dir()?;
-    let signals = Signals::install().map_err(|e| Error::io("installing signal handlers", e))?;
+    let signals = Signals::install()?;
     let short = session::short_id();
     let lock_name = args.cache_id.clone().unwrap_or_default();
     let settings = loaded.config.lock_settings(&lock_name);
-    let mut policy = crate::policy::for_lock(
-        &loaded,
-        &settings,
-        args.lock.policy.as_deref(),
-        &args.lock.policy_config,
-    )?;
-
-    let taken = match &args.cache_id {
-        Some(id) => Some(lock::take(
-            &args,
+    let mut policy = match &req {
+        Some(r) => r.policy()?,
+        None => cachelock::policy::for_lock(
             &loaded,
-            id,
             &settings,
-            policy.as_mut(),
-            &signals,
-        )?),
+            args.lock.policy.as_deref(),
+            &args.lock.policy_config,
+        )?,
+    };
+
+    let acquired = match &req {
+        Some(r) => Some(r.acquire(policy.as_mut(), &signals)?),
         None => None,
     };
-    let (data_root, cached, inherit, slot) = match &taken {
-        Some(lock::Taken::Held(h)) => (
-            root::cached_root(&cache_root, &lock_name, h.slot(), settings.slots),
+    let (data_root, cached, containment, slot) = match &acquired {
+        Some(Acquired::Held(g)) => (
+            root::cached_root(&cache_root, &lock_name, g.slot(), settings.slots),
             true,
-            vec![h.lock_fd()],
-            Some(h.slot()),
+            g.containment(),
+            Some(g.slot()),
         ),
-        Some(lock::Taken::FellBack(reason)) => {
+        Some(Acquired::FellBack { reason }) => {
             eprintln!(
                 "cachelock: running on a fresh private data root instead of the cache of {lock_name}: {reason}"
             );
             (
                 root::ephemeral_root(&cache_root, &short),
                 false,
-                Vec::new(),
+                Containment::Inherit(Vec::new()),
                 None,
             )
         }
         None => (
             root::ephemeral_root(&cache_root, &short),
             false,
-            Vec::new(),
+            Containment::Inherit(Vec::new()),
             None,
         ),
     };
@@ -88,8 +93,22 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
     if let Some(s) = slot {
         env.push(("CACHELOCK_DOCKERD_SLOT".to_string(), s.to_string()));
     }
+    // Shared paths (a log, a default socket) only when configured and free.
+    let host = claim::HostPaths::claim(
+        resolved.log_file.as_deref(),
+        resolved.default_socket.as_deref(),
+    );
+    let Containment::Inherit(mut inherit) = containment;
+    inherit.extend(host.fds());
     let plan = session::Plan {
-        spec: resolved.spec(data_root, &short, inherit, args.cache_id.clone()),
+        spec: resolved.spec(
+            data_root,
+            &short,
+            inherit,
+            args.cache_id.clone(),
+            host.log_path(),
+            host.sockets(),
+        ),
         docker_cli: resolved.docker_cli.clone(),
         cached_prefix: cached.then(|| resolved.prefix.clone()),
         wipe_after: !cached,
@@ -102,41 +121,19 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         stop_grace_cap: resolved.stop_grace_cap,
     };
     let result = session::run(&plan, policy.as_mut(), &signals);
-    drop(taken);
+    if let (Some(cap), Some(Acquired::Held(_)), Some(id), Some(r)) =
+        (resolved.cache_max_size, &acquired, &args.cache_id, &req)
+    {
+        // Still holding the cache id: its root is measured, never evicted.
+        let Store::Dir { path, .. } = &r.store;
+        let layout = usage::Layout::Dockerd {
+            lock_dir: path.clone(),
+        };
+        usage::report(&cache_root, &layout, cap, id);
+    }
+    if let Some(Acquired::Held(g)) = acquired {
+        g.release()?;
+    }
+    drop(host);
     result
-}
-
-/// Taking the cache id's lock through the engine.
-mod lock {
-    use super::*;
-    use crate::config::LockSettings;
-    use crate::lock::{AcquireOptions, Acquired, Guard, LockDir};
-    use crate::policy::Policy;
-
-    /// The outcome of waiting for the cache id.
-    pub enum Taken {
-        /// One slot held.
-        Held(Box<Guard>),
-        /// The policy chose to run on a fresh private root.
-        FellBack(String),
-    }
-
-    /// Joins the cache id's queue (same queue, priorities, labels, bounds and progress as
-    /// `cachelock run`) and waits for a slot.
-    pub fn take(
-        args: &DockerdArgs,
-        loaded: &Loaded,
-        id: &str,
-        settings: &LockSettings,
-        policy: &mut dyn Policy,
-        signals: &Signals,
-    ) -> Result<Taken> {
-        let root = crate::lock::resolve_root(args.lock.lock_dir.as_deref(), loaded);
-        let dir = LockDir::open(&root, loaded.config.file_mode, loaded.config.dir_mode)?;
-        let opts = AcquireOptions::from_args(id, &args.lock, settings, &loaded.config);
-        Ok(match crate::lock::acquire(&dir, &opts, policy, signals)? {
-            Acquired::Held(g) => Taken::Held(Box::new(g)),
-            Acquired::FellBack { reason } => Taken::FellBack(reason),
-        })
-    }
 }

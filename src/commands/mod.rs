@@ -1,7 +1,8 @@
-//! One module per sub-command: each turns parsed arguments into calls on the library and
-//! returns the process exit code.
+//! One module per sub-command: each builds on a `LockRequest` (or its own arguments), calls the
+//! library and returns the exit code.
 
 pub mod dockerd;
+pub mod docs;
 pub mod earthly;
 pub mod policy;
 pub mod run;

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::cli::{PolicyCommand, PolicyLang};
-use crate::config::{Loaded, OnError};
-use crate::error::{Error, Kind, Result};
-use crate::policy::{self, scenario::Scenario, simulate, Policy, StartAttempt, Ticket};
+use cachelock::config::{Loaded, OnError};
+use cachelock::error::{Error, Kind, Result};
+use cachelock::policy::{self, scenario::Scenario, simulate, Policy, StartAttempt, Ticket};
 
 /// Runs a `cachelock policy` sub-command; returns the exit code.
 pub fn execute(cmd: PolicyCommand) -> Result<i32> {
@@ -212,7 +212,7 @@ fn list(loaded: &Loaded) -> Result<i32> {
             .policy
             .clone()
             .or_else(|| c.default_policy.clone())
-            .unwrap_or_else(|| crate::config::DEFAULT_POLICY.to_string());
+            .unwrap_or_else(|| cachelock::config::DEFAULT_POLICY.to_string());
         println!(
             "  {:<24} policy {:<40} slots {}  fallback {}",
             r.pattern,
@@ -224,7 +224,7 @@ fn list(loaded: &Loaded) -> Result<i32> {
     let default = c
         .default_policy
         .clone()
-        .unwrap_or_else(|| crate::config::DEFAULT_POLICY.to_string());
+        .unwrap_or_else(|| cachelock::config::DEFAULT_POLICY.to_string());
     println!("  {:<24} policy {}", "(any other lock)", describe(&default));
     println!("\npolicies:");
     let mut names: Vec<String> = c.policies.keys().cloned().collect();

@@ -1,15 +1,16 @@
 //! `cachelock status`: holders and waiters of every lock (or one), waiters in serving order as
 //! ranked by each lock's configured policy. Never takes a lock; only dead tickets are removed.
+//! A lock whose policy cannot be loaded is still shown, in the fallback order, with a note.
 
-use std::path::Path;
+use cachelock::config::Loaded;
+use cachelock::error::Result;
+use cachelock::lock::{self, LockStatus, TicketData};
+use cachelock::output::status::{
+    render_json, render_text, HolderStatus, LockStatus as LockView, StatusDoc, TicketStatus,
+    WaiterStatus,
+};
 
 use crate::cli::StatusArgs;
-use crate::config::Loaded;
-use crate::error::{Error, Result};
-use crate::lock::{self, engine::now_ms, meta, queue};
-use crate::output::status::{
-    render_json, render_text, HolderStatus, LockStatus, StatusDoc, WaiterStatus,
-};
 
 /// Runs `cachelock status`; returns the exit code.
 pub fn execute(args: StatusArgs) -> Result<i32> {
@@ -17,8 +18,41 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         lock::name::validate(n)?;
     }
     let loaded = Loaded::load(args.config.as_deref())?;
-    let root = lock::resolve_root(args.lock_dir.as_deref(), &loaded);
-    let doc = collect(&root, args.name.as_deref(), &loaded)?;
+    let store = crate::request::store(args.lock_dir.as_deref(), &loaded);
+    let backend = lock::open_existing(&store)?;
+    let names = match &args.name {
+        Some(n) => vec![n.clone()],
+        None => backend.lock_names()?,
+    };
+    let now = lock::now_ms();
+    let mut locks = Vec::new();
+    for name in names {
+        let settings = loaded.config.lock_settings(&name);
+        let mut policy = cachelock::policy::for_lock(&loaded, &settings, None, &[]);
+        let status = match policy.as_mut() {
+            Ok(p) => lock::status(backend.as_ref(), &name, p.as_mut())?,
+            Err(e) => {
+                // The binding is broken before loading (e.g. the module file is missing):
+                // show the lock anyway, in the fallback order.
+                let mut s = lock::status(
+                    backend.as_ref(),
+                    &name,
+                    &mut cachelock::policy::native::DefaultPolicy,
+                )?;
+                s.order_note = Some(format!("{e}; waiters are shown by priority"));
+                s
+            }
+        };
+        locks.push(view(status, &settings.policy, now));
+    }
+    let cache = args.cache_root.as_ref().map(|cache_root| {
+        cachelock::dockerd::usage::status(cache_root, loaded.config.dockerd.cache_max_size)
+    });
+    let doc = StatusDoc {
+        locks,
+        cache,
+        now_ms: now,
+    };
     if args.json {
         print!("{}", render_json(&doc));
     } else {
@@ -27,75 +61,43 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Builds the status document for the locks under `root` (all, or `only`), without creating
-/// anything: a missing lock directory has no locks.
-pub fn collect(root: &Path, only: Option<&str>, loaded: &Loaded) -> Result<StatusDoc> {
-    let mut names: Vec<String> = match only {
-        Some(n) => vec![n.to_string()],
-        None => match std::fs::read_dir(root) {
-            Ok(rd) => rd
-                .flatten()
-                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_suffix(".lock"))
-                        .filter(|n| lock::name::validate(n).is_ok())
-                        .map(str::to_string)
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        },
-    };
-    names.sort();
-    let mut locks = Vec::new();
-    for name in names {
-        locks.push(one(root, &name, loaded)?);
+fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
+    LockView {
+        name: s.name,
+        generation: s.generation,
+        policy: policy.to_string(),
+        note: s.order_note,
+        holders: s
+            .holders
+            .into_iter()
+            .map(|t| HolderStatus {
+                held_for_ms: t.acquired_at_ms.map(|a| now.saturating_sub(a)).unwrap_or(0),
+                slot: t.slot.unwrap_or(0),
+                ticket: ticket(t),
+            })
+            .collect(),
+        waiters: s
+            .waiters
+            .into_iter()
+            .enumerate()
+            .map(|(i, (t, rank))| WaiterStatus {
+                position: i + 1,
+                waited_ms: now.saturating_sub(t.enqueued_at_ms),
+                ticket: ticket(t),
+                rank,
+            })
+            .collect(),
     }
-    Ok(StatusDoc { locks })
 }
 
-fn one(root: &Path, name: &str, loaded: &Loaded) -> Result<LockStatus> {
-    // Paths only: nothing is created for a lock that does not exist.
-    let dir = lock::dir::LockDir::open_existing(root);
-    let paths = dir.paths(name);
-    let now = now_ms();
-    let snap = if paths.queue.is_dir() {
-        queue::scan(&paths, None)
-            .map_err(|e| Error::io(format!("cannot read {}", paths.queue.display()), e))?
-    } else {
-        queue::Snapshot::default()
-    };
-    let settings = loaded.config.lock_settings(name);
-    let mut policy = crate::policy::for_lock(loaded, &settings, None, &[])?;
-    let ranked = if snap.waiters.is_empty() {
-        Vec::new()
-    } else {
-        queue::rank_all(snap.waiters, policy.as_mut(), now)?
-    };
-    let holders = snap
-        .holders
-        .into_iter()
-        .map(|t| HolderStatus {
-            held_for_ms: t.acquired_at_ms.map(|a| now.saturating_sub(a)).unwrap_or(0),
-            slot: t.slot.unwrap_or(0),
-            ticket: t.into(),
-        })
-        .collect();
-    let waiters = ranked
-        .into_iter()
-        .enumerate()
-        .map(|(i, (t, rank))| WaiterStatus {
-            position: i + 1,
-            waited_ms: now.saturating_sub(t.enqueued_at_ms),
-            ticket: t.into(),
-            rank,
-        })
-        .collect();
-    Ok(LockStatus {
-        name: name.to_string(),
-        generation: meta::read(&paths).generation,
-        holders,
-        waiters,
-    })
+fn ticket(t: TicketData) -> TicketStatus {
+    TicketStatus {
+        ticket: t.id,
+        host: t.host,
+        pid: t.pid,
+        mode: t.mode,
+        priority: t.priority,
+        labels: t.labels.into_iter().collect(),
+        queue_key: t.queue_key,
+    }
 }

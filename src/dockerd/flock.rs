@@ -1,15 +1,18 @@
 //! A plain kernel flock on one of several files, waited for with signals and a caller's bound.
 //!
 //! The Earthly drop-in locks `<data-root>/.earthly-docker-lock` exactly as Earthly's wrapper
-//! does (so an Earthly wrapper and cachelock sharing a directory exclude each other).
+//! does (so an Earthly wrapper and cachelock sharing a directory exclude each other), or shared
+//! when several slots of one root run at once (each holder keeps the stock wrapper, which takes
+//! it exclusively, out). That lock is held by processes outside cachelock's queue, which send
+//! no notification when they release it: it is polled (every 50 ms), interruptibly.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Kind, Result};
 use crate::process::Signals;
+use crate::sys::{self, Open};
 
 /// A held flock; released when dropped (and when every process that inherited it exits).
 #[derive(Debug)]
@@ -23,20 +26,16 @@ pub struct Held {
 }
 
 fn open(path: &Path) -> Result<File> {
-    File::options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(path)
+    sys::open_in_shared_dir(path, Open::Create(0o666))
         .map_err(|e| Error::io(format!("opening lock file {}", path.display()), e))
 }
 
-/// Takes an exclusive flock on any one of `paths`, polling every 50 ms; gives up after
+/// Takes a flock (shared when `shared`) on any one of `paths`, polling every 50 ms; gives up after
 /// `limit` (exit `conflict_code`) and returns `Kind::Signal` on SIGINT/SIGTERM/SIGHUP. While
 /// waiting, prints `who` every `progress` (None: quiet).
 pub fn acquire_any(
     paths: &[PathBuf],
+    shared: bool,
     limit: Option<Duration>,
     conflict_code: i32,
     signals: &Signals,
@@ -48,8 +47,9 @@ pub fn acquire_any(
     let mut last_note = Instant::now();
     loop {
         for (index, f) in files.iter().enumerate() {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let taken = sys::try_flock(f, !shared)
+                .map_err(|e| Error::io(format!("locking {}", paths[index].display()), e))?;
+            if taken {
                 let file = f.try_clone().map_err(|e| Error::io("lock file", e))?;
                 return Ok(Held {
                     file,
@@ -58,9 +58,9 @@ pub fn acquire_any(
                 });
             }
         }
-        if let Some(sig) = signals.take().first() {
+        if let Some(sig) = signals.take_terminating() {
             return Err(Error::new(
-                Kind::Signal(*sig),
+                Kind::Signal(sig),
                 format!("interrupted while waiting for {who}"),
             ));
         }

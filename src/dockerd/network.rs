@@ -64,14 +64,10 @@ impl Mode {
     /// Makes `cmd` start in a new network namespace (netns mode).
     pub fn prepare(self, cmd: &mut Command) {
         if self == Self::Netns {
-            // SAFETY: unshare is async-signal-safe; it only affects the child.
+            // SAFETY: unshare is a raw system call, safe between fork and exec; it only
+            // affects the child.
             unsafe {
-                cmd.pre_exec(|| {
-                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(crate::sys::new_network_namespace);
             }
         }
     }

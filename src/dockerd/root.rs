@@ -1,8 +1,6 @@
 //! Data roots: checking the cache root, choosing `<cache_root>/<id>[/slot-K]` or a fresh private
 //! root, and wiping a root (after detaching any mount a killed dockerd left inside it).
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Kind, Result};
@@ -44,11 +42,7 @@ pub fn check_cache_root(root: &Path) -> Result<()> {
 }
 
 fn writable(p: &Path) -> bool {
-    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path. access() honours read-only mounts too.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+    crate::sys::can_write_dir(p)
 }
 
 /// The cached data root of `id` for `slot` (0-based) out of `slots`.
@@ -119,10 +113,8 @@ fn unescape_mount(s: &str) -> String {
 /// Detaches every mount at or below `dir` (a killed dockerd leaves overlay and shm mounts).
 pub fn unmount_under(dir: &Path) {
     for m in mounts_under(dir) {
-        if let Ok(c) = CString::new(m.as_os_str().as_bytes()) {
-            // SAFETY: valid path; MNT_DETACH cannot leave anything half-done.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        // MNT_DETACH cannot leave anything half-done; a mount already gone is fine.
+        let _ = crate::sys::detach_mount(&m);
     }
 }
 

@@ -94,8 +94,7 @@ pub fn holders_of_path(path: &Path) -> Vec<i32> {
 /// Sends `sig` to each pid (errors ignored: a process may be gone already).
 pub fn signal_all(pids: &[i32], sig: i32) {
     for &pid in pids {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid, sig) };
+        let _ = crate::sys::kill(pid, sig);
     }
 }
 

@@ -1,34 +1,277 @@
-//! The lock engine: kernel flock for mutual exclusion, a fair ticket queue for order.
+//! The lock engine: a fair ticket queue deciding who *tries*, a backend deciding who *holds*.
 //!
-//! Safety comes from the kernel only (`lock`, `lock.K` per lock); the queue, the ranks and the
-//! policy decide who *tries*. Layout and protocol: `docs/architecture.md`. One module per
-//! concern: [`dir`] (the directory, modes, `O_NOFOLLOW` opens), [`ticket`] (ticket files and
-//! liveness probes), [`meta`] (`meta.lock` critical sections: ticket numbers, the arrival clock,
-//! generation, queue keys), [`queue`] (scan, order, head set), [`wait`] (inotify or polling),
-//! [`engine`] (acquire, release, [`Guard`]).
+//! A request flows [`acquire`] → [`engine`] (join the queue, rank it with the policy through
+//! [`order`], try when in the head set, otherwise ask the policy how long to wait) →
+//! [`backend::Backend`] (the mechanics of one store) → [`Guard`]. [`status`] reads the same queue
+//! in the same order without joining it. The engine knows nothing of the command line: callers
+//! build [`Options`] (the binary's `LockRequest` does, once, from flags, configuration and
+//! environment).
 //!
-//! Choices beyond the design note, and why:
-//! - **Release closes the lock descriptor** instead of `LOCK_UN`: an unlock would also free the
-//!   lock for a background process that inherited the descriptor and still runs; a close
-//!   leaves it held until the last holder of the descriptor exits.
-//! - **`meta.json` is rewritten in place** under `meta.lock` (readers take it shared) instead of
-//!   write-and-rename: ext4 starts a writeback on rename-over, which cost milliseconds on every
-//!   handoff.
-//! - **Handoff path**: a waiter in the head set woken by a removal only (typically the holder's
-//!   ticket) tries the kernel lock before re-scanning; waiters further back coalesce bursts of
-//!   changes for a few milliseconds; inotify is set up only once a request is contended, and
-//!   closed on a background thread (closing an inotify instance waits for an RCU grace period,
-//!   5-20 ms).
-//! - **Timer wake-ups are cheap**: one flock try at the head and, when polling, one listing of
-//!   `queue/`; a full scan and a policy call happen on a change or every 250 ms.
+//! Backends: [`flock`] (a lock directory, local or shared; the default). Safety always comes
+//! from the backend's grant — the kernel's flock, or one store transaction — never from the
+//! queue or the policy.
 
-pub mod dir;
-pub mod engine;
-pub mod meta;
+pub mod backend;
+mod engine;
+pub mod flock;
 pub mod name;
-pub mod queue;
-pub mod ticket;
-pub mod wait;
+pub mod order;
 
-pub use dir::{resolve_root, LockDir};
-pub use engine::{acquire, AcquireOptions, Acquired, Guard};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use backend::{Backend, Containment, LockState, TicketData};
+
+use crate::config::WaitMode;
+use crate::error::{Error, Result};
+use crate::policy::{Mode, Policy};
+use crate::process::Signals;
+
+/// What a request asks for. Built by the caller; the engine validates the name again before
+/// anything is opened.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Lock name (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`).
+    pub name: String,
+    /// Exclusive or shared.
+    pub mode: Mode,
+    /// Priority (higher goes first under the default policy).
+    pub priority: i32,
+    /// Labels for policies and status.
+    pub labels: Vec<(String, String)>,
+    /// The job behind the request: a retry with the same key keeps its original arrival.
+    pub queue_key: Option<String>,
+    /// The caller's bound on waiting: `Some(0)` is `-n`; caps whatever the policy says.
+    pub wait_limit_ms: Option<u64>,
+    /// How waiters learn of changes (a flock-backend setting).
+    pub wait_mode: WaitMode,
+    /// Number of holders at once, each on its own slot (≥ 1).
+    pub slots: u32,
+    /// Whether a policy's fall-back decision is honoured.
+    pub fallback_allowed: bool,
+    /// How long a give-up's arrival is remembered for its queue key.
+    pub key_grace_ms: u64,
+    /// Exit code of conflict, timeout and give-up errors.
+    pub conflict_exit_code: i32,
+    /// Progress line interval; `None` is quiet.
+    pub progress_interval: Option<Duration>,
+}
+
+impl Options {
+    /// Defaults for lock `name`: exclusive, priority 0, wait forever, auto wait mode, one slot,
+    /// 10-minute key grace, conflict code 1, quiet.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            mode: Mode::Exclusive,
+            priority: 0,
+            labels: Vec::new(),
+            queue_key: None,
+            wait_limit_ms: None,
+            wait_mode: WaitMode::Auto,
+            slots: 1,
+            fallback_allowed: false,
+            key_grace_ms: 600_000,
+            conflict_exit_code: crate::error::code::CONFLICT_DEFAULT,
+            progress_interval: None,
+        }
+    }
+}
+
+/// Most labels one request may carry (every waiter's labels are read by every other waiter
+/// and passed to its policy, so they are bounded).
+pub const MAX_LABELS: usize = 32;
+/// Longest label key, in bytes.
+pub const MAX_LABEL_KEY: usize = 64;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE: usize = 256;
+/// Longest queue key, in bytes.
+pub const MAX_QUEUE_KEY: usize = 256;
+
+/// Checks what a request may publish in a shared queue: the name, and labels and queue key
+/// within their bounds (a usage error, exit 64, saying which bound).
+pub fn validate(opts: &Options) -> Result<()> {
+    name::validate(&opts.name)?;
+    if opts.labels.len() > MAX_LABELS {
+        return Err(Error::usage(format!(
+            "{} labels given; at most {MAX_LABELS} are allowed",
+            opts.labels.len()
+        )));
+    }
+    for (k, v) in &opts.labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
+            return Err(Error::usage(format!(
+                "label {:?}: keys must be 1 to {MAX_LABEL_KEY} bytes and values at most {MAX_LABEL_VALUE} bytes",
+                crate::output::escape(&format!("{k}={v}").chars().take(80).collect::<String>())
+            )));
+        }
+    }
+    if let Some(k) = &opts.queue_key {
+        if k.is_empty() || k.len() > MAX_QUEUE_KEY {
+            return Err(Error::usage(format!(
+                "the queue key must be 1 to {MAX_QUEUE_KEY} bytes (it is {})",
+                k.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where locks live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Store {
+    /// A lock directory (`file://DIR`), with the permission bits of what is created in it.
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Mode of created files (default 0666; the umask applies).
+        file_mode: Option<u32>,
+        /// Mode of created directories (default 0777; the umask applies).
+        dir_mode: Option<u32>,
+    },
+}
+
+/// Opens the store for requests (creating a lock directory if needed).
+pub fn open(store: &Store) -> Result<Box<dyn Backend>> {
+    match store {
+        Store::Dir {
+            path,
+            file_mode,
+            dir_mode,
+        } => Ok(Box::new(flock::FlockBackend::open(
+            path, *file_mode, *dir_mode,
+        )?)),
+    }
+}
+
+/// Opens the store for reading only (`status`): nothing is created.
+pub fn open_existing(store: &Store) -> Result<Box<dyn Backend>> {
+    match store {
+        Store::Dir { path, .. } => Ok(Box::new(flock::FlockBackend::existing(path))),
+    }
+}
+
+/// The outcome of [`acquire`].
+#[derive(Debug)]
+pub enum Acquired {
+    /// The lock is held until the guard is released or dropped.
+    Held(Guard),
+    /// The policy chose to fall back (only when allowed); nothing is left queued.
+    FellBack {
+        /// The policy's reason.
+        reason: String,
+    },
+}
+
+/// A held lock; released by [`Guard::release`] or on drop.
+pub struct Guard {
+    held: Option<Box<dyn backend::Held>>,
+    waited: Duration,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("ticket", &self.ticket())
+            .field("generation", &self.generation())
+            .field("slot", &self.slot())
+            .finish()
+    }
+}
+
+impl Guard {
+    fn data(&self) -> &TicketData {
+        self.held.as_ref().expect("held until released").ticket()
+    }
+    /// This request's ticket id.
+    pub fn ticket(&self) -> &str {
+        &self.data().id
+    }
+    /// Fencing token: grows at every acquisition of this lock.
+    pub fn generation(&self) -> u64 {
+        self.data().generation.unwrap_or(0)
+    }
+    /// The slot held (0-based).
+    pub fn slot(&self) -> u32 {
+        self.data().slot.unwrap_or(0)
+    }
+    /// How long the request waited.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+    /// How a command must run so the lock covers it (see [`crate::process::run_contained`]).
+    pub fn containment(&self) -> Containment {
+        self.held
+            .as_ref()
+            .expect("held until released")
+            .containment()
+    }
+    /// Releases the lock and leaves the queue.
+    pub fn release(mut self) -> Result<()> {
+        match self.held.take() {
+            Some(h) => h.release(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take() {
+            if let Err(e) = h.release() {
+                tracing::warn!("releasing a lock: {e}");
+            }
+        }
+    }
+}
+
+/// Joins the queue of `opts.name` in `backend` and waits per `policy`, bounded by the caller.
+/// A SIGINT/SIGTERM/SIGHUP seen on `signals` while waiting leaves the queue and returns
+/// `Kind::Signal(sig)`.
+pub fn acquire(
+    backend: &dyn Backend,
+    opts: &Options,
+    policy: &mut dyn Policy,
+    signals: &Signals,
+) -> Result<Acquired> {
+    validate(opts)?;
+    engine::run(backend, opts, policy, signals)
+}
+
+/// One lock as `status` shows it: holders, and waiters in serving order with their ranks.
+#[derive(Debug, Clone)]
+pub struct LockStatus {
+    /// Lock name.
+    pub name: String,
+    /// Acquisitions so far.
+    pub generation: u64,
+    /// Current holders, by ticket id.
+    pub holders: Vec<TicketData>,
+    /// Waiters in the order they will be served, with their ranks.
+    pub waiters: Vec<(TicketData, i64)>,
+    /// Why the order is the fallback order (rank = priority) rather than the policy's, if so.
+    pub order_note: Option<String>,
+}
+
+/// The status of lock `name`, its waiters ranked by `policy` (every waiter is ranked, so the
+/// ranks can be shown; a policy that cannot rank gives the fallback order and a note).
+pub fn status(backend: &dyn Backend, name: &str, policy: &mut dyn Policy) -> Result<LockStatus> {
+    name::validate(name)?;
+    let state = backend.state(name)?;
+    let (waiters, order_note) = order::rank_for_status(state.tickets.waiters, policy, now_ms());
+    Ok(LockStatus {
+        name: state.name,
+        generation: state.generation,
+        holders: state.tickets.holders,
+        waiters,
+        order_note,
+    })
+}
+
+/// Wall clock in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,11 +1,15 @@
-//! What cachelock prints: logging set-up here; progress lines and status rendering in
-//! their own modules, so that user-facing text is found where it is printed.
+//! What cachelock prints: logging set-up and the escaping of untrusted text here; progress
+//! lines and status rendering in their own modules, so that user-facing text is found where it
+//! is printed. These modules take plain view structs and know nothing of the engine.
 
 pub mod progress;
 pub mod status;
 
+use std::io::IsTerminal;
+
 /// Logs go to stderr. `CACHELOCK_LOG` takes a tracing filter (e.g. `cachelock=debug`);
-/// otherwise `-v` raises the level from warnings to debug (`-vv`: trace).
+/// otherwise `-v` raises the level from warnings to debug (`-vv`: trace). Colours only on a
+/// terminal, and never with `NO_COLOR` set (CI logs stay plain).
 pub fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("CACHELOCK_LOG")
@@ -18,10 +22,44 @@ pub fn init_logging(verbose: u8) {
                 _ => "trace",
             })
         });
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false)
         .without_time()
         .try_init();
+}
+
+/// Text from other users (labels, host names, queue keys) made safe to print on a terminal:
+/// control characters (newlines, escape sequences) are shown as `\n`, `\u{1b}` and so on, so
+/// that nobody can forge or hide lines of another user's status or progress output.
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(super::escape("main"), "main");
+        assert_eq!(
+            super::escape("k=v\n  waiting: nobody\u{1b}[31m"),
+            "k=v\\n  waiting: nobody\\u{1b}[31m"
+        );
+    }
 }

@@ -3,7 +3,18 @@
 
 use std::time::{Duration, Instant};
 
-use crate::lock::ticket::TicketData;
+/// What a progress line shows of one holder.
+#[derive(Debug, Clone)]
+pub struct HolderView {
+    /// The holder's host.
+    pub host: String,
+    /// Its pid there.
+    pub pid: u32,
+    /// Its ticket id.
+    pub ticket: String,
+    /// How long it has held the lock, if known.
+    pub held_for_ms: Option<u64>,
+}
 
 /// Progress reporting for one request; `interval: None` is quiet (`-q`).
 #[derive(Debug)]
@@ -27,13 +38,7 @@ impl Progress {
 
     /// Called at each evaluation of a waiting request; prints when a line is due.
     /// `position` is 1-based among waiters, `holders` as last scanned.
-    pub fn waiting(
-        &mut self,
-        holders: &[TicketData],
-        position: usize,
-        waiting: usize,
-        now_ms: u64,
-    ) {
+    pub fn waiting(&mut self, holders: &[HolderView], position: usize, waiting: usize) {
         let Some(interval) = self.interval else {
             return;
         };
@@ -46,7 +51,7 @@ impl Progress {
         eprintln!(
             "cachelock: waiting for lock {}: {}; position {position} of {waiting} waiting",
             self.name,
-            describe_holders(holders, now_ms)
+            describe_holders(holders)
         );
     }
 
@@ -62,19 +67,24 @@ impl Progress {
     }
 }
 
-/// "held by host:pid (ticket T, for 3.2s)" or why nobody is shown.
-pub fn describe_holders(holders: &[TicketData], now_ms: u64) -> String {
+/// "held by host:pid (ticket T, for 3.2s)", or what an empty holder list means.
+pub fn describe_holders(holders: &[HolderView]) -> String {
     if holders.is_empty() {
-        return "held by a process without a ticket (a command that outlived its cachelock?) or being handed over".to_string();
+        return "free and about to be taken by the next in line (or held by a process without a ticket, such as a command that outlived its cachelock)".to_string();
     }
     let parts: Vec<String> = holders
         .iter()
         .map(|h| {
             let age = h
-                .acquired_at_ms
-                .map(|a| format!(", for {:.1}s", now_ms.saturating_sub(a) as f64 / 1000.0))
+                .held_for_ms
+                .map(|ms| format!(", for {:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_default();
-            format!("{}:{} (ticket {}{age})", h.host, h.pid, h.id)
+            format!(
+                "{}:{} (ticket {}{age})",
+                super::escape(&h.host),
+                h.pid,
+                h.ticket
+            )
         })
         .collect();
     format!("held by {}", parts.join(", "))

@@ -1,14 +1,16 @@
 //! Rendering of `cachelock status`: text for people, a stable JSON document for scripts.
 //!
-//! JSON: `{"locks":[{"name","generation","holders":[{ticket,host,pid,mode,priority,labels,
-//! queue_key,slot,held_for_ms}],"waiters":[{position,ticket,host,pid,mode,priority,labels,
-//! queue_key,rank,waited_ms}]}]}`; `labels` is an object, waiters are in serving order.
+//! JSON: `{"locks":[{"name","generation","policy","note","holders":[{ticket,host,pid,mode,
+//! priority,labels,queue_key,slot,held_for_ms}],"waiters":[{position,ticket,host,pid,mode,
+//! priority,labels,queue_key,rank,waited_ms}]}]}`; `labels` is an object, waiters are in serving
+//! order, `note` is null unless the order is not the policy's (e.g. its module is missing).
+//! Text escapes control characters in everything other users wrote (labels, hosts, keys).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::lock::ticket::TicketData;
+use super::escape;
 use crate::policy::Mode;
 
 /// The whole document.
@@ -16,6 +18,12 @@ use crate::policy::Mode;
 pub struct StatusDoc {
     /// One entry per lock, by name.
     pub locks: Vec<LockStatus>,
+    /// Cached data roots under `--cache-root`, when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::dockerd::usage::CacheStatus>,
+    /// When the document was made (Unix ms), for "last used ... ago".
+    #[serde(skip)]
+    pub now_ms: u64,
 }
 
 /// One lock.
@@ -25,6 +33,10 @@ pub struct LockStatus {
     pub name: String,
     /// Acquisitions so far.
     pub generation: u64,
+    /// The policy ordering its waiters.
+    pub policy: String,
+    /// Why the order shown is not the policy's (the policy cannot be loaded or faulted).
+    pub note: Option<String>,
     /// Current holders.
     pub holders: Vec<HolderStatus>,
     /// Waiters in the order they will be served.
@@ -48,20 +60,6 @@ pub struct TicketStatus {
     pub labels: BTreeMap<String, String>,
     /// `--queue-key`, if any.
     pub queue_key: Option<String>,
-}
-
-impl From<TicketData> for TicketStatus {
-    fn from(t: TicketData) -> Self {
-        Self {
-            ticket: t.id,
-            host: t.host,
-            pid: t.pid,
-            mode: t.mode,
-            priority: t.priority,
-            labels: t.labels.into_iter().collect(),
-            queue_key: t.queue_key,
-        }
-    }
 }
 
 /// A holder.
@@ -102,18 +100,22 @@ fn ticket_text(t: &TicketStatus) -> (String, String) {
     let head = format!(
         "ticket {}  {}:{}  {}  priority {}",
         t.ticket,
-        t.host,
+        escape(&t.host),
         t.pid,
         mode_str(t.mode),
         t.priority
     );
     let mut tail = String::new();
     if !t.labels.is_empty() {
-        let parts: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let parts: Vec<String> = t
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+            .collect();
         tail.push_str(&format!("  labels {}", parts.join(",")));
     }
     if let Some(k) = &t.queue_key {
-        tail.push_str(&format!("  key {k}"));
+        tail.push_str(&format!("  key {}", escape(k)));
     }
     (head, tail)
 }
@@ -126,6 +128,9 @@ pub fn render_text(doc: &StatusDoc) -> String {
     }
     for l in &doc.locks {
         out.push_str(&format!("lock {} (generation {})\n", l.name, l.generation));
+        if let Some(n) = &l.note {
+            out.push_str(&format!("  note: {}\n", escape(n)));
+        }
         if l.holders.is_empty() {
             out.push_str("  held by: nobody\n");
         }
@@ -151,6 +156,50 @@ pub fn render_text(doc: &StatusDoc) -> String {
                 w.waited_ms as f64 / 1000.0,
             ));
         }
+    }
+    if let Some(c) = &doc.cache {
+        out.push_str(&cache_text(c, doc.now_ms));
+    }
+    out
+}
+
+/// The cache section of the text status.
+fn cache_text(c: &crate::dockerd::usage::CacheStatus, now: u64) -> String {
+    use crate::dockerd::usage::human;
+    let ago = |ms: u64| {
+        let min = now.saturating_sub(ms) / 60_000;
+        match min {
+            0..=119 => format!("{min} min ago"),
+            120..=2879 => format!("{} h ago", min / 60),
+            _ => format!("{} days ago", min / 1440),
+        }
+    };
+    let mut out = format!(
+        "cache root {}: {} cached data root(s), {}{}\n",
+        c.root.display(),
+        c.roots.len(),
+        human(c.total_bytes),
+        c.cap_bytes
+            .map(|b| format!(" of a {} cap", human(b)))
+            .unwrap_or_else(|| ", no cap".to_string())
+    );
+    for r in &c.roots {
+        out.push_str(&format!(
+            "  {}  {}  last used {}{}\n",
+            r.name,
+            human(r.bytes),
+            ago(r.last_used_ms),
+            if r.held { "  held" } else { "" }
+        ));
+    }
+    for e in &c.evictions {
+        out.push_str(&format!(
+            "  evicted {} ({}) {} (last used {})\n",
+            e.name,
+            human(e.bytes),
+            ago(e.at_ms),
+            ago(e.last_used_ms)
+        ));
     }
     out
 }

@@ -296,14 +296,23 @@ impl Policy for LazyPolicy {
 /// the engine, which always has its handlers installed, so the default action is never lost.
 struct SignalWatch {
     flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ids: Vec<signal_hook::SigId>,
+    ids: Vec<signal_hook_registry::SigId>,
 }
 
 fn signal_watch() -> SignalWatch {
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ids = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
         .into_iter()
-        .filter_map(|s| signal_hook::flag::register(s, flag.clone()).ok())
+        .filter_map(|s| {
+            let flag = flag.clone();
+            // SAFETY: the action only stores to an atomic: async-signal-safe, no allocation.
+            unsafe {
+                signal_hook_registry::register_sigaction(s, move |_| {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst)
+                })
+            }
+            .ok()
+        })
         .collect();
     SignalWatch { flag, ids }
 }
@@ -317,7 +326,7 @@ impl SignalWatch {
 impl Drop for SignalWatch {
     fn drop(&mut self) {
         for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
+            signal_hook_registry::unregister(id);
         }
     }
 }

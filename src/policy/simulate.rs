@@ -1,11 +1,14 @@
 //! `policy simulate`: runs a [`Scenario`] through a policy in simulated time and records who
 //! is served when and every decision. Event-driven: time jumps to the next arrival, release or
-//! re-evaluation, so the result does not depend on a step size.
+//! re-evaluation, so the result does not depend on a step size. The queue's rules are the
+//! engine's own (`lock::order`: order, head set, slot grants), not a copy.
 
 use serde::Serialize;
 
 use super::scenario::Scenario;
 use super::*;
+use crate::lock::order::{self, Slots};
+use crate::lock::TicketData;
 
 /// Simulated Unix time of t=0 (any fixed value: policies see `now-ms` and `enqueued-at-ms`).
 pub const EPOCH_MS: u64 = 1_700_000_000_000;
@@ -63,7 +66,28 @@ struct Waiter {
 
 struct Holding {
     ticket: Ticket,
+    slot: u32,
     release_at: Option<u64>,
+}
+
+/// The engine's view of a simulated ticket (the simulation has no hosts or pids).
+fn ticket_data(t: &Ticket) -> TicketData {
+    TicketData {
+        id: t.id.clone(),
+        lock: t.request.lock.clone(),
+        mode: t.request.mode,
+        priority: t.request.priority,
+        labels: t.request.labels.clone(),
+        host: t.request.host.clone(),
+        pid: t.request.pid,
+        enqueued_at_ms: t.request.enqueued_at_ms,
+        wait_limit_ms: t.request.wait_limit_ms,
+        queue_key: None,
+        holding: false,
+        slot: None,
+        acquired_at_ms: None,
+        generation: None,
+    }
 }
 
 fn labels(m: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
@@ -85,14 +109,24 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
             wait_limit_ms,
         },
     };
-    let mut holders: Vec<Holding> = scenario
-        .holders
-        .iter()
-        .map(|h| Holding {
+    let mut slots = Slots::new(scenario.slots);
+    let mut holders: Vec<Holding> = Vec::new();
+    for h in &scenario.holders {
+        let slot = slots.take(h.mode).ok_or_else(|| {
+            PolicyError::fault(
+                policy.name(),
+                format!(
+                    "holder {:?} cannot hold the lock beside the other holders",
+                    h.id
+                ),
+            )
+        })?;
+        holders.push(Holding {
             ticket: mk(&h.id, h.mode, h.priority, labels(&h.labels), 0, None),
+            slot,
             release_at: h.release_at_ms,
-        })
-        .collect();
+        });
+    }
     let mut pending: Vec<usize> = (0..scenario.arrivals.len()).collect();
     pending.sort_by_key(|&i| (scenario.arrivals[i].at_ms, i));
     pending.reverse(); // pop() takes the earliest
@@ -122,6 +156,7 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
         holders.retain(|h| match h.release_at {
             Some(r) if r <= t => {
                 ev(&mut out, t, &h.ticket.id, "release", String::new());
+                slots.release(h.slot, h.ticket.request.mode);
                 false
             }
             _ => true,
@@ -155,40 +190,24 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
                 evaluations: 0,
             });
         }
-        // Serve in policy order while the head is compatible with the holders.
-        if !waiting.is_empty() {
+        // The head set tries, as in the engine: each member takes the first slot the grant
+        // rule allows; whoever is served leaves the queue, which changes the head set.
+        loop {
             let now = EPOCH_MS + t;
-            let mut keyed = Vec::with_capacity(waiting.len());
-            for (pos, w) in waiting.iter().enumerate() {
-                out.decisions += 1;
-                let r = policy.rank(&w.ticket, now)?;
-                keyed.push((
-                    std::cmp::Reverse(r),
-                    w.ticket.request.enqueued_at_ms,
-                    w.ticket.id.clone(),
-                    pos,
-                    r,
-                ));
-            }
-            keyed.sort();
-            let mut served = Vec::new();
-            for (_, _, _, pos, rank) in keyed {
-                let w = &waiting[pos];
-                let exclusive_held = holders
-                    .iter()
-                    .any(|h| h.ticket.request.mode == Mode::Exclusive);
-                let ok = match w.ticket.request.mode {
-                    Mode::Exclusive => {
-                        holders.len() < scenario.slots as usize
-                            && holders
-                                .iter()
-                                .all(|h| h.ticket.request.mode == Mode::Exclusive)
-                    }
-                    Mode::Shared => !exclusive_held,
+            let tickets: Vec<TicketData> = waiting.iter().map(|w| ticket_data(&w.ticket)).collect();
+            out.decisions += tickets.len();
+            let ordered = order::rank_all(tickets, policy, now)?;
+            let head = order::head_len(&ordered, scenario.slots);
+            let mut served_any = false;
+            for (t_data, rank) in &ordered[..head] {
+                let Some(slot) = slots.take(t_data.mode) else {
+                    continue;
                 };
-                if !ok {
-                    break;
-                }
+                let pos = waiting
+                    .iter()
+                    .position(|w| w.ticket.id == t_data.id)
+                    .expect("ranked tickets are waiting");
+                let w = waiting.remove(pos);
                 let a = &scenario.arrivals[w.idx];
                 let waited = t - a.at_ms;
                 ev(
@@ -204,14 +223,14 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
                     waited_ms: waited,
                 };
                 holders.push(Holding {
-                    ticket: w.ticket.clone(),
+                    ticket: w.ticket,
+                    slot,
                     release_at: Some(t + a.hold_ms),
                 });
-                served.push(pos);
+                served_any = true;
             }
-            served.sort_unstable();
-            for pos in served.into_iter().rev() {
-                waiting.remove(pos);
+            if !served_any || waiting.is_empty() {
+                break;
             }
         }
         // Evaluations due now (every new arrival that could not take the lock at once, and

@@ -193,7 +193,12 @@ fn symlinked_lock_file_is_refused() {
     std::fs::create_dir_all(env.path("elsewhere")).unwrap();
     std::os::unix::fs::symlink(env.path("elsewhere"), env.lock_dir.join("sym2.lock")).unwrap();
     let o = env.run(&["sym2", "--", "true"]);
-    assert_eq!(o.status.code(), Some(74), "{}", stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(73),
+        "a symlinked lock directory cannot be created (73, as documented): {}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -244,26 +249,70 @@ fn signals_reach_the_command_and_leave_no_ticket() {
     assert_eq!(holder.wait(), 0);
 }
 
+/// Ctrl-C at a terminal reaches the command once, as under flock(1): the terminal signals the
+/// whole foreground process group, so cachelock must not forward it again (terraform and
+/// others force-quit on a second SIGINT). A SIGTERM sent to cachelock alone is forwarded.
+#[test]
+fn ctrl_c_reaches_the_command_once() {
+    let env = Env::new();
+    let log = env.path("signals.log");
+    let script = format!(
+        "trap 'echo INT >> {log}' INT; trap 'echo TERM >> {log}; exit 3' TERM; \
+         echo ready >> {log}; while :; do read -t 0.02 <> {fifo}; done",
+        log = log.display(),
+        fifo = env.path("fifo").display()
+    );
+    let mut term = Terminal::open();
+    let mut p = term.spawn(
+        env.cmd()
+            .args(["run", "-q", "ctrlc", "--", "bash", "-c", &script]),
+    );
+    let lines = |n: usize| wait_for_lines(&log, n);
+    assert_eq!(lines(1), ["ready"]);
+    term.type_ctrl_c();
+    assert_eq!(lines(2), ["ready", "INT"]);
+    // Any forwarded copy of the SIGINT would be delivered before this SIGTERM, which cachelock
+    // receives after the command has handled the terminal's SIGINT.
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait(), 3, "cachelock exits with the command's code");
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+        ["ready", "INT", "TERM"],
+        "the command got the terminal's SIGINT once and the forwarded SIGTERM"
+    );
+    assert!(env.tickets("ctrlc").is_empty());
+}
+
 #[test]
 fn progress_lines_name_holder_and_position() {
     let env = Env::with_config("progress_interval: 0.2\n");
     let mut holder = hold_until(&env, "prog", "go", &[]);
-    let mut w = env.spawn(&["run", "prog", "--", "true"]);
+    let err = env.path("waiter.err");
+    let mut w = Proc(Some(
+        env.cmd()
+            .args(["run", "prog", "--", "true"])
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
     env.wait_tickets("prog", 2);
     let mut q = env.spawn(&["run", "-q", "prog", "--", "true"]);
     env.wait_tickets("prog", 3);
-    std::thread::sleep(Duration::from_millis(600));
+    // The start line and at least one repeat (every 0.2 s) before the lock is freed.
+    let lines = wait_for_lines(&err, 2);
     std::fs::write(env.path("go"), "").unwrap();
     assert_eq!(holder.wait(), 0);
     assert_eq!(w.wait(), 0);
     assert_eq!(q.wait(), 0);
-    let e = w.stderr();
+    let e = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        lines.iter().all(|l| l.contains("waiting for lock prog")),
+        "{e}"
+    );
     let hp = format!(":{} (ticket ", holder.pid());
-    let lines: Vec<&str> = e
-        .lines()
-        .filter(|l| l.contains("waiting for lock prog"))
-        .collect();
-    assert!(lines.len() >= 2, "start line and repeats every 0.2 s: {e}");
     assert!(
         lines[0].contains(&hp),
         "names the holder host:pid and ticket: {e}"

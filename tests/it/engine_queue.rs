@@ -2,13 +2,15 @@
 //! wait modes, priority, -n not jumping the queue, queue keys, dead waiters) and through the
 //! library API with native test policies (policy errors, fall-back, caller bounds, aging).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::util::*;
 use cachelock::config::WaitMode;
-use cachelock::lock::{acquire, AcquireOptions, Acquired, LockDir};
+use cachelock::lock::flock::FlockBackend;
+use cachelock::lock::{acquire, Acquired, Containment, Options};
 use cachelock::policy::native::DefaultPolicy;
 use cachelock::policy::{
     Policy, PolicyError, RetryDecision, StartAttempt, StartFailure, Ticket, WaitDecision, WaitState,
@@ -151,6 +153,66 @@ fn slots_admit_that_many_holders() {
     );
 }
 
+/// `policy simulate` and the engine agree on a lock with two slots and mixed modes: beside an
+/// exclusive holder of one slot, a shared request takes the other; beside a shared holder, so
+/// does an exclusive one (each slot is its own kernel lock).
+#[test]
+fn simulate_agrees_with_the_engine_on_slots_and_mixed_modes() {
+    let env = Env::with_config("locks:\n  - match: 'mix-*'\n    slots: 2\n");
+    for (held, asked, lock) in [("-x", "-s", "mix-a"), ("-s", "-x", "mix-b")] {
+        let script = format!(
+            "while [ ! -e {go} ]; do read -t 0.01 <> {fifo}; done; exit 0",
+            go = env.path(lock).display(),
+            fifo = env.path("fifo").display()
+        );
+        let mut holder = env.spawn(&["run", "-q", held, lock, "--", "bash", "-c", &script]);
+        env.wait_tickets(lock, 1);
+        let engine = env.run(&["-n", asked, lock, "--", "true"]);
+        std::fs::write(env.path(lock), "").unwrap();
+        assert_eq!(holder.wait(), 0);
+        let mode = |f: &str| if f == "-x" { "exclusive" } else { "shared" };
+        let scenario = env.path(&format!("{lock}.yaml"));
+        std::fs::write(
+            &scenario,
+            format!(
+                "slots: 2\nholders:\n  - {{id: h, mode: {}}}\narrivals:\n  - {{id: r, at_ms: 0, mode: {}, wait_limit_ms: 0}}\n",
+                mode(held),
+                mode(asked)
+            ),
+        )
+        .unwrap();
+        let sim = env
+            .cmd()
+            .args([
+                "policy",
+                "simulate",
+                "--json",
+                "--policy",
+                "builtin:default",
+            ])
+            .arg("--scenario")
+            .arg(&scenario)
+            .output()
+            .unwrap();
+        assert!(
+            sim.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sim.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&sim.stdout).unwrap();
+        assert_eq!(
+            engine.status.code(),
+            Some(0),
+            "{lock}: the engine lets {asked} in beside a {held} holder"
+        );
+        assert_eq!(
+            v["served_order"],
+            serde_json::json!(["r"]),
+            "{lock}: simulate must agree with the engine: {v}"
+        );
+    }
+}
+
 #[test]
 fn fifo_across_wait_modes() {
     let env = Env::new();
@@ -258,10 +320,11 @@ fn queue_key_keeps_place_across_retries() {
 fn dead_waiters_are_ignored_and_cleaned() {
     let env = Env::new();
     let mut holder = hold_until(&env, "dw", "go");
-    let dead = waiter(&env, "dw", "dead", &[], 2);
+    let mut dead = waiter(&env, "dw", "dead", &[], 2);
     let mut live = waiter(&env, "dw", "live", &[], 3);
     dead.signal_group(libc::SIGKILL);
-    std::thread::sleep(Duration::from_millis(100));
+    // Reaped: its descriptors, and with them the lock on its ticket, are gone.
+    assert_eq!(dead.wait(), 128 + libc::SIGKILL);
     let doc = env.status_json(Some("dw"));
     let w = doc["locks"][0]["waiters"].as_array().unwrap();
     assert_eq!(w.len(), 1, "{doc}");
@@ -307,15 +370,15 @@ impl Policy for Scripted {
     }
 }
 
-fn held_by_other(dir: &LockDir, name: &str, signals: &Signals) -> cachelock::lock::Guard {
-    match acquire(dir, &AcquireOptions::new(name), &mut DefaultPolicy, signals).unwrap() {
+fn held_by_other(dir: &FlockBackend, name: &str, signals: &Signals) -> cachelock::lock::Guard {
+    match acquire(dir, &Options::new(name), &mut DefaultPolicy, signals).unwrap() {
         Acquired::Held(g) => g,
         Acquired::FellBack { .. } => panic!("fell back"),
     }
 }
 
-fn queue_len(dir: &LockDir, name: &str) -> usize {
-    std::fs::read_dir(dir.root().join(format!("{name}.lock/queue")))
+fn queue_len(dir: &Path, name: &str) -> usize {
+    std::fs::read_dir(dir.join(format!("{name}.lock/queue")))
         .unwrap()
         .count()
 }
@@ -323,16 +386,10 @@ fn queue_len(dir: &LockDir, name: &str) -> usize {
 #[test]
 fn library_policy_error_fallback_and_caller_bounds() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = LockDir::open(tmp.path(), None, None).unwrap();
+    let dir = FlockBackend::open(tmp.path(), None, None).unwrap();
     let signals = Signals::install().unwrap();
     // A name with a NUL (impossible on a command line) is refused before anything is created.
-    let err = acquire(
-        &dir,
-        &AcquireOptions::new("a\0b"),
-        &mut DefaultPolicy,
-        &signals,
-    )
-    .unwrap_err();
+    let err = acquire(&dir, &Options::new("a\0b"), &mut DefaultPolicy, &signals).unwrap_err();
     assert_eq!(err.exit_code(), 64, "{err}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     let guard = held_by_other(&dir, "lib", &signals);
@@ -342,22 +399,22 @@ fn library_policy_error_fallback_and_caller_bounds() {
     let mut p = Scripted {
         decide: |_| Err(PolicyError::fault("scripted", "trapped")),
     };
-    let err = acquire(&dir, &AcquireOptions::new("lib"), &mut p, &signals).unwrap_err();
+    let err = acquire(&dir, &Options::new("lib"), &mut p, &signals).unwrap_err();
     assert_eq!(err.exit_code(), 70, "{err}");
     assert!(err.to_string().contains("trapped"));
-    assert_eq!(queue_len(&dir, "lib"), 1);
+    assert_eq!(queue_len(tmp.path(), "lib"), 1);
 
     // Fall-back: honoured only where allowed.
     let mut p = Scripted {
         decide: |_| Ok(WaitDecision::FallBack("too busy".into())),
     };
-    let mut opts = AcquireOptions::new("lib");
+    let mut opts = Options::new("lib");
     opts.fallback_allowed = true;
     match acquire(&dir, &opts, &mut p, &signals).unwrap() {
         Acquired::FellBack { reason } => assert_eq!(reason, "too busy"),
         Acquired::Held(_) => panic!("took a held lock"),
     }
-    assert_eq!(queue_len(&dir, "lib"), 1);
+    assert_eq!(queue_len(tmp.path(), "lib"), 1);
     opts.fallback_allowed = false;
     opts.wait_limit_ms = Some(150);
     opts.conflict_exit_code = 9;
@@ -372,14 +429,14 @@ fn library_policy_error_fallback_and_caller_bounds() {
     let mut p = Scripted {
         decide: |_| Ok(WaitDecision::KeepWaiting(3_600_000)),
     };
-    let mut opts = AcquireOptions::new("lib");
+    let mut opts = Options::new("lib");
     opts.wait_limit_ms = Some(200);
     let t0 = Instant::now();
     let err = acquire(&dir, &opts, &mut p, &signals).unwrap_err();
     assert_eq!(err.exit_code(), 1);
     let took = t0.elapsed();
     assert!(
-        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+        took >= Duration::from_millis(200) && took < Duration::from_secs(30),
         "{took:?}"
     );
 
@@ -393,19 +450,19 @@ fn library_policy_error_fallback_and_caller_bounds() {
             })
         },
     };
-    let err = acquire(&dir, &AcquireOptions::new("lib"), &mut p, &signals).unwrap_err();
+    let err = acquire(&dir, &Options::new("lib"), &mut p, &signals).unwrap_err();
     assert_eq!(err.exit_code(), 1);
     assert!(err.to_string().contains("enough"), "{err}");
-    assert_eq!(queue_len(&dir, "lib"), 1);
+    assert_eq!(queue_len(tmp.path(), "lib"), 1);
 
     // The holder sees the lock again after release; generation counts acquisitions.
     guard.release().unwrap();
     let g = held_by_other(&dir, "lib", &signals);
     assert_eq!(g.generation(), 2);
     assert_eq!(g.slot(), 0);
-    assert!(g.lock_fd() >= 0);
+    assert!(matches!(g.containment(), Containment::Inherit(fds) if fds.len() == 1));
     drop(g);
-    assert_eq!(queue_len(&dir, "lib"), 0);
+    assert_eq!(queue_len(tmp.path(), "lib"), 0);
 }
 
 /// Ranks age while waiting (priority + 1 per 20 ms waited, using the ticket's arrival): no
@@ -441,7 +498,7 @@ impl Policy for Aging {
 #[test]
 fn library_aging_ranks_do_not_livelock() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = Arc::new(LockDir::open(tmp.path(), None, None).unwrap());
+    let dir = Arc::new(FlockBackend::open(tmp.path(), None, None).unwrap());
     let inside = Arc::new(AtomicI32::new(0));
     let t0 = Instant::now();
     let handles: Vec<_> = (0..4)
@@ -450,7 +507,7 @@ fn library_aging_ranks_do_not_livelock() {
             let inside = inside.clone();
             std::thread::spawn(move || {
                 let signals = Signals::install().unwrap();
-                let mut opts = AcquireOptions::new("aging");
+                let mut opts = Options::new("aging");
                 opts.priority = [0, 10, -10, 5][i];
                 opts.wait_mode = if i % 2 == 0 {
                     WaitMode::Notify
@@ -458,7 +515,7 @@ fn library_aging_ranks_do_not_livelock() {
                     WaitMode::Poll
                 };
                 for _ in 0..15 {
-                    let g = match acquire(&dir, &opts, &mut Aging, &signals).unwrap() {
+                    let g = match acquire(dir.as_ref(), &opts, &mut Aging, &signals).unwrap() {
                         Acquired::Held(g) => g,
                         Acquired::FellBack { .. } => unreachable!(),
                     };

@@ -5,12 +5,13 @@
 mod support;
 
 mod dockerd_bad_input;
+mod dockerd_beyond;
 mod dockerd_cache;
 mod dockerd_earthly;
 mod dockerd_lifecycle;
 mod engine_cli;
+mod engine_kill;
 mod engine_queue;
-mod engine_timing;
 mod policy_commands;
 mod policy_faults;
 mod policy_python;

@@ -3,8 +3,6 @@
 //! independent overlap detector), and fairness statistics.
 #![allow(dead_code)]
 
-pub use super::stats::{jain, percentile};
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -309,4 +307,84 @@ pub fn turns(v: &[Section], tags: &[String]) -> Vec<f64> {
     tags.iter()
         .map(|t| v.iter().filter(|s| &s.tag == t).count() as f64)
         .collect()
+}
+
+/// Waits until `path` has at least `n` lines and returns its first `n` (an event, not a
+/// sleep: fails after 10 s).
+pub fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines[..n].to_vec();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{}: expected {n} lines, have {lines:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A pseudo-terminal whose slave is the controlling terminal of the process spawned on it,
+/// so that typed control characters become signals of its foreground process group, exactly
+/// as at a user's terminal.
+pub struct Terminal {
+    master: std::fs::File,
+    slave: PathBuf,
+}
+
+impl Terminal {
+    /// Opens a new pseudo-terminal pair.
+    pub fn open() -> Terminal {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain libc calls on a descriptor we own; ptsname_r writes into our buffer.
+        unsafe {
+            let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+            assert!(fd >= 0, "posix_openpt");
+            assert_eq!(libc::grantpt(fd), 0);
+            assert_eq!(libc::unlockpt(fd), 0);
+            let mut buf = [0 as libc::c_char; 128];
+            assert_eq!(libc::ptsname_r(fd, buf.as_mut_ptr(), buf.len()), 0);
+            let slave = std::ffi::CStr::from_ptr(buf.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            Terminal {
+                master: std::fs::File::from_raw_fd(fd),
+                slave: PathBuf::from(slave),
+            }
+        }
+    }
+
+    /// Spawns `cmd` as the leader of a new session whose controlling terminal (and stdin,
+    /// stdout, stderr) is this terminal's slave.
+    pub fn spawn(&self, cmd: &mut Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.slave)
+            .expect("open pts");
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        // SAFETY: setsid and ioctl are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Proc(Some(cmd.spawn().expect("spawn on the terminal")))
+    }
+
+    /// Types Ctrl-C: the line discipline sends SIGINT to the foreground process group.
+    pub fn type_ctrl_c(&mut self) {
+        use std::io::Write;
+        self.master.write_all(&[0x03]).unwrap();
+    }
 }

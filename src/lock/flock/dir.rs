@@ -1,15 +1,16 @@
-//! The lock directory: where it is, creating it, and opening files in it safely.
+//! The lock directory: creating it, the paths of one lock's state, and opening files in it.
 //!
-//! Every file is opened with `O_NOFOLLOW` so that a symlink planted in a shared lock directory
-//! cannot redirect a lock, ticket or metadata write elsewhere.
+//! Every file is opened through [`sys::open_in_shared_dir`] (`O_NOFOLLOW|O_NONBLOCK`, regular
+//! files only) so that a symlink or FIFO planted in a shared lock directory can neither redirect
+//! a lock, ticket or metadata write elsewhere nor block an open.
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{DirBuilder, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::Loaded;
 use crate::error::{Error, Result};
+use crate::sys::{self, Open};
 
 /// Default permission bits of created files (the umask still applies): everyone who shares a
 /// lock directory must be able to lock its files.
@@ -61,18 +62,6 @@ impl LockPaths {
     }
 }
 
-/// The lock directory to use: `flag` (`--lock-dir` / `CACHELOCK_LOCK_DIR`), else the config
-/// file's `lock_dir` (relative to the file), else [`crate::config::default_lock_dir`].
-pub fn resolve_root(flag: Option<&Path>, loaded: &Loaded) -> PathBuf {
-    if let Some(p) = flag {
-        return p.to_path_buf();
-    }
-    if let Some(p) = &loaded.config.lock_dir {
-        return loaded.resolve_path(p);
-    }
-    crate::config::default_lock_dir()
-}
-
 impl LockDir {
     /// Opens `root`, creating it if needed (exit 73 when it cannot be created or written).
     pub fn open(root: &Path, file_mode: Option<u32>, dir_mode: Option<u32>) -> Result<LockDir> {
@@ -87,7 +76,7 @@ impl LockDir {
                 root.display()
             )));
         }
-        if !root.is_dir() || !access_rwx(root) {
+        if !root.is_dir() || !sys::can_write_dir(root) {
             return Err(Error::cant_create(format!(
                 "the lock directory {} is not a writable directory; choose another with --lock-dir or CACHELOCK_LOCK_DIR",
                 root.display()
@@ -133,20 +122,17 @@ impl LockDir {
         for d in [&p.base, &p.queue, &p.tmp, &p.keys] {
             match std::fs::symlink_metadata(d) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(Error::new(
-                        crate::error::Kind::IoErr,
-                        format!(
-                            "{} is a symbolic link; cachelock refuses to follow links in the lock directory (remove it)",
-                            d.display()
-                        ),
-                    ))
+                    return Err(Error::cant_create(format!(
+                        "{} is a symbolic link; cachelock refuses to follow links in the lock directory (remove it)",
+                        d.display()
+                    )))
                 }
                 Ok(m) if m.is_dir() => continue,
                 Ok(_) => {
-                    return Err(Error::new(
-                        crate::error::Kind::IoErr,
-                        format!("{} exists and is not a directory (remove it)", d.display()),
-                    ))
+                    return Err(Error::cant_create(format!(
+                        "{} exists and is not a directory (remove it)",
+                        d.display()
+                    )))
                 }
                 Err(_) => {}
             }
@@ -165,34 +151,15 @@ impl LockDir {
     }
 }
 
-/// Opens `path` read-write with `O_NOFOLLOW | O_CLOEXEC`, creating it with `mode` if `create`.
-/// Read-write because NFS emulates flock with POSIX locks, which need a writable descriptor.
-pub fn open_nofollow(path: &Path, create: bool, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
-/// Opens another process's file for probing or reading: read-write where permitted (NFS needs
-/// it for exclusive locks), else read-only (enough for local flock and for reading).
-pub fn open_for_probe(path: &Path) -> io::Result<File> {
-    match open_nofollow(path, false, 0) {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path),
-        r => r,
-    }
-}
-
-/// Like [`open_nofollow`] but turns errors into messages that name the file; a symlink (ELOOP)
-/// gets its own explanation.
+/// Opens a lock, ticket or metadata file (created with `mode` if `create`), with errors that
+/// name the file; a symlink (ELOOP) or a non-regular file gets its own explanation (exit 74).
 pub fn open_checked(path: &Path, create: bool, mode: u32) -> Result<File> {
-    open_nofollow(path, create, mode).map_err(|e| {
+    let how = if create {
+        Open::Create(mode)
+    } else {
+        Open::Existing
+    };
+    sys::open_in_shared_dir(path, how).map_err(|e| {
         if e.raw_os_error() == Some(libc::ELOOP) {
             Error::new(
                 crate::error::Kind::IoErr,
@@ -201,17 +168,16 @@ pub fn open_checked(path: &Path, create: bool, mode: u32) -> Result<File> {
                     path.display()
                 ),
             )
+        } else if e.kind() == io::ErrorKind::InvalidInput {
+            Error::new(
+                crate::error::Kind::IoErr,
+                format!(
+                    "{} is not a regular file (a FIFO, device or directory planted there?); remove it",
+                    path.display()
+                ),
+            )
         } else {
             Error::io(format!("cannot open {}", path.display()), e)
         }
     })
-}
-
-fn access_rwx(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }

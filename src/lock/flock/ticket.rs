@@ -6,71 +6,13 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt as _, MetadataExt};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
-use fs4::FileExt;
-use serde::{Deserialize, Serialize};
-
-use super::dir::{open_checked, open_for_probe, LockPaths};
+use super::dir::{open_checked, LockPaths};
 use crate::error::{Error, Result};
-use crate::policy::{Mode, Request, Ticket};
-
-/// What a ticket file records (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TicketData {
-    /// Ticket id, unique per lock; zero-padded so string order is arrival-number order.
-    pub id: String,
-    /// Lock name.
-    pub lock: String,
-    /// Exclusive or shared.
-    pub mode: Mode,
-    /// `--priority`.
-    pub priority: i32,
-    /// `--label`s in the order given.
-    pub labels: Vec<(String, String)>,
-    /// Host of the owner (for people only).
-    pub host: String,
-    /// PID of the owner (for people only).
-    pub pid: u32,
-    /// Arrival stamp (hybrid logical clock, strictly increasing per lock).
-    pub enqueued_at_ms: u64,
-    /// The caller's wait bound.
-    pub wait_limit_ms: Option<u64>,
-    /// `--queue-key`.
-    pub queue_key: Option<String>,
-    /// Whether the owner holds the lock now.
-    #[serde(default)]
-    pub holding: bool,
-    /// The slot held.
-    #[serde(default)]
-    pub slot: Option<u32>,
-    /// Wall clock when the lock was taken.
-    #[serde(default)]
-    pub acquired_at_ms: Option<u64>,
-    /// Generation (fencing token) of this acquisition.
-    #[serde(default)]
-    pub generation: Option<u64>,
-}
-
-impl TicketData {
-    /// The policy's view of this ticket.
-    pub fn to_ticket(&self) -> Ticket {
-        Ticket {
-            id: self.id.clone(),
-            request: Request {
-                lock: self.lock.clone(),
-                mode: self.mode,
-                priority: self.priority,
-                labels: self.labels.clone(),
-                host: self.host.clone(),
-                pid: self.pid,
-                enqueued_at_ms: self.enqueued_at_ms,
-                wait_limit_ms: self.wait_limit_ms,
-            },
-        }
-    }
-}
+use crate::lock::backend::TicketData;
+use crate::sys;
 
 /// Formats ticket number `n` as an id.
 pub fn ticket_id(n: u64) -> String {
@@ -94,12 +36,22 @@ impl OwnTicket {
             .tmp
             .join(format!("{}.{}", data.id, std::process::id()));
         let file = open_checked(&tmp, true, paths.file_mode)?;
-        if let Err(e) = FileExt::try_lock(&file) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io(
-                format!("cannot lock new ticket {}", tmp.display()),
-                e.into(),
-            ));
+        match sys::try_flock(&file, true) {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io(
+                    format!("cannot lock new ticket {}", tmp.display()),
+                    io::Error::from(io::ErrorKind::WouldBlock),
+                ));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io(
+                    format!("cannot lock new ticket {}", tmp.display()),
+                    e,
+                ));
+            }
         }
         let mut t = OwnTicket {
             file: Some(file),
@@ -178,23 +130,19 @@ pub enum Probe {
 /// ticket is unlinked while the probe lock is held, after checking the path still names the
 /// same file.
 pub fn probe(path: &Path) -> Probe {
-    let mut file = match open_for_probe(path) {
+    let mut file = match sys::open_other(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Probe::Gone,
         Err(_) => return Probe::Alive(None),
     };
-    match FileExt::try_lock(&file) {
-        Ok(()) => {
-            let same = match (file.metadata(), std::fs::symlink_metadata(path)) {
-                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-                _ => false,
-            };
-            if same {
+    match sys::try_flock(&file, true) {
+        Ok(true) => {
+            if sys::is_same_file(&file, path) {
                 let _ = std::fs::remove_file(path);
             }
             Probe::Dead
         }
-        Err(_) => Probe::Alive(read_data(&mut file)),
+        _ => Probe::Alive(read_data(&mut file)),
     }
 }
 

@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 
-use fs4::FileExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -39,10 +38,10 @@ struct KeyRecord {
 /// Reads `meta.json` under a shared `meta.lock` (status, progress): a missing file reads as
 /// zeros. Nothing is created.
 pub fn read(paths: &LockPaths) -> MetaData {
-    let Ok(lock) = super::dir::open_for_probe(&paths.meta_lock()) else {
+    let Ok(lock) = crate::sys::open_other(&paths.meta_lock()) else {
         return MetaData::default();
     };
-    let _ = FileExt::lock_shared(&lock);
+    let _ = crate::sys::flock(&lock, false);
     std::fs::read(paths.meta_json())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -56,7 +55,7 @@ fn with_meta<T>(paths: &LockPaths, f: impl FnOnce(&mut MetaData) -> Result<T>) -
     use std::io::Read;
     use std::os::unix::fs::FileExt as _;
     let lock = open_checked(&paths.meta_lock(), true, paths.file_mode)?;
-    FileExt::lock(&lock)
+    crate::sys::flock(&lock, true)
         .map_err(|e| Error::io(format!("cannot lock {}", paths.meta_lock().display()), e))?;
     let mut file = open_checked(&paths.meta_json(), true, paths.file_mode)?;
     let mut old = Vec::new();
@@ -85,9 +84,9 @@ fn write_new(path: &std::path::Path, text: &[u8], mode: u32) -> Result<()> {
 }
 
 fn key_path(paths: &LockPaths, key: &str) -> PathBuf {
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    paths.keys.join(hex)
+    paths
+        .keys
+        .join(format!("{:x}", Sha256::digest(key.as_bytes())))
 }
 
 fn read_key(paths: &LockPaths, key: &str) -> Option<KeyRecord> {
@@ -171,7 +170,7 @@ pub fn remember_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lock::LockDir;
+    use crate::lock::flock::dir::LockDir;
 
     #[test]
     fn arrival_clock_is_strictly_increasing_and_keys_keep_arrival() {
