@@ -274,8 +274,32 @@ fn planted_compile_caches_never_run_as_another_user() {
             "{what}: {t}"
         );
     }
-    // The old fallback /tmp/cachelock-cache-<uid> is never used: with no HOME and no
-    // configured cache, nothing is cached (and nothing planted there is read).
+    // The issue's repro: the attacker plants the old fallback /tmp/cachelock-cache-<uid> of the
+    // victim; the victim runs with no HOME and no configured cache. It is never read.
+    let old = PathBuf::from(format!("/tmp/cachelock-cache-{}", victim.0));
+    let _ = std::fs::remove_dir_all(&old);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &attacker.0.to_string(),
+            "--regid",
+            &attacker.1.to_string(),
+            "--clear-groups",
+            "--",
+            "cp",
+            "-r",
+        ])
+        .arg(&planted)
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let nohome = vhome.join("nohome.yaml");
+    std::fs::write(
+        &nohome,
+        format!("policy_host_cache_dir: {}\n", none.display()),
+    )
+    .unwrap();
     let out = Command::new("setpriv")
         .args([
             "--reuid",
@@ -290,15 +314,15 @@ fn planted_compile_caches_never_run_as_another_user() {
             "builtin:default",
         ])
         .env_clear()
-        .env(
-            "CACHELOCK_CONFIG",
-            write_config(&vhome.join("nohome.yaml"), &r.join("unused"), &none, victim),
-        )
+        .env("CACHELOCK_CONFIG", &nohome)
         .current_dir(&vhome)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(!r.join(format!("cachelock-cache-{}", victim.0)).exists());
+    let _ = std::fs::remove_dir_all(&old);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(!t.contains("about to trap"), "the planted code ran: {t}");
+    assert!(t.contains("no policy compile cache of your own"), "{t}");
 }
 
 #[test]
