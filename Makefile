@@ -14,10 +14,21 @@ PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools
 build-setup:
 	rustup target add wasm32-wasip2
 
+# Policy compilers the tests use: componentize-py and componentize-js (the Python and
+# JavaScript policy tests; the versions `cachelock policy new --lang python|js` names).
+COMPONENTIZE_PY_VERSION = 0.25.1
+COMPONENTIZE_JS_VERSION = 0.23.0
+
 # Everything the test suite needs on a fresh Debian machine (as root): the build's needs, the
-# musl target for the static binary, the packages above.
+# musl target for the static binary, the policy compilers, the packages above.
 setup: build-setup
 	rustup target add $(MUSL)
+	@if ! componentize-py --version 2>/dev/null | grep -qx 'componentize-py $(COMPONENTIZE_PY_VERSION)'; then \
+		python3 -m pip install --quiet 'componentize-py==$(COMPONENTIZE_PY_VERSION)'; \
+	fi
+	@if ! componentize-js --version 2>/dev/null | grep -qx '$(COMPONENTIZE_JS_VERSION)'; then \
+		npm install --global --no-audit --no-fund '@bytecodealliance/componentize-js@$(COMPONENTIZE_JS_VERSION)'; \
+	fi
 	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \

@@ -80,9 +80,16 @@ pub struct Config {
     pub progress_interval: Option<f64>,
     /// Seconds a queue key remembers its arrival after a give-up (default 600).
     pub queue_key_grace: Option<f64>,
-    /// Where compiled policies are cached (default `$XDG_CACHE_HOME/cachelock` or
-    /// `~/.cache/cachelock`, else under the temp dir).
+    /// Where this user's compiled policies are cached (default `$XDG_CACHE_HOME/cachelock` or
+    /// `~/.cache/cachelock`; for root, `policy_host_cache_dir`). Only a directory owned by the
+    /// caller or root and writable by nobody else is used.
     pub policy_cache_dir: Option<PathBuf>,
+    /// The host's compile cache, written by root (e.g. `cachelock policy check` at deploy time)
+    /// and read by every user (default `/var/cache/cachelock`).
+    pub policy_host_cache_dir: Option<PathBuf>,
+    /// The compile budget of a policy module that is not built in (see `policy::compile`).
+    #[serde(default)]
+    pub policy_compile: CompileBudget,
     /// Policy of locks that no rule binds (default `default`, i.e. `builtin:default`).
     pub default_policy: Option<String>,
     /// Per-lock rules; the first whose `match` glob matches the lock name applies.
@@ -156,6 +163,22 @@ pub struct Limits {
     pub max_interval_ms: Option<u64>,
     /// Bytes of log output (stdout, stderr, `host.log`) kept per call.
     pub log_bytes: Option<u64>,
+    /// Wall-clock milliseconds per call, sleeps included (`configure` gets 10×).
+    pub time_ms: Option<u64>,
+}
+
+/// The compile budget of untrusted policy modules; unset fields take the defaults in
+/// `policy::compile`.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CompileBudget {
+    /// Address space of the compiling process, MiB (default 1024).
+    pub memory_mib: Option<u64>,
+    /// CPU seconds of the compiling process (default 30).
+    pub cpu_seconds: Option<u64>,
+    /// Seconds a waiter waits for a policy being compiled before it orders the queue by the
+    /// fallback order (priority) until the compile ends (default 60).
+    pub wait_seconds: Option<u64>,
 }
 
 /// How dockerd is started by `cachelock dockerd`.
