@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use cachelock::config::{self, Loaded};
 use cachelock::dockerd::{hygiene, network, root, session, setup};
 use cachelock::error::{Error, Result};
-use cachelock::lock::{Acquired, Containment};
+use cachelock::lock::{Acquired, Containment, Store};
 use cachelock::process::Signals;
 
 use crate::cli::DockerdArgs;
@@ -20,11 +20,22 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         ));
     }
     // The cache id is the lock: a bad one is refused before anything is touched.
-    let req = args
+    let mut req = args
         .cache_id
         .as_deref()
         .map(|id| LockRequest::from_flags(id, &args.lock))
         .transpose()?;
+    // Over a fleet-wide store, a data root on this host's disk is this host's business: its
+    // lock name carries the host, unless the cache root is shared storage.
+    if let Some(r) = req.as_mut() {
+        if matches!(r.store, Store::Etcd(_)) && !r.loaded.config.dockerd.cache_root_shared {
+            r.options.name = cachelock::lock::etcd::host_scoped_name(
+                &r.options.name,
+                &cachelock::sys::hostname(),
+            );
+            cachelock::lock::validate(&r.options)?;
+        }
+    }
     let loaded = match &req {
         Some(r) => r.loaded.clone(),
         None => Loaded::load(args.lock.config.as_deref())?,
@@ -93,9 +104,14 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
     if let Some(s) = slot {
         env.push(("CACHELOCK_DOCKERD_SLOT".to_string(), s.to_string()));
     }
-    let Containment::Inherit(inherit) = containment;
+    let (inherit, lease) = match containment {
+        Containment::Inherit(fds) => (fds, None),
+        Containment::Lease(l) => (Vec::new(), Some(l)),
+    };
+    let mut spec = resolved.spec(data_root, &short, inherit, args.cache_id.clone());
+    spec.lease = lease;
     let plan = session::Plan {
-        spec: resolved.spec(data_root, &short, inherit, args.cache_id.clone()),
+        spec,
         docker_cli: resolved.docker_cli.clone(),
         cached_prefix: cached.then(|| resolved.prefix.clone()),
         wipe_after: !cached,

@@ -152,6 +152,7 @@ impl Resolved {
             network: self.network,
             uplink_pool: self.uplink_pool,
             inherit,
+            lease: None,
             log_tail_lines: self.log_tail_lines,
             cache_id,
             // A log that outlives the run, e.g. /var/log/docker.log as Earthly's wrapper keeps.
