@@ -49,7 +49,7 @@ pub(super) fn classify(what: &str, e: etcd_client::Error) -> Failure {
                 Kind::Software,
                 format!("etcd refused {what}: {}", s.message()),
             )),
-            _ => Failure::Retry(format!("{}", s.message())),
+            _ => Failure::Retry(s.message().to_string()),
         },
         E::InvalidArgs(_) | E::InvalidUri(_) => Failure::Final(Error::config(format!(
             "cannot use the etcd endpoints: {e}"
@@ -197,7 +197,7 @@ impl Conn {
                 return Err(self.unavailable(what, &why));
             }
             // After a full round of endpoints, a short pause (an election takes a moment).
-            if failures % n == 0 {
+            if failures.is_multiple_of(n) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             tracing::debug!("etcd {what}: {} ({why}); retrying", self.store.endpoints[i]);

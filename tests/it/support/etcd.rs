@@ -50,11 +50,13 @@ pub struct Cluster {
     pub tls: Option<Tls>,
 }
 
-fn spawner() -> &'static Mutex<mpsc::Sender<(Command, mpsc::Sender<std::io::Result<Child>>)>> {
-    static S: OnceLock<Mutex<mpsc::Sender<(Command, mpsc::Sender<std::io::Result<Child>>)>>> =
-        OnceLock::new();
+/// A request to the spawner thread: the command, and where to send the child.
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
+    static S: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     S.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<std::io::Result<Child>>)>();
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
         // Parent-death signals fire when the spawning *thread* ends: this one never does.
         std::thread::spawn(move || {
             for (mut cmd, reply) in rx {
