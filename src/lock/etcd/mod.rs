@@ -232,7 +232,7 @@ mod tests {
             ("etcd://host", "no :PORT"),
             ("etcd://host:0", "not a port"),
             ("etcd://host:99999", "not a port"),
-            ("etcd://a:1,,b:2", "not a host"),
+            ("etcd://a:1,,b:2", "endpoint \"\" has no :PORT"),
             ("etcd://h_x:1", "not a host"),
             ("etcd://[::1:2379", "closing ]"),
             ("etcd://h:1/a//b", "key prefix"),
