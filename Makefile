@@ -6,32 +6,48 @@
 .PHONY: test setup build-setup demo static static-dev
 
 MUSL := x86_64-unknown-linux-musl
+# Debian packages any build needs: the etcd client (cargo feature `etcd`, on by default)
+# compiles etcd's protobufs with protoc and the well-known types of libprotobuf-dev.
+BUILD_PACKAGES := protobuf-compiler libprotobuf-dev
 # Debian packages the tests use: dockerd and busybox-static (test images without a registry),
-# the registry and docker-compose of the Earthly drop-in tests, musl-tools for the static build.
-PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools
-
-# What any build needs: the built-in policies are compiled for wasm32-wasip2 by build.rs.
-build-setup:
-	rustup target add wasm32-wasip2
-
+# the registry and docker-compose of the Earthly drop-in tests, musl-tools for the static build,
+# etcd 3.4 and etcdctl (the etcd backend's clusters), openssl (their self-signed certificates).
+TEST_PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools \
+	etcd-server etcd-client openssl
 # Policy compilers the tests use: componentize-py and componentize-js (the Python and
 # JavaScript policy tests; the versions `cachelock policy new --lang python|js` names).
 COMPONENTIZE_PY_VERSION = 0.25.1
 COMPONENTIZE_JS_VERSION = 0.23.0
 
-# Everything the test suite needs on a fresh Debian machine (as root): the build's needs, the
-# musl target for the static binary, the policy compilers, the packages above.
-setup: build-setup
-	rustup target add $(MUSL)
+# Installs the Debian packages in $(1) that are missing, with one `apt-get update`. etcd's
+# package would start its own service: a temporary policy-rc.d keeps every service from
+# starting (the tests run their own daemons).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update || exit 1; \
+		if test -e /usr/sbin/policy-rc.d; then keep=1; else keep=0; printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+		status=$$?; if test $$keep = 0; then rm -f /usr/sbin/policy-rc.d; fi; exit $$status; \
+	fi
+endef
+
+# What any build needs (as root on a fresh Debian machine): the wasm target of the built-in
+# policies (build.rs compiles them) and the packages above.
+build-setup:
+	rustup target add wasm32-wasip2
+	$(call apt_install,$(BUILD_PACKAGES))
+
+# Everything the test suite needs: the build's needs, the musl target for the static binary,
+# the test packages and the policy compilers.
+setup:
+	rustup target add wasm32-wasip2 $(MUSL)
+	$(call apt_install,$(BUILD_PACKAGES) $(TEST_PACKAGES))
 	@if ! componentize-py --version 2>/dev/null | grep -qx 'componentize-py $(COMPONENTIZE_PY_VERSION)'; then \
 		python3 -m pip install --quiet 'componentize-py==$(COMPONENTIZE_PY_VERSION)'; \
 	fi
 	@if ! componentize-js --version 2>/dev/null | grep -qx '$(COMPONENTIZE_JS_VERSION)'; then \
 		npm install --global --no-audit --no-fund '@bytecodealliance/componentize-js@$(COMPONENTIZE_JS_VERSION)'; \
-	fi
-	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	fi
 
 # The static binary the README installs in a buildkitd image.

@@ -93,6 +93,9 @@ pub struct LockArgs {
     /// Lock directory.
     #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
     pub lock_dir: Option<PathBuf>,
+    /// Lock store: file://DIR, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (wins over --lock-dir).
+    #[arg(long = "backend", env = "CACHELOCK_BACKEND", value_name = "URL")]
+    pub backend: Option<String>,
     /// Configuration file (YAML).
     #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -130,6 +133,9 @@ pub struct StatusArgs {
     /// Lock directory.
     #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
     pub lock_dir: Option<PathBuf>,
+    /// Lock store: file://DIR, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (wins over --lock-dir).
+    #[arg(long = "backend", env = "CACHELOCK_BACKEND", value_name = "URL")]
+    pub backend: Option<String>,
     /// Configuration file (YAML).
     #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -67,6 +67,12 @@ pub enum OnError {
 pub struct Config {
     /// Where lock state lives (`<lock_dir>/<name>.lock/`). Also `--lock-dir`, `CACHELOCK_LOCK_DIR`.
     pub lock_dir: Option<PathBuf>,
+    /// The lock store as a URL: `file://DIR` (the lock directory) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`. Also `--backend`, `CACHELOCK_BACKEND`.
+    pub backend: Option<String>,
+    /// Credentials and timings of the etcd backend.
+    #[serde(default)]
+    pub etcd: EtcdConfig,
     /// Permission bits of files created in the lock directory, octal string (default "0666",
     /// so that users sharing a lock directory can all lock; the umask still applies).
     #[serde(default, deserialize_with = "de_octal")]
@@ -181,6 +187,32 @@ pub struct CompileBudget {
     pub wait_seconds: Option<u64>,
 }
 
+/// The etcd backend's settings (`etcd:`). The `ETCDCTL_*` variables override the credentials.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// CA certificate (PEM) that signed the members' certificates; enables TLS. Also
+    /// `ETCDCTL_CACERT`.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM). Also `ETCDCTL_CERT`.
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM). Also `ETCDCTL_KEY`.
+    pub key_file: Option<PathBuf>,
+    /// User name, or `user:password`. Also `ETCDCTL_USER`.
+    pub user: Option<String>,
+    /// Password. Also `ETCDCTL_PASSWORD`.
+    pub password: Option<String>,
+    /// A file holding the password (its first line).
+    pub password_file: Option<PathBuf>,
+    /// Seconds of lease TTL (default 10): how long a dead request's ticket or lock survives
+    /// it; a holder whose lease cannot be renewed stops its command within 3/5 of it.
+    pub lease_ttl: Option<f64>,
+    /// Seconds one request may take before it is retried on the next endpoint (default 1).
+    pub request_timeout: Option<f64>,
+    /// Seconds an operation is retried across endpoints before exit 69 (default 10).
+    pub unavailable_timeout: Option<f64>,
+}
+
 /// How dockerd is started by `cachelock dockerd`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +256,11 @@ pub struct DockerdConfig {
     /// evicted after a cached run. Unset: no cap.
     #[serde(default, deserialize_with = "de_size")]
     pub cache_max_size: Option<u64>,
+    /// With a fleet-wide backend (etcd): the cache root is on storage every host sees, so a
+    /// cache id is locked fleet-wide. Default false: each host locks its own local data roots
+    /// (the lock name gets `.host-<hostname>`), and hosts never wait for each other's caches.
+    #[serde(default)]
+    pub cache_root_shared: bool,
 }
 
 /// What the configuration says about one lock, after rules and defaults are applied.
@@ -332,6 +369,13 @@ impl Config {
         for (key, v, max) in [
             ("progress_interval", self.progress_interval, 86_400.0),
             ("queue_key_grace", self.queue_key_grace, 31_536_000.0),
+            ("etcd.request_timeout", self.etcd.request_timeout, 60.0),
+            (
+                "etcd.unavailable_timeout",
+                self.etcd.unavailable_timeout,
+                3_600.0,
+            ),
+            ("etcd.lease_ttl", self.etcd.lease_ttl, 86_400.0),
         ] {
             if let Some(v) = v {
                 if !(v.is_finite() && (0.0..=max).contains(&v)) {
@@ -340,6 +384,14 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let Some(t) = self.etcd.lease_ttl {
+            if t < 2.0 {
+                return Err("key `etcd.lease_ttl`: must be at least 2 seconds".into());
+            }
+        }
+        if self.etcd.request_timeout == Some(0.0) {
+            return Err("key `etcd.request_timeout`: must be more than 0 seconds".into());
         }
         Ok(())
     }

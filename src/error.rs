@@ -17,7 +17,8 @@ pub mod code {
     pub const DATAERR: i32 = 65;
     /// An input file does not exist or cannot be read (an image tar).
     pub const NOINPUT: i32 = 66;
-    /// A service is unavailable (dockerd missing or never became ready).
+    /// A service is unavailable (dockerd missing or never became ready; no etcd endpoint
+    /// answered within the bounded time).
     pub const UNAVAILABLE: i32 = 69;
     /// Internal error, or a policy fault under `on_error: fail`.
     pub const SOFTWARE: i32 = 70;
@@ -28,6 +29,9 @@ pub mod code {
     pub const CANTCREAT: i32 = 73;
     /// An I/O error on a lock or ticket file.
     pub const IOERR: i32 = 74;
+    /// The lock was lost while the command ran (a lease not renewed in time): the command's
+    /// process tree was stopped.
+    pub const TEMPFAIL: i32 = 75;
     /// No permission (a cache root that is not writable).
     pub const NOPERM: i32 = 77;
     /// Bad configuration: YAML, policy modules, daemon.json.
@@ -45,11 +49,12 @@ pub const EXIT_CODES: &[(&str, &str)] = &[
     ("64", "usage: bad option, bad lock name (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`), bad `KEY=VALUE`, bad `CACHELOCK_*` variable"),
     ("65", "bad data: a `policy simulate` scenario"),
     ("66", "an input file is missing or unreadable (`--load` tarball, scenario)"),
-    ("69", "dockerd missing or never became ready (its whole log shown, 64 KiB at most); docker CLI or compose missing; a registry pull of the Earthly drop-in failed"),
+    ("69", "dockerd missing or never became ready (its whole log shown, 64 KiB at most); docker CLI or compose missing; a registry pull of the Earthly drop-in failed; no etcd endpoint answered within `etcd.unavailable_timeout` (default 10 s)"),
     ("70", "a policy fault under `on_error: fail` (trap, fuel, memory), or an internal error"),
     ("71", "an operating-system error: signal handlers cannot be installed, the command cannot be waited for"),
     ("73", "cannot create the lock directory, cache root, a data root or a `policy new` folder (or it is a symlink, or the folder exists)"),
     ("74", "I/O error on a lock, ticket or metadata file (also: a symlink or FIFO planted in their place)"),
+    ("75", "the lock was lost while the command ran (etcd: its lease could not be renewed in time); the command's whole process tree was stopped (SIGTERM, then SIGKILL) before the lease could expire"),
     ("77", "no permission (cache root not writable)"),
     ("78", "bad configuration: YAML (file, line and key are named), policy module (missing, not a component, another world, sha256 mismatch, `configure` error), daemon.json"),
     ("126 / 127", "the command cannot be executed / was not found"),
@@ -69,6 +74,8 @@ pub enum Kind {
     OsErr,
     CantCreate,
     IoErr,
+    /// The lock was lost while the command ran (exit 75).
+    LockLost,
     NoPerm,
     Config,
     CannotExecute,
@@ -134,6 +141,7 @@ impl Error {
             Kind::OsErr => code::OSERR,
             Kind::CantCreate => code::CANTCREAT,
             Kind::IoErr => code::IOERR,
+            Kind::LockLost => code::TEMPFAIL,
             Kind::NoPerm => code::NOPERM,
             Kind::Config => code::CONFIG,
             Kind::CannotExecute => code::CANNOT_EXECUTE,
@@ -177,6 +185,7 @@ mod tests {
             Kind::OsErr,
             Kind::CantCreate,
             Kind::IoErr,
+            Kind::LockLost,
             Kind::NoPerm,
             Kind::Config,
             Kind::CannotExecute,

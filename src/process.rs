@@ -6,7 +6,10 @@
 //! everything `O_CLOEXEC`), so a SIGKILLed cachelock cannot free the lock while its command
 //! runs; and the command gets a parent-death signal so that it is told to stop when cachelock
 //! dies. `PR_SET_PDEATHSIG` fires when the *thread* that forked exits: commands are spawned from
-//! the main thread.
+//! the main thread. For a lease (etcd), which a command cannot inherit, the command runs under a
+//! [`guardian`] that stops its whole process tree when cachelock dies or the lease's stop
+//! deadline passes. [`Contained`] builds either kind of command, for `run` and for the dockerd
+//! session alike.
 //!
 //! **Signals, as under flock(1).** The command runs in cachelock's process group, so a Ctrl-C
 //! typed at the terminal, and terminal input, reach it directly. cachelock forwards only what
@@ -14,8 +17,11 @@
 //! `kill`, a CI runner's timeout...), never the terminal-generated ones, which the command
 //! already got (a second SIGINT makes tools such as terraform force-quit).
 
+pub mod guardian;
+
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
@@ -23,6 +29,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::error::{code, Error, Kind, Result};
+use crate::lock::backend::Lease;
 use crate::lock::Containment;
 
 /// Signals that end a wait cleanly and are forwarded to a running command when sent to
@@ -43,20 +50,162 @@ pub fn spawn(cmd: &mut Command, inherit: &[RawFd], pdeathsig: i32) -> io::Result
 }
 
 /// Runs `cmd` so that the lock behind `containment` covers it, forwarding signals per the
-/// module's rule; returns the exit code cachelock reports (the command's, or 128+N).
+/// module's rule; returns the exit code cachelock reports (the command's, or 128+N). Under a
+/// lease, a lost lock is `Kind::LockLost` (exit 75) once the command's tree is gone.
 pub fn run_contained(
     cmd: &mut Command,
     containment: &Containment,
     signals: &Signals,
 ) -> Result<i32> {
     let program = cmd.get_program().to_owned();
-    let inherit = match containment {
-        Containment::Inherit(fds) => fds.as_slice(),
+    let mut running = match containment {
+        Containment::Inherit(fds) => Running {
+            child: spawn(cmd, fds, libc::SIGTERM).map_err(|e| spawn_error(&program, e))?,
+            program,
+            guardian: None,
+        },
+        Containment::Lease(_) => {
+            let mut c = Contained::new(containment, &program)?;
+            let inner = c.command();
+            inner.args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                match v {
+                    Some(v) => inner.env(k, v),
+                    None => inner.env_remove(k),
+                };
+            }
+            if let Some(d) = cmd.get_current_dir() {
+                inner.current_dir(d);
+            }
+            c.spawn(libc::SIGTERM)?
+        }
     };
-    let mut child = spawn(cmd, inherit, libc::SIGTERM).map_err(|e| spawn_error(&program, e))?;
-    let status = wait_forwarding(&mut child, signals)
+    let status = wait_forwarding(&mut running.child, signals)
         .map_err(|e| Error::new(Kind::OsErr, format!("cannot wait for the command: {e}")))?;
-    Ok(exit_code(status))
+    running.finish(status)
+}
+
+/// A command being prepared to run under a held lock: directly with the lock's descriptors
+/// inherited (flock), or under a [`guardian`] attached to the lease. Configure it through
+/// [`Contained::command`] (arguments, environment, stdio, process group, `pre_exec`) as any
+/// command: under a guardian, what applies to the guardian process is inherited by the command.
+pub struct Contained {
+    cmd: Command,
+    program: OsString,
+    inherit: Vec<RawFd>,
+    link: Option<(Lease, UnixStream, UnixStream)>,
+}
+
+impl Contained {
+    /// A command that runs `program` under `containment`.
+    pub fn new(containment: &Containment, program: impl AsRef<OsStr>) -> Result<Contained> {
+        let program = program.as_ref().to_owned();
+        match containment {
+            Containment::Inherit(fds) => Ok(Contained {
+                cmd: Command::new(&program),
+                program,
+                inherit: fds.clone(),
+                link: None,
+            }),
+            Containment::Lease(lease) => {
+                if lease.is_lost() {
+                    return Err(lock_lost(lease));
+                }
+                let (ours, theirs) = UnixStream::pair().map_err(|e| {
+                    Error::new(Kind::OsErr, format!("cannot create a socket pair: {e}"))
+                })?;
+                Ok(Contained {
+                    cmd: guardian::command(&program, theirs.as_raw_fd(), lease.grace()),
+                    program,
+                    inherit: vec![theirs.as_raw_fd()],
+                    link: Some((lease.clone(), ours, theirs)),
+                })
+            }
+        }
+    }
+
+    /// Another descriptor the command (or its guardian, and through it the command) inherits.
+    pub fn inherit(&mut self, fd: RawFd) {
+        self.inherit.push(fd);
+    }
+
+    /// The command to configure.
+    pub fn command(&mut self) -> &mut Command {
+        &mut self.cmd
+    }
+
+    /// Spawns it (`pdeathsig` for a directly spawned command; a guardian learns of cachelock's
+    /// death from its socket instead). A failure to start is 126/127.
+    pub fn spawn(mut self, pdeathsig: i32) -> Result<Running> {
+        let sig = if self.link.is_some() { 0 } else { pdeathsig };
+        let child =
+            spawn(&mut self.cmd, &self.inherit, sig).map_err(|e| spawn_error(&self.program, e))?;
+        let guardian = match self.link.take() {
+            Some((lease, ours, theirs)) => {
+                drop(theirs);
+                let writer = ours.try_clone().map_err(|e| {
+                    Error::new(Kind::OsErr, format!("cannot duplicate a socket: {e}"))
+                })?;
+                lease.attach(writer);
+                Some((lease, ours))
+            }
+            None => None,
+        };
+        Ok(Running {
+            child,
+            program: self.program,
+            guardian,
+        })
+    }
+}
+
+/// A command started by [`Contained::spawn`]. `child` is the command itself, or its guardian
+/// (which forwards sent signals to the command and exits with the command's code).
+pub struct Running {
+    /// The process to wait for and to signal.
+    pub child: Child,
+    program: OsString,
+    guardian: Option<(Lease, UnixStream)>,
+}
+
+impl Running {
+    /// The exit code cachelock reports for a command that ended with `status`: its own code
+    /// (128+N for signal N), 126/127 when it could not be started, `Kind::LockLost` when the
+    /// guardian stopped it because the lease was lost.
+    pub fn finish(&mut self, status: ExitStatus) -> Result<i32> {
+        let Some((lease, sock)) = &self.guardian else {
+            return Ok(exit_code(status));
+        };
+        match guardian::read_report(sock) {
+            guardian::Report::Exit(c) => Ok(c),
+            guardian::Report::Lost => Err(lock_lost(lease)),
+            guardian::Report::Spawn(errno) => Err(spawn_error(
+                &self.program,
+                io::Error::from_raw_os_error(errno),
+            )),
+            guardian::Report::Nothing if lease.is_lost() => Err(lock_lost(lease)),
+            guardian::Report::Nothing => Ok(exit_code(status)),
+        }
+    }
+
+    /// Whether the lock behind this command was lost (always false under flock).
+    pub fn lock_lost(&self) -> Option<Error> {
+        self.guardian
+            .as_ref()
+            .filter(|(l, _)| l.is_lost())
+            .map(|(l, _)| lock_lost(l))
+    }
+}
+
+/// The error of a lock lost while its command ran (exit 75).
+pub fn lock_lost(lease: &Lease) -> Error {
+    Error::new(
+        Kind::LockLost,
+        format!(
+            "lock {} was lost while the command ran: its lease could not be renewed in time, so the command's whole process tree was stopped (SIGTERM, then SIGKILL) before the lease could expire; another request may hold the lock now. Check the etcd cluster (etcdctl endpoint health) and run the command again",
+            lease.lock()
+        ),
+    )
 }
 
 /// Maps a failure to start the command to 127 (not found) or 126 (cannot execute), as shells do.

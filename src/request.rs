@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cachelock::config::{Loaded, LockSettings};
 use cachelock::error::{Error, Result};
+use cachelock::lock::etcd::EtcdStore;
 use cachelock::lock::{self, Acquired, Store};
 use cachelock::policy::{Mode, Policy};
 use cachelock::process::Signals;
@@ -63,7 +64,7 @@ impl LockRequest {
             progress_interval: (!args.quiet).then(|| progress_interval(&loaded)).flatten(),
         };
         lock::validate(&options)?;
-        let store = store(args.lock_dir.as_deref(), &loaded);
+        let store = store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
         Ok(LockRequest {
             loaded,
             settings,
@@ -180,19 +181,121 @@ impl LockRequest {
     }
 }
 
-/// The store named by `--lock-dir` / `CACHELOCK_LOCK_DIR` (`flag`), else the configuration's
-/// `lock_dir` (relative to the file), else the default lock directory.
-pub fn store(flag: Option<&Path>, loaded: &Loaded) -> Store {
-    let path = match (flag, &loaded.config.lock_dir) {
-        (Some(p), _) => p.to_path_buf(),
-        (None, Some(p)) => loaded.resolve_path(p),
-        (None, None) => cachelock::config::default_lock_dir(),
-    };
-    Store::Dir {
+/// The store: `--backend` / `CACHELOCK_BACKEND` (`backend`), else `--lock-dir` /
+/// `CACHELOCK_LOCK_DIR` (`lock_dir`), else the configuration's `backend`, else its `lock_dir`
+/// (relative to the file), else the default lock directory. A bad URL is a usage error (64)
+/// on the command line and a configuration error (78) in the file. An etcd store takes its
+/// credentials from `ETCDCTL_*` variables, else the file's `etcd:` section.
+pub fn store(backend: Option<&str>, lock_dir: Option<&Path>, loaded: &Loaded) -> Result<Store> {
+    let dir = |path: PathBuf| Store::Dir {
         path,
         file_mode: loaded.config.file_mode,
         dir_mode: loaded.config.dir_mode,
+    };
+    let store = match (backend, lock_dir, &loaded.config.backend) {
+        (Some(url), _, _) => parse_backend(url, |p| p.to_path_buf(), dir)
+            .map_err(|m| Error::usage(format!("--backend / CACHELOCK_BACKEND: {m}")))?,
+        (None, Some(p), _) => dir(p.to_path_buf()),
+        (None, None, Some(url)) => {
+            parse_backend(url, |p| loaded.resolve_path(p), dir).map_err(|m| {
+                Error::config(format!(
+                    "configuration file {}: key `backend`: {m}",
+                    loaded.path.as_deref().unwrap_or(Path::new("?")).display()
+                ))
+            })?
+        }
+        (None, None, None) => dir(match &loaded.config.lock_dir {
+            Some(p) => loaded.resolve_path(p),
+            None => cachelock::config::default_lock_dir(),
+        }),
+    };
+    match store {
+        Store::Etcd(s) => Ok(Store::Etcd(etcd_settings(s, loaded, |k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        })?)),
+        other => Ok(other),
     }
+}
+
+fn parse_backend(
+    url: &str,
+    resolve: impl Fn(&Path) -> PathBuf,
+    dir: impl Fn(PathBuf) -> Store,
+) -> std::result::Result<Store, String> {
+    if let Some(path) = url.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(format!(
+                "{url:?} names no directory: write file:///var/lib/cachelock"
+            ));
+        }
+        return Ok(dir(resolve(Path::new(path))));
+    }
+    if url.starts_with("etcd://") {
+        return EtcdStore::from_url(url).map(Store::Etcd);
+    }
+    Err(format!(
+        "{:?} is not a lock store: use file://DIR or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
+        url.chars().take(200).collect::<String>()
+    ))
+}
+
+/// Applies the credentials (`ETCDCTL_CACERT`, `ETCDCTL_CERT`, `ETCDCTL_KEY`, `ETCDCTL_USER`
+/// as `user[:password]`, `ETCDCTL_PASSWORD`, read through `env`; else the file's `etcd:`
+/// section) and timings to an etcd store.
+fn etcd_settings(
+    mut s: EtcdStore,
+    loaded: &Loaded,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<EtcdStore> {
+    let c = &loaded.config.etcd;
+    let file = |var: &str, key: &Option<PathBuf>| {
+        env(var)
+            .map(PathBuf::from)
+            .or_else(|| key.as_deref().map(|p| loaded.resolve_path(p)))
+    };
+    s.ca_file = file("ETCDCTL_CACERT", &c.ca_file);
+    s.cert_file = file("ETCDCTL_CERT", &c.cert_file);
+    s.key_file = file("ETCDCTL_KEY", &c.key_file);
+    if let Some(user) = env("ETCDCTL_USER").or_else(|| c.user.clone()) {
+        let (name, inline) = match user.split_once(':') {
+            Some((n, p)) => (n.to_string(), Some(p.to_string())),
+            None => (user.clone(), None),
+        };
+        let password = match inline
+            .or_else(|| env("ETCDCTL_PASSWORD"))
+            .or_else(|| c.password.clone())
+        {
+            Some(p) => p,
+            None => match &c.password_file {
+                Some(f) => {
+                    let f = loaded.resolve_path(f);
+                    let text = std::fs::read_to_string(&f).map_err(|e| {
+                        Error::config(format!(
+                            "cannot read the etcd password file {} (etcd.password_file): {e}",
+                            f.display()
+                        ))
+                    })?;
+                    text.lines().next().unwrap_or("").to_string()
+                }
+                None => {
+                    return Err(Error::config(format!(
+                        "etcd user {name:?} has no password: set ETCDCTL_USER=user:password or ETCDCTL_PASSWORD, or `etcd.password` / `etcd.password_file` in the configuration"
+                    )))
+                }
+            },
+        };
+        if name.is_empty() {
+            return Err(Error::config(
+                "the etcd user name is empty (ETCDCTL_USER or `etcd.user`)",
+            ));
+        }
+        s.user = Some((name, password));
+    }
+    let secs = |v: Option<f64>, d: Duration| v.map(Duration::from_secs_f64).unwrap_or(d);
+    s.lease_ttl = secs(c.lease_ttl, s.lease_ttl);
+    s.request_timeout = secs(c.request_timeout, s.request_timeout);
+    s.unavailable_timeout = secs(c.unavailable_timeout, s.unavailable_timeout);
+    Ok(s)
 }
 
 fn wait_ms(what: &str, seconds: f64) -> Result<u64> {

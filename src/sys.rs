@@ -288,6 +288,36 @@ pub fn process_exists(pid: i32) -> bool {
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on this machine (lease
+/// deadlines shared between cachelock and its guardians).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Makes this process a child subreaper: orphaned descendants are re-parented to it rather
+/// than to init, so that it can find and stop all of them.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer flag and has no memory preconditions.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reaps one exited child, if any, without blocking: `(pid, raw wait status)`.
+pub fn reap_any() -> Option<(i32, i32)> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into our integer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    (pid > 0).then_some((pid, status))
+}
+
 /// For a forked child before exec: moves it into a new network namespace.
 pub fn new_network_namespace() -> io::Result<()> {
     // SAFETY: only NEWNET is unshared (the hazard of unshare is FILES, unused here).
@@ -301,8 +331,8 @@ pub fn detach_mount(path: &Path) -> io::Result<()> {
 }
 
 /// For a forked child before exec: keeps `fds` open across exec, asks for `sig` when the
-/// parent dies, and sends it at once if the parent is already gone (not `parent`). Only raw
-/// system calls, so it is safe between fork and exec.
+/// parent dies, and sends it at once if the parent is already gone (not `parent`); `sig` 0
+/// asks for nothing. Only raw system calls, so it is safe between fork and exec.
 pub fn prepare_child(fds: &[RawFd], sig: i32, parent: u32) -> io::Result<()> {
     use rustix::io::{fcntl_getfd, fcntl_setfd, FdFlags};
     for &fd in fds {
@@ -310,6 +340,9 @@ pub fn prepare_child(fds: &[RawFd], sig: i32, parent: u32) -> io::Result<()> {
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let flags = fcntl_getfd(fd)?;
         fcntl_setfd(fd, flags - FdFlags::CLOEXEC)?;
+    }
+    if sig == 0 {
+        return Ok(());
     }
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and has no memory preconditions.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) } < 0 {

@@ -20,11 +20,22 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         ));
     }
     // The cache id is the lock: a bad one is refused before anything is touched.
-    let req = args
+    let mut req = args
         .cache_id
         .as_deref()
         .map(|id| LockRequest::from_flags(id, &args.lock))
         .transpose()?;
+    // Over a fleet-wide store, a data root on this host's disk is this host's business: its
+    // lock name carries the host, unless the cache root is shared storage.
+    if let Some(r) = req.as_mut() {
+        if matches!(r.store, Store::Etcd(_)) && !r.loaded.config.dockerd.cache_root_shared {
+            r.options.name = cachelock::lock::etcd::host_scoped_name(
+                &r.options.name,
+                &cachelock::sys::hostname(),
+            );
+            cachelock::lock::validate(&r.options)?;
+        }
+    }
     let loaded = match &req {
         Some(r) => r.loaded.clone(),
         None => Loaded::load(args.lock.config.as_deref())?,
@@ -98,17 +109,22 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         resolved.log_file.as_deref(),
         resolved.default_socket.as_deref(),
     );
-    let Containment::Inherit(mut inherit) = containment;
+    let (mut inherit, lease) = match containment {
+        Containment::Inherit(fds) => (fds, None),
+        Containment::Lease(l) => (Vec::new(), Some(l)),
+    };
     inherit.extend(host.fds());
+    let mut spec = resolved.spec(
+        data_root,
+        &short,
+        inherit,
+        args.cache_id.clone(),
+        host.log_path(),
+        host.sockets(),
+    );
+    spec.lease = lease;
     let plan = session::Plan {
-        spec: resolved.spec(
-            data_root,
-            &short,
-            inherit,
-            args.cache_id.clone(),
-            host.log_path(),
-            host.sockets(),
-        ),
+        spec,
         docker_cli: resolved.docker_cli.clone(),
         cached_prefix: cached.then(|| resolved.prefix.clone()),
         wipe_after: !cached,
@@ -125,11 +141,20 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         (resolved.cache_max_size, &acquired, &args.cache_id, &req)
     {
         // Still holding the cache id: its root is measured, never evicted.
-        let Store::Dir { path, .. } = &r.store;
-        let layout = usage::Layout::Dockerd {
-            lock_dir: path.clone(),
-        };
-        usage::report(&cache_root, &layout, cap, id);
+        match &r.store {
+            Store::Dir { path, .. } => {
+                let layout = usage::Layout::Dockerd {
+                    lock_dir: path.clone(),
+                };
+                usage::report(&cache_root, &layout, cap, id);
+            }
+            // Eviction takes each unheld root's lock without waiting, which it can only do on
+            // the lock files of a lock directory.
+            Store::Etcd(e) => eprintln!(
+                "cachelock: dockerd.cache_max_size is not applied: eviction needs a lock directory (file://), not {}",
+                e.describe()
+            ),
+        }
     }
     if let Some(Acquired::Held(g)) = acquired {
         g.release()?;

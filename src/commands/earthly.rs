@@ -379,7 +379,11 @@ mod lock {
         /// as any dockerd on the root lives.
         pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
             use std::os::fd::AsRawFd;
-            let Containment::Inherit(mut fds) = self.guard.containment();
+            // The drop-in's lock store is always a lock directory (flock).
+            let mut fds = match self.guard.containment() {
+                Containment::Inherit(fds) => fds,
+                Containment::Lease(_) => Vec::new(),
+            };
             fds.push(self.earthly.file.as_raw_fd());
             fds
         }

@@ -18,7 +18,7 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         lock::name::validate(n)?;
     }
     let loaded = Loaded::load(args.config.as_deref())?;
-    let store = crate::request::store(args.lock_dir.as_deref(), &loaded);
+    let store = crate::request::store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
     let backend = lock::open_existing(&store)?;
     let names = match &args.name {
         Some(n) => vec![n.clone()],
@@ -73,6 +73,7 @@ fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
             .map(|t| HolderStatus {
                 held_for_ms: t.acquired_at_ms.map(|a| now.saturating_sub(a)).unwrap_or(0),
                 slot: t.slot.unwrap_or(0),
+                revision: t.revision,
                 ticket: ticket(t),
             })
             .collect(),
@@ -99,5 +100,6 @@ fn ticket(t: TicketData) -> TicketStatus {
         priority: t.priority,
         labels: t.labels.into_iter().collect(),
         queue_key: t.queue_key,
+        lease_left_ms: t.lease_left_ms,
     }
 }

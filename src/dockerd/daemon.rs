@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -40,6 +40,9 @@ pub struct Spec {
     pub uplink_pool: (Ipv4Addr, u8),
     /// Descriptors dockerd inherits (the data root's lock).
     pub inherit: Vec<RawFd>,
+    /// The lease holding the data root's lock (etcd): dockerd, and the command, then run
+    /// under guardians that stop them when the lease is lost or cachelock dies.
+    pub lease: Option<crate::lock::Lease>,
     /// Log lines passed to `on_start_failure` and shown on failure.
     pub log_tail_lines: usize,
     /// The cache id (for the policy).
@@ -246,7 +249,13 @@ impl Daemon {
         let log2 = log.try_clone().map_err(|e| Error::io("dockerd log", e))?;
         let marker = Marker::create(&spec.inst_dir.join("tree"))
             .map_err(|e| Error::io("creating the process-tree marker", e))?;
-        let mut cmd = Command::new(binary);
+        let containment = match &spec.lease {
+            Some(l) => crate::lock::Containment::Lease(l.clone()),
+            None => crate::lock::Containment::Inherit(spec.inherit.clone()),
+        };
+        let mut contained = crate::process::Contained::new(&containment, binary)?;
+        contained.inherit(marker.fd());
+        let cmd = contained.command();
         cmd.arg(format!("--config-file={}", spec.config_file().display()))
             .arg(format!("--data-root={}", spec.data_root.display()))
             .arg(format!("--exec-root={}", spec.exec_root().display()))
@@ -265,16 +274,17 @@ impl Daemon {
         // Its own process group: a SIGINT typed at the terminal reaches cachelock (which stops
         // dockerd in order) but not dockerd directly.
         cmd.process_group(0);
-        spec.network.prepare(&mut cmd);
-        let mut inherit = spec.inherit.clone();
-        inherit.push(marker.fd());
+        spec.network.prepare(cmd);
         let started = Instant::now();
-        let child = crate::process::spawn(&mut cmd, &inherit, libc::SIGTERM).map_err(|e| {
-            Error::new(
-                Kind::Unavailable,
-                format!("cannot start dockerd {}: {e}", binary.display()),
-            )
-        })?;
+        let child = contained
+            .spawn(libc::SIGTERM)
+            .map_err(|e| {
+                Error::new(
+                    Kind::Unavailable,
+                    format!("cannot start dockerd {}: {e}", binary.display()),
+                )
+            })?
+            .child;
         let mut uplink = None;
         if spec.network == network::Mode::Netns {
             match Uplink::setup(child.id(), spec.uplink_pool) {

@@ -86,7 +86,11 @@ pub fn run(plan: &Plan, policy: &mut dyn Policy, signals: &Signals) -> Result<i3
         let _ = super::root::wipe(&inst);
     }
     cleanup_root(plan);
-    result
+    // A lost lease stopped dockerd and the command: that, not what failed after it, is the news.
+    match &plan.spec.lease {
+        Some(l) if l.is_lost() => Err(process::lock_lost(l)),
+        _ => result,
+    }
 }
 
 fn cleanup_root(plan: &Plan) {
@@ -142,8 +146,13 @@ fn run_ready(plan: &Plan, daemon: &Daemon, docker: &Docker, signals: &Signals) -
 
 fn run_command(plan: &Plan, daemon: &Daemon, signals: &Signals) -> Result<i32> {
     let program = &plan.command[0];
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(&plan.command[1..])
+    let containment = match &plan.spec.lease {
+        Some(l) => crate::lock::Containment::Lease(l.clone()),
+        None => crate::lock::Containment::Inherit(Vec::new()),
+    };
+    let mut contained = process::Contained::new(&containment, program)?;
+    let c = contained.command();
+    c.args(&plan.command[1..])
         .env("DOCKER_HOST", daemon.docker_host())
         .env("CACHELOCK_DOCKERD_PID", daemon.pid().to_string())
         .env(
@@ -152,13 +161,12 @@ fn run_command(plan: &Plan, daemon: &Daemon, signals: &Signals) -> Result<i32> {
         )
         .env("CACHELOCK_DOCKERD_DATA_ROOT", &plan.spec.data_root);
     for (k, v) in &plan.env {
-        cmd.env(k, v);
+        c.env(k, v);
     }
-    let mut child = process::spawn(&mut cmd, &[], libc::SIGTERM)
-        .map_err(|e| process::spawn_error(program, e))?;
-    let status = process::wait_forwarding(&mut child, signals)
+    let mut running = contained.spawn(libc::SIGTERM)?;
+    let status = process::wait_forwarding(&mut running.child, signals)
         .map_err(|e| Error::io("waiting for the command", e))?;
-    Ok(process::exit_code(status))
+    running.finish(status)
 }
 
 /// Builds a short, unique instance id (for `run_dir/<id>` and interface names).

@@ -198,6 +198,7 @@ impl Resolved {
             network: self.network,
             uplink_pool: self.uplink_pool,
             inherit,
+            lease: None,
             log_tail_lines: self.log_tail_lines,
             cache_id,
             log_file,

@@ -7,7 +7,11 @@
 //! queue). A lease-based store (etcd) plugs in here too: its tickets die with their lease, its
 //! grant is one transaction, and its held lock can be lost, which [`Containment`] expresses.
 
+use std::io::Write;
 use std::os::fd::{BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +55,13 @@ pub struct TicketData {
     /// Generation (fencing token) of this acquisition.
     #[serde(default)]
     pub generation: Option<u64>,
+    /// A store's revision of the holder's grant (etcd: the holder key's create revision), as
+    /// read; never written into the ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// Time left on the owner's lease (etcd), as `status` read it; never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_left_ms: Option<u64>,
 }
 
 impl TicketData {
@@ -169,4 +180,109 @@ pub enum Containment {
     /// The kernel keeps the lock while any process holds one of these descriptors: the command
     /// inherits them, so a SIGKILLed cachelock cannot free the lock while its command runs.
     Inherit(Vec<RawFd>),
+    /// The lock lasts while a lease is renewed (etcd). The command cannot keep it alive, so it
+    /// runs under a guardian ([`crate::process`]) that stops its whole process tree when
+    /// cachelock dies or the lease's stop deadline passes without a renewal.
+    Lease(Lease),
+}
+
+/// A held lease as the command's guardians see it: a deadline (`CLOCK_MONOTONIC`) by which the
+/// command must *start* stopping, which the backend moves forward at each confirmed renewal,
+/// and the grace between SIGTERM and SIGKILL. The backend chooses the deadline so that
+/// deadline + grace stays before the earliest moment the server may expire the lease.
+///
+/// Every guardian attached to the lease is sent each new deadline as 8 bytes (little-endian
+/// nanoseconds of `CLOCK_MONOTONIC`; 0: stop now) on its socket.
+#[derive(Clone)]
+pub struct Lease(Arc<LeaseShared>);
+
+struct LeaseShared {
+    lock: String,
+    stop_at_ns: AtomicU64,
+    grace: Duration,
+    lost: AtomicBool,
+    links: Mutex<Vec<UnixStream>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("lock", &self.0.lock)
+            .field("stop_at_ns", &self.stop_at_ns())
+            .field("grace", &self.0.grace)
+            .field("lost", &self.0.lost.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+impl Lease {
+    /// A lease of lock `lock` whose command must start stopping at `stop_at_ns`
+    /// (`CLOCK_MONOTONIC`) unless renewed, and be killed `grace` later.
+    pub fn new(lock: &str, stop_at_ns: u64, grace: Duration) -> Lease {
+        Lease(Arc::new(LeaseShared {
+            lock: lock.to_string(),
+            stop_at_ns: AtomicU64::new(stop_at_ns),
+            grace,
+            lost: AtomicBool::new(false),
+            links: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The lock this lease holds.
+    pub fn lock(&self) -> &str {
+        &self.0.lock
+    }
+
+    /// SIGTERM-to-SIGKILL grace.
+    pub fn grace(&self) -> Duration {
+        self.0.grace
+    }
+
+    /// The current stop deadline (0 once lost).
+    pub fn stop_at_ns(&self) -> u64 {
+        self.0.stop_at_ns.load(Ordering::SeqCst)
+    }
+
+    /// Whether the lease was lost (or its stop deadline passed without a renewal).
+    pub fn is_lost(&self) -> bool {
+        self.0.lost.load(Ordering::SeqCst) || crate::sys::monotonic_ns() >= self.stop_at_ns()
+    }
+
+    /// A renewal was confirmed: moves the deadline forward (never back) and tells every
+    /// guardian. Ignored once lost.
+    pub fn extend(&self, stop_at_ns: u64) {
+        if self.0.lost.load(Ordering::SeqCst) {
+            return;
+        }
+        let old = self.0.stop_at_ns.fetch_max(stop_at_ns, Ordering::SeqCst);
+        if stop_at_ns > old {
+            self.broadcast(stop_at_ns);
+        }
+    }
+
+    /// The lease is gone (expired, revoked, or not renewable in time): every guardian stops
+    /// its command now.
+    pub fn lose(&self) {
+        self.0.lost.store(true, Ordering::SeqCst);
+        self.0.stop_at_ns.store(0, Ordering::SeqCst);
+        self.broadcast(0);
+    }
+
+    /// Attaches a guardian's socket and sends it the current deadline.
+    pub fn attach(&self, link: UnixStream) {
+        let _ = link.set_nonblocking(true);
+        let now = self.stop_at_ns();
+        let mut links = self.0.links.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = (&link).write_all(&now.to_le_bytes());
+        links.push(link);
+    }
+
+    fn broadcast(&self, value: u64) {
+        let mut links = self.0.links.lock().unwrap_or_else(|e| e.into_inner());
+        // A guardian that is gone (EPIPE) is dropped from the list.
+        links.retain(|l| {
+            let mut w = l;
+            !matches!(w.write(&value.to_le_bytes()), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
+        });
+    }
 }

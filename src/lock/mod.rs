@@ -7,12 +7,14 @@
 //! build [`Options`] (the binary's `LockRequest` does, once, from flags, configuration and
 //! environment).
 //!
-//! Backends: [`flock`] (a lock directory, local or shared; the default). Safety always comes
+//! Backends: [`flock`] (a lock directory, local or shared; the default) and [`etcd`] (an etcd v3
+//! cluster, for fleets without a shared filesystem; cargo feature `etcd`). Safety always comes
 //! from the backend's grant — the kernel's flock, or one store transaction — never from the
 //! queue or the policy.
 
 pub mod backend;
 mod engine;
+pub mod etcd;
 pub mod flock;
 pub mod name;
 pub mod order;
@@ -20,7 +22,7 @@ pub mod order;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use backend::{Backend, Containment, LockState, TicketData};
+pub use backend::{Backend, Containment, Lease, LockState, TicketData};
 
 use crate::config::WaitMode;
 use crate::error::{Error, Result};
@@ -129,6 +131,8 @@ pub enum Store {
         /// Mode of created directories (default 0777; the umask applies).
         dir_mode: Option<u32>,
     },
+    /// An etcd v3 cluster (`etcd://HOST:PORT,.../PREFIX`).
+    Etcd(etcd::EtcdStore),
 }
 
 /// Opens the store for requests (creating a lock directory if needed).
@@ -141,13 +145,28 @@ pub fn open(store: &Store) -> Result<Box<dyn Backend>> {
         } => Ok(Box::new(flock::FlockBackend::open(
             path, *file_mode, *dir_mode,
         )?)),
+        Store::Etcd(s) => open_etcd(s),
     }
+}
+
+#[cfg(feature = "etcd")]
+fn open_etcd(s: &etcd::EtcdStore) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(etcd::EtcdBackend::connect(s)?))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn open_etcd(s: &etcd::EtcdStore) -> Result<Box<dyn Backend>> {
+    Err(Error::config(format!(
+        "{} names an etcd store, but this cachelock was built without the `etcd` feature",
+        s.describe()
+    )))
 }
 
 /// Opens the store for reading only (`status`): nothing is created.
 pub fn open_existing(store: &Store) -> Result<Box<dyn Backend>> {
     match store {
         Store::Dir { path, .. } => Ok(Box::new(flock::FlockBackend::existing(path))),
+        Store::Etcd(s) => open_etcd(s),
     }
 }
 

@@ -162,6 +162,13 @@ impl Slots {
         Some(slot as u32)
     }
 
+    /// Records an existing hold of `mode` on `slot` (a store's current holders).
+    pub fn hold(&mut self, slot: u32, mode: Mode) {
+        if let Some(h) = self.held.get_mut(slot as usize) {
+            h.push(mode);
+        }
+    }
+
     /// Gives back one hold of `mode` on `slot`.
     pub fn release(&mut self, slot: u32, mode: Mode) {
         if let Some(h) = self.held.get_mut(slot as usize) {
@@ -193,6 +200,8 @@ mod tests {
             slot: None,
             acquired_at_ms: None,
             generation: None,
+            revision: None,
+            lease_left_ms: None,
         }
     }
 

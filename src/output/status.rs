@@ -4,6 +4,8 @@
 //! priority,labels,queue_key,slot,held_for_ms}],"waiters":[{position,ticket,host,pid,mode,
 //! priority,labels,queue_key,rank,waited_ms}]}]}`; `labels` is an object, waiters are in serving
 //! order, `note` is null unless the order is not the policy's (e.g. its module is missing).
+//! Over etcd, tickets also carry `lease_left_ms` and holders `revision` (the holder key's
+//! create revision); both are absent on the flock backend.
 //! Text escapes control characters in everything other users wrote (labels, hosts, keys).
 
 use std::collections::BTreeMap;
@@ -60,6 +62,9 @@ pub struct TicketStatus {
     pub labels: BTreeMap<String, String>,
     /// `--queue-key`, if any.
     pub queue_key: Option<String>,
+    /// Time left on the owner's lease (etcd only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_left_ms: Option<u64>,
 }
 
 /// A holder.
@@ -72,6 +77,9 @@ pub struct HolderStatus {
     pub slot: u32,
     /// Milliseconds since it took the lock.
     pub held_for_ms: u64,
+    /// The store's revision of the grant (etcd: the holder key's create revision).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 /// A waiter.
@@ -117,6 +125,9 @@ fn ticket_text(t: &TicketStatus) -> (String, String) {
     if let Some(k) = &t.queue_key {
         tail.push_str(&format!("  key {}", escape(k)));
     }
+    if let Some(ms) = t.lease_left_ms {
+        tail.push_str(&format!("  lease {:.1}s left", ms as f64 / 1000.0));
+    }
     (head, tail)
 }
 
@@ -136,8 +147,12 @@ pub fn render_text(doc: &StatusDoc) -> String {
         }
         for h in &l.holders {
             let (head, tail) = ticket_text(&h.ticket);
+            let rev = h
+                .revision
+                .map(|r| format!("  revision {r}"))
+                .unwrap_or_default();
             out.push_str(&format!(
-                "  held by: {head}  slot {}  for {:.1}s{tail}\n",
+                "  held by: {head}  slot {}  for {:.1}s{rev}{tail}\n",
                 h.slot,
                 h.held_for_ms as f64 / 1000.0,
             ));

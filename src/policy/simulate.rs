@@ -87,6 +87,8 @@ fn ticket_data(t: &Ticket) -> TicketData {
         slot: None,
         acquired_at_ms: None,
         generation: None,
+        revision: None,
+        lease_left_ms: None,
     }
 }
 

@@ -12,6 +12,7 @@ mod dockerd_lifecycle;
 mod engine_cli;
 mod engine_kill;
 mod engine_queue;
+mod etcd;
 mod policy_commands;
 mod policy_faults;
 mod policy_python;

@@ -82,6 +82,8 @@ impl Backend for FlockBackend {
             slot: None,
             acquired_at_ms: None,
             generation: None,
+            revision: None,
+            lease_left_ms: None,
         };
         let own = OwnTicket::create(&paths, data)?;
         Ok(Box::new(FlockQueued {

@@ -116,6 +116,8 @@ impl Drop for OwnTicket {
 
 /// What probing another ticket found.
 #[derive(Debug)]
+// Short-lived, one per probe: boxing the ticket would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Probe {
     /// Alive, with its content (`None` if it could not be parsed, e.g. a torn write).
     Alive(Option<TicketData>),

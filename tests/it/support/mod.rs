@@ -4,6 +4,7 @@
 //! with its independent overlap detector ([`torture`]).
 
 pub mod dockerd;
+pub mod etcd;
 pub mod policy;
 pub mod stats;
 pub mod torture;

@@ -1,0 +1,938 @@
+//! The etcd backend's mechanics behind [`Backend`], [`Queued`] and [`Held`]: enqueue and grant
+//! transactions, the lease keep-alive, the watch (see the module above for the protocol).
+
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::client::{lease_gone, Conn};
+use super::EtcdStore;
+use crate::error::{Error, Kind, Result};
+use crate::lock::backend::{
+    Backend, Containment, Held, Lease, LockState, Queued, Snapshot, TicketData, Wake,
+};
+use crate::lock::order::Slots;
+use crate::lock::{name, now_ms, Options};
+use crate::policy::Mode;
+use crate::sys;
+
+/// Most keys one read of a lock returns (tickets are bounded in size, so a read is too).
+const MAX_KEYS: i64 = 10_000;
+/// Longest value read as a ticket (larger ones are not cachelock's and are skipped).
+const MAX_VALUE: usize = 64 * 1024;
+/// Longest a waiter trusts its watch without hearing from it (a progress request is sent after
+/// one request timeout of silence, the stream is replaced after two).
+const WATCH_SLEEP_CAP: Duration = Duration::from_secs(2);
+/// Grant attempts in one `try_acquire` when the holders or generation change under it.
+const GRANT_ATTEMPTS: usize = 4;
+
+/// `meta`: ticket numbers and the arrival clock of one lock.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Meta {
+    #[serde(default)]
+    next_ticket: u64,
+    #[serde(default)]
+    last_enqueued_at_ms: u64,
+}
+
+/// `k/<sha256>`: a remembered arrival of a queue key (attached to a lease whose TTL is the
+/// key's grace, so it disappears on its own).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KeyRecord {
+    key: String,
+    enqueued_at_ms: u64,
+}
+
+/// Key names of one lock.
+#[derive(Debug, Clone)]
+struct Keys {
+    base: String,
+    names: String,
+}
+
+impl Keys {
+    fn new(prefix: &str, lock: &str) -> Keys {
+        Keys {
+            base: format!("{prefix}/l/{lock}/"),
+            names: format!("{prefix}/n/"),
+        }
+    }
+    fn all(&self) -> String {
+        self.base.clone()
+    }
+    fn meta(&self) -> String {
+        format!("{}meta", self.base)
+    }
+    fn gen(&self) -> String {
+        format!("{}gen", self.base)
+    }
+    fn ticket(&self, id: &str) -> String {
+        format!("{}q/{id}", self.base)
+    }
+    fn holders(&self) -> String {
+        format!("{}h/", self.base)
+    }
+    fn slot(&self, slot: u32) -> String {
+        format!("{}h/{slot:03}/", self.base)
+    }
+    fn slot_exclusive(&self, slot: u32) -> String {
+        format!("{}h/{slot:03}/x/", self.base)
+    }
+    fn holder(&self, slot: u32, mode: Mode, id: &str) -> String {
+        let m = if mode == Mode::Exclusive { "x" } else { "s" };
+        format!("{}h/{slot:03}/{m}/{id}", self.base)
+    }
+    fn key_record(&self, key: &str) -> String {
+        format!("{}k/{:x}", self.base, Sha256::digest(key.as_bytes()))
+    }
+    fn name(&self, lock: &str) -> String {
+        format!("{}{lock}", self.names)
+    }
+}
+
+/// The end of a prefix range: the prefix with its last byte incremented.
+fn range_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+fn prefix_get(limit: i64) -> GetOptions {
+    GetOptions::new().with_prefix().with_limit(limit)
+}
+
+fn ticket_of(kv: &KeyValue) -> Option<TicketData> {
+    if kv.value().len() > MAX_VALUE {
+        return None;
+    }
+    serde_json::from_slice(kv.value()).ok()
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("encodes")
+}
+
+/// The parsed keys of one lock.
+#[derive(Debug, Default)]
+struct Read_ {
+    meta: Option<(Meta, i64)>,
+    generation: u64,
+    gen_rev: i64,
+    waiters: Vec<(TicketData, i64)>,
+    holders: Vec<(TicketData, i64, u32, Mode)>,
+    revision: i64,
+}
+
+fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
+    let mut r = Read_ {
+        revision,
+        ..Default::default()
+    };
+    for kv in kvs {
+        let Ok(k) = kv.key_str() else { continue };
+        let Some(rest) = k.strip_prefix(&keys.base) else {
+            continue;
+        };
+        if rest == "meta" {
+            let m = serde_json::from_slice(kv.value()).unwrap_or_default();
+            r.meta = Some((m, kv.mod_revision()));
+        } else if rest == "gen" {
+            r.generation = kv
+                .value_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            r.gen_rev = kv.mod_revision();
+        } else if rest.starts_with("q/") {
+            if let Some(t) = ticket_of(kv) {
+                r.waiters.push((t, kv.lease()));
+            }
+        } else if let Some(h) = rest.strip_prefix("h/") {
+            let mut parts = h.split('/');
+            let slot = parts.next().and_then(|s| s.parse::<u32>().ok());
+            let mode = match parts.next() {
+                Some("x") => Some(Mode::Exclusive),
+                Some("s") => Some(Mode::Shared),
+                _ => None,
+            };
+            if let (Some(slot), Some(mode), Some(mut t)) = (slot, mode, ticket_of(kv)) {
+                t.revision = Some(kv.create_revision());
+                r.holders.push((t, kv.lease(), slot, mode));
+            }
+        }
+    }
+    r
+}
+
+/// The etcd store as a backend.
+pub struct EtcdBackend {
+    conn: Arc<Conn>,
+}
+
+impl EtcdBackend {
+    /// Prepares the connection (exit 78 for unreadable TLS files); nothing is sent yet.
+    pub fn connect(store: &EtcdStore) -> Result<EtcdBackend> {
+        Ok(EtcdBackend {
+            conn: Conn::new(store)?,
+        })
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        self.conn.store.lease_ttl.as_secs_f64().ceil().max(1.0) as i64
+    }
+
+    /// Reads every key of one lock.
+    async fn read_lock(&self, keys: &Keys) -> Result<Read_> {
+        read_lock(&self.conn, keys).await
+    }
+}
+
+async fn read_lock(conn: &Conn, keys: &Keys) -> Result<Read_> {
+    let all = keys.all();
+    let resp = conn
+        .call("a read of the queue", |mut c| {
+            let all = all.clone();
+            async move { c.get(all, Some(prefix_get(MAX_KEYS))).await }
+        })
+        .await?;
+    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+    Ok(parse(keys, resp.kvs(), rev))
+}
+
+/// Grants a lease of `ttl` seconds.
+async fn grant_lease(conn: &Conn, ttl: i64) -> Result<i64> {
+    let r = conn
+        .call("a lease grant", |mut c| async move {
+            c.lease_grant(ttl, None).await
+        })
+        .await?;
+    Ok(r.id())
+}
+
+/// Revokes a lease, retried across endpoints until confirmed (a lease already gone counts).
+async fn revoke_lease(conn: &Conn, id: i64) -> Result<()> {
+    let r = conn
+        .call("a lease revoke", |mut c| async move {
+            match c.lease_revoke(id).await {
+                Ok(_) => Ok(()),
+                Err(e) if lease_gone(&e) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+    r
+}
+
+/// Keeps lease `id` alive every tenth of `ttl`; each confirmed renewal moves `lease`'s stop
+/// deadline to 3/5 of the TTL after the renewal was *sent* (SIGKILL by 4/5, the server's expiry
+/// no earlier than the full TTL). A lease found gone is lost at once.
+async fn keep_alive(conn: Arc<Conn>, id: i64, ttl: Duration, lease: Lease) {
+    let period = (ttl / 10).max(Duration::from_millis(100));
+    let mut stream: Option<(
+        usize,
+        etcd_client::LeaseKeeper,
+        etcd_client::LeaseKeepAliveStream,
+    )> = None;
+    loop {
+        tokio::time::sleep(period).await;
+        let sent = sys::monotonic_ns();
+        let outcome = tokio::time::timeout(conn.store.request_timeout, async {
+            match stream.as_mut() {
+                Some((_, keeper, s)) => {
+                    keeper.keep_alive().await?;
+                    match s.message().await? {
+                        Some(r) => Ok(r.ttl()),
+                        None => Err(etcd_client::Error::WatchError(
+                            "keep-alive stream ended".into(),
+                        )),
+                    }
+                }
+                None => {
+                    let (i, mut c) = match conn.current_client().await {
+                        Ok(x) => x,
+                        Err(_) => return Err(etcd_client::Error::WatchError("no endpoint".into())),
+                    };
+                    // Opening the stream sends a first renewal (and fails if the lease is gone).
+                    let (k, s) = c.lease_keep_alive(id).await?;
+                    stream = Some((i, k, s));
+                    Ok(ttl.as_secs() as i64)
+                }
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Ok(left)) if left > 0 => {
+                let stop = sent + (left as u64) * 600_000_000;
+                lease.extend(stop);
+            }
+            Ok(Ok(_)) => {
+                tracing::warn!("lease of lock {} expired on the server", lease.lock());
+                lease.lose();
+                return;
+            }
+            Ok(Err(e)) if lease_gone(&e) => {
+                tracing::warn!("lease of lock {} is gone: {e}", lease.lock());
+                lease.lose();
+                return;
+            }
+            other => {
+                if let Ok(Err(e)) = &other {
+                    tracing::debug!("lease renewal failed: {e}");
+                }
+                let i = stream
+                    .take()
+                    .map(|(i, _, _)| i)
+                    .unwrap_or_else(|| conn.current_index());
+                conn.rotate(i);
+                if lease.is_lost() {
+                    tracing::warn!(
+                        "the lease of lock {} could not be renewed in time",
+                        lease.lock()
+                    );
+                    lease.lose();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Follows the lock's keys from `start` and writes `r` (only deletions) or `c` (anything else)
+/// to `tx` for each batch; replaces a stream that errs or stays silent for two request
+/// timeouts (a frozen member), on the next endpoint, resuming where it left off.
+async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
+    let poke = |b: u8| {
+        let _ = (&tx).write(&[b]);
+    };
+    use std::io::Write;
+    let timeout = conn.store.request_timeout;
+    loop {
+        let (i, mut c) = match conn.current_client().await {
+            Ok(x) => x,
+            Err(_) => {
+                conn.rotate(conn.current_index());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(next)
+            .with_progress_notify();
+        let mut s = match tokio::time::timeout(timeout, c.watch(prefix.clone(), Some(opts))).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                conn.rotate(i);
+                poke(b'c');
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                m = s.message() => match m {
+                    Ok(Some(resp)) => {
+                        heard = Instant::now();
+                        if resp.canceled() {
+                            // Compacted past our revision (or refused): start from now.
+                            next = 0;
+                            poke(b'c');
+                            break;
+                        }
+                        let evs = resp.events();
+                        if let Some(last) = evs.last().and_then(|e| e.kv()) {
+                            next = last.mod_revision() + 1;
+                        }
+                        if !evs.is_empty() {
+                            let only_deletes = evs.iter().all(|e| e.event_type() == EventType::Delete);
+                            poke(if only_deletes { b'r' } else { b'c' });
+                        }
+                    }
+                    _ => {
+                        conn.rotate(i);
+                        poke(b'c');
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep(timeout) => {
+                    if heard.elapsed() >= timeout * 2 {
+                        conn.rotate(i);
+                        poke(b'c');
+                        break;
+                    }
+                    let _ = s.request_progress().await;
+                }
+            }
+        }
+    }
+}
+
+impl Backend for EtcdBackend {
+    fn enqueue(&self, opts: &Options) -> Result<Box<dyn Queued>> {
+        let keys = Keys::new(&self.conn.store.prefix, &opts.name);
+        let ttl = self.ttl_secs();
+        let lease_id = self.conn.block_on(grant_lease(&self.conn, ttl))?;
+        let granted_at = sys::monotonic_ns();
+        let ttl_d = Duration::from_secs(ttl as u64);
+        let lease = Lease::new(&opts.name, granted_at + ttl as u64 * 600_000_000, ttl_d / 5);
+        let keeper = self.conn.spawn(keep_alive(
+            self.conn.clone(),
+            lease_id,
+            ttl_d,
+            lease.clone(),
+        ));
+        let mut q = EtcdQueued {
+            conn: self.conn.clone(),
+            keys,
+            slots: opts.slots.max(1),
+            lease_id: Some(lease_id),
+            lease,
+            keeper: Some(keeper),
+            data: TicketData {
+                id: String::new(),
+                lock: opts.name.clone(),
+                mode: opts.mode,
+                priority: opts.priority,
+                labels: opts.labels.clone(),
+                host: sys::hostname(),
+                pid: std::process::id(),
+                enqueued_at_ms: 0,
+                wait_limit_ms: opts.wait_limit_ms,
+                queue_key: opts.queue_key.clone(),
+                holding: false,
+                slot: None,
+                acquired_at_ms: None,
+                generation: None,
+                revision: None,
+                lease_left_ms: None,
+            },
+            revision: 0,
+            gen: (0, 0),
+            watch: None,
+        };
+        let conn = self.conn.clone();
+        conn.block_on(q.publish())?;
+        Ok(Box::new(q))
+    }
+
+    fn lock_names(&self) -> Result<Vec<String>> {
+        let names = format!("{}/n/", self.conn.store.prefix);
+        let resp = self
+            .conn
+            .block_on(self.conn.call("a list of locks", |mut c| {
+                let names = names.clone();
+                async move {
+                    c.get(names, Some(prefix_get(MAX_KEYS).with_keys_only()))
+                        .await
+                }
+            }))?;
+        let mut v: Vec<String> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok())
+            .filter_map(|k| k.strip_prefix(&names))
+            .filter(|n| name::validate(n).is_ok())
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    fn state(&self, lock: &str) -> Result<LockState> {
+        let keys = Keys::new(&self.conn.store.prefix, lock);
+        self.conn.block_on(async {
+            let r = self.read_lock(&keys).await?;
+            let mut leases: Vec<i64> = r
+                .waiters
+                .iter()
+                .map(|(_, l)| *l)
+                .chain(r.holders.iter().map(|(_, l, _, _)| *l))
+                .collect();
+            leases.sort();
+            leases.dedup();
+            let mut left = std::collections::HashMap::new();
+            for id in leases {
+                let ttl = self
+                    .conn
+                    .call("a lease lookup", |mut c| async move {
+                        c.lease_time_to_live(id, None).await
+                    })
+                    .await;
+                if let Ok(t) = ttl {
+                    left.insert(id, (t.ttl().max(0) as u64) * 1000);
+                }
+            }
+            let mut tickets = Snapshot::default();
+            for (mut t, l, _, _) in r.holders {
+                t.lease_left_ms = left.get(&l).copied();
+                tickets.holders.push(t);
+            }
+            for (mut t, l) in r.waiters {
+                t.lease_left_ms = left.get(&l).copied();
+                tickets.waiters.push(t);
+            }
+            tickets.holders.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(LockState {
+                name: lock.to_string(),
+                generation: r.generation,
+                tickets,
+            })
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.conn.store.describe()
+    }
+}
+
+/// A request in an etcd queue.
+struct EtcdQueued {
+    conn: Arc<Conn>,
+    keys: Keys,
+    slots: u32,
+    /// `None` once the lease is handed to the held lock.
+    lease_id: Option<i64>,
+    lease: Lease,
+    keeper: Option<tokio::task::JoinHandle<()>>,
+    data: TicketData,
+    /// Store revision of the last read (the watch starts after it).
+    revision: i64,
+    /// Generation and its key's mod revision, as last read.
+    gen: (u64, i64),
+    watch: Option<(UnixStream, tokio::task::JoinHandle<()>)>,
+}
+
+impl EtcdQueued {
+    fn lease_id(&self) -> i64 {
+        self.lease_id.expect("lease held until handed over")
+    }
+
+    /// Takes a ticket number and arrival stamp and publishes the ticket, in one transaction
+    /// (compare-and-swap on `meta`). A retry after an unanswered attempt first looks for a
+    /// ticket already on our lease.
+    async fn publish(&mut self) -> Result<()> {
+        let lease_id = self.lease_id();
+        for attempt in 0.. {
+            let read = read_lock(&self.conn, &self.keys).await?;
+            if attempt > 0 {
+                if let Some((t, _)) = read.waiters.iter().find(|(_, l)| *l == lease_id) {
+                    self.data = t.clone();
+                    self.revision = read.revision;
+                    return Ok(());
+                }
+            }
+            let (meta, meta_rev) = read.meta.clone().unwrap_or_default();
+            let now = now_ms();
+            let remembered = match &self.data.queue_key {
+                Some(k) => self.remembered(k).await?,
+                None => None,
+            };
+            let mut next = meta.clone();
+            next.next_ticket += 1;
+            let at = match remembered {
+                Some(at) => at,
+                None => {
+                    let at = now.max(meta.last_enqueued_at_ms + 1);
+                    next.last_enqueued_at_ms = at;
+                    at
+                }
+            };
+            let mut data = self.data.clone();
+            data.id = format!("{:012}", meta.next_ticket);
+            data.enqueued_at_ms = at;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    self.keys.meta(),
+                    CompareOp::Equal,
+                    meta_rev,
+                )])
+                .and_then([
+                    TxnOp::put(self.keys.meta(), encode(&next), None),
+                    TxnOp::put(
+                        self.keys.ticket(&data.id),
+                        encode(&data),
+                        Some(PutOptions::new().with_lease(lease_id)),
+                    ),
+                    TxnOp::put(self.keys.name(&data.lock), "", None),
+                ]);
+            let resp = self
+                .conn
+                .call("joining the queue", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if resp.succeeded() {
+                self.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                self.data = data;
+                return Ok(());
+            }
+            if attempt >= 100 {
+                break;
+            }
+        }
+        Err(Error::new(
+            Kind::Unavailable,
+            format!(
+                "could not join the queue of lock {}: too many concurrent arrivals",
+                self.data.lock
+            ),
+        ))
+    }
+
+    /// The remembered, unexpired arrival of queue key `k`.
+    async fn remembered(&self, k: &str) -> Result<Option<u64>> {
+        let rec = self.keys.key_record(k);
+        let resp = self
+            .conn
+            .call("a queue key lookup", |mut c| {
+                let rec = rec.clone();
+                async move { c.get(rec, None).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<KeyRecord>(kv.value()).ok())
+            .filter(|r| r.key == k)
+            .map(|r| r.enqueued_at_ms))
+    }
+
+    /// Our ticket vanished (the lease expired while this process could not renew it, e.g. it
+    /// was frozen): join again with a fresh lease, keeping the ticket id and arrival.
+    async fn rejoin(&mut self) -> Result<()> {
+        tracing::warn!(
+            "lock {}: our ticket {} expired with its lease; joining the queue again at the same place",
+            self.data.lock,
+            self.data.id
+        );
+        if let Some(k) = self.keeper.take() {
+            k.abort();
+        }
+        let ttl = self.conn.store.lease_ttl.as_secs_f64().ceil().max(1.0) as i64;
+        let id = grant_lease(&self.conn, ttl).await?;
+        let ttl_d = Duration::from_secs(ttl as u64);
+        self.lease = Lease::new(
+            &self.data.lock,
+            sys::monotonic_ns() + ttl as u64 * 600_000_000,
+            ttl_d / 5,
+        );
+        self.lease_id = Some(id);
+        self.keeper =
+            Some(
+                self.conn
+                    .spawn(keep_alive(self.conn.clone(), id, ttl_d, self.lease.clone())),
+            );
+        let key = self.keys.ticket(&self.data.id);
+        let val = encode(&self.data);
+        self.conn
+            .call("joining the queue again", |mut c| {
+                let (key, val) = (key.clone(), val.clone());
+                async move {
+                    c.put(key, val, Some(PutOptions::new().with_lease(id)))
+                        .await
+                }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// One attempt at the grant transaction (see the module doc); `Ok(None)` when no slot is
+    /// free for our mode.
+    async fn grant(&mut self) -> Result<Option<Box<dyn Held>>> {
+        let lease_id = self.lease_id();
+        for _ in 0..GRANT_ATTEMPTS {
+            let look = Txn::new().and_then([
+                TxnOp::get(self.keys.holders(), Some(prefix_get(MAX_KEYS))),
+                TxnOp::get(self.keys.gen(), None),
+                TxnOp::get(self.keys.ticket(&self.data.id), None),
+            ]);
+            let resp = self
+                .conn
+                .call("a read of the holders", |mut c| {
+                    let look = look.clone();
+                    async move { c.txn(look).await }
+                })
+                .await?;
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let mut kvs = Vec::new();
+            let mut ticket_present = false;
+            for (i, r) in resp.op_responses().into_iter().enumerate() {
+                if let TxnOpResponse::Get(g) = r {
+                    if i == 2 {
+                        ticket_present = !g.kvs().is_empty();
+                    } else {
+                        kvs.extend(g.kvs().iter().cloned());
+                    }
+                }
+            }
+            let read = parse(&self.keys, &kvs, rev);
+            // An earlier grant whose answer was lost: the holder key is already ours.
+            if let Some((t, _, _, _)) = read.holders.iter().find(|(_, l, _, _)| *l == lease_id) {
+                return Ok(Some(self.held(t.clone())));
+            }
+            if !ticket_present {
+                self.rejoin().await?;
+                continue;
+            }
+            let mut slots = Slots::new(self.slots);
+            for (_, _, slot, mode) in &read.holders {
+                slots.hold(*slot, *mode);
+            }
+            let Some(slot) = slots.take(self.data.mode) else {
+                return Ok(None);
+            };
+            let mut mine = self.data.clone();
+            mine.holding = true;
+            mine.slot = Some(slot);
+            mine.generation = Some(read.generation + 1);
+            mine.acquired_at_ms = Some(now_ms());
+            let busy = match self.data.mode {
+                Mode::Exclusive => self.keys.slot(slot),
+                Mode::Shared => self.keys.slot_exclusive(slot),
+            };
+            let end = range_end(&busy);
+            let mut ops = vec![
+                TxnOp::put(
+                    self.keys.holder(slot, self.data.mode, &mine.id),
+                    encode(&mine),
+                    Some(PutOptions::new().with_lease(lease_id)),
+                ),
+                TxnOp::put(self.keys.gen(), (read.generation + 1).to_string(), None),
+                TxnOp::delete(self.keys.ticket(&mine.id), None),
+            ];
+            if let Some(k) = &mine.queue_key {
+                ops.push(TxnOp::delete(self.keys.key_record(k), None));
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::version(busy, CompareOp::Equal, 0).with_range(end),
+                    Compare::mod_revision(self.keys.gen(), CompareOp::Equal, read.gen_rev),
+                    Compare::version(self.keys.ticket(&mine.id), CompareOp::Greater, 0),
+                ])
+                .and_then(ops);
+            let resp = self
+                .conn
+                .call("the grant", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if resp.succeeded() {
+                mine.revision = resp.header().map(|h| h.revision());
+                return Ok(Some(self.held(mine)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hands the lease over to a held lock.
+    fn held(&mut self, data: TicketData) -> Box<dyn Held> {
+        if let Some((_, task)) = self.watch.take() {
+            task.abort();
+        }
+        Box::new(EtcdHeld {
+            conn: self.conn.clone(),
+            lease_id: self.lease_id.take(),
+            lease: self.lease.clone(),
+            keeper: self.keeper.take(),
+            data,
+        })
+    }
+
+    /// Leaves the queue: revokes the lease (the ticket goes with it).
+    fn revoke(&mut self) {
+        if let Some((_, task)) = self.watch.take() {
+            task.abort();
+        }
+        if let Some(k) = self.keeper.take() {
+            k.abort();
+        }
+        if let Some(id) = self.lease_id.take() {
+            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id)) {
+                tracing::warn!(
+                    "could not leave the queue of lock {} ({e}); the ticket disappears when its lease expires",
+                    self.data.lock
+                );
+            }
+        }
+    }
+}
+
+impl Queued for EtcdQueued {
+    fn ticket(&self) -> &TicketData {
+        &self.data
+    }
+
+    fn scan(&mut self) -> Result<Snapshot> {
+        let conn = self.conn.clone();
+        let read = conn.block_on(read_lock(&conn, &self.keys))?;
+        self.revision = read.revision;
+        self.gen = (read.generation, read.gen_rev);
+        let lease_id = self.lease_id();
+        let mut snap = Snapshot::default();
+        let mut mine = false;
+        for (t, l) in read.waiters {
+            if t.id == self.data.id && l == lease_id {
+                mine = true;
+            } else if t.id != self.data.id {
+                snap.waiters.push(t);
+            }
+        }
+        for (t, _, _, _) in read.holders {
+            snap.holders.push(t);
+        }
+        snap.holders.sort_by(|a, b| a.id.cmp(&b.id));
+        if !mine {
+            conn.block_on(self.rejoin())?;
+        }
+        Ok(snap)
+    }
+
+    fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>> {
+        let conn = self.conn.clone();
+        conn.block_on(self.grant())
+    }
+
+    fn wait(
+        &mut self,
+        until: Option<Instant>,
+        _at_head: bool,
+        signal_fd: BorrowedFd<'_>,
+    ) -> Result<Wake> {
+        if self.watch.is_none() {
+            let (rx, tx) = UnixStream::pair().map_err(|e| {
+                Error::new(Kind::OsErr, format!("cannot create a socket pair: {e}"))
+            })?;
+            let _ = rx.set_nonblocking(true);
+            let _ = tx.set_nonblocking(true);
+            let task = self.conn.spawn(watch(
+                self.conn.clone(),
+                self.keys.all(),
+                self.revision + 1,
+                tx,
+            ));
+            self.watch = Some((rx, task));
+        }
+        let rx = &self.watch.as_ref().expect("set above").0;
+        let cap = Instant::now() + WATCH_SLEEP_CAP;
+        let wake_at = until.map_or(cap, |u| u.min(cap));
+        let timeout = wake_at.saturating_duration_since(Instant::now());
+        match sys::poll_readable(&[signal_fd, rx.as_fd()], Some(timeout)) {
+            Some(0) => Ok(Wake::Signal),
+            Some(_) => {
+                let mut buf = [0u8; 256];
+                let mut only_removals = true;
+                let mut any = false;
+                while let Ok(n) = (&*rx).read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    any = true;
+                    only_removals &= buf[..n].iter().all(|b| *b == b'r');
+                }
+                Ok(match (any, only_removals) {
+                    (true, true) => Wake::Removed,
+                    (true, false) => Wake::Changed,
+                    (false, _) => Wake::Timeout,
+                })
+            }
+            // Past the cap without news: look again (the watch may be stuck on a member).
+            None if until.is_none_or(|u| Instant::now() < u) => Ok(Wake::Changed),
+            None => Ok(Wake::Timeout),
+        }
+    }
+
+    fn leave(mut self: Box<Self>, keep_place_for: Option<Duration>) {
+        if let (Some(key), Some(grace)) = (self.data.queue_key.clone(), keep_place_for) {
+            let rec = KeyRecord {
+                key: key.clone(),
+                enqueued_at_ms: self.data.enqueued_at_ms,
+            };
+            let k = self.keys.key_record(&key);
+            let ttl = grace.as_secs_f64().ceil().max(1.0) as i64;
+            let conn = self.conn.clone();
+            let r = conn.block_on(async {
+                let id = grant_lease(&conn, ttl).await?;
+                conn.call("remembering the queue key", |mut c| {
+                    let (k, v) = (k.clone(), encode(&rec));
+                    async move { c.put(k, v, Some(PutOptions::new().with_lease(id))).await }
+                })
+                .await
+            });
+            if let Err(e) = r {
+                tracing::warn!("could not remember queue key {key:?}: {e}");
+            }
+        }
+        self.revoke();
+    }
+}
+
+impl Drop for EtcdQueued {
+    fn drop(&mut self) {
+        self.revoke();
+    }
+}
+
+/// A held etcd lock: the holder key lives on the lease, renewed in the background.
+struct EtcdHeld {
+    conn: Arc<Conn>,
+    lease_id: Option<i64>,
+    lease: Lease,
+    keeper: Option<tokio::task::JoinHandle<()>>,
+    data: TicketData,
+}
+
+impl Held for EtcdHeld {
+    fn ticket(&self) -> &TicketData {
+        &self.data
+    }
+
+    fn containment(&self) -> Containment {
+        Containment::Lease(self.lease.clone())
+    }
+
+    fn release(mut self: Box<Self>) -> Result<()> {
+        self.release_now();
+        Ok(())
+    }
+}
+
+impl EtcdHeld {
+    /// Stops renewing and revokes the lease (the holder key goes with it, which wakes the next
+    /// waiter); retried across endpoints until confirmed or the bound passes (then the lease
+    /// expires by itself within its TTL).
+    fn release_now(&mut self) {
+        if let Some(k) = self.keeper.take() {
+            k.abort();
+        }
+        if let Some(id) = self.lease_id.take() {
+            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id)) {
+                tracing::warn!(
+                    "could not release lock {} ({e}); it is freed when its lease expires (at most {:.0}s)",
+                    self.data.lock,
+                    self.conn.store.lease_ttl.as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for EtcdHeld {
+    fn drop(&mut self) {
+        self.release_now();
+    }
+}

@@ -1,0 +1,652 @@
+//! The etcd backend against real etcd 3.4 clusters (see `support::etcd`), through the real
+//! binary. Every check of exclusion uses an independent detector: the critical sections log
+//! their own start, end and `CACHELOCK_GENERATION`, and the log is checked for overlaps and for
+//! generations that do not increase. Failures are injected into real members (SIGKILL of the
+//! leader, SIGSTOP beyond the lease TTL) and real cachelock processes.
+//! `cargo test --test it etcd::` runs this area.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::etcd::*;
+use crate::support::util::{wait_for_lines, Env, Proc, Terminal};
+
+/// Runs `workers` loops of `cachelock run -q LOCK -- section` until `stop` is set or each did
+/// `rounds` (if given); returns every exit code.
+fn workers(
+    e: &EtcdEnv,
+    lock: &str,
+    log: &Path,
+    n: usize,
+    hold_s: f64,
+    rounds: Option<usize>,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<i32>>> {
+    (0..n)
+        .map(|i| {
+            let mut cmd_args: Vec<String> =
+                vec!["run".into(), "-q".into(), lock.into(), "--".into()];
+            cmd_args.extend(e.section(log, &format!("w{i}"), hold_s));
+            let mut base = e.cmd();
+            base.args(&cmd_args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let program = base.get_program().to_owned();
+            let envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> = base
+                .get_envs()
+                .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+                .collect();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                let mut k = 0;
+                while !stop.load(Ordering::SeqCst) && rounds.is_none_or(|r| k < r) {
+                    let mut c = Command::new(&program);
+                    c.args(&cmd_args)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped());
+                    for (key, v) in &envs {
+                        match v {
+                            Some(v) => c.env(key, v),
+                            None => c.env_remove(key),
+                        };
+                    }
+                    let out = c.output().expect("worker");
+                    let code = out.status.code().unwrap_or(-1);
+                    if code != 0 {
+                        eprintln!(
+                            "worker {i}: exit {code}: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                    codes.push(code);
+                    k += 1;
+                }
+                codes
+            })
+        })
+        .collect()
+}
+
+fn join_all(h: Vec<std::thread::JoinHandle<Vec<i32>>>) -> Vec<i32> {
+    h.into_iter().flat_map(|h| h.join().unwrap()).collect()
+}
+
+/// Waits until `log` has at least `n` sections (fails after `bound`).
+fn wait_sections(log: &Path, n: usize, bound: Duration) -> Vec<GenSection> {
+    let t0 = Instant::now();
+    loop {
+        let v = read_gen_log(log);
+        if v.len() >= n {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "{}: expected {n} sections within {bound:?}, have {}",
+            log.display(),
+            v.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn contenders_are_exclusive_and_served_in_turn() {
+    let e = EtcdEnv::new(shared(), "fair");
+    let log = e.env.path("fair.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = 4;
+    let codes = join_all(workers(&e, "fair", &log, 6, 0.1, Some(rounds), stop));
+    assert!(codes.iter().all(|c| *c == 0), "exit codes {codes:?}");
+    let v = read_gen_log(&log);
+    assert_eq!(v.len(), 6 * rounds, "{v:?}");
+    check_exclusive(&v);
+    // Served in turn: a worker re-queues behind everyone already waiting, so in every prefix of
+    // the serving order no worker is more than two turns ahead of another still running.
+    let mut turns = std::collections::BTreeMap::<String, usize>::new();
+    for s in &v {
+        *turns.entry(s.tag.clone()).or_default() += 1;
+        let active: Vec<usize> = (0..6)
+            .map(|i| turns.get(&format!("w{i}")).copied().unwrap_or(0))
+            .filter(|t| *t < rounds)
+            .collect();
+        let ahead = turns[&s.tag];
+        if let Some(min) = active.iter().min() {
+            assert!(
+                ahead <= min + 2,
+                "{} ran turn {ahead} while another had {min}: {v:?}",
+                s.tag
+            );
+        }
+    }
+    assert!(e.tickets("fair") == 0, "{}", e.status_json(Some("fair")));
+}
+
+/// A holder of `lock` that keeps it until `go` exists; waits until it holds.
+fn hold_until(e: &EtcdEnv, lock: &str, go: &Path) -> Proc {
+    let started = e.env.path(&format!("{lock}.held"));
+    let script = format!(
+        "echo $$ > {started}; while [ ! -e {go} ]; do read -t 0.02 <> {fifo}; done; exit 0",
+        started = started.display(),
+        go = go.display(),
+        fifo = e.env.path("fifo").display()
+    );
+    let p = e.spawn(&["run", "-q", lock, "--", "bash", "-c", &script]);
+    wait_for_lines(&started, 1);
+    p
+}
+
+#[test]
+fn nonblock_wait_and_conflict_codes() {
+    let e = EtcdEnv::new(shared(), "nw");
+    let go = e.env.path("go");
+    let mut h = hold_until(&e, "nw", &go);
+    let out = e.run(&["-n", "nw", "--", "true"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lock nw is held by"));
+    let out = e.run(&["-n", "-E", "3", "nw", "--", "true"]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = e.run(&["-w", "0.3", "nw", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("timed out"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A shared request beside an exclusive holder is refused too.
+    assert_eq!(
+        e.run(&["-s", "-n", "nw", "--", "true"]).status.code(),
+        Some(1)
+    );
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(h.wait(), 0);
+    // Free now: -n takes it, and the generation counts every acquisition.
+    let out = e.run(&["-n", "nw", "--", "sh", "-c", "echo $CACHELOCK_GENERATION"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    // Shared holders coexist.
+    let go2 = e.env.path("go2");
+    let script = format!(
+        "while [ ! -e {} ]; do read -t 0.02 <> {}; done; exit 0",
+        go2.display(),
+        e.env.path("fifo").display()
+    );
+    let mut s1 = e.spawn(&["run", "-q", "-s", "nw", "--", "bash", "-c", &script]);
+    e.wait_tickets("nw", 1);
+    assert_eq!(
+        e.run(&["-s", "-n", "nw", "--", "true"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(e.run(&["-n", "nw", "--", "true"]).status.code(), Some(1));
+    std::fs::write(&go2, "").unwrap();
+    assert_eq!(s1.wait(), 0);
+    assert_eq!(e.tickets("nw"), 0);
+}
+
+/// Either backend, for the scenario both must order identically.
+enum Store {
+    Flock(Env),
+    Etcd(EtcdEnv),
+}
+
+impl Store {
+    fn env(&self) -> &Env {
+        match self {
+            Store::Flock(e) => e,
+            Store::Etcd(e) => &e.env,
+        }
+    }
+    fn spawn(&self, args: &[&str]) -> Proc {
+        match self {
+            Store::Flock(e) => e.spawn(args),
+            Store::Etcd(e) => e.spawn(args),
+        }
+    }
+    fn wait_tickets(&self, lock: &str, n: usize) {
+        match self {
+            Store::Flock(e) => e.wait_tickets(lock, n),
+            Store::Etcd(e) => e.wait_tickets(lock, n),
+        }
+    }
+}
+
+const PRIORITY_POLICY: &str = "locks:\n  - match: '*'\n    policy: team\npolicies:\n  team:\n    module: builtin:priority\n    config: {boost.branch.main: 10}\n";
+
+/// A holder, then waiters queued one by one: `a` (priority 0), `b` (priority 0, branch=main:
+/// boosted by 10), `c` (priority 5), `d` (priority 0). Returns the serving order.
+fn priority_scenario(s: &Store) -> Vec<String> {
+    let env = s.env();
+    let go = env.path("go");
+    let started = env.path("held");
+    let script = format!(
+        "echo held > {}; while [ ! -e {} ]; do read -t 0.02 <> {}; done; exit 0",
+        started.display(),
+        go.display(),
+        env.path("fifo").display()
+    );
+    let mut h = s.spawn(&["run", "-q", "prio", "--", "bash", "-c", &script]);
+    wait_for_lines(&started, 1);
+    let log = env.path("order.log");
+    let mut waiters = Vec::new();
+    for (i, (tag, opts)) in [
+        ("a", vec!["-p", "0"]),
+        ("b", vec!["-p", "0", "-l", "branch=main"]),
+        ("c", vec!["-p", "5"]),
+        ("d", vec!["-p", "0"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut args: Vec<String> = vec!["run".into(), "-q".into()];
+        args.extend(opts.iter().map(|o| o.to_string()));
+        args.extend(["prio".into(), "--".into()]);
+        args.extend([
+            "bash".into(),
+            "-c".into(),
+            format!("echo {tag} >> {}", log.display()),
+        ]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        waiters.push(s.spawn(&refs));
+        s.wait_tickets("prio", i + 2);
+    }
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(h.wait(), 0);
+    for mut w in waiters {
+        assert_eq!(w.wait(), 0, "{}", w.stderr());
+    }
+    std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_same_policy_orders_waiters_identically_on_both_backends() {
+    let flock = priority_scenario(&Store::Flock(Env::with_config(PRIORITY_POLICY)));
+    let etcd = priority_scenario(&Store::Etcd(EtcdEnv::with_config(
+        shared(),
+        "prio",
+        &format!("{TEST_CONFIG}{PRIORITY_POLICY}"),
+    )));
+    assert_eq!(flock, ["b", "c", "a", "d"]);
+    assert_eq!(etcd, flock);
+}
+
+#[test]
+fn status_shows_holders_waiters_ranks_revision_and_lease() {
+    let e = EtcdEnv::new(shared(), "st");
+    let go = e.env.path("go");
+    let mut h = hold_until(&e, "st", &go);
+    let mut w = e.spawn(&[
+        "run", "-q", "-p", "7", "-l", "job=9", "-k", "K1", "st", "--", "true",
+    ]);
+    e.wait_tickets("st", 2);
+    let st = e.status_json(None);
+    let l = st["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "st")
+        .unwrap_or_else(|| panic!("lock st missing from {st}"));
+    assert_eq!(l["generation"], 1);
+    let holder = &l["holders"][0];
+    assert!(holder["revision"].as_i64().unwrap() > 0, "{holder}");
+    assert!(holder["lease_left_ms"].as_u64().unwrap() > 0, "{holder}");
+    assert_eq!(holder["pid"].as_u64().unwrap() as i32, h.pid());
+    let waiter = &l["waiters"][0];
+    assert_eq!(
+        (waiter["position"].as_u64(), waiter["rank"].as_i64()),
+        (Some(1), Some(7))
+    );
+    assert_eq!(waiter["labels"]["job"], "9");
+    assert_eq!(waiter["queue_key"], "K1");
+    assert!(waiter["lease_left_ms"].as_u64().is_some(), "{waiter}");
+    let text = e.cmd().args(["status", "st"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("revision ") && text.contains("left"),
+        "{text}"
+    );
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(h.wait(), 0);
+    assert_eq!(w.wait(), 0);
+    assert_eq!(e.tickets("st"), 0);
+}
+
+/// SIGKILL of a holder's cachelock: its guardian stops the command at once, and the successor
+/// (which gets in when the lease expires) finds the command gone. SIGKILL of a waiter: its
+/// ticket goes with its lease. Nothing is left behind.
+#[test]
+fn sigkilled_holders_and_waiters_leave_no_overlap_and_no_ticket() {
+    let e = EtcdEnv::new(shared(), "kill");
+    let log = e.env.path("kill.log");
+    for round in 0..2 {
+        let pidfile = e.env.path(&format!("cmd{round}.pid"));
+        let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+        let mut h = e.spawn(&["run", "-q", "kill", "--", "bash", "-c", &script]);
+        let cmd_pid: i32 = wait_for_lines(&pidfile, 1)[0].parse().unwrap();
+        // The successor records whether the killed holder's command still lived when it got in.
+        let check = format!(
+            "if [ -e /proc/{cmd_pid} ] && ! grep -q '^State:.*Z' /proc/{cmd_pid}/status; then echo alive >> {log}; else echo gone >> {log}; fi",
+            log = log.display()
+        );
+        let mut succ = e.spawn(&["run", "-q", "kill", "--", "bash", "-c", &check]);
+        let mut doomed = e.spawn(&["run", "-q", "kill", "--", "true"]);
+        e.wait_tickets("kill", 3);
+        doomed.signal(libc::SIGKILL);
+        doomed.wait();
+        h.signal(libc::SIGKILL); // cachelock only: its guardian must stop the command
+        assert_eq!(succ.wait(), 0, "{}", succ.stderr());
+        h.wait();
+        assert_eq!(wait_for_lines(&log, round + 1)[round], "gone");
+    }
+    // The killed waiters' tickets went with their leases.
+    e.wait_tickets("kill", 0);
+}
+
+#[test]
+fn unreachable_endpoints_exit_69_within_the_bound() {
+    let env = Env::with_config("etcd:\n  request_timeout: 0.2\n  unavailable_timeout: 1\n");
+    let url = format!("etcd://127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let mut c = env.cmd();
+    c.env("CACHELOCK_BACKEND", &url)
+        .args(["run", "x", "--", "true"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut p = Proc(Some(c.spawn().unwrap()));
+    let code = p.wait_timeout(Duration::from_secs(30)).expect("bounded");
+    let err = p.stderr();
+    assert_eq!(code, 69, "{err}");
+    assert!(
+        err.contains("no etcd endpoint") && err.contains("answered"),
+        "{err}"
+    );
+    let out = env
+        .cmd()
+        .args(["status", "--backend", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+}
+
+#[test]
+fn bad_urls_and_settings_are_usage_or_config_errors() {
+    let env = Env::new();
+    for (url, says) in [
+        ("etcd://", "names no endpoint"),
+        ("etcd://host", "no :PORT"),
+        ("etcd://h:1/a b", "key prefix"),
+        ("zookeeper://h:1", "not a lock store"),
+        ("file://", "names no directory"),
+    ] {
+        let out = env
+            .cmd()
+            .args(["run", "--backend", url, "x", "--", "true"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{url}: {err}");
+        assert!(err.contains(says), "{url}: {err}");
+        let out = env
+            .cmd()
+            .env("CACHELOCK_BACKEND", url)
+            .args(["status"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{url}");
+    }
+    for (yaml, says) in [
+        ("backend: etcd://h:0\n", "key `backend`"),
+        (
+            "backend: etcd://127.0.0.1:1\netcd:\n  ca_file: /nonexistent/ca.pem\n",
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "backend: etcd://127.0.0.1:1\netcd:\n  cert_file: /x.pem\n",
+            "needs its key",
+        ),
+        (
+            "backend: etcd://127.0.0.1:1\netcd:\n  user: alice\n",
+            "no password",
+        ),
+        ("etcd:\n  lease_ttl: 1\n", "etcd.lease_ttl"),
+        ("etcd:\n  leas_ttl: 5\n", "leas_ttl"),
+    ] {
+        let env = Env::with_config(yaml);
+        let out = env
+            .cmd()
+            .env_remove("CACHELOCK_LOCK_DIR")
+            .args(["run", "x", "--", "true"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{yaml}: {err}");
+        assert!(err.contains(says), "{yaml}: {err}");
+    }
+    // file://DIR names the flock backend explicitly.
+    let dir = env.path("explicit");
+    let out = env
+        .cmd()
+        .args([
+            "run",
+            "--backend",
+            &format!("file://{}", dir.display()),
+            "f",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(dir.join("f.lock").is_dir());
+}
+
+#[test]
+fn tls_client_certificates_and_authentication() {
+    let c = secure();
+    let tls = c.tls.clone().unwrap();
+    let e = EtcdEnv::new(c, "tls");
+    let with = |user: &str| {
+        let mut cmd = e.cmd();
+        cmd.env("ETCDCTL_CACERT", &tls.ca)
+            .env("ETCDCTL_CERT", &tls.cert)
+            .env("ETCDCTL_KEY", &tls.key)
+            .env("ETCDCTL_USER", user);
+        cmd
+    };
+    let out = with(&format!("root:{ROOT_PASSWORD}"))
+        .args(["run", "t", "--", "sh", "-c", "echo $CACHELOCK_GENERATION"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    // Wrong password: a configuration error naming the credentials.
+    let out = with("root:wrong")
+        .args(["run", "t", "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("credentials"), "{err}");
+    // The same through the configuration file, password from ETCDCTL_PASSWORD.
+    let yaml = format!(
+        "{TEST_CONFIG}  ca_file: {}\n  cert_file: {}\n  key_file: {}\n  user: root\n",
+        tls.ca.display(),
+        tls.cert.display(),
+        tls.key.display()
+    );
+    let e2 = EtcdEnv::with_config(c, "tls2", &yaml);
+    let out = e2
+        .cmd()
+        .env("ETCDCTL_PASSWORD", ROOT_PASSWORD)
+        .args(["run", "t", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without a client certificate the members refuse the connection: exit 69, bounded.
+    let e3 = EtcdEnv::with_config(
+        c,
+        "tls3",
+        &format!(
+            "etcd:\n  request_timeout: 0.3\n  unavailable_timeout: 1\n  ca_file: {}\n",
+            tls.ca.display()
+        ),
+    );
+    let out = e3
+        .cmd()
+        .env("ETCDCTL_USER", format!("root:{ROOT_PASSWORD}"))
+        .args(["run", "t", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ctrl-C typed at the terminal reaches the command under a lease exactly once (the guardian
+/// does not forward a terminal signal), and cachelock exits with the command's code.
+#[test]
+fn ctrl_c_reaches_the_command_once_under_a_lease() {
+    let e = EtcdEnv::new(shared(), "tty");
+    let ready = e.env.path("ready");
+    let ints = e.env.path("ints");
+    let script = format!(
+        "trap 'echo int >> {ints}; exit 42' INT; echo ready > {ready}; while :; do read -t 0.05 <> {fifo}; done",
+        ints = ints.display(),
+        ready = ready.display(),
+        fifo = e.env.path("fifo").display()
+    );
+    let mut term = Terminal::open();
+    let mut cmd = e.cmd();
+    cmd.args(["run", "-q", "tty", "--", "bash", "-c", &script]);
+    let mut p = term.spawn(&mut cmd);
+    wait_for_lines(&ready, 1);
+    term.type_ctrl_c();
+    assert_eq!(p.wait(), 42);
+    assert_eq!(std::fs::read_to_string(&ints).unwrap(), "int\n");
+    assert_eq!(e.tickets("tty"), 0);
+}
+
+/// SIGKILL of the etcd leader while six processes contend: no overlap, generations increase,
+/// and every request is served (no exit 69 or 75): acquisitions resume.
+#[test]
+fn leader_killed_mid_run() {
+    let c = disruptive();
+    let e = EtcdEnv::new(&c, "leader");
+    let log = e.env.path("leader.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let hs = workers(&e, "leader", &log, 6, 0.02, None, stop.clone());
+    wait_sections(&log, 5, Duration::from_secs(30));
+    let leader = c.leader();
+    let killed_at = now_s();
+    c.kill(leader);
+    let before = read_gen_log(&log).len();
+    let v = wait_sections(&log, before + 6, Duration::from_secs(30));
+    stop.store(true, Ordering::SeqCst);
+    let codes = join_all(hs);
+    assert!(codes.iter().all(|c| *c == 0), "exit codes {codes:?}");
+    let v2 = read_gen_log(&log);
+    check_exclusive(&v2);
+    let resumed = v
+        .iter()
+        .find(|s| s.start > killed_at)
+        .map(|s| s.start - killed_at);
+    eprintln!(
+        "leader_killed_mid_run: first acquisition {:?} s after the kill",
+        resumed
+    );
+    c.repair();
+}
+
+/// A member frozen (SIGSTOP) for longer than the lease TTL, first in every client's endpoint
+/// list: requests fail over, holders keep renewing through the others, no overlap, and work
+/// goes on during the freeze.
+#[test]
+fn member_frozen_beyond_the_lease_ttl() {
+    let c = disruptive();
+    let frozen = 0;
+    let mut e = EtcdEnv::new(&c, "frozen");
+    e.url = e.url.replacen(&c.endpoints(), &c.endpoints_from(frozen), 1);
+    let log = e.env.path("frozen.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let hs = workers(&e, "frozen", &log, 4, 0.05, None, stop.clone());
+    wait_sections(&log, 3, Duration::from_secs(30));
+    c.signal(frozen, libc::SIGSTOP);
+    let frozen_at = now_s();
+    let before = read_gen_log(&log).len();
+    // Work goes on while the member is frozen...
+    wait_sections(&log, before + 4, Duration::from_secs(30));
+    // ...for longer than the lease TTL (4 s): any lease that depended on it would be gone.
+    while now_s() < frozen_at + 5.0 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let during = read_gen_log(&log).len() - before;
+    c.signal(frozen, libc::SIGCONT);
+    stop.store(true, Ordering::SeqCst);
+    let codes = join_all(hs);
+    assert!(codes.iter().all(|c| *c == 0), "exit codes {codes:?}");
+    check_exclusive(&read_gen_log(&log));
+    eprintln!("member_frozen_beyond_the_lease_ttl: {during} acquisitions during the 5 s freeze");
+    c.repair();
+}
+
+/// The whole cluster frozen while a command runs: renewals fail, the guardian stops the
+/// command's tree before the lease can expire, and cachelock exits 75 saying so.
+#[test]
+fn lost_lease_stops_the_command_and_exits_75() {
+    let c = disruptive();
+    let e = EtcdEnv::new(&c, "lost");
+    let pidfile = e.env.path("child.pid");
+    let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+    let mut h = e.spawn(&["run", "-q", "lost", "--", "bash", "-c", &script]);
+    let bg: i32 = wait_for_lines(&pidfile, 1)[0].parse().unwrap();
+    for i in 0..c.members.len() {
+        c.signal(i, libc::SIGSTOP);
+    }
+    let code = h
+        .wait_timeout(Duration::from_secs(30))
+        .expect("cachelock ended");
+    for i in 0..c.members.len() {
+        c.signal(i, libc::SIGCONT);
+    }
+    let err = h.stderr();
+    assert_eq!(code, 75, "{err}");
+    assert!(
+        err.contains("lock lost was lost while the command ran"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{bg}")).exists()
+            || std::fs::read_to_string(format!("/proc/{bg}/status"))
+                .unwrap_or_default()
+                .contains("State:\tZ"),
+        "the command's background process {bg} survived"
+    );
+    c.repair();
+}
+
+fn now_s() -> f64 {
+    crate::support::util::now_s()
+}
