@@ -90,6 +90,20 @@ pub struct LockState {
     pub generation: u64,
     /// Live tickets.
     pub tickets: Snapshot,
+    /// Live tickets that cannot be read or break the bounds (the engine ignores them).
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A live ticket whose content cannot be used (garbage, oversized, not a regular file...):
+/// ignored by the engine, shown by `status` so that it cannot hide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The ticket's name in the queue.
+    pub ticket: String,
+    /// Who owns it, where the store knows (a file's owner).
+    pub owner_uid: Option<u32>,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 /// Why [`Queued::wait`] returned.

@@ -16,11 +16,12 @@ mod engine;
 pub mod flock;
 pub mod name;
 pub mod order;
+mod stall;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use backend::{Backend, Containment, LockState, TicketData};
+pub use backend::{Backend, Containment, LockState, TicketData, Unreadable};
 
 use crate::config::WaitMode;
 use crate::error::{Error, Result};
@@ -251,6 +252,8 @@ pub struct LockStatus {
     pub waiters: Vec<(TicketData, i64)>,
     /// Why the order is the fallback order (rank = priority) rather than the policy's, if so.
     pub order_note: Option<String>,
+    /// Live tickets that cannot be read (not ranked, not waited for, but shown).
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// The status of lock `name`, its waiters ranked by `policy` (every waiter is ranked, so the
@@ -265,6 +268,7 @@ pub fn status(backend: &dyn Backend, name: &str, policy: &mut dyn Policy) -> Res
         holders: state.tickets.holders,
         waiters,
         order_note,
+        unreadable: state.unreadable,
     })
 }
 
