@@ -61,7 +61,10 @@ impl LockRequest {
             progress_interval: (!args.quiet).then(|| progress_interval(&loaded)).flatten(),
         };
         lock::validate(&options)?;
-        let store = store(args.lock_dir.as_deref(), &loaded);
+        let (store, private_because) = store(args.lock_dir.as_deref(), &loaded)?;
+        if let Some(why) = private_because {
+            warn_private(&store, &why);
+        }
         Ok(LockRequest {
             loaded,
             settings,
@@ -168,18 +171,34 @@ impl LockRequest {
 }
 
 /// The store named by `--lock-dir` / `CACHELOCK_LOCK_DIR` (`flag`), else the configuration's
-/// `lock_dir` (relative to the file), else the default lock directory.
-pub fn store(flag: Option<&Path>, loaded: &Loaded) -> Store {
-    let path = match (flag, &loaded.config.lock_dir) {
-        (Some(p), _) => p.to_path_buf(),
-        (None, Some(p)) => loaded.resolve_path(p),
-        (None, None) => cachelock::config::default_lock_dir(),
+/// `lock_dir` (relative to the file), else the default lock directory — with, for a private
+/// fallback of the default, why it is not the host's shared one (exit 73 if that private
+/// directory is not safely the caller's own).
+pub fn store(flag: Option<&Path>, loaded: &Loaded) -> Result<(Store, Option<String>)> {
+    let (path, private_because) = match (flag, &loaded.config.lock_dir) {
+        (Some(p), _) => (p.to_path_buf(), None),
+        (None, Some(p)) => (loaded.resolve_path(p), None),
+        (None, None) => {
+            let d = cachelock::config::default_lock_dir()?;
+            (d.path, d.private_because)
+        }
     };
-    Store::Dir {
+    let store = Store::Dir {
         path,
         file_mode: loaded.config.file_mode,
         dir_mode: loaded.config.dir_mode,
-    }
+    };
+    Ok((store, private_because))
+}
+
+/// Every run that falls back to a private lock directory says so: its locks exclude no other
+/// user's (root's included), which must never happen silently.
+fn warn_private(store: &Store, why: &str) {
+    let Store::Dir { path, .. } = store;
+    eprintln!(
+        "cachelock: warning: using the private lock directory {} because {why}. Locks taken there do not exclude other users' or root's; set --lock-dir or CACHELOCK_LOCK_DIR to a directory you share.",
+        path.display()
+    );
 }
 
 fn wait_ms(what: &str, seconds: f64) -> Result<u64> {

@@ -382,6 +382,13 @@ pub fn read_bounded(f: &File, max: usize) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
+/// Clears `O_NONBLOCK` on `fd` (a pipe opened without blocking, then read).
+pub fn set_blocking(fd: impl AsFd) -> io::Result<()> {
+    use rustix::fs::OFlags;
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    Ok(rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)?)
+}
+
 /// Whether the filesystem holding `fd` is one where inotify cannot be trusted.
 pub fn is_network_fs_fd(fd: impl AsFd) -> bool {
     rustix::fs::fstatfs(fd)

@@ -4,10 +4,10 @@
 
 use cachelock::config::Loaded;
 use cachelock::error::Result;
-use cachelock::lock::{self, LockStatus, TicketData};
+use cachelock::lock::{self, LockStatus, Store, TicketData};
 use cachelock::output::status::{
     render_json, render_text, HolderStatus, LockStatus as LockView, StatusDoc, TicketStatus,
-    WaiterStatus,
+    UnreadableStatus, WaiterStatus,
 };
 
 use crate::cli::StatusArgs;
@@ -18,8 +18,15 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         lock::name::validate(n)?;
     }
     let loaded = Loaded::load(args.config.as_deref())?;
-    let store = crate::request::store(args.lock_dir.as_deref(), &loaded);
+    let (store, private_because) = crate::request::store(args.lock_dir.as_deref(), &loaded)?;
     let backend = lock::open_existing(&store)?;
+    let Store::Dir { path: lock_dir, .. } = &store;
+    let lock_dir_note = match private_because {
+        Some(why) => Some(format!(
+            "a private fallback, because {why}: its locks exclude no other user's or root's"
+        )),
+        None => sharing_note(lock_dir),
+    };
     let names = match &args.name {
         Some(n) => vec![n.clone()],
         None => backend.lock_names()?,
@@ -45,13 +52,32 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         };
         locks.push(view(status, &settings.policy, now));
     }
-    let doc = StatusDoc { locks };
+    let doc = StatusDoc {
+        lock_dir: lock_dir.display().to_string(),
+        lock_dir_note,
+        locks,
+    };
     if args.json {
         print!("{}", render_json(&doc));
     } else {
         print!("{}", render_text(&doc));
     }
     Ok(0)
+}
+
+/// What `status` says of a lock directory other users cannot write: they cannot lock there
+/// (the default directory sends them to private ones).
+fn sharing_note(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    let mode = m.mode() & 0o7777;
+    (mode & 0o002 == 0).then(|| {
+        format!(
+            "mode {mode:04o}, owner uid {}: only its owner{} can take locks here; other users' requests go elsewhere",
+            m.uid(),
+            if mode & 0o020 != 0 { " and group" } else { "" }
+        )
+    })
 }
 
 fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
@@ -78,6 +104,15 @@ fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
                 waited_ms: now.saturating_sub(t.enqueued_at_ms),
                 ticket: ticket(t),
                 rank,
+            })
+            .collect(),
+        unreadable: s
+            .unreadable
+            .into_iter()
+            .map(|u| UnreadableStatus {
+                ticket: u.ticket,
+                owner_uid: u.owner_uid,
+                reason: u.reason,
             })
             .collect(),
     }

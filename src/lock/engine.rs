@@ -209,12 +209,15 @@ impl Waiter<'_> {
                 if let Some(q) = self.queued.take() {
                     q.leave(None);
                 }
+                // Printed and passed on by every caller: a policy may echo other users' labels.
+                let reason = crate::output::escape(&reason).into_owned();
                 return Ok(Next::Done(Acquired::FellBack { reason }));
             }
             WaitDecision::FallBack(reason) => {
                 tracing::warn!(
-                    "policy '{}' asked to fall back ({reason}) but lock {} does not allow it (set `fallback: true` in its rule); waiting on",
+                    "policy '{}' asked to fall back ({}) but lock {} does not allow it (set `fallback: true` in its rule); waiting on",
                     policy.name(),
+                    crate::output::escape(&reason),
                     self.opts.name
                 );
                 FALLBACK_INTERVAL_MS

@@ -1,10 +1,13 @@
 //! Rendering of `cachelock status`: text for people, a stable JSON document for scripts.
 //!
-//! JSON: `{"locks":[{"name","generation","policy","note","holders":[{ticket,host,pid,mode,
-//! priority,labels,queue_key,slot,held_for_ms}],"waiters":[{position,ticket,host,pid,mode,
-//! priority,labels,queue_key,rank,waited_ms}]}]}`; `labels` is an object, waiters are in serving
-//! order, `note` is null unless the order is not the policy's (e.g. its module is missing).
-//! Text escapes control characters in everything other users wrote (labels, hosts, keys).
+//! JSON: `{"lock_dir","lock_dir_note","locks":[{"name","generation","policy","note",
+//! "holders":[{ticket,host,pid,mode,priority,labels,queue_key,slot,held_for_ms}],
+//! "waiters":[{position,ticket,host,pid,mode,priority,labels,queue_key,rank,waited_ms}],
+//! "unreadable":[{ticket,owner_uid,reason}]}]}`; `labels` is an object, waiters are in serving
+//! order, `note` is null unless the order is not the policy's (e.g. its module is missing),
+//! `lock_dir_note` is null unless other users cannot share the directory (a private fallback).
+//! Text escapes control characters in everything other users wrote (tickets, labels, hosts,
+//! keys, reasons).
 
 use std::collections::BTreeMap;
 
@@ -16,8 +19,23 @@ use crate::policy::Mode;
 /// The whole document.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusDoc {
+    /// The lock directory read.
+    pub lock_dir: String,
+    /// Who can (not) share it: a private fallback, or a mode that keeps other users out.
+    pub lock_dir_note: Option<String>,
     /// One entry per lock, by name.
     pub locks: Vec<LockStatus>,
+}
+
+/// A live ticket that cannot be read: ignored by waiters, shown so that it cannot hide.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnreadableStatus {
+    /// Its name in the queue.
+    pub ticket: String,
+    /// The user owning it.
+    pub owner_uid: Option<u32>,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 /// One lock.
@@ -35,6 +53,8 @@ pub struct LockStatus {
     pub holders: Vec<HolderStatus>,
     /// Waiters in the order they will be served.
     pub waiters: Vec<WaiterStatus>,
+    /// Live tickets that cannot be read.
+    pub unreadable: Vec<UnreadableStatus>,
 }
 
 /// What status shows of any ticket, holder or waiter (flattened into both in JSON).
@@ -93,7 +113,7 @@ fn mode_str(m: Mode) -> &'static str {
 fn ticket_text(t: &TicketStatus) -> (String, String) {
     let head = format!(
         "ticket {}  {}:{}  {}  priority {}",
-        t.ticket,
+        escape(&t.ticket),
         escape(&t.host),
         t.pid,
         mode_str(t.mode),
@@ -117,6 +137,13 @@ fn ticket_text(t: &TicketStatus) -> (String, String) {
 /// Text for people.
 pub fn render_text(doc: &StatusDoc) -> String {
     let mut out = String::new();
+    if let Some(n) = &doc.lock_dir_note {
+        out.push_str(&format!(
+            "lock directory {}\n  note: {}\n",
+            escape(&doc.lock_dir),
+            escape(n)
+        ));
+    }
     if doc.locks.is_empty() {
         out.push_str("no locks\n");
     }
@@ -148,6 +175,17 @@ pub fn render_text(doc: &StatusDoc) -> String {
                 w.position,
                 w.rank,
                 w.waited_ms as f64 / 1000.0,
+            ));
+        }
+        for u in &l.unreadable {
+            let owner = u
+                .owner_uid
+                .map(|uid| format!(" (owner uid {uid})"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  unreadable ticket {}{owner}: {}; ignored by waiters\n",
+                escape(&u.ticket),
+                escape(&u.reason)
             ));
         }
     }
