@@ -15,5 +15,6 @@ mod policy_commands;
 mod policy_faults;
 mod policy_perf;
 mod policy_runtime;
+mod security;
 mod torture;
 mod torture_dockerd;

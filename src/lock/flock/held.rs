@@ -44,26 +44,36 @@ pub fn remove(files: &LockFiles, slot: u32, id: &str) {
     }
 }
 
-/// Another live holder of `slot` whose grant conflicts with ours (`mode`) on a file other
-/// than `granted` (device, inode) — or that does not say which file it holds (a format-1
-/// ticket, or a handcrafted one: it counts as held). Dead entries are removed on the way.
-pub fn conflicting(
-    files: &LockFiles,
-    slot: u32,
-    mode: Mode,
-    granted: (u64, u64),
-) -> Result<Option<TicketData>> {
+/// What [`check`] found among the live holders.
+#[derive(Debug, Default)]
+pub struct Holders {
+    /// A live holder of our slot whose grant conflicts with ours on another file.
+    pub conflict: Option<TicketData>,
+    /// The highest generation a live holder has (of any slot): a new generation must exceed
+    /// it even if every counters file was lost.
+    pub max_generation: u64,
+}
+
+/// Looks at the live holders for a grant of `slot` in `mode` on the file `granted` (device,
+/// inode): a holder of `slot` conflicts when the modes conflict and it holds another file —
+/// or does not say which (a format-1 ticket, or a handcrafted one: it counts as held). Dead
+/// entries are removed on the way (where permitted).
+pub fn check(files: &LockFiles, slot: u32, mode: Mode, granted: (u64, u64)) -> Result<Holders> {
+    let mut found = Holders::default();
     let Some(held) = files.held.as_ref() else {
-        return Ok(None);
+        return Ok(found);
     };
-    let (entries, more) = sys::list_dir(held.as_fd(), MAX_ENTRIES)
-        .map_err(|e| crate::error::Error::io(format!("cannot read {}", files.path("held").display()), e))?;
+    let (entries, more) = sys::list_dir(held.as_fd(), MAX_ENTRIES).map_err(|e| {
+        crate::error::Error::io(format!("cannot read {}", files.path("held").display()), e)
+    })?;
     if more {
         ticket::warn_flood(files, "held");
     }
-    let prefix = format!("{slot}.");
     for (name, _) in entries {
-        let Some(id) = name.strip_prefix(&prefix) else {
+        let Some((entry_slot, id)) = name
+            .split_once('.')
+            .and_then(|(s, id)| Some((s.parse::<u32>().ok()?, id)))
+        else {
             continue;
         };
         let t = match ticket::probe(held.as_fd(), &name, id, &files.name) {
@@ -80,7 +90,11 @@ pub fn conflicting(
             _ => false,
         };
         let d = &t.data;
-        if !published || !d.holding || d.slot != Some(slot) {
+        if !published || !d.holding || d.slot != Some(entry_slot) {
+            continue;
+        }
+        found.max_generation = found.max_generation.max(d.generation.unwrap_or(0));
+        if entry_slot != slot || found.conflict.is_some() {
             continue;
         }
         if mode == Mode::Shared && d.mode == Mode::Shared {
@@ -89,7 +103,7 @@ pub fn conflicting(
         if t.lock_file == Some([granted.0, granted.1]) {
             continue;
         }
-        return Ok(Some(t.data));
+        found.conflict = Some(t.data);
     }
-    Ok(None)
+    Ok(found)
 }

@@ -346,22 +346,24 @@ fn exhausted(files: &LockFiles, what: &str) -> Error {
     )
 }
 
-/// Under `meta.lock`: `check` decides whether the grant stands (`Ok(false)`: someone else
-/// holds the slot, nothing is counted); if it does, counts the acquisition, runs `record`
-/// with its generation (so that marking the ticket holding is atomic with the count), and
-/// forgets the acquiring request's key. `Ok(None)`: the grant did not stand.
+/// Under `meta.lock`: `check` decides whether the grant stands (`Ok(None)`: someone else
+/// holds the slot, nothing is counted; `Ok(Some(floor))`: it stands, and the generation must
+/// exceed `floor`, the highest a live holder has); if it does, counts the acquisition, runs
+/// `record` with its generation (so that marking the ticket holding is atomic with the
+/// count), and forgets the acquiring request's key. `Ok(None)`: the grant did not stand.
 pub fn acquired(
     files: &LockFiles,
     queue_key: Option<&str>,
-    check: impl FnOnce() -> Result<bool>,
+    check: impl FnOnce() -> Result<Option<u64>>,
     record: impl FnOnce(u64) -> Result<()>,
 ) -> Result<Option<u64>> {
     with_meta(files, |m| {
-        if !check()? {
+        let Some(floor) = check()? else {
             return Ok(None);
-        }
+        };
         m.generation = m
             .generation
+            .max(floor)
             .checked_add(1)
             .ok_or_else(|| exhausted(files, "generation"))?;
         record(m.generation)?;
@@ -429,7 +431,7 @@ mod tests {
     }
 
     fn granted(files: &LockFiles, key: Option<&str>) -> u64 {
-        acquired(files, key, || Ok(true), |_| Ok(())).unwrap().unwrap()
+        acquired(files, key, || Ok(Some(0)), |_| Ok(())).unwrap().unwrap()
     }
 
     #[test]
@@ -453,7 +455,9 @@ mod tests {
         assert!(enqueue(&files, now + 2_100, Some("job"), 0).unwrap().1 > a2);
         assert_eq!(read(&files).generation, 1);
         // A refused grant counts nothing.
-        assert_eq!(acquired(&files, None, || Ok(false), |_| Ok(())).unwrap(), None);
+        assert_eq!(acquired(&files, None, || Ok(None), |_| Ok(())).unwrap(), None);
+        // A live holder's generation is a floor even when the counters were lost.
+        assert_eq!(acquired(&files, None, || Ok(Some(41)), |_| Ok(())).unwrap(), Some(42));
         assert_eq!(read(&files).generation, 1);
     }
 

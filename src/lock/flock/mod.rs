@@ -331,8 +331,9 @@ impl FlockQueued {
             &files,
             key.as_deref(),
             || {
-                conflict = held::conflicting(&files, slot, mode, file_id)?;
-                Ok(conflict.is_none())
+                let holders = held::check(&files, slot, mode, file_id)?;
+                conflict = holders.conflict;
+                Ok(conflict.is_none().then_some(holders.max_generation))
             },
             |generation| {
                 own.mark_holding(slot, generation, now_ms(), file_id)?;
