@@ -2,7 +2,7 @@
 # `make test` installs what the tests need and runs the whole suite. Both work on a machine
 # that has only the Rust toolchain.
 
-.PHONY: test setup build-setup demo
+.PHONY: test setup build-setup demo prev-release
 
 # What any build needs: the built-in policies are compiled for wasm32-wasip2 by build.rs.
 build-setup:
@@ -15,7 +15,13 @@ setup: build-setup
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io busybox-static; \
 	fi
 
-test: setup
+# The previous release (on-disk format 1, the last commit before format 2), for the mixed-version
+# test in tests/it/security.rs; built once, reusing this checkout's dependencies.
+PREV_RELEASE := d185526
+prev-release: build-setup
+	.ci/prev-release $(PREV_RELEASE)
+
+test: setup prev-release
 	cargo test --no-fail-fast
 
 demo: build-setup

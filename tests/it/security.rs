@@ -28,7 +28,8 @@ fn started(go: &Path) -> std::path::PathBuf {
 /// Runs `script` with `sh -c` as `user` (the attacker's hands).
 fn shell(sh: &Shared, user: &User, script: &str) -> std::process::Output {
     let mut c = sh.as_user(Some(user), "sh");
-    c.args(["-c", script]).current_dir(&sh.lock_dir);
+    let cwd = if sh.lock_dir.is_dir() { sh.lock_dir.clone() } else { sh.path("") };
+    c.args(["-c", script]).current_dir(cwd);
     c.output().unwrap()
 }
 
