@@ -304,7 +304,11 @@ impl Config {
         for (key, v, max) in [
             ("progress_interval", self.progress_interval, 86_400.0),
             ("queue_key_grace", self.queue_key_grace, 31_536_000.0),
-            ("dockerd.stop_grace_max", self.dockerd.stop_grace_max, 86_400.0),
+            (
+                "dockerd.stop_grace_max",
+                self.dockerd.stop_grace_max,
+                86_400.0,
+            ),
         ] {
             if let Some(v) = v {
                 if !(v.is_finite() && (0.0..=max).contains(&v)) {
@@ -314,7 +318,11 @@ impl Config {
                 }
             }
         }
-        if self.dockerd.log_tail_lines.is_some_and(|n| n > MAX_LOG_TAIL_LINES) {
+        if self
+            .dockerd
+            .log_tail_lines
+            .is_some_and(|n| n > MAX_LOG_TAIL_LINES)
+        {
             return Err(format!(
                 "key `dockerd.log_tail_lines`: must be at most {MAX_LOG_TAIL_LINES}"
             ));
@@ -545,7 +553,10 @@ fn ensure_private(dir: &Path) -> Result<()> {
     } else if !m.is_dir() {
         Err(refuse("is not a directory".to_string()))
     } else if m.uid() != uid {
-        Err(refuse(format!("is owned by uid {}, not by uid {uid}", m.uid())))
+        Err(refuse(format!(
+            "is owned by uid {}, not by uid {uid}",
+            m.uid()
+        )))
     } else if m.mode() & 0o022 != 0 {
         Err(refuse(format!(
             "is writable by other users (mode {:04o})",

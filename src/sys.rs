@@ -294,6 +294,8 @@ pub struct FileInfo {
 }
 
 impl FileInfo {
+    // The stat field types differ between targets.
+    #[allow(clippy::unnecessary_cast)]
     fn from_stat(st: &rustix::fs::Stat) -> FileInfo {
         use rustix::fs::FileType;
         FileInfo {
@@ -492,8 +494,8 @@ impl DirWatch {
     /// Watches the directory open on `dir` (through `/proc/self/fd`, so the watch is on that
     /// very directory, whatever its path names now).
     pub fn on_fd(dir: BorrowedFd<'_>) -> io::Result<DirWatch> {
-        use std::os::fd::AsRawFd;
         use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        use std::os::fd::AsRawFd;
         let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
         inotify::add_watch(
             &fd,

@@ -251,7 +251,11 @@ impl Waiter<'_> {
             .map(|(t, _)| t.id.as_str())
             .take_while(|id| *id != me)
             .collect();
-        let ahead = if ahead.len() == head_len { ahead } else { Vec::new() };
+        let ahead = if ahead.len() == head_len {
+            ahead
+        } else {
+            Vec::new()
+        };
         self.stalls.observe(
             ahead,
             free,

@@ -113,13 +113,7 @@ pub fn labels_text(labels: &[(String, String)]) -> String {
     }
     labels
         .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                crate::output::escape(k),
-                crate::output::escape(v)
-            )
-        })
+        .map(|(k, v)| format!("{}={}", crate::output::escape(k), crate::output::escape(v)))
         .collect::<Vec<_>>()
         .join(",")
 }

@@ -28,7 +28,11 @@ fn started(go: &Path) -> std::path::PathBuf {
 /// Runs `script` with `sh -c` as `user` (the attacker's hands).
 fn shell(sh: &Shared, user: &User, script: &str) -> std::process::Output {
     let mut c = sh.as_user(Some(user), "sh");
-    let cwd = if sh.lock_dir.is_dir() { sh.lock_dir.clone() } else { sh.path("") };
+    let cwd = if sh.lock_dir.is_dir() {
+        sh.lock_dir.clone()
+    } else {
+        sh.path("")
+    };
     c.args(["-c", script]).current_dir(cwd);
     c.output().unwrap()
 }
@@ -69,9 +73,15 @@ fn replaced_lock_file_lets_no_second_holder_in() {
         assert!(o.status.success(), "{attack}: {}", stderr(&o));
 
         let ran = sh.path(&format!("{tag}.ran"));
-        let o = sh.run(Some(a), &["run", "-n", "L", "--", "touch", ran.to_str().unwrap()]);
+        let o = sh.run(
+            Some(a),
+            &["run", "-n", "L", "--", "touch", ran.to_str().unwrap()],
+        );
         assert_eq!(o.status.code(), Some(1), "{attack}: {}", stderr(&o));
-        assert!(!ran.exists(), "{attack}: a second holder ran beside the first");
+        assert!(
+            !ran.exists(),
+            "{attack}: a second holder ran beside the first"
+        );
         assert!(stderr(&o).contains("held by"), "{attack}: {}", stderr(&o));
 
         let mut w = holder(&sh, a, "L", &log, "waiter", &go);
@@ -171,32 +181,62 @@ fn default_lock_dir_is_shared_and_its_fallback_is_not_trusted_blindly() {
         let o = shell(&sh, b, script);
         assert!(o.status.success(), "{script}: {}", stderr(&o));
     };
-    plant(&format!("mkdir -m 777 {0} && ln -s {0} {1}", bobs.display(), private.display()));
-    let o = default(Some(a), &["run", "L", "--", "true"]).output().unwrap();
+    plant(&format!(
+        "mkdir -m 777 {0} && ln -s {0} {1}",
+        bobs.display(),
+        private.display()
+    ));
+    let o = default(Some(a), &["run", "L", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(73), "{}", stderr(&o));
     assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
-    assert_eq!(std::fs::read_dir(&bobs).unwrap().count(), 0, "followed bob's link");
+    assert_eq!(
+        std::fs::read_dir(&bobs).unwrap().count(),
+        0,
+        "followed bob's link"
+    );
     plant(&format!("rm {0} && mkdir -m 777 {0}", private.display()));
-    let o = default(Some(a), &["run", "L", "--", "true"]).output().unwrap();
+    let o = default(Some(a), &["run", "L", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(73), "{}", stderr(&o));
-    assert!(stderr(&o).contains(&format!("owned by uid {}", b.uid)), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("owned by uid {}", b.uid)),
+        "{}",
+        stderr(&o)
+    );
     plant(&format!("rmdir {}", private.display()));
     let o = shell(&sh, a, &format!("mkdir -m 777 {}", private.display()));
     assert!(o.status.success());
-    let o = default(Some(a), &["run", "L", "--", "true"]).output().unwrap();
+    let o = default(Some(a), &["run", "L", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(73), "{}", stderr(&o));
-    assert!(stderr(&o).contains("writable by other users"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("writable by other users"),
+        "{}",
+        stderr(&o)
+    );
     std::fs::remove_dir(&private).unwrap();
 
     // No /var/lib/cachelock, and alice cannot create it: a private directory, loudly.
-    let o = default(Some(a), &["run", "L", "--", "true"]).output().unwrap();
+    let o = default(Some(a), &["run", "L", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(stderr(&o).contains("warning: using the private lock directory"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: using the private lock directory"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(mode_of(&private), 0o700);
     let o = default(Some(a), &["status", "--json"]).output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(
-        doc["lock_dir_note"].as_str().is_some_and(|n| n.contains("private fallback")),
+        doc["lock_dir_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("private fallback")),
         "{doc}"
     );
 
@@ -211,8 +251,15 @@ fn default_lock_dir_is_shared_and_its_fallback_is_not_trusted_blindly() {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut h = sh.spawn(default(Some(a), &refs));
     wait_until("alice holds", || started(&go).exists());
-    let o = default(None, &["run", "-n", "L", "--", "true"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "root and alice must exclude each other: {}", stderr(&o));
+    let o = default(None, &["run", "-n", "L", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "root and alice must exclude each other: {}",
+        stderr(&o)
+    );
     std::fs::write(&go, "").unwrap();
     assert_eq!(h.wait(), 0);
     assert!(!h.stderr().contains("warning"), "no fallback any more");
@@ -259,7 +306,10 @@ fn planted_fifos_and_a_held_meta_lock_hang_nothing() {
     let mut p = sh.spawn(sh.cl(Some(a), &["run", "G", "--", "true"]));
     assert_eq!(p.wait(), 74);
     let e = p.stderr();
-    assert!(e.contains("not a regular file") && e.contains(&format!("uid {}", b.uid)), "{e}");
+    assert!(
+        e.contains("not a regular file") && e.contains(&format!("uid {}", b.uid)),
+        "{e}"
+    );
 
     // bob holds meta.lock for ever.
     let held = sh.path("meta-held");
@@ -271,7 +321,12 @@ fn planted_fifos_and_a_held_meta_lock_hang_nothing() {
     wait_until("bob holds meta.lock", || held.exists());
     let mut w = sh.spawn(sh.cl(Some(a), &["run", "F", "--", "true"]));
     let mut s = sh.spawn(sh.cl(Some(a), &["status", "F"]));
-    assert_eq!(s.wait(), 0, "status reads without meta.lock: {}", s.stderr());
+    assert_eq!(
+        s.wait(),
+        0,
+        "status reads without meta.lock: {}",
+        s.stderr()
+    );
     w.signal(libc::SIGTERM);
     assert_eq!(w.wait(), 128 + libc::SIGTERM, "{}", w.stderr());
     assert!(w.stderr().contains("interrupted by signal"));
@@ -322,7 +377,12 @@ fn a_head_that_never_takes_a_free_lock_blocks_nobody() {
     stopped.signal(libc::SIGSTOP);
     std::fs::write(&go, "").unwrap();
     assert_eq!(h.wait(), 0);
-    assert_eq!(next.wait(), 0, "the next in line took the lock: {}", next.stderr());
+    assert_eq!(
+        next.wait(),
+        0,
+        "the next in line took the lock: {}",
+        next.stderr()
+    );
     // Still stopped, still first in line, the lock free: a short wait times out saying so.
     let o = sh.run(Some(b), &["run", "-w", "0.5", "S", "--", "true"]);
     assert_eq!(o.status.code(), Some(1));
@@ -337,12 +397,22 @@ fn a_head_that_never_takes_a_free_lock_blocks_nobody() {
     let mut f = std::fs::File::create(sh.path("forged")).unwrap();
     f.write_all(forged_ticket("000000999999", "P", i32::MAX as i64, "h", false).as_bytes())
         .unwrap();
-    let o = shell(&sh, b, &format!("cp {} P.lock/queue/000000999999", sh.path("forged").display()));
+    let o = shell(
+        &sh,
+        b,
+        &format!(
+            "cp {} P.lock/queue/000000999999",
+            sh.path("forged").display()
+        ),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let _forger = keep_locked(&sh, b, &["P.lock/queue/000000999999"]);
     let o = sh.run(Some(a), &["status", "--json", "P"]);
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(doc["locks"][0]["waiters"][0]["ticket"], "000000999999", "{doc}");
+    assert_eq!(
+        doc["locks"][0]["waiters"][0]["ticket"], "000000999999",
+        "{doc}"
+    );
     let mut p = sh.spawn(sh.cl(Some(a), &["run", "-q", "P", "--", "true"]));
     assert_eq!(p.wait(), 0, "{}", p.stderr());
 }
@@ -359,9 +429,15 @@ fn oversized_and_garbage_tickets_are_bounded_and_shown() {
     assert!(o.status.success());
     let big_label = "x".repeat(200_000);
     let long_label = "y".repeat(300);
-    let huge = forged_ticket("000000900002", "O", 5, "h", false).replace("\"v\"", &format!("\"{big_label}\""));
-    let long = forged_ticket("000000900003", "O", 5, "h", false).replace("\"v\"", &format!("\"{long_label}\""));
-    for (name, text) in [("900002", huge), ("900003", long), ("900004", "garbage{".to_string())] {
+    let huge = forged_ticket("000000900002", "O", 5, "h", false)
+        .replace("\"v\"", &format!("\"{big_label}\""));
+    let long = forged_ticket("000000900003", "O", 5, "h", false)
+        .replace("\"v\"", &format!("\"{long_label}\""));
+    for (name, text) in [
+        ("900002", huge),
+        ("900003", long),
+        ("900004", "garbage{".to_string()),
+    ] {
         std::fs::write(sh.path(name), text).unwrap();
     }
     let o = shell(
@@ -394,15 +470,33 @@ fn oversized_and_garbage_tickets_are_bounded_and_shown() {
         assert_eq!(e["owner_uid"], b.uid, "{e}");
     }
     let reasons: Vec<&str> = u.iter().map(|e| e["reason"].as_str().unwrap()).collect();
-    assert_eq!(reasons.iter().filter(|r| r.contains("larger than")).count(), 2, "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("label outside the bounds")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("not a ticket")), "{reasons:?}");
-    assert_eq!(doc["locks"][0]["waiters"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(
+        reasons.iter().filter(|r| r.contains("larger than")).count(),
+        2,
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("label outside the bounds")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not a ticket")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        doc["locks"][0]["waiters"].as_array().unwrap().len(),
+        1,
+        "{doc}"
+    );
     std::fs::write(&go, "").unwrap();
     assert_eq!(w.wait(), 0, "the waiter is served: {}", w.stderr());
 }
 
 /// Runs `cmd` to completion; returns its output and its peak resident memory (KiB).
+// The child is reaped by wait4, which also gives its resource usage.
+#[allow(clippy::zombie_processes)]
 fn run_measured(mut cmd: Command) -> (std::process::Output, i64) {
     let out = tempfile::tempfile().unwrap();
     let err = tempfile::tempfile().unwrap();
@@ -415,7 +509,10 @@ fn run_measured(mut cmd: Command) -> (std::process::Output, i64) {
     let mut status = 0;
     // SAFETY: plain wait4 on our child, into locals.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) }, child.id() as i32);
+    assert_eq!(
+        unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) },
+        child.id() as i32
+    );
     let read = |mut f: std::fs::File| {
         use std::io::{Read, Seek};
         let mut v = Vec::new();
@@ -439,13 +536,29 @@ fn run_measured(mut cmd: Command) -> (std::process::Output, i64) {
 fn hostile_configuration_files_are_refused_quickly() {
     let env = Env::new();
     let nested = env.path("nested.yaml");
-    std::fs::write(&nested, format!("locks: {}{}\n", "[".repeat(100_000), "]".repeat(100_000))).unwrap();
+    std::fs::write(
+        &nested,
+        format!("locks: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+    )
+    .unwrap();
     for (file, yaml, says) in [
         ("/dev/zero".to_string(), None, "larger than 1 MiB"),
         (nested.display().to_string(), None, "flow collections"),
-        ("p.yaml".into(), Some("progress_interval: 1e20\n"), "progress_interval"),
-        ("s.yaml".into(), Some("locks:\n  - match: x\n    slots: 4294967295\n"), "slots"),
-        ("g.yaml".into(), Some("dockerd:\n  stop_grace_max: 1e20\n"), "stop_grace_max"),
+        (
+            "p.yaml".into(),
+            Some("progress_interval: 1e20\n"),
+            "progress_interval",
+        ),
+        (
+            "s.yaml".into(),
+            Some("locks:\n  - match: x\n    slots: 4294967295\n"),
+            "slots",
+        ),
+        (
+            "g.yaml".into(),
+            Some("dockerd:\n  stop_grace_max: 1e20\n"),
+            "stop_grace_max",
+        ),
         (env.path("").display().to_string(), None, "directory"),
     ] {
         let path = match yaml {
@@ -468,11 +581,22 @@ fn hostile_configuration_files_are_refused_quickly() {
     }
     let mut p = Proc(Some(
         env.cmd()
-            .args(["run", "--config", env.path("fifo").to_str().unwrap(), "x", "--", "true"])
+            .args([
+                "run",
+                "--config",
+                env.path("fifo").to_str().unwrap(),
+                "x",
+                "--",
+                "true",
+            ])
             .spawn()
             .unwrap(),
     ));
-    assert_eq!(p.wait(), 0, "a FIFO without a writer reads as an empty configuration");
+    assert_eq!(
+        p.wait(),
+        0,
+        "a FIFO without a writer reads as an empty configuration"
+    );
 }
 
 /// Item 12. Labels and host names are other users' text: printed escaped in `status` text,
@@ -485,7 +609,11 @@ fn other_users_text_cannot_forge_lines_or_escape_sequences() {
     // A forged holder (a live ticket saying "holding", listed in held/) with an evil host.
     let o = sh.run(Some(b), &["run", "T", "--", "true"]);
     assert!(o.status.success());
-    std::fs::write(sh.path("t"), forged_ticket("000000888888", "T", 0, evil, true)).unwrap();
+    std::fs::write(
+        sh.path("t"),
+        forged_ticket("000000888888", "T", 0, evil, true),
+    )
+    .unwrap();
     let o = shell(
         &sh,
         b,
@@ -498,7 +626,7 @@ fn other_users_text_cannot_forge_lines_or_escape_sequences() {
     let _forger = keep_locked(&sh, b, &["T.lock/queue/000000888888"]);
     // bob also waits, with an evil label.
     let label = format!("k={evil}");
-    let mut w = sh.spawn(sh.cl(Some(b), &["run", "-q", "-l", &label, "T", "--", "true"]));
+    let w = sh.spawn(sh.cl(Some(b), &["run", "-q", "-l", &label, "T", "--", "true"]));
     wait_until("bob waits", || sh.tickets("T").len() == 2);
     let mut outputs = Vec::new();
     let o = sh.run(Some(a), &["status", "T"]);
@@ -512,10 +640,15 @@ fn other_users_text_cannot_forge_lines_or_escape_sequences() {
     for text in &outputs {
         assert!(!text.contains('\u{1b}'), "a raw escape: {text}");
         assert!(
-            !text.lines().any(|l| l.trim_start().starts_with("held by: nobody")),
+            !text
+                .lines()
+                .any(|l| l.trim_start().starts_with("held by: nobody")),
             "a forged line: {text}"
         );
-        assert!(text.contains("\\n  held by: nobody\\n\\u{1b}[31m"), "shown escaped: {text}");
+        assert!(
+            text.contains("\\n  held by: nobody\\n\\u{1b}[31m"),
+            "shown escaped: {text}"
+        );
     }
     drop(w);
 }
@@ -544,14 +677,27 @@ fn previous_and_current_release_exclude_each_other() {
         .iter()
         .enumerate()
     {
-        let mut argv: Vec<String> = vec![binary.to_string(), "run".into(), "-q".into(), "mixed".into(), "--".into()];
-        argv.extend(env.section(&log, &format!("{}{i}", if i % 2 == 0 { "old" } else { "new" }), 0.005));
+        let mut argv: Vec<String> = vec![
+            binary.to_string(),
+            "run".into(),
+            "-q".into(),
+            "mixed".into(),
+            "--".into(),
+        ];
+        argv.extend(env.section(
+            &log,
+            &format!("{}{i}", if i % 2 == 0 { "old" } else { "new" }),
+            0.005,
+        ));
         workers.push((argv, None));
     }
     let v = crate::support::util::contend(&env, &log, Duration::from_secs(3), workers);
     assert!(overlaps(&v).is_empty(), "old and new overlapped");
     for kind in ["old", "new"] {
-        assert!(v.iter().filter(|s| s.tag.starts_with(kind)).count() >= 3, "{kind} starved: {v:?}");
+        assert!(
+            v.iter().filter(|s| s.tag.starts_with(kind)).count() >= 3,
+            "{kind} starved: {v:?}"
+        );
     }
     let meta_d = env.lock_dir.join("mixed.lock/meta.d");
     std::fs::write(meta_d.join("4242.json"), "{\"format\": 3}").unwrap();
@@ -607,11 +753,17 @@ fn corrupt_counters_never_repeat_a_generation_or_replace_a_ticket() {
     )
     .unwrap();
     let at = ticket["enqueued_at_ms"].as_u64().unwrap();
-    assert!(at < future - 50 * 86_400_000, "arrival stamp {at} follows the poison");
+    assert!(
+        at < future - 50 * 86_400_000,
+        "arrival stamp {at} follows the poison"
+    );
 
     // Root lowers every counters file: the next ticket number is the holder's.
     let base = sh.lock_dir.join("C.lock");
-    let lowered = format!("{{\"next_ticket\":{},\"generation\":0}}", t[0].parse::<u64>().unwrap());
+    let lowered = format!(
+        "{{\"next_ticket\":{},\"generation\":0}}",
+        t[0].parse::<u64>().unwrap()
+    );
     for f in std::fs::read_dir(base.join("meta.d")).unwrap().flatten() {
         std::fs::write(f.path(), &lowered).unwrap();
     }
@@ -620,8 +772,16 @@ fn corrupt_counters_never_repeat_a_generation_or_replace_a_ticket() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let doc = sh.run(Some(a), &["status", "--json", "C"]);
     let doc: serde_json::Value = serde_json::from_slice(&doc.stdout).unwrap();
-    assert_eq!(doc["locks"][0]["holders"][0]["pid"].as_i64(), Some(h.pid() as i64), "{doc}");
-    assert_eq!(doc["locks"][0]["waiters"][0]["pid"].as_i64(), Some(w.pid() as i64), "{doc}");
+    assert_eq!(
+        doc["locks"][0]["holders"][0]["pid"].as_i64(),
+        Some(h.pid() as i64),
+        "{doc}"
+    );
+    assert_eq!(
+        doc["locks"][0]["waiters"][0]["pid"].as_i64(),
+        Some(w.pid() as i64),
+        "{doc}"
+    );
     std::fs::write(&go, "").unwrap();
     assert_eq!(w.wait(), 0);
     drop(h);

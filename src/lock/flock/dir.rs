@@ -216,8 +216,13 @@ impl LockDir {
         let base_path = self.root.join(&base_name);
         let base = self.ensure(root.as_fd(), &base_name, &base_path)?;
         let sub = |n: &str| self.ensure(base.as_fd(), n, &base_path.join(n));
-        let (queue, tmp, keys, held, meta_d) =
-            (sub("queue")?, sub("tmp")?, sub("keys")?, sub("held")?, sub("meta.d")?);
+        let (queue, tmp, keys, held, meta_d) = (
+            sub("queue")?,
+            sub("tmp")?,
+            sub("keys")?,
+            sub("held")?,
+            sub("meta.d")?,
+        );
         Ok(LockFiles {
             name: name.to_string(),
             base_path,

@@ -31,7 +31,10 @@ pub fn add(files: &LockFiles, own: &OwnTicket, slot: u32) -> Result<()> {
     let _ = sys::unlink_at(held, &name);
     sys::link_at(files.queue.as_fd(), &own.data.id, held, &name).map_err(|e| {
         crate::error::Error::io(
-            format!("cannot record the holder in {}", files.path("held").display()),
+            format!(
+                "cannot record the holder in {}",
+                files.path("held").display()
+            ),
             e,
         )
     })

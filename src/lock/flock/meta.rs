@@ -119,9 +119,8 @@ fn gather(files: &LockFiles, now_ms: u64) -> Result<(MetaData, Option<(File, u64
         Some((f, len))
     });
     if let Some(dir) = files.meta_d.as_ref() {
-        let (entries, more) = sys::list_dir(dir.as_fd(), MAX_ENTRIES).map_err(|e| {
-            Error::io(format!("cannot read {}", files.path("meta.d").display()), e)
-        })?;
+        let (entries, more) = sys::list_dir(dir.as_fd(), MAX_ENTRIES)
+            .map_err(|e| Error::io(format!("cannot read {}", files.path("meta.d").display()), e))?;
         if more {
             // Skipping some could miss the highest counter: refuse rather than risk a repeat.
             return Err(Error::new(
@@ -270,16 +269,21 @@ fn with_meta<T>(files: &LockFiles, f: impl FnOnce(&mut MetaData) -> Result<T>) -
     let own = own_file(files)?;
     let own_len = own.metadata().map(|m| m.len()).unwrap_or(0);
     write_padded(&own, &text, own_len).map_err(|e| {
-        Error::io(format!("cannot update {}", files.path("meta.d").display()), e)
+        Error::io(
+            format!("cannot update {}", files.path("meta.d").display()),
+            e,
+        )
     })?;
     match legacy {
         Some((file, len)) => {
             let _ = write_padded(&file, &text, len);
         }
         None => {
-            if let Ok(file) =
-                sys::open_at(files.base.as_fd(), "meta.json", Open::Create(files.file_mode))
-            {
+            if let Ok(file) = sys::open_at(
+                files.base.as_fd(),
+                "meta.json",
+                Open::Create(files.file_mode),
+            ) {
                 let len = file.metadata().map(|m| m.len()).unwrap_or(0);
                 let _ = write_padded(&file, &text, len);
             }
@@ -407,14 +411,24 @@ pub fn remember_key(
         let name = key_name(key);
         let tmp = format!("{name}.{}.tmp", std::process::id());
         let _ = sys::unlink_at(dir, &tmp);
-        let f = sys::create_new_at(dir, &tmp, owner_only(files.file_mode))
-            .map_err(|e| Error::io(format!("cannot record queue key in {}", files.path("keys").display()), e))?;
+        let f = sys::create_new_at(dir, &tmp, owner_only(files.file_mode)).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot record queue key in {}",
+                    files.path("keys").display()
+                ),
+                e,
+            )
+        })?;
         f.write_all_at(&serde_json::to_vec(&rec).expect("key encodes"), 0)
             .map_err(|e| Error::io(format!("cannot write {}", files.path("keys").display()), e))?;
         sys::rename_at(dir, &tmp, dir, &name).map_err(|e| {
             let _ = sys::unlink_at(dir, &tmp);
             Error::io(
-                format!("cannot record queue key in {}", files.path("keys").display()),
+                format!(
+                    "cannot record queue key in {}",
+                    files.path("keys").display()
+                ),
                 e,
             )
         })
@@ -427,11 +441,16 @@ mod tests {
     use crate::lock::flock::dir::LockDir;
 
     fn files(dir: &std::path::Path) -> LockFiles {
-        LockDir::open(dir, None, None).unwrap().prepare("m").unwrap()
+        LockDir::open(dir, None, None)
+            .unwrap()
+            .prepare("m")
+            .unwrap()
     }
 
     fn granted(files: &LockFiles, key: Option<&str>) -> u64 {
-        acquired(files, key, || Ok(Some(0)), |_| Ok(())).unwrap().unwrap()
+        acquired(files, key, || Ok(Some(0)), |_| Ok(()))
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
@@ -455,10 +474,16 @@ mod tests {
         assert!(enqueue(&files, now + 2_100, Some("job"), 0).unwrap().1 > a2);
         assert_eq!(read(&files).generation, 1);
         // A refused grant counts nothing.
-        assert_eq!(acquired(&files, None, || Ok(None), |_| Ok(())).unwrap(), None);
+        assert_eq!(
+            acquired(&files, None, || Ok(None), |_| Ok(())).unwrap(),
+            None
+        );
         assert_eq!(read(&files).generation, 1);
         // A live holder's generation is a floor even when the counters were lost.
-        assert_eq!(acquired(&files, None, || Ok(Some(41)), |_| Ok(())).unwrap(), Some(42));
+        assert_eq!(
+            acquired(&files, None, || Ok(Some(41)), |_| Ok(())).unwrap(),
+            Some(42)
+        );
     }
 
     #[test]
@@ -471,7 +496,11 @@ mod tests {
             granted(&files, None);
         }
         let json = tmp.path().join("m.lock/meta.json");
-        let garbage: [&[u8]; 3] = [b"{\"generation\": 0, \"next_ticket\": 0}", b"\x00garbage", b""];
+        let garbage: [&[u8]; 3] = [
+            b"{\"generation\": 0, \"next_ticket\": 0}",
+            b"\x00garbage",
+            b"",
+        ];
         for (i, g) in garbage.iter().enumerate() {
             std::fs::write(&json, g).unwrap();
             assert_eq!(granted(&files, None), 4 + i as u64);
@@ -483,7 +512,10 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&json).unwrap();
         f.set_len(2 << 30).unwrap();
         assert_eq!(granted(&files, None), 7);
-        assert!(std::fs::metadata(&json).unwrap().len() < 4096, "rewritten small");
+        assert!(
+            std::fs::metadata(&json).unwrap().len() < 4096,
+            "rewritten small"
+        );
     }
 
     #[test]
@@ -492,7 +524,11 @@ mod tests {
         let files = files(tmp.path());
         let now = crate::lock::now_ms();
         let json = tmp.path().join("m.lock/meta.json");
-        std::fs::write(&json, format!("{{\"last_enqueued_at_ms\": {}}}", now + 100 * 86_400_000)).unwrap();
+        std::fs::write(
+            &json,
+            format!("{{\"last_enqueued_at_ms\": {}}}", now + 100 * 86_400_000),
+        )
+        .unwrap();
         let (_, at) = enqueue(&files, now, None, 0).unwrap();
         assert!(at >= now && at < now + MAX_CLOCK_LEAD_MS, "{at} vs {now}");
         std::fs::write(&json, "{\"format\": 99}").unwrap();

@@ -168,7 +168,10 @@ impl Backend for FlockBackend {
 
 /// The live tickets of `queue/`, except `skip` (one's own: probing it would drop one's own
 /// lock on NFS). Dead tickets are removed where permitted; unreadable live ones are apart.
-fn scan(files: &LockFiles, skip: Option<&str>) -> Result<(Snapshot, Vec<super::backend::Unreadable>)> {
+fn scan(
+    files: &LockFiles,
+    skip: Option<&str>,
+) -> Result<(Snapshot, Vec<super::backend::Unreadable>)> {
     let (live, unreadable) = ticket::scan_queue(files, skip)?;
     let mut snap = Snapshot::default();
     for t in live {
@@ -259,7 +262,10 @@ impl Queued for FlockQueued {
             for _ in 0..2 {
                 let f = self.slot(slot)?;
                 let taken = sys::try_flock(f, exclusive).map_err(|e| {
-                    Error::io(format!("cannot lock {}", self.files.path(&name).display()), e)
+                    Error::io(
+                        format!("cannot lock {}", self.files.path(&name).display()),
+                        e,
+                    )
                 })?;
                 if !taken {
                     break;
@@ -285,7 +291,9 @@ impl Queued for FlockQueued {
         _at_head: bool,
         signal_fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Wake> {
-        let wake = self.watcher.wait(self.files.queue.as_fd(), signal_fd, until);
+        let wake = self
+            .watcher
+            .wait(self.files.queue.as_fd(), signal_fd, until);
         // Polling: a listing of `queue/` (no probes, no policy) tells whether anything arrived
         // or left since the last scan.
         if wake == Wake::Timeout && !self.watcher.notifies() && list_names(&self.files) != self.seen
@@ -320,7 +328,15 @@ impl FlockQueued {
     /// off (closing `lock` releases the kernel lock).
     fn granted(&mut self, slot: u32, lock: File) -> Result<Option<Box<dyn Held>>> {
         let file_id = sys::info(&lock)
-            .map_err(|e| Error::io(format!("cannot stat {}", self.files.path(&slot_file(slot)).display()), e))?
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot stat {}",
+                        self.files.path(&slot_file(slot)).display()
+                    ),
+                    e,
+                )
+            })?
             .id();
         let files = self.files.clone();
         let mut own = self.own.take().expect("own ticket");

@@ -87,7 +87,10 @@ impl OwnTicket {
                 cleanup();
                 let e = r.err().unwrap_or_else(|| io::ErrorKind::WouldBlock.into());
                 return Err(Error::io(
-                    format!("cannot lock new ticket {}", files.path("tmp").join(&name).display()),
+                    format!(
+                        "cannot lock new ticket {}",
+                        files.path("tmp").join(&name).display()
+                    ),
                     e,
                 ));
             }
@@ -146,7 +149,10 @@ impl OwnTicket {
         let file = self.file.as_ref().expect("ticket file open");
         file.write_all_at(&text, 0).map_err(|e| {
             Error::io(
-                format!("cannot write ticket {}", self.files.path("queue").join(&self.data.id).display()),
+                format!(
+                    "cannot write ticket {}",
+                    self.files.path("queue").join(&self.data.id).display()
+                ),
                 e,
             )
         })?;
@@ -224,7 +230,7 @@ fn new_tmp_file(files: &LockFiles, tmp: BorrowedFd<'_>, id: &str) -> Result<(Str
 #[derive(Debug)]
 pub enum Probe {
     /// Alive, with its content, or why that cannot be used (shown by `status`).
-    Alive(std::result::Result<FileTicket, String>),
+    Alive(std::result::Result<Box<FileTicket>, String>),
     /// Its owner is dead; the file was removed (if we may: in a sticky directory only its
     /// owner or root can).
     Dead,
@@ -260,7 +266,7 @@ pub fn probe(dir: BorrowedFd<'_>, name: &str, id: &str, lock: &str) -> Probe {
 
 /// Reads and checks a live ticket (bounded; one immediate re-read for a torn read of an
 /// in-place rewrite).
-fn read_ticket(file: &File, id: &str, lock: &str) -> std::result::Result<FileTicket, String> {
+fn read_ticket(file: &File, id: &str, lock: &str) -> std::result::Result<Box<FileTicket>, String> {
     let mut last = String::new();
     for _ in 0..2 {
         let bytes = match sys::read_bounded(file, MAX_TICKET_BYTES) {
@@ -273,7 +279,7 @@ fn read_ticket(file: &File, id: &str, lock: &str) -> std::result::Result<FileTic
             Err(e) => return Err(format!("cannot read it: {e}")),
         };
         match serde_json::from_slice::<FileTicket>(&bytes) {
-            Ok(t) => return check(t, id, lock),
+            Ok(t) => return check(t, id, lock).map(Box::new),
             Err(e) => last = format!("not a ticket ({e})"),
         }
     }
@@ -293,8 +299,7 @@ pub fn check(t: FileTicket, name: &str, lock: &str) -> std::result::Result<FileT
     if d.labels.len() > MAX_LABELS {
         return Err(format!("{} labels (at most {MAX_LABELS})", d.labels.len()));
     }
-    if d
-        .labels
+    if d.labels
         .iter()
         .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE)
     {
@@ -302,7 +307,10 @@ pub fn check(t: FileTicket, name: &str, lock: &str) -> std::result::Result<FileT
             "a label outside the bounds (keys 1 to {MAX_LABEL_KEY} bytes, values at most {MAX_LABEL_VALUE})"
         ));
     }
-    if d.queue_key.as_ref().is_some_and(|k| k.len() > MAX_QUEUE_KEY) {
+    if d.queue_key
+        .as_ref()
+        .is_some_and(|k| k.len() > MAX_QUEUE_KEY)
+    {
         return Err(format!("a queue key longer than {MAX_QUEUE_KEY} bytes"));
     }
     if d.host.len() > MAX_HOST {
@@ -341,7 +349,7 @@ pub fn scan_queue(
             continue;
         }
         match probe(dir, &name, &name, &files.name) {
-            Probe::Alive(Ok(t)) => live.push(t),
+            Probe::Alive(Ok(t)) => live.push(*t),
             Probe::Alive(Err(reason)) => unreadable.push(Unreadable {
                 owner_uid: sys::info_at(dir, &name).ok().map(|i| i.uid),
                 ticket: name,
@@ -412,7 +420,12 @@ mod tests {
             mode: crate::policy::Mode::Exclusive,
             priority: i32::MIN,
             labels: (0..MAX_LABELS)
-                .map(|_| (control.repeat(MAX_LABEL_KEY), control.repeat(MAX_LABEL_VALUE)))
+                .map(|_| {
+                    (
+                        control.repeat(MAX_LABEL_KEY),
+                        control.repeat(MAX_LABEL_VALUE),
+                    )
+                })
                 .collect(),
             host: control.repeat(MAX_HOST),
             pid: u32::MAX,

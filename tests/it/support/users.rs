@@ -44,7 +44,12 @@ impl User {
         );
         if id_of(name, "-u").is_none() {
             let st = Command::new("useradd")
-                .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin"])
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                ])
                 .arg(name)
                 .status()
                 .expect("useradd (package passwd) is needed by the attack suite");
@@ -197,13 +202,14 @@ impl Shared {
 
     /// The ticket files of `lock`.
     pub fn tickets(&self, lock: &str) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.lock_dir.join(format!("{lock}.lock/queue")))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut v: Vec<String> =
+            std::fs::read_dir(self.lock_dir.join(format!("{lock}.lock/queue")))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
         v.sort();
         v
     }
@@ -252,7 +258,10 @@ impl Shared {
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting: {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting: {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }

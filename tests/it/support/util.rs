@@ -3,7 +3,6 @@
 //! independent overlap detector), and fairness statistics.
 #![allow(dead_code)]
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
