@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 
 /// Read when no `--config` / `CACHELOCK_CONFIG` is given and the file exists.
 pub const SYSTEM_CONFIG: &str = "/etc/cachelock/config.yaml";
-/// Default lock directory when it is writable (else a per-user directory, see [`default_lock_dir`]).
+/// The default lock directory, shared by every user of the host (see [`default_lock_dir`]).
 pub const SYSTEM_LOCK_DIR: &str = "/var/lib/cachelock";
 /// Default dockerd cache root.
 pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/cachelock/dind";
@@ -74,10 +74,12 @@ pub struct Config {
     /// Where lock state lives (`<lock_dir>/<name>.lock/`). Also `--lock-dir`, `CACHELOCK_LOCK_DIR`.
     pub lock_dir: Option<PathBuf>,
     /// Permission bits of files created in the lock directory, octal string (default "0666",
-    /// so that users sharing a lock directory can all lock; the umask still applies).
+    /// so that users sharing a lock directory can all lock), set exactly: the umask does not
+    /// apply. Tickets and per-user counters get these bits without group/other write.
     #[serde(default, deserialize_with = "de_octal")]
     pub file_mode: Option<u32>,
-    /// Permission bits of directories created in the lock directory (default "0777" minus umask).
+    /// Permission bits of directories created in the lock directory (default "1777"), set
+    /// exactly; a group- or world-writable mode always gets the sticky bit.
     #[serde(default, deserialize_with = "de_octal")]
     pub dir_mode: Option<u32>,
     /// Default wait mode for every lock.

@@ -113,7 +113,9 @@ pub enum EntryKind {
     File,
     /// A directory.
     Dir,
-    /// Anything else (symlink, FIFO, device, socket) or unknown.
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (FIFO, device, socket) or unknown.
     Other,
 }
 
@@ -231,6 +233,7 @@ pub fn list_dir(dir: BorrowedFd<'_>, max: usize) -> io::Result<(Vec<(String, Ent
         let kind = match e.file_type() {
             FileType::RegularFile => EntryKind::File,
             FileType::Directory => EntryKind::Dir,
+            FileType::Symlink => EntryKind::Symlink,
             _ => EntryKind::Other,
         };
         out.push((name.to_string(), kind));
@@ -306,6 +309,7 @@ impl FileInfo {
             kind: match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile => EntryKind::File,
                 FileType::Directory => EntryKind::Dir,
+                FileType::Symlink => EntryKind::Symlink,
                 _ => EntryKind::Other,
             },
             size: st.st_size as u64,

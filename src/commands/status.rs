@@ -37,18 +37,34 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         let settings = loaded.config.lock_settings(&name);
         let mut policy = cachelock::policy::for_lock(&loaded, &settings, None, &[]);
         let status = match policy.as_mut() {
-            Ok(p) => lock::status(backend.as_ref(), &name, p.as_mut())?,
+            Ok(p) => lock::status(backend.as_ref(), &name, p.as_mut()),
             Err(e) => {
                 // The binding is broken before loading (e.g. the module file is missing):
                 // show the lock anyway, in the fallback order.
-                let mut s = lock::status(
+                lock::status(
                     backend.as_ref(),
                     &name,
                     &mut cachelock::policy::native::DefaultPolicy,
-                )?;
-                s.order_note = Some(format!("{e}; waiters are shown by priority"));
-                s
+                )
+                .map(|mut s| {
+                    s.order_note = Some(format!("{e}; waiters are shown by priority"));
+                    s
+                })
             }
+        };
+        let status = match status {
+            Ok(s) => s,
+            // One lock's state cannot be read (something planted in it): the others are still
+            // shown, this one with the reason.
+            Err(e) if args.name.is_none() => LockStatus {
+                name: name.clone(),
+                generation: 0,
+                holders: Vec::new(),
+                waiters: Vec::new(),
+                order_note: Some(format!("cannot be read: {e}")),
+                unreadable: Vec::new(),
+            },
+            Err(e) => return Err(e),
         };
         locks.push(view(status, &settings.policy, now));
     }
@@ -73,7 +89,7 @@ fn sharing_note(dir: &std::path::Path) -> Option<String> {
     let mode = m.mode() & 0o7777;
     (mode & 0o002 == 0).then(|| {
         format!(
-            "mode {mode:04o}, owner uid {}: only its owner{} can take locks here; other users' requests go elsewhere",
+            "mode {mode:04o}, owner uid {}: only its owner{} can take locks here (other users' default is a private directory)",
             m.uid(),
             if mode & 0o020 != 0 { " and group" } else { "" }
         )
@@ -123,6 +139,7 @@ fn ticket(t: TicketData) -> TicketStatus {
         ticket: t.id,
         host: t.host,
         pid: t.pid,
+        uid: t.uid,
         mode: t.mode,
         priority: t.priority,
         labels: t.labels.into_iter().collect(),

@@ -51,6 +51,10 @@ pub struct TicketData {
     /// Generation (fencing token) of this acquisition.
     #[serde(default)]
     pub generation: Option<u64>,
+    /// The user owning the ticket, where the store vouches for it (a ticket file's owner):
+    /// unlike `host` and `pid`, not the ticket's own claim, so never read from its content.
+    #[serde(skip)]
+    pub uid: Option<u32>,
 }
 
 impl TicketData {

@@ -193,6 +193,7 @@ mod tests {
             slot: None,
             acquired_at_ms: None,
             generation: None,
+            uid: None,
         }
     }
 

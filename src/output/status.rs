@@ -1,12 +1,13 @@
 //! Rendering of `cachelock status`: text for people, a stable JSON document for scripts.
 //!
 //! JSON: `{"lock_dir","lock_dir_note","locks":[{"name","generation","policy","note",
-//! "holders":[{ticket,host,pid,mode,priority,labels,queue_key,slot,held_for_ms}],
-//! "waiters":[{position,ticket,host,pid,mode,priority,labels,queue_key,rank,waited_ms}],
+//! "holders":[{ticket,host,pid,uid,mode,priority,labels,queue_key,slot,held_for_ms}],
+//! "waiters":[{position,ticket,host,pid,uid,mode,priority,labels,queue_key,rank,waited_ms}],
 //! "unreadable":[{ticket,owner_uid,reason}]}]}`; `labels` is an object, waiters are in serving
 //! order, `note` is null unless the order is not the policy's (e.g. its module is missing),
 //! `lock_dir_note` is null unless other users cannot share the directory (a private fallback).
-//! Text escapes control characters in everything other users wrote (tickets, labels, hosts,
+//! `uid` is the ticket file's owner, the one field a user cannot forge (host and pid are the
+//! ticket's own claims). Text escapes control characters in everything other users wrote (tickets, labels, hosts,
 //! keys, reasons).
 
 use std::collections::BTreeMap;
@@ -66,6 +67,8 @@ pub struct TicketStatus {
     pub host: String,
     /// Owner's pid on that host.
     pub pid: u32,
+    /// The user owning the ticket (the file's owner: not the ticket's own claim).
+    pub uid: Option<u32>,
     /// Exclusive or shared.
     pub mode: Mode,
     /// `--priority`.
@@ -111,8 +114,9 @@ fn mode_str(m: Mode) -> &'static str {
 
 /// `(head, tail)` of a ticket's text line: what goes before and after the role-specific part.
 fn ticket_text(t: &TicketStatus) -> (String, String) {
+    let uid = t.uid.map(|u| format!(" uid {u}")).unwrap_or_default();
     let head = format!(
-        "ticket {}  {}:{}  {}  priority {}",
+        "ticket {}  {}:{}{uid}  {}  priority {}",
         escape(&t.ticket),
         escape(&t.host),
         t.pid,

@@ -87,6 +87,7 @@ fn ticket_data(t: &Ticket) -> TicketData {
         slot: None,
         acquired_at_ms: None,
         generation: None,
+        uid: None,
     }
 }
 

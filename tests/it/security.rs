@@ -155,6 +155,7 @@ fn other_users_cannot_remove_or_rewrite_a_users_files() {
         Some(h.pid() as i64),
         "alice still holds, as everyone sees: {doc}"
     );
+    assert_eq!(doc["locks"][0]["holders"][0]["uid"], a.uid, "{doc}");
     std::fs::write(&go, "").unwrap();
     drop(h);
 }
@@ -332,6 +333,56 @@ fn planted_fifos_and_a_held_meta_lock_hang_nothing() {
     assert!(w.stderr().contains("interrupted by signal"));
 }
 
+/// Found in review: a symlink planted as a lock's `queue/` (or any of its directories) made
+/// `status` probe the files it points to — and delete every one not flocked, in the victim's
+/// own directory. Directories are now opened without following links; `status` of all locks
+/// still shows the others.
+#[test]
+fn a_planted_symlink_redirects_nothing() {
+    let sh = Shared::new();
+    let (a, b) = (alice(), bob());
+    let o = sh.run(Some(a), &["run", "Z", "--", "true"]);
+    assert!(o.status.success());
+    let precious = sh.path("alices");
+    let o = shell(
+        &sh,
+        a,
+        &format!("mkdir {0} && echo precious > {0}/notes", precious.display()),
+    );
+    assert!(o.status.success());
+    for (dir, link) in [("Y.lock", "queue"), ("Y2.lock", "held")] {
+        let o = shell(
+            &sh,
+            b,
+            &format!(
+                "mkdir -m 1777 {dir} && ln -s {} {dir}/{link}",
+                precious.display()
+            ),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    for args in [
+        &["status", "Y"][..],
+        &["run", "Y", "--", "true"],
+        &["run", "Y2", "--", "true"],
+    ] {
+        let o = sh.run(Some(a), args);
+        assert_eq!(o.status.code(), Some(73), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+    }
+    let o = sh.run(Some(a), &["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("lock Z") && text.contains("symbolic link"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(precious.join("notes")).unwrap(),
+        "precious\n"
+    );
+}
+
 /// A live ticket as a user of the lock directory can plant one: valid JSON in `queue/`,
 /// flocked by a process that never tries the lock.
 fn forged_ticket(id: &str, lock: &str, priority: i64, host: &str, holding: bool) -> String {
@@ -413,6 +464,8 @@ fn a_head_that_never_takes_a_free_lock_blocks_nobody() {
         doc["locks"][0]["waiters"][0]["ticket"], "000000999999",
         "{doc}"
     );
+    // Whatever it claims, status names the user who planted it.
+    assert_eq!(doc["locks"][0]["waiters"][0]["uid"], b.uid, "{doc}");
     let mut p = sh.spawn(sh.cl(Some(a), &["run", "-q", "P", "--", "true"]));
     assert_eq!(p.wait(), 0, "{}", p.stderr());
 }

@@ -244,26 +244,15 @@ impl LockDir {
         };
         let base_name = format!("{name}.lock");
         let base_path = self.root.join(&base_name);
-        let dir_error = |path: &Path, e: io::Error| {
-            Error::cant_create(format!(
-                "{} is {}; cachelock refuses to follow links in the lock directory (remove it)",
-                path.display(),
-                if e.raw_os_error() == Some(libc::ELOOP) {
-                    "a symbolic link".to_string()
-                } else {
-                    format!("not a readable directory ({e})")
-                }
-            ))
-        };
         let base = match sys::open_dir_at(root.as_fd(), &base_name) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(dir_error(&base_path, e)),
+            Err(e) => return Err(dir_error(root.as_fd(), &base_name, &base_path, e)),
         };
         let sub = |n: &str| match sys::open_dir_at(base.as_fd(), n) {
             Ok(fd) => Ok(Some(fd)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(dir_error(&base_path.join(n), e)),
+            Err(e) => Err(dir_error(base.as_fd(), n, &base_path.join(n), e)),
         };
         let Some(queue) = sub("queue")? else {
             return Ok(None);
@@ -290,20 +279,13 @@ impl LockDir {
             let owner = sys::info(parent)
                 .map(|i| format!(" (its parent is owned by uid {}, mode {:04o})", i.uid, i.mode))
                 .unwrap_or_default();
-            Error::cant_create(match e.raw_os_error() {
-                Some(libc::ELOOP) => format!(
-                    "{} is a symbolic link; cachelock refuses to follow links in the lock directory (remove it)",
-                    path.display()
-                ),
-                Some(libc::ENOTDIR) => {
-                    format!("{} exists and is not a directory (remove it)", path.display())
-                }
-                Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            match e.raw_os_error() {
+                Some(libc::EACCES) | Some(libc::EPERM) => Error::cant_create(format!(
                     "cannot create {}: {e}{owner}; the owner of the parent or root can share it with `chmod 1777`",
                     path.display()
-                ),
-                _ => format!("cannot create {}: {e}", path.display()),
-            })
+                )),
+                _ => dir_error(parent, name, path, e),
+            }
         })?;
         if !created {
             if let Ok(i) = sys::info(&fd) {
@@ -314,6 +296,26 @@ impl LockDir {
         }
         Ok(fd)
     }
+}
+
+/// The error for a directory of a lock's state that cannot be opened (exit 73): a symlink or
+/// something else planted in its place is named as such.
+fn dir_error(parent: BorrowedFd<'_>, name: &str, path: &Path, e: io::Error) -> Error {
+    let planted = sys::info_at(parent, name).ok().and_then(|i| {
+        let what = match i.kind {
+            sys::EntryKind::Dir => return None,
+            sys::EntryKind::Symlink => "a symbolic link",
+            _ => "not a directory",
+        };
+        Some((what, i.uid))
+    });
+    Error::cant_create(match planted {
+        Some((what, uid)) => format!(
+            "{} is {what} (owned by uid {uid}); cachelock refuses to follow links or use anything but a directory there (remove it)",
+            path.display()
+        ),
+        None => format!("cannot open {}: {e}", path.display()),
+    })
 }
 
 /// The kernel lock file name of `slot` (`lock`, `lock.1`, ...): unchanged since format 1, so

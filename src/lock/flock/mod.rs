@@ -95,6 +95,7 @@ impl Backend for FlockBackend {
                 slot: None,
                 acquired_at_ms: None,
                 generation: None,
+                uid: Some(sys::euid()),
             };
             // A taken number means the counters went back (a lowered or lost counters file):
             // never replace that ticket, take a higher number.

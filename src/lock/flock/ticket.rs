@@ -260,7 +260,10 @@ pub fn probe(dir: BorrowedFd<'_>, name: &str, id: &str, lock: &str) -> Probe {
             }
             Probe::Dead
         }
-        _ => Probe::Alive(read_ticket(&file, id, lock)),
+        _ => Probe::Alive(read_ticket(&file, id, lock).map(|mut t| {
+            t.data.uid = sys::info(&file).ok().map(|i| i.uid);
+            t
+        })),
     }
 }
 
@@ -436,6 +439,7 @@ mod tests {
             slot: Some(u32::MAX),
             acquired_at_ms: Some(u64::MAX),
             generation: Some(u64::MAX),
+            uid: None,
         };
         let text = serde_json::to_vec(&FileTicketRef {
             data: &data,
