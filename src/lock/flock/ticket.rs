@@ -251,6 +251,9 @@ pub fn probe(dir: BorrowedFd<'_>, name: &str, id: &str, lock: &str) -> Probe {
         Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
             return Probe::Alive(Err("not a regular file".to_string()))
         }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Probe::Alive(Err("a symbolic link".to_string()))
+        }
         Err(e) => return Probe::Alive(Err(format!("cannot open it: {e}"))),
     };
     match sys::try_flock(&file, false) {
