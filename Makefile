@@ -9,10 +9,12 @@ build-setup:
 	rustup target add wasm32-wasip2
 
 # Everything the test suite needs on a fresh Debian machine (as root): the build's needs,
-# Debian's dockerd and busybox-static (test images without a registry).
+# Debian's dockerd and busybox-static (test images without a registry), and for the attack suite
+# useradd (passwd) and setpriv, unshare, flock (util-linux).
 setup: build-setup
-	@if ! command -v dockerd >/dev/null || ! test -x /bin/busybox; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io busybox-static; \
+	@if ! command -v dockerd >/dev/null || ! test -x /bin/busybox \
+		|| ! command -v useradd >/dev/null || ! command -v setpriv >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io busybox-static passwd util-linux; \
 	fi
 
 # The previous release (on-disk format 1, the last commit before format 2), for the mixed-version
