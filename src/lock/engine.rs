@@ -280,7 +280,7 @@ impl Waiter<'_> {
             .map(|(t, _)| (t, self.stalls.free_for(&t.id)))
             .find(|(_, d)| !d.is_zero())?;
         Some(format!(
-            "it is free, but ticket {} of {}:{}, first in line, has not taken it for {:.1}s (a stopped process, or a ticket planted in the lock directory); after {}s the next in line tries it",
+            "it is free, but ticket {} of {}:{}, first in line, has not taken it for {:.1}s (a stopped process, a ticket planted in the lock directory, or a process without a ticket holds the lock); after {}s the next in line tries it",
             crate::output::escape(&t.id),
             crate::output::escape(&t.host),
             t.pid,
