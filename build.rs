@@ -31,10 +31,7 @@ fn main() {
         let file = wasm_dir.join(format!("{stem}.wasm"));
         let bytes = std::fs::read(&file)
             .unwrap_or_else(|e| panic!("cannot read built policy {}: {e}", file.display()));
-        let hex: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = format!("{:x}", Sha256::digest(&bytes));
         // Copy into OUT_DIR so the embedded bytes do not change under a later policy build.
         let copy = out_dir.join(format!("{stem}.wasm"));
         std::fs::write(&copy, &bytes).unwrap();

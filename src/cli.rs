@@ -133,6 +133,10 @@ pub struct StatusArgs {
     /// Configuration file (YAML).
     #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Also show the cached data roots under this cache root: sizes, last use, holders, the
+    /// cap (`dockerd.cache_max_size`) and recent evictions.
+    #[arg(long = "cache-root", value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
 }
 
 /// `cachelock policy ...`.
@@ -174,15 +178,40 @@ pub enum PolicyCommand {
         #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Scaffold a buildable policy crate in ./NAME (or --dir).
+    /// Scaffold a buildable policy in ./NAME (or --dir), with a README of its build command.
     New {
-        /// Crate name.
+        /// Policy name.
         #[arg(value_name = "NAME")]
         name: String,
         /// Directory to create (default ./NAME).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// Language of the policy.
+        #[arg(long, value_enum, default_value_t = PolicyLang::Rust)]
+        lang: PolicyLang,
     },
+    /// Internal: compile a policy module (stdin) to native code (stdout) under rlimits set by
+    /// the parent cachelock.
+    #[command(hide = true)]
+    CompileChild {
+        /// quick (Winch) or optimized (Cranelift).
+        #[arg(long)]
+        tier: String,
+        /// Largest artifact written.
+        #[arg(long = "max-code-bytes")]
+        max_code_bytes: u64,
+    },
+}
+
+/// Languages `cachelock policy new` scaffolds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyLang {
+    /// A Rust crate on the SDK (cargo, wasm32-wasip2).
+    Rust,
+    /// Python, built with componentize-py.
+    Python,
+    /// JavaScript, built with componentize-js (jco).
+    Js,
 }
 
 /// `cachelock dockerd`.

@@ -88,9 +88,16 @@ pub struct Config {
     pub progress_interval: Option<f64>,
     /// Seconds a queue key remembers its arrival after a give-up (default 600).
     pub queue_key_grace: Option<f64>,
-    /// Where compiled policies are cached (default `$XDG_CACHE_HOME/cachelock` or
-    /// `~/.cache/cachelock`, else under the temp dir).
+    /// Where this user's compiled policies are cached (default `$XDG_CACHE_HOME/cachelock` or
+    /// `~/.cache/cachelock`; for root, `policy_host_cache_dir`). Only a directory owned by the
+    /// caller or root and writable by nobody else is used.
     pub policy_cache_dir: Option<PathBuf>,
+    /// The host's compile cache, written by root (e.g. `cachelock policy check` at deploy time)
+    /// and read by every user (default `/var/cache/cachelock`).
+    pub policy_host_cache_dir: Option<PathBuf>,
+    /// The compile budget of a policy module that is not built in (see `policy::compile`).
+    #[serde(default)]
+    pub policy_compile: CompileBudget,
     /// Policy of locks that no rule binds (default `default`, i.e. `builtin:default`).
     pub default_policy: Option<String>,
     /// Per-lock rules; the first whose `match` glob matches the lock name applies.
@@ -164,6 +171,22 @@ pub struct Limits {
     pub max_interval_ms: Option<u64>,
     /// Bytes of log output (stdout, stderr, `host.log`) kept per call.
     pub log_bytes: Option<u64>,
+    /// Wall-clock milliseconds per call, sleeps included (`configure` gets 10×).
+    pub time_ms: Option<u64>,
+}
+
+/// The compile budget of untrusted policy modules; unset fields take the defaults in
+/// `policy::compile`.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CompileBudget {
+    /// Address space of the compiling process, MiB (default 1024).
+    pub memory_mib: Option<u64>,
+    /// CPU seconds of the compiling process (default 30).
+    pub cpu_seconds: Option<u64>,
+    /// Seconds a waiter waits for a policy being compiled before it orders the queue by the
+    /// fallback order (priority) until the compile ends (default 60).
+    pub wait_seconds: Option<u64>,
 }
 
 /// How dockerd is started by `cachelock dockerd`.
@@ -198,6 +221,17 @@ pub struct DockerdConfig {
     pub image_prefix: Option<String>,
     /// Lines of dockerd's log passed to `on-start-failure` and shown on failure (default 40).
     pub log_tail_lines: Option<usize>,
+    /// dockerd's log when free (claimed per daemon), or `off` for the per-instance log. Default:
+    /// `/var/log/docker.log` for the Earthly drop-in, `off` for `cachelock dockerd`.
+    pub log_file: Option<String>,
+    /// A unix socket dockerd also listens on when free (claimed per daemon), or `off`. Default:
+    /// `/var/run/docker.sock` for the Earthly drop-in, `off` for `cachelock dockerd`.
+    pub default_socket: Option<String>,
+    /// Cap on the total size of the cached data roots under a cache root (bytes, or with a
+    /// suffix K, M, G, T in powers of 1024); least recently used roots that nobody holds are
+    /// evicted after a cached run. Unset: no cap.
+    #[serde(default, deserialize_with = "de_size")]
+    pub cache_max_size: Option<u64>,
 }
 
 /// What the configuration says about one lock, after rules and defaults are applied.
@@ -596,6 +630,48 @@ fn de_octal<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>,
     Ok(Some(mode))
 }
 
+/// Parses a size: bytes, or a number with K, M, G or T (powers of 1024; `KiB`, `MB`... too).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 500M or 20G"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{text:?} has an unknown unit; use K, M, G or T")),
+    };
+    let bytes = n * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
+    let v: Option<serde_yaml::Value> = Option::deserialize(d)?;
+    match v {
+        None => Ok(None),
+        Some(serde_yaml::Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom("a size must be a non-negative integer")),
+        Some(serde_yaml::Value::String(s)) => {
+            parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+        }
+        Some(_) => Err(serde::de::Error::custom(
+            "expected a size such as 500M or 20G",
+        )),
+    }
+}
+
 fn de_string_map<'de, D: Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<BTreeMap<String, String>, D::Error> {
@@ -658,6 +734,20 @@ mod tests {
         let err =
             Config::parse("policies:\n  p:\n    module: a.wasm\n    sha256: abc\n").unwrap_err();
         assert!(err.contains("sha256"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1").unwrap(), 1);
+        assert_eq!(parse_size("2K").unwrap(), 2048);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("20 G").unwrap(), 20 << 30);
+        assert!(parse_size("20X").is_err());
+        assert!(parse_size("-1").is_err());
+        let c = Config::parse("dockerd:\n  cache_max_size: 10M\n").unwrap();
+        assert_eq!(c.dockerd.cache_max_size, Some(10 << 20));
+        let e = Config::parse("dockerd:\n  cache_max_size: lots\n").unwrap_err();
+        assert!(e.contains("cache_max_size"), "{e}");
     }
 
     #[test]

@@ -41,11 +41,11 @@ pub mod code {
 /// Every exit code and what it means, in the README's words (`code`, `meaning`).
 pub const EXIT_CODES: &[(&str, &str)] = &[
     ("the command's", "the command ran; 128+N if signal N ended it"),
-    ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`"),
+    ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`; Earthly drop-in: an EarthBuild flag this version does not know, or `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD` ran (as Earthly's wrapper)"),
     ("64", "usage: bad option, bad lock name (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`), bad `KEY=VALUE`, bad `CACHELOCK_*` variable"),
     ("65", "bad data: a `policy simulate` scenario"),
     ("66", "an input file is missing or unreadable (`--load` tarball, scenario)"),
-    ("69", "dockerd missing or never became ready; docker CLI or compose missing"),
+    ("69", "dockerd missing or never became ready (its whole log shown, 64 KiB at most); docker CLI or compose missing; a registry pull of the Earthly drop-in failed"),
     ("70", "a policy fault under `on_error: fail` (trap, fuel, memory), or an internal error"),
     ("71", "an operating-system error: signal handlers cannot be installed, the command cannot be waited for"),
     ("73", "cannot create the lock directory, cache root, a data root or a `policy new` folder (or it is a symlink, or the folder exists); a private lock directory that is not the caller's own"),

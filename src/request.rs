@@ -13,6 +13,8 @@ use cachelock::process::Signals;
 
 use crate::cli::LockArgs;
 
+/// Most parallel runs on one Earthly cache id (`CACHELOCK_SLOTS`): each is a warm data root.
+const MAX_EARTHLY_SLOTS: u32 = 64;
 /// Longest accepted wait bound (`-w`, `CACHELOCK_WAIT`): ten years, far beyond any build.
 const MAX_WAIT_S: f64 = 315_360_000.0;
 
@@ -76,8 +78,9 @@ impl LockRequest {
     }
 
     /// For the Earthly drop-in, which Earthly calls without flags: lock `name` in `lock_dir`,
-    /// with `CACHELOCK_PRIORITY`, `CACHELOCK_WAIT`, `CACHELOCK_LABELS` (`k=v,k=v`) and
-    /// `CACHELOCK_QUEUE_KEY` read through `get` (an invalid value is a usage error, exit 64).
+    /// with `CACHELOCK_PRIORITY`, `CACHELOCK_WAIT`, `CACHELOCK_LABELS` (`k=v,k=v`),
+    /// `CACHELOCK_QUEUE_KEY` and `CACHELOCK_SLOTS` (else the lock rule's `slots`) read through
+    /// `get` (an invalid value is a usage error, exit 64).
     pub fn from_env(
         name: &str,
         loaded: Loaded,
@@ -121,6 +124,17 @@ impl LockRequest {
                 })
                 .collect::<Result<_>>()?,
         };
+        let slots = match get("CACHELOCK_SLOTS") {
+            None => settings.slots,
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(n) if (1..=MAX_EARTHLY_SLOTS).contains(&n) => n,
+                _ => {
+                    return Err(Error::usage(format!(
+                        "CACHELOCK_SLOTS={v:?} is not a number of parallel runs from 1 to {MAX_EARTHLY_SLOTS}: set e.g. 2, or unset it for one run at a time"
+                    )))
+                }
+            },
+        };
         let options = lock::Options {
             name: name.to_string(),
             mode: Mode::Exclusive,
@@ -129,9 +143,8 @@ impl LockRequest {
             queue_key: get("CACHELOCK_QUEUE_KEY"),
             wait_limit_ms,
             wait_mode: settings.wait_mode,
-            // Earthly fixes the data root: neither parallel slots nor a private root apply.
-            slots: 1,
-            fallback_allowed: false,
+            slots,
+            fallback_allowed: settings.fallback,
             key_grace_ms: loaded.config.queue_key_grace_ms(),
             conflict_exit_code: cachelock::error::code::CONFLICT_DEFAULT,
             progress_interval: progress_interval(&loaded),

@@ -627,6 +627,22 @@ pub fn hostname() -> String {
     }
 }
 
+/// `uname -a`'s fields: sysname, nodename, release, version, machine.
+pub fn uname_all() -> String {
+    let u = rustix::system::uname();
+    [
+        u.sysname(),
+        u.nodename(),
+        u.release(),
+        u.version(),
+        u.machine(),
+    ]
+    .iter()
+    .map(|f| f.to_string_lossy())
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
 /// The real user id of this process.
 pub fn uid() -> u32 {
     rustix::process::getuid().as_raw()

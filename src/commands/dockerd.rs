@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use cachelock::config::{self, Loaded};
-use cachelock::dockerd::{hygiene, network, root, session, setup};
+use cachelock::dockerd::{claim, hygiene, root, session, setup, usage};
 use cachelock::error::{Error, Result};
-use cachelock::lock::{Acquired, Containment};
+use cachelock::lock::{Acquired, Containment, Store};
 use cachelock::process::Signals;
 
 use crate::cli::DockerdArgs;
@@ -29,7 +29,7 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         Some(r) => r.loaded.clone(),
         None => Loaded::load(args.lock.config.as_deref())?,
     };
-    let resolved = setup::resolve(&loaded, network::Mode::Netns, setup::DEFAULT_PREFIX)?;
+    let resolved = setup::resolve(&loaded, setup::Defaults::DOCKERD)?;
     hygiene::check_loadable(&args.load)?;
     let cache_root = args
         .cache_root
@@ -93,9 +93,22 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
     if let Some(s) = slot {
         env.push(("CACHELOCK_DOCKERD_SLOT".to_string(), s.to_string()));
     }
-    let Containment::Inherit(inherit) = containment;
+    // Shared paths (a log, a default socket) only when configured and free.
+    let host = claim::HostPaths::claim(
+        resolved.log_file.as_deref(),
+        resolved.default_socket.as_deref(),
+    );
+    let Containment::Inherit(mut inherit) = containment;
+    inherit.extend(host.fds());
     let plan = session::Plan {
-        spec: resolved.spec(data_root, &short, inherit, args.cache_id.clone()),
+        spec: resolved.spec(
+            data_root,
+            &short,
+            inherit,
+            args.cache_id.clone(),
+            host.log_path(),
+            host.sockets(),
+        ),
         docker_cli: resolved.docker_cli.clone(),
         cached_prefix: cached.then(|| resolved.prefix.clone()),
         wipe_after: !cached,
@@ -108,8 +121,19 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         stop_grace_cap: resolved.stop_grace_cap,
     };
     let result = session::run(&plan, policy.as_mut(), &signals);
+    if let (Some(cap), Some(Acquired::Held(_)), Some(id), Some(r)) =
+        (resolved.cache_max_size, &acquired, &args.cache_id, &req)
+    {
+        // Still holding the cache id: its root is measured, never evicted.
+        let Store::Dir { path, .. } = &r.store;
+        let layout = usage::Layout::Dockerd {
+            lock_dir: path.clone(),
+        };
+        usage::report(&cache_root, &layout, cap, id);
+    }
     if let Some(Acquired::Held(g)) = acquired {
         g.release()?;
     }
+    drop(host);
     result
 }

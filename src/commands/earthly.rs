@@ -1,117 +1,115 @@
-//! `cachelock earthly` (also argv[0] `dockerd-wrapper.sh`): Earthly's dockerd-wrapper.sh
-//! contract mapped onto the same machinery as `cachelock dockerd`.
+//! `cachelock earthly` (also argv[0] `dockerd-wrapper.sh`): Earthly's and EarthBuild's
+//! `dockerd-wrapper.sh` contracts (parsed by `cachelock::dockerd::earthly`) run on the same
+//! machinery as `cachelock dockerd`.
 //!
-//! Earthly runs `WITH DOCKER` as `dockerd-wrapper.sh execute CMD...` inside the build container
-//! with `EARTHLY_*` variables describing the data root, the images to load and compose. A
-//! cached root is locked in two steps: first cachelock's fair queue in `<data-root>/.cachelock`
-//! (priorities, labels, bounds, progress and `status` as `cachelock run`, options from
-//! `CACHELOCK_*` variables since Earthly passes no flags), then a flock on
-//! `<data-root>/.earthly-docker-lock`, the file Earthly's own wrapper locks, so both exclude
-//! each other on a shared directory.
+//! A cached root is locked in two steps by [`lock::take`] (the one place that takes locks):
+//! cachelock's fair queue in `<data-root>/.cachelock` (priorities, labels, bounds, slots,
+//! fall-back, progress and `status` as `cachelock run`, options from `CACHELOCK_*` variables
+//! since Earthly passes no flags), then a flock on `<data-root>/.earthly-docker-lock`, the file
+//! Earthly's own wrapper locks, so both exclude each other on a shared directory. An uncached
+//! run gets a private folder inside the data root, removed afterwards.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cachelock::config::Loaded;
+use cachelock::dockerd::earthly::{self, ComposeConfig, Execute, Invocation, Trace, Vars};
 use cachelock::dockerd::hygiene::Docker;
-use cachelock::dockerd::{flock, hygiene, network, root, session, setup};
+use cachelock::dockerd::{
+    claim, daemon_json, flock, hygiene, network, private, root, session, setup, usage,
+};
 use cachelock::error::{Error, Kind, Result};
 use cachelock::process::Signals;
 
 use crate::cli::EarthlyArgs;
 use crate::request::LockRequest;
 
-/// Earthly's lock file inside the data root.
-pub const LOCK_FILE: &str = ".earthly-docker-lock";
-/// cachelock's lock directory inside a cached data root (shared by every host using the root).
-pub const LOCK_DIR: &str = ".cachelock";
-/// Lock name when the data root's base name is not a valid lock name.
-pub const FALLBACK_LOCK_NAME: &str = "dind";
-/// Earthly's hygiene prefix.
-pub const PREFIX: &str = "earthly_cached_";
-/// Where `get-compose-config` writes.
-pub const COMPOSE_CONFIG: &str = "/tmp/earthly/compose-config.yml";
-/// Earthly's default pre-script.
-pub const PRE_SCRIPT: &str = "/usr/share/earthly/dockerd-wrapper-pre-script";
+/// What the drop-in uses where the configuration is silent: Earthly's own choices.
+const DEFAULTS: setup::Defaults = setup::Defaults {
+    network: network::Mode::Default,
+    prefix: earthly::PREFIX,
+    log_file: Some(earthly::DOCKER_LOG),
+    default_socket: Some(earthly::DOCKER_SOCK),
+};
 
 fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-fn words(name: &str) -> Vec<String> {
-    env(name)
-        .map(|v| v.split_whitespace().map(String::from).collect())
-        .unwrap_or_default()
-}
-
-fn debug_on() -> bool {
-    matches!(env("EARTHLY_DOCKER_WRAPPER_DEBUG").as_deref(), Some(v) if v != "0" && v != "false")
-}
-
-macro_rules! step {
-    ($($t:tt)*) => {
-        if debug_on() {
-            eprintln!("+ cachelock: {}", format!($($t)*));
-        }
-    };
+    std::env::var(name).ok()
 }
 
 /// Runs `cachelock earthly`; returns the exit code.
 pub fn execute(args: EarthlyArgs) -> Result<i32> {
-    let sub = args.args[0].to_string_lossy().into_owned();
-    let rest: Vec<OsString> = args.args[1..].to_vec();
+    let vars = Vars::new(&env);
+    let trace = Trace(vars.debug());
+    if let Some(cmd) = vars.debug_cmd() {
+        return run_debug_cmd(&cmd);
+    }
+    run_pre_script(&vars.pre_script(), trace)?;
     let loaded = Loaded::load(
-        std::env::var_os("CACHELOCK_CONFIG")
+        env("CACHELOCK_CONFIG")
+            .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .as_deref(),
     )?;
-    match sub.as_str() {
-        "execute" => execute_cmd(&loaded, rest),
-        "get-compose-config" => compose_config(&loaded),
-        other => Err(Error::usage(format!(
-            "unknown sub-command {other:?}; use `execute CMD...` or `get-compose-config`"
-        ))),
+    match earthly::parse(&args.args, &vars)? {
+        Invocation::VersionMismatch(message) => {
+            eprintln!("{message}");
+            Ok(1)
+        }
+        Invocation::ComposeConfig(c) => compose_config(&loaded, &c),
+        Invocation::Execute(e) => execute_cmd(&loaded, e, &vars, trace),
     }
 }
 
-fn compose_files() -> Vec<String> {
-    words("EARTHLY_COMPOSE_FILES")
+/// `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD`: runs it with `/bin/sh -c`, then exits 1 whatever it
+/// returned (Earthly's hook to inspect a build container without saving the RUN's snapshot).
+fn run_debug_cmd(cmd: &str) -> Result<i32> {
+    println!("Running debug command: {cmd}");
+    let status = std::process::Command::new("/bin/sh")
+        .args(["-c", cmd])
+        .status()
+        .map_err(|e| cachelock::process::spawn_error("/bin/sh".as_ref(), e))?;
+    println!(
+        "debug command exited with {}; forcing exit 1 to prevent saving RUN snapshot",
+        cachelock::process::exit_code(status)
+    );
+    Ok(1)
 }
 
-fn compose_config(loaded: &Loaded) -> Result<i32> {
-    let cli = loaded
-        .config
-        .dockerd
-        .docker_cli
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("docker"));
-    let docker = Docker {
-        cli,
-        host: std::env::var("DOCKER_HOST").unwrap_or_default(),
-    };
-    let compose = docker.compose_cli()?;
-    let files = compose_files();
-    if files.is_empty() {
-        return Err(Error::usage(
-            "EARTHLY_COMPOSE_FILES is empty: nothing to merge",
+/// Runs the pre-script when it exists (before either sub-command, as Earthly does).
+fn run_pre_script(path: &str, trace: Trace) -> Result<()> {
+    if !Path::new(path).is_file() {
+        return Ok(());
+    }
+    trace.step(format_args!("running pre-script {path}"));
+    let status = std::process::Command::new(path)
+        .status()
+        .map_err(|e| cachelock::process::spawn_error(path.as_ref(), e))?;
+    if !status.success() {
+        return Err(Error::new(
+            Kind::Software,
+            format!("pre-script {path} failed ({status}); fix it or unset EARTHLY_DOCKER_WRAPPER_PRE_SCRIPT"),
         ));
     }
-    let out_path = Path::new(COMPOSE_CONFIG);
-    std::fs::create_dir_all(out_path.parent().unwrap_or(Path::new("/tmp")))
-        .map_err(|e| Error::cant_create(format!("cannot create /tmp/earthly: {e}")))?;
-    let mut cmd = match &compose {
-        hygiene::ComposeCli::Plugin => {
-            let mut c = docker.command();
-            c.arg("compose");
-            c
-        }
-        hygiene::ComposeCli::Standalone(p) => std::process::Command::new(p),
+    Ok(())
+}
+
+fn compose_config(loaded: &Loaded, c: &ComposeConfig) -> Result<i32> {
+    let docker = Docker {
+        cli: loaded
+            .config
+            .dockerd
+            .docker_cli
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("docker")),
+        host: env("DOCKER_HOST").unwrap_or_default(),
     };
-    for f in &files {
-        cmd.arg("-f").arg(f);
-    }
-    let out = cmd
+    let cli = docker.compose_cli()?;
+    let out_path = Path::new(c.contract.compose_config_path());
+    let dir = out_path.parent().unwrap_or(Path::new("/tmp"));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::cant_create(format!("cannot create {}: {e}", dir.display())))?;
+    let out = docker
+        .compose_command(&cli, &c.files)
         .arg("config")
         .output()
         .map_err(|e| Error::new(Kind::Unavailable, format!("cannot run compose: {e}")))?;
@@ -125,50 +123,50 @@ fn compose_config(loaded: &Loaded) -> Result<i32> {
         ));
     }
     std::fs::write(out_path, &out.stdout)
-        .map_err(|e| Error::io(format!("writing {COMPOSE_CONFIG}"), e))?;
+        .map_err(|e| Error::io(format!("writing {}", out_path.display()), e))?;
     Ok(0)
 }
 
-fn execute_cmd(loaded: &Loaded, command: Vec<OsString>) -> Result<i32> {
-    if command.is_empty() {
-        return Err(Error::usage("`execute` needs a command to run"));
+/// Where a run's dockerd puts its data, and what keeps it.
+enum RunRoot {
+    /// The cached root (slot 0) or one of its slot roots, locked.
+    Cached(PathBuf, Option<lock::Held>),
+    /// A private root (uncached run, or a fall-back), removed afterwards.
+    Private(private::PrivateRoot),
+}
+
+fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result<i32> {
+    for w in &e.warnings {
+        eprintln!("WARNING: {w}");
     }
-    let data_root = PathBuf::from(env("EARTHLY_DOCKERD_DATA_ROOT").ok_or_else(|| {
-        Error::usage(
-            "EARTHLY_DOCKERD_DATA_ROOT is not set: Earthly sets it to /var/earthly/dind/<id>; set it when running the wrapper by hand",
-        )
-    })?);
-    let cached = env("EARTHLY_DOCKERD_CACHE_DATA").as_deref() == Some("true");
-    let lock_name = data_root
+    // Bad queue options fail before anything is created or started. A caller that already
+    // holds Earthly's flock (EarthBuild's re-exec under flock(1)) is trusted: taking our queue
+    // then waiting for its flock could deadlock with another drop-in.
+    let take_lock = e.cached && !e.flock_acquired;
+    let lock_name = e
+        .data_root
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| cachelock::lock::name::validate(n).is_ok())
-        .unwrap_or_else(|| FALLBACK_LOCK_NAME.to_string());
-    // Bad queue options fail before anything is created or started.
-    let request = cached
-        .then(|| LockRequest::from_env(&lock_name, loaded.clone(), data_root.join(LOCK_DIR), env))
-        .transpose()?;
-    let loads: Vec<PathBuf> = words("EARTHLY_DOCKER_LOAD_FILES")
-        .into_iter()
-        .map(PathBuf::from)
-        .collect();
-    let registry_loads = words("EARTHLY_DOCKER_LOAD_REGISTRY")
-        .into_iter()
-        .map(|pair| match pair.split_once('|') {
-            Some((r, t)) if !r.is_empty() && !t.is_empty() => Ok((r.to_string(), t.to_string())),
-            _ => Err(Error::usage(format!(
-                "EARTHLY_DOCKER_LOAD_REGISTRY entry {pair:?} is not REFERENCE|TAG"
-            ))),
+        .unwrap_or_else(|| earthly::FALLBACK_LOCK_NAME.to_string());
+    let request = take_lock
+        .then(|| {
+            LockRequest::from_env(
+                &lock_name,
+                loaded.clone(),
+                e.data_root.join(earthly::QUEUE_DIR),
+                |n| env(n).filter(|v| !v.is_empty()),
+            )
         })
-        .collect::<Result<Vec<_>>>()?;
-    let compose =
-        (env("EARTHLY_START_COMPOSE").as_deref() == Some("true")).then(|| session::Compose {
-            files: compose_files(),
-            services: words("EARTHLY_COMPOSE_SERVICES"),
-        });
-    let resolved = setup::resolve(loaded, network::Mode::Default, PREFIX)?;
-    hygiene::check_loadable(&loads)?;
-    if compose.is_some() {
+        .transpose()?;
+    let mut resolved = setup::resolve(loaded, DEFAULTS)?;
+    daemon_json::merge(
+        &mut resolved.daemon_json,
+        e.contract.daemon_json(&vars.registry()),
+    );
+    daemon_json::dedup_arrays(&mut resolved.daemon_json);
+    hygiene::check_loadable(&e.load_files)?;
+    if e.compose.is_some() {
         // Fail before anything is locked or started.
         Docker {
             cli: resolved.docker_cli.clone(),
@@ -177,110 +175,192 @@ fn execute_cmd(loaded: &Loaded, command: Vec<OsString>) -> Result<i32> {
         .compose_cli()?;
     }
     resolved.check_run_dir()?;
-    if let Some(parent) = data_root.parent() {
-        if std::fs::symlink_metadata(&data_root).is_err() {
-            root::check_cache_root(parent)?;
-        }
+    let data_root = e.data_root.clone();
+    let parent = data_root.parent().unwrap_or(Path::new("/")).to_path_buf();
+    if std::fs::symlink_metadata(&data_root).is_err() {
+        root::check_cache_root(&parent)?;
     }
     root::create_dir(&data_root)?;
-    step!("data root {} (cached: {cached})", data_root.display());
-    run_pre_script()?;
-    isolate_cgroup_v2();
+    trace.step(format_args!(
+        "data root {} (cached: {}, contract: {:?})",
+        data_root.display(),
+        e.cached,
+        e.contract
+    ));
+    if !e.flock_acquired {
+        earthly::isolate_cgroup_v2(trace);
+    }
+    wsl_iptables(trace);
     let signals = Signals::install()?;
+    let short = session::short_id();
 
     let settings = loaded.config.lock_settings(&lock_name);
-    let mut policy = cachelock::policy::for_lock(loaded, &settings, None, &[])?;
-
-    let held = match &request {
-        Some(r) => Some(queue::take(r, &data_root, policy.as_mut(), &signals)?),
-        None => {
-            // Earthly wipes an uncached root before use.
-            root::wipe_contents(&data_root, &[])
-                .map_err(|e| Error::io(format!("wiping {}", data_root.display()), e))?;
-            None
-        }
+    let mut policy = match &request {
+        Some(r) => r.policy()?,
+        None => cachelock::policy::for_lock(loaded, &settings, None, &[])?,
     };
-    let short = session::short_id();
-    let inherit = held.as_ref().map(queue::Held::fds).unwrap_or_default();
+
+    let run_root = take_root(&e, request.as_ref(), policy.as_mut(), &signals, trace)?;
+    let (dockerd_root, cached, mut inherit, slot) = match &run_root {
+        RunRoot::Cached(r, h) => (
+            r.clone(),
+            true,
+            h.as_ref().map(lock::Held::fds).unwrap_or_default(),
+            h.as_ref().map(|h| h.slot),
+        ),
+        RunRoot::Private(p) => (p.path.clone(), false, vec![p.fd()], None),
+    };
+    root::create_dir(&dockerd_root)?;
+
+    // Earthly's log and socket paths, when no other daemon on this host has them.
+    let host = claim::HostPaths::claim(
+        resolved.log_file.as_deref(),
+        resolved.default_socket.as_deref(),
+    );
+    inherit.extend(host.fds());
+    for (want, got) in [
+        (&resolved.log_file, host.log_path()),
+        (&resolved.default_socket, host.sockets().pop()),
+    ] {
+        match (want, got) {
+            (Some(w), None) => trace.step(format_args!(
+                "{} is in use by another daemon; this dockerd keeps its own",
+                w.display()
+            )),
+            (_, Some(g)) => trace.step(format_args!("dockerd uses {}", g.display())),
+            _ => {}
+        }
+    }
     let spec = resolved.spec(
-        data_root.clone(),
+        dockerd_root.clone(),
         &short,
         inherit,
         cached.then(|| lock_name.clone()),
+        host.log_path(),
+        host.sockets(),
     );
+    let mut env = earthly::command_env(&data_root, e.compose.is_some());
+    if let Some(s) = slot {
+        env.push(("CACHELOCK_DOCKERD_SLOT".to_string(), s.to_string()));
+    }
     let plan = session::Plan {
         spec,
         docker_cli: resolved.docker_cli.clone(),
         cached_prefix: cached.then(|| resolved.prefix.clone()),
         wipe_after: false,
         keep_inst_dir: false,
-        loads,
-        registry_loads,
-        compose,
-        command,
-        env: vec![("EARTHLY_WITH_DOCKER".to_string(), "1".to_string())],
+        loads: e.load_files,
+        registry_loads: e.registry,
+        compose: e.compose,
+        command: e.command,
+        env,
         stop_grace_cap: resolved.stop_grace_cap,
     };
+    trace.step(format_args!(
+        "starting dockerd on {}",
+        dockerd_root.display()
+    ));
     let result = session::run(&plan, policy.as_mut(), &signals);
-    if !cached {
-        if let Err(e) = root::wipe_contents(&data_root, &[]) {
-            eprintln!("cachelock: could not wipe {}: {e}", data_root.display());
+    match run_root {
+        RunRoot::Private(p) => {
+            let path = p.path.clone();
+            if let Err(err) = p.remove() {
+                eprintln!("cachelock: could not remove {}: {err}", path.display());
+            }
+        }
+        RunRoot::Cached(_, held) => {
+            if let Some(cap) = resolved.cache_max_size {
+                // Still holding the root: it is measured, never evicted.
+                usage::report(
+                    &parent,
+                    &usage::Layout::Earthly,
+                    cap,
+                    data_root
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                        .as_str(),
+                );
+            }
+            drop(held);
         }
     }
-    drop(held);
+    drop(host);
     result
 }
 
-/// Runs `EARTHLY_DOCKER_WRAPPER_PRE_SCRIPT` (default [`PRE_SCRIPT`]) when it exists.
-fn run_pre_script() -> Result<()> {
-    let path = env("EARTHLY_DOCKER_WRAPPER_PRE_SCRIPT").unwrap_or_else(|| PRE_SCRIPT.to_string());
-    if !Path::new(&path).exists() {
-        return Ok(());
-    }
-    step!("running pre-script {path}");
-    let status = std::process::Command::new(&path)
-        .status()
-        .map_err(|e| cachelock::process::spawn_error(path.as_ref(), e))?;
-    if !status.success() {
-        return Err(Error::new(
-            Kind::Software,
-            format!("pre-script {path} failed ({status})"),
-        ));
-    }
-    Ok(())
+/// Chooses and takes the run's data root: a slot of the cached root through [`lock::take`], a
+/// private root beside the cached roots on fall-back, the cached root as is when the caller
+/// holds Earthly's lock, or a private folder inside an uncached root.
+fn take_root(
+    e: &Execute,
+    request: Option<&LockRequest>,
+    policy: &mut dyn cachelock::policy::Policy,
+    signals: &Signals,
+    trace: Trace,
+) -> Result<RunRoot> {
+    let data_root = &e.data_root;
+    let parent = data_root.parent().unwrap_or(Path::new("/"));
+    let short = session::short_id();
+    Ok(match request {
+        Some(r) => {
+            let slots = r.options.slots;
+            trace.step(format_args!(
+                "locking {}: queue {} in {}, then {} ({slots} slot(s), priority {})",
+                data_root.display(),
+                r.options.name,
+                earthly::QUEUE_DIR,
+                earthly::LOCK_FILE,
+                r.options.priority
+            ));
+            match lock::take(data_root, r, policy, signals)? {
+                lock::Taken::Held(h) => {
+                    let root = usage::earthly_slot_root(data_root, h.slot);
+                    trace.step(format_args!(
+                        "slot {} of {slots}: {}",
+                        h.slot,
+                        root.display()
+                    ));
+                    RunRoot::Cached(root, Some(h))
+                }
+                lock::Taken::FellBack(reason) => {
+                    eprintln!(
+                        "cachelock: running on a fresh private data root instead of the cache {}: {reason}",
+                        data_root.display()
+                    );
+                    RunRoot::Private(private::create(&parent.join(earthly::PRIVATE_DIR), &short)?)
+                }
+            }
+        }
+        None if e.cached => RunRoot::Cached(data_root.clone(), None),
+        // Earthly's `mktemp -d` inside the root: two runs of one target share the root.
+        None => RunRoot::Private(private::create(data_root, &short)?),
+    })
 }
 
-/// On cgroup v2 at the root of a container's cgroup namespace, move every process into a
-/// child cgroup so that the root stays a "domain" and nested dockerd/systemd can delegate (as
-/// Earthly's wrapper does). Best effort: failures are only logged.
-fn isolate_cgroup_v2() {
-    let root = Path::new("/sys/fs/cgroup");
-    if !root.join("cgroup.controllers").exists() {
+/// Earthly's WSL switch to iptables-legacy (networking fails with iptables-nft there).
+fn wsl_iptables(trace: Trace) {
+    let kernel = earthly::uname();
+    if !kernel.contains("microsoft-standard-WSL") {
         return;
     }
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    if own.trim() != "0::/" {
-        return;
+    let version = std::process::Command::new("iptables")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    match earthly::wsl_iptables_legacy(&kernel, &version, Path::new("/sbin")) {
+        Ok(true) => eprintln!(
+            "WARNING: WSL and iptables-nft may not work; switched /sbin/iptables to iptables-legacy"
+        ),
+        Ok(false) => trace.step(format_args!("WSL with {}", version.trim())),
+        Err(e) => tracing::warn!("{e}"),
     }
-    let child = root.join("dockerd-wrapper");
-    let _ = std::fs::create_dir_all(&child);
-    let procs = std::fs::read_to_string(root.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.lines() {
-        let _ = std::fs::write(child.join("cgroup.procs"), pid);
-    }
-    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-    let enable: String = controllers
-        .split_whitespace()
-        .map(|c| format!("+{c} "))
-        .collect();
-    if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), enable.trim()) {
-        tracing::debug!("cgroup v2 delegation not enabled: {e}");
-    }
-    step!("moved processes into {}", child.display());
 }
 
-/// The cached root's two locks: cachelock's queue, then Earthly's flock.
-mod queue {
+/// The cached root's two locks: cachelock's queue, then Earthly's flock. [`take`] is the one
+/// function that takes them.
+mod lock {
     use super::*;
     use cachelock::lock::{Acquired, Containment, Guard};
     use cachelock::policy::Policy;
@@ -288,6 +368,8 @@ mod queue {
     /// Both locks of a cached root; released when dropped (the flock first, then the queue).
     #[derive(Debug)]
     pub struct Held {
+        /// The slot held (0: the cached root itself).
+        pub slot: u32,
         earthly: flock::Held,
         guard: Guard,
     }
@@ -303,50 +385,52 @@ mod queue {
         }
     }
 
-    /// Joins the request's queue in `<data_root>/.cachelock` and waits (policy, bounds and
-    /// progress as `cachelock run`), then takes Earthly's flock within what is left of the
-    /// bound.
+    /// The outcome of waiting for a cached root.
+    #[derive(Debug)]
+    pub enum Taken {
+        /// A slot of the root, locked.
+        Held(Held),
+        /// The lock rule allows fall-back and the policy chose it: run on a private root.
+        FellBack(String),
+    }
+
+    /// Takes cached root `data_root` for `request` (its queue lives in
+    /// `<data_root>/.cachelock`): waits in the queue (policy, bounds, slots and progress as
+    /// `cachelock run`), then takes `<data_root>/.earthly-docker-lock` within what is left of
+    /// the bound: exclusively with one slot (as Earthly's wrapper), shared with several, so
+    /// that every slot holder keeps Earthly's own wrapper (which takes it exclusively) off the
+    /// root.
     pub fn take(
-        request: &LockRequest,
         data_root: &Path,
+        request: &LockRequest,
         policy: &mut dyn Policy,
         signals: &Signals,
-    ) -> Result<Held> {
-        let name = &request.options.name;
-        step!(
-            "queueing for lock {name} in {} (priority {})",
-            data_root.join(LOCK_DIR).display(),
-            request.options.priority
-        );
+    ) -> Result<Taken> {
         let guard = match request.acquire(policy, signals)? {
             Acquired::Held(g) => g,
-            Acquired::FellBack { reason } => {
-                return Err(Error::new(
-                    Kind::Software,
-                    format!("unexpected fall-back for lock {name}: {reason}"),
-                ))
-            }
+            Acquired::FellBack { reason } => return Ok(Taken::FellBack(reason)),
         };
-        step!("locking {}", data_root.join(LOCK_FILE).display());
-        let left = request
-            .options
+        let opts = &request.options;
+        let file = data_root.join(earthly::LOCK_FILE);
+        let left = opts
             .wait_limit_ms
             .map(|ms| Duration::from_millis(ms).saturating_sub(guard.waited()));
         let earthly = flock::acquire_any(
-            &[data_root.join(LOCK_FILE)],
+            std::slice::from_ref(&file),
+            opts.slots > 1,
             left,
-            request.options.conflict_exit_code,
+            opts.conflict_exit_code,
             signals,
-            request.options.progress_interval,
+            opts.progress_interval,
             &format!(
                 "{} (held outside cachelock, e.g. by Earthly's own wrapper)",
-                data_root.join(LOCK_FILE).display()
+                file.display()
             ),
         )?;
-        step!(
-            "locked after {:.1}s",
-            (guard.waited() + earthly.waited).as_secs_f64()
-        );
-        Ok(Held { earthly, guard })
+        Ok(Taken::Held(Held {
+            slot: guard.slot(),
+            earthly,
+            guard,
+        }))
     }
 }

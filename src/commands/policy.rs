@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::PolicyCommand;
+use crate::cli::{PolicyCommand, PolicyLang};
 use cachelock::config::{Loaded, OnError};
 use cachelock::error::{Error, Kind, Result};
 use cachelock::policy::{self, scenario::Scenario, simulate, Policy, StartAttempt, Ticket};
@@ -29,7 +29,15 @@ pub fn execute(cmd: PolicyCommand) -> Result<i32> {
             json,
         ),
         PolicyCommand::List { config } => list(&Loaded::load(config.as_deref())?),
-        PolicyCommand::New { name, dir } => new(&name, dir.as_deref()),
+        PolicyCommand::New { name, dir, lang } => new(&name, dir.as_deref(), lang),
+        PolicyCommand::CompileChild {
+            tier,
+            max_code_bytes,
+        } => {
+            let tier = policy::compile::Tier::parse(&tier)
+                .ok_or_else(|| Error::usage(format!("unknown tier {tier:?}")))?;
+            Ok(policy::compile::child_main(tier, max_code_bytes))
+        }
     }
 }
 
@@ -59,7 +67,12 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
                 "now, quickly (optimized code compiling in the background for next time)",
         }
     );
-    println!("cache:     {}", spec.cache_dir.display());
+    println!("cache:     {}", spec.cache.display());
+    println!(
+        "budget:    compile within {} (policy_compile), waiters wait {} s for a compile",
+        spec.budget.describe(),
+        spec.budget.wait.as_secs()
+    );
     println!("world:     {} (ok)", policy::host::WORLD);
     println!("exports:   {}", info.exports.join(", "));
     if spec.config.is_empty() {
@@ -73,9 +86,10 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
         println!("configure: ok ({})", kv.join(", "));
     }
     println!(
-        "limits:    fuel {} per call, memory {} MiB, table elements {}, instances {}, \
-         keep-waiting clamped to [{}, {}] ms, log {} bytes per call",
+        "limits:    fuel {} per call, time {} ms per call, memory {} MiB, table elements {}, \
+         instances {}, keep-waiting clamped to [{}, {}] ms, log {} bytes per call",
         l.fuel,
+        l.time_ms,
         l.memory_bytes >> 20,
         l.table_elements,
         l.instances,
@@ -121,7 +135,8 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
     let wait = p.on_wait(&state)?;
     let start = p.start_timeout_ms(&attempt)?;
     let stop = p.stop_timeout_ms(Some("sample"))?;
-    // Let the background compile finish so the next run finds the optimized code.
+    // Deploy step: let the background compile finish so that the next run finds the optimized
+    // code (in the host cache when run as root).
     policy::cache::wait_for_background();
     println!(
         "sample:    rank(priority 0) = {rank}; on-wait(alone) = {wait:?}; \
@@ -227,7 +242,26 @@ fn list(loaded: &Loaded) -> Result<i32> {
 const SDK_SOURCE: &str = include_str!("../../policies/sdk/src/lib.rs");
 const WIT: &str = include_str!("../../wit/policy.wit");
 
-fn new(name: &str, dir: Option<&Path>) -> Result<i32> {
+/// componentize-py version the Python scaffold and `make setup` use.
+pub const COMPONENTIZE_PY: &str = "0.25.1";
+/// componentize-js version the JavaScript scaffold pins.
+pub const COMPONENTIZE_JS: &str = "0.23.0";
+
+const PY_APP: &str = include_str!("../../policies/templates/python/app.py");
+const PY_README: &str = include_str!("../../policies/templates/python/README.md");
+const JS_POLICY: &str = include_str!("../../policies/templates/js/policy.js");
+const JS_PACKAGE: &str = include_str!("../../policies/templates/js/package.json");
+const JS_README: &str = include_str!("../../policies/templates/js/README.md");
+const SCENARIO: &str = r#"# cachelock policy simulate --policy <the .wasm> --scenario scenario.yaml
+holders:
+  - {id: nightly, release_at_ms: 5000}
+arrivals:
+  - {id: pr-1, at_ms: 0, labels: {branch: feature}}
+  - {id: pr-2, at_ms: 100, labels: {branch: feature}}
+  - {id: main, at_ms: 200, labels: {branch: main}}
+"#;
+
+fn new(name: &str, dir: Option<&Path>, lang: PolicyLang) -> Result<i32> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name
             .chars()
@@ -235,7 +269,7 @@ fn new(name: &str, dir: Option<&Path>) -> Result<i32> {
         && name.len() <= 64;
     if !valid {
         return Err(Error::usage(format!(
-            "{name:?} is not a valid crate name: use a letter, then letters, digits, - or _"
+            "{name:?} is not a valid policy name: use a letter, then letters, digits, - or _"
         )));
     }
     let root: PathBuf = dir.map(Path::to_path_buf).unwrap_or_else(|| name.into());
@@ -249,7 +283,11 @@ fn new(name: &str, dir: Option<&Path>) -> Result<i32> {
             root.display()
         )));
     }
-    let files = scaffold(name);
+    let files = match lang {
+        PolicyLang::Rust => scaffold(name),
+        PolicyLang::Python => scaffold_python(name),
+        PolicyLang::Js => scaffold_js(name),
+    };
     for (rel, content) in &files {
         let path = root.join(rel);
         if let Some(parent) = path.parent() {
@@ -260,21 +298,67 @@ fn new(name: &str, dir: Option<&Path>) -> Result<i32> {
         std::fs::write(&path, content)
             .map_err(|e| Error::cant_create(format!("cannot write {}: {e}", path.display())))?;
     }
-    let wasm = format!(
-        "target/wasm32-wasip2/release/{}.wasm",
-        name.replace('-', "_")
-    );
+    let (build, wasm) = match lang {
+        PolicyLang::Rust => (
+            "cargo build --release          # needs: rustup target add wasm32-wasip2".to_string(),
+            format!(
+                "target/wasm32-wasip2/release/{}.wasm",
+                name.replace('-', "_")
+            ),
+        ),
+        PolicyLang::Python => (
+            format!(
+                "componentize-py -d wit -w policy componentize app -o {name}.wasm   # pip install componentize-py=={COMPONENTIZE_PY}"
+            ),
+            format!("{name}.wasm"),
+        ),
+        PolicyLang::Js => (
+            "npm install && npm run build".to_string(),
+            format!("{name}.wasm"),
+        ),
+    };
     println!(
-        "created policy crate {} ({} files)",
+        "created policy {} ({} files; README.md says how to build and deploy it)",
         root.display(),
         files.len()
     );
     println!("next:");
     println!("  cd {}", root.display());
-    println!("  cargo build --release          # needs: rustup target add wasm32-wasip2");
+    println!("  {build}");
     println!("  cachelock policy check {wasm}");
     println!("  cachelock policy simulate --policy {wasm} --scenario scenario.yaml");
     Ok(0)
+}
+
+fn fill(template: &str, name: &str) -> String {
+    template
+        .replace("{{name}}", name)
+        .replace("{{componentize_py}}", COMPONENTIZE_PY)
+        .replace("{{componentize_js}}", COMPONENTIZE_JS)
+}
+
+/// The files of a new Python policy: `app.py`, the WIT, a scenario, a README.
+pub fn scaffold_python(name: &str) -> Vec<(String, String)> {
+    vec![
+        ("app.py".into(), fill(PY_APP, name)),
+        ("wit/policy.wit".into(), WIT.into()),
+        ("scenario.yaml".into(), SCENARIO.into()),
+        ("README.md".into(), fill(PY_README, name)),
+        (".gitignore".into(), "*.wasm\n__pycache__/\n".into()),
+    ]
+}
+
+/// The files of a new JavaScript policy: `policy.js`, `package.json`, the WIT, a scenario, a
+/// README.
+pub fn scaffold_js(name: &str) -> Vec<(String, String)> {
+    vec![
+        ("policy.js".into(), fill(JS_POLICY, name)),
+        ("package.json".into(), fill(JS_PACKAGE, name)),
+        ("wit/policy.wit".into(), WIT.into()),
+        ("scenario.yaml".into(), SCENARIO.into()),
+        ("README.md".into(), fill(JS_README, name)),
+        (".gitignore".into(), "*.wasm\nnode_modules/\n".into()),
+    ]
 }
 
 /// The files of a new policy crate: the policy, and a private copy of the SDK and the WIT so

@@ -68,10 +68,15 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         };
         locks.push(view(status, &settings.policy, now));
     }
+    let cache = args.cache_root.as_ref().map(|cache_root| {
+        cachelock::dockerd::usage::status(cache_root, loaded.config.dockerd.cache_max_size)
+    });
     let doc = StatusDoc {
         lock_dir: lock_dir.display().to_string(),
         lock_dir_note,
         locks,
+        cache,
+        now_ms: now,
     };
     if args.json {
         print!("{}", render_json(&doc));

@@ -44,8 +44,11 @@ pub struct Spec {
     pub log_tail_lines: usize,
     /// The cache id (for the policy).
     pub cache_id: Option<String>,
-    /// Where dockerd's output goes (default `<inst_dir>/dockerd.log`).
+    /// Where dockerd's output goes (default `<inst_dir>/dockerd.log`); a shared path such as
+    /// `/var/log/docker.log` only once claimed (see [`super::claim`]).
     pub log_file: Option<PathBuf>,
+    /// More unix sockets to listen on (the claimed `/var/run/docker.sock` of the drop-in).
+    pub extra_sockets: Vec<PathBuf>,
 }
 
 impl Spec {
@@ -100,10 +103,32 @@ pub fn ping(socket: &Path) -> bool {
     text.starts_with("HTTP/1.") && text.contains(" 200 ") && text.ends_with("OK")
 }
 
-/// The last `n` lines of a file.
+/// How much of dockerd's log a start failure shows (the whole log when it is smaller).
+pub const LOG_EXCERPT_BYTES: u64 = 64 * 1024;
+
+/// The end of a file, at most `max` bytes, starting at a line boundary when cut.
+pub fn log_excerpt(path: &Path, max: u64) -> String {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::with_capacity(len.min(max) as usize);
+    let _ = f.take(max).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text.into_owned(),
+    }
+}
+
+/// The last `n` lines of a file (read from its last [`LOG_EXCERPT_BYTES`] only).
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
+    let text = log_excerpt(path, LOG_EXCERPT_BYTES);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -180,12 +205,17 @@ impl Daemon {
                             attempt += 1;
                         }
                         RetryDecision::GiveUp(reason) => {
+                            let log = spec.log();
+                            let whole = log_excerpt(&log, LOG_EXCERPT_BYTES);
                             return Err(Error::new(
                                 Kind::Unavailable,
                                 format!(
-                                    "dockerd did not become ready ({}; attempt {attempt}): {reason}\n--- last lines of {} ---\n{log_tail}",
+                                    "dockerd did not become ready ({}; attempt {attempt}): {reason}; its log is {}\n--- dockerd log {} (last {} KiB at most) ---\n{}\n--- end of dockerd log ---",
                                     describe(&failure),
-                                    spec.log().display()
+                                    log.display(),
+                                    log.display(),
+                                    LOG_EXCERPT_BYTES / 1024,
+                                    whole.trim_end()
                                 ),
                             ));
                         }
@@ -222,6 +252,11 @@ impl Daemon {
             .arg(format!("--exec-root={}", spec.exec_root().display()))
             .arg(format!("--pidfile={}", spec.pidfile().display()))
             .arg(format!("--host=unix://{}", spec.socket().display()))
+            .args(
+                spec.extra_sockets
+                    .iter()
+                    .map(|s| format!("--host=unix://{}", s.display())),
+            )
             .args(spec.network.dockerd_args())
             .args(&spec.extra_args)
             .stdin(Stdio::null())

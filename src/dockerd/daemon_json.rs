@@ -31,6 +31,25 @@ pub fn merge(base: &mut Value, over: Value) {
     }
 }
 
+/// Removes repeated values from every top-level array (merging concatenates arrays, so a
+/// registry listed by the user and by the contract would appear twice).
+pub fn dedup_arrays(doc: &mut Value) {
+    if let Value::Object(m) = doc {
+        for v in m.values_mut() {
+            if let Value::Array(a) = v {
+                let mut seen = Vec::new();
+                a.retain(|x| {
+                    let dup = seen.contains(x);
+                    if !dup {
+                        seen.push(x.clone());
+                    }
+                    !dup
+                });
+            }
+        }
+    }
+}
+
 /// Reads a user's daemon.json; a file that is not a JSON object is a configuration error (78).
 pub fn read_user_file(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -172,6 +191,13 @@ mod tests {
         );
         assert_eq!(dropped, vec!["data-root".to_string()]);
         assert_eq!(doc["insecure-registries"], json!(["a", "b"]));
+    }
+
+    #[test]
+    fn dedup_keeps_first_of_each() {
+        let mut d = json!({"insecure-registries": ["a", "b", "a"], "bip": "x"});
+        dedup_arrays(&mut d);
+        assert_eq!(d["insecure-registries"], json!(["a", "b"]));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! A plain kernel flock on one of several files, waited for with signals and a caller's bound.
 //!
 //! The Earthly drop-in locks `<data-root>/.earthly-docker-lock` exactly as Earthly's wrapper
-//! does (so an Earthly wrapper and cachelock sharing a directory exclude each other). That lock
-//! is held by processes outside cachelock's queue, which send no notification when they
-//! release it: it is polled (every 50 ms), interruptibly.
+//! does (so an Earthly wrapper and cachelock sharing a directory exclude each other), or shared
+//! when several slots of one root run at once (each holder keeps the stock wrapper, which takes
+//! it exclusively, out). That lock is held by processes outside cachelock's queue, which send
+//! no notification when they release it: it is polled (every 50 ms), interruptibly.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -29,11 +30,12 @@ fn open(path: &Path) -> Result<File> {
         .map_err(|e| Error::io(format!("opening lock file {}", path.display()), e))
 }
 
-/// Takes an exclusive flock on any one of `paths`, polling every 50 ms; gives up after
+/// Takes a flock (shared when `shared`) on any one of `paths`, polling every 50 ms; gives up after
 /// `limit` (exit `conflict_code`) and returns `Kind::Signal` on SIGINT/SIGTERM/SIGHUP. While
 /// waiting, prints `who` every `progress` (None: quiet).
 pub fn acquire_any(
     paths: &[PathBuf],
+    shared: bool,
     limit: Option<Duration>,
     conflict_code: i32,
     signals: &Signals,
@@ -45,7 +47,7 @@ pub fn acquire_any(
     let mut last_note = Instant::now();
     loop {
         for (index, f) in files.iter().enumerate() {
-            let taken = sys::try_flock(f, true)
+            let taken = sys::try_flock(f, !shared)
                 .map_err(|e| Error::io(format!("locking {}", paths[index].display()), e))?;
             if taken {
                 let file = f.try_clone().map_err(|e| Error::io("lock file", e))?;

@@ -8,7 +8,11 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::earthly::{RegistryLoad, COMPOSE_ENV};
 use crate::error::{Error, Kind, Result};
+
+/// Registry pulls running at once.
+pub const PARALLEL_PULLS: usize = 8;
 
 /// The docker CLI pointed at one dockerd.
 #[derive(Debug, Clone)]
@@ -116,7 +120,9 @@ impl Docker {
     }
 
     /// Before the command on a cached root: kill and prune containers, volumes and networks;
-    /// give every image the tag `<prefix><id>` and remove its other tags.
+    /// give every image the tag `<prefix><id>` and remove its other tags. Removals are
+    /// `rmi --force` and a failed one is a warning, as in Earthly's wrapper since its issue
+    /// #4267: a stale image must not fail the build.
     pub fn prepare_cached(&self, prefix: &str, summary: &mut Summary) -> Result<()> {
         let running = self.lines(["ps", "-q"])?;
         if !running.is_empty() {
@@ -136,11 +142,18 @@ impl Docker {
                 self.run(["tag", id.as_str(), cached.as_str()])?;
             }
             for t in tags.iter().filter(|t| !t.starts_with(prefix)) {
-                self.run(["rmi", t.as_str()])?;
+                self.rmi_tolerant(t);
             }
             summary.retagged += 1;
         }
         Ok(())
+    }
+
+    /// `docker rmi --force NAME`; a failure is reported as a warning only.
+    fn rmi_tolerant(&self, name: &str) {
+        if let Err(e) = self.run(["rmi", "--force", name]) {
+            tracing::warn!("could not remove cached image {name} (continuing): {e}");
+        }
     }
 
     /// Loads image tarballs (`docker load -i`).
@@ -152,14 +165,52 @@ impl Docker {
         Ok(())
     }
 
-    /// Pulls `reference` and tags it `tag`, for each pair (Earthly's embedded-registry loads).
-    pub fn load_registry(&self, pairs: &[(String, String)]) -> Result<()> {
-        for (reference, tag) in pairs {
-            self.run(["pull", reference.as_str()])?;
-            self.run(["tag", reference.as_str(), tag.as_str()])?;
-            self.run(["rmi", reference.as_str()])?;
+    /// Earthly's embedded-registry loads: for each entry pull `<registry>/REF`, tag it with the
+    /// user's tag and `rmi --force` the pulled name, all entries in parallel (at most
+    /// [`PARALLEL_PULLS`] at a time). Any failure fails the whole load, naming every entry that
+    /// failed.
+    pub fn load_registry(&self, loads: &[RegistryLoad]) -> Result<()> {
+        let mut failures = Vec::new();
+        for chunk in loads.chunks(PARALLEL_PULLS) {
+            let results: Vec<Result<()>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|l| {
+                        sc.spawn(move || {
+                            self.run(["pull", "-q", l.pull.as_str()])?;
+                            self.run(["tag", l.pull.as_str(), l.tag.as_str()])?;
+                            self.run(["rmi", "--force", l.pull.as_str()])?;
+                            tracing::info!("pulled {} as {}", l.pull, l.tag);
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::software("a pull thread panicked")))
+                    })
+                    .collect()
+            });
+            failures.extend(results.into_iter().filter_map(|r| r.err()));
         }
-        Ok(())
+        if failures.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            Kind::Unavailable,
+            format!(
+                "loading images from the registry failed ({} of {}): {}",
+                failures.len(),
+                loads.len(),
+                failures
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ))
     }
 
     /// After the loads on a cached root: images the load tagged again lose their prefix tag;
@@ -175,10 +226,12 @@ impl Docker {
             for t in ours {
                 // Untagging an image that still has other tags keeps its layers; otherwise
                 // this deletes it unless it is a parent of a kept one.
-                let _ = self.run(["rmi", t.as_str()]);
+                self.rmi_tolerant(t);
             }
         }
-        self.run(["image", "prune", "-f"])?;
+        if let Err(e) = self.run(["image", "prune", "-f"]) {
+            tracing::warn!("could not prune dangling images (continuing): {e}");
+        }
         Ok(())
     }
 }
@@ -212,8 +265,12 @@ pub enum ComposeCli {
 }
 
 impl Docker {
-    /// Finds a compose implementation, or says that none is installed (69).
+    /// Finds a compose implementation as Earthly does: `docker-compose` first, then the
+    /// `docker compose` plugin; none is an error naming both (69).
     pub fn compose_cli(&self) -> Result<ComposeCli> {
+        if let Some(p) = super::daemon::find_binary(Path::new("docker-compose")) {
+            return Ok(ComposeCli::Standalone(p));
+        }
         let plugin = self
             .command()
             .args(["compose", "version"])
@@ -225,17 +282,14 @@ impl Docker {
         if plugin {
             return Ok(ComposeCli::Plugin);
         }
-        if let Some(p) = super::daemon::find_binary(Path::new("docker-compose")) {
-            return Ok(ComposeCli::Standalone(p));
-        }
         Err(Error::new(
             Kind::Unavailable,
-            "compose was requested (EARTHLY_START_COMPOSE=true) but neither `docker compose` nor `docker-compose` is installed; install the compose plugin (Debian: docker-compose)",
+            "compose was requested but neither `docker-compose` nor `docker compose` is installed; install one (Debian: docker-compose)",
         ))
     }
 
-    /// Runs compose with `-f FILE...` and `args`.
-    pub fn compose(&self, cli: &ComposeCli, files: &[String], args: &[&str]) -> Result<()> {
+    /// A compose command with `-f FILE...`, Earthly's compose environment and `DOCKER_HOST`.
+    pub fn compose_command(&self, cli: &ComposeCli, files: &[String]) -> Command {
         let mut cmd = match cli {
             ComposeCli::Plugin => {
                 let mut c = self.command();
@@ -244,15 +298,25 @@ impl Docker {
             }
             ComposeCli::Standalone(p) => {
                 let mut c = Command::new(p);
-                c.env("DOCKER_HOST", &self.host).stdin(Stdio::null());
+                c.stdin(Stdio::null());
+                if !self.host.is_empty() {
+                    c.env("DOCKER_HOST", &self.host);
+                }
                 c
             }
         };
+        cmd.envs(COMPOSE_ENV);
         for f in files {
             cmd.arg("-f").arg(f);
         }
-        cmd.args(args);
-        let status = cmd
+        cmd
+    }
+
+    /// Runs compose with `-f FILE...` and `args`.
+    pub fn compose(&self, cli: &ComposeCli, files: &[String], args: &[&str]) -> Result<()> {
+        let status = self
+            .compose_command(cli, files)
+            .args(args)
             .status()
             .map_err(|e| Error::new(Kind::Unavailable, format!("cannot run compose: {e}")))?;
         if !status.success() {

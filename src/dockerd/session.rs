@@ -12,14 +12,8 @@ use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::process::{self, Signals};
 
-/// Compose services to bring up before the command and down after it.
-#[derive(Debug, Clone, Default)]
-pub struct Compose {
-    /// `-f` files.
-    pub files: Vec<String>,
-    /// Services (all when empty).
-    pub services: Vec<String>,
-}
+pub use super::earthly::Compose;
+use super::earthly::RegistryLoad;
 
 /// One run, fully resolved.
 #[derive(Debug, Clone)]
@@ -36,8 +30,8 @@ pub struct Plan {
     pub keep_inst_dir: bool,
     /// Image tarballs to load.
     pub loads: Vec<PathBuf>,
-    /// `(reference, tag)` pairs to pull and tag.
-    pub registry_loads: Vec<(String, String)>,
+    /// Registry pulls (Earthly's embedded registry).
+    pub registry_loads: Vec<RegistryLoad>,
     /// Compose, if requested.
     pub compose: Option<Compose>,
     /// The command.

@@ -16,6 +16,30 @@ pub const DEFAULT_RUN_DIR: &str = "/run/cachelock";
 /// Default hygiene prefix of `cachelock dockerd`.
 pub const DEFAULT_PREFIX: &str = "cachelock_cached_";
 
+/// What a front end (`cachelock dockerd`, the Earthly drop-in) uses where the configuration
+/// says nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    /// `dockerd.network`.
+    pub network: network::Mode,
+    /// `dockerd.image_prefix`.
+    pub prefix: &'static str,
+    /// `dockerd.log_file` (`None`: the per-instance log).
+    pub log_file: Option<&'static str>,
+    /// `dockerd.default_socket` (`None`: only the per-instance socket).
+    pub default_socket: Option<&'static str>,
+}
+
+impl Defaults {
+    /// `cachelock dockerd`: isolated network, nothing host-wide.
+    pub const DOCKERD: Defaults = Defaults {
+        network: network::Mode::Netns,
+        prefix: DEFAULT_PREFIX,
+        log_file: None,
+        default_socket: None,
+    };
+}
+
 /// The `dockerd:` section, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -39,18 +63,28 @@ pub struct Resolved {
     pub log_tail_lines: usize,
     /// Cap on the stop grace.
     pub stop_grace_cap: Option<Duration>,
+    /// A shared log path to claim (`/var/log/docker.log`), if any.
+    pub log_file: Option<PathBuf>,
+    /// A shared socket path to claim (`/var/run/docker.sock`), if any.
+    pub default_socket: Option<PathBuf>,
+    /// Cap on the total size of cached data roots.
+    pub cache_max_size: Option<u64>,
 }
 
-/// Resolves the configuration; `default_network` applies when `dockerd.network` is unset.
-pub fn resolve(
-    loaded: &Loaded,
-    default_network: network::Mode,
-    default_prefix: &str,
-) -> Result<Resolved> {
+/// `off` (or empty) disables a path setting; anything else is the path.
+fn path_setting(v: Option<&str>, default: Option<&str>) -> Option<PathBuf> {
+    match v.or(default) {
+        None | Some("" | "off") => None,
+        Some(p) => Some(PathBuf::from(p)),
+    }
+}
+
+/// Resolves the configuration; `defaults` apply where it is silent.
+pub fn resolve(loaded: &Loaded, defaults: Defaults) -> Result<Resolved> {
     let c = &loaded.config.dockerd;
     let network = match &c.network {
         Some(n) => network::Mode::parse(n)?,
-        None => default_network,
+        None => defaults.network,
     };
     let uplink_pool = network::parse_cidr(
         c.uplink_pool
@@ -73,9 +107,8 @@ pub fn resolve(
     }
     // In netns mode the namespace has no host networks to avoid but the uplink's; elsewhere
     // the host's routes (its own docker0 among them) are what must not be shadowed.
-    let defaults = daemon_json::defaults(&daemon_json::host_routes());
-    let (mut doc, dropped) =
-        daemon_json::build(defaults, user_file, c.daemon_json.clone(), json!({}));
+    let base = daemon_json::defaults(&daemon_json::host_routes());
+    let (mut doc, dropped) = daemon_json::build(base, user_file, c.daemon_json.clone(), json!({}));
     if network == network::Mode::None {
         // dockerd refuses `--bridge=none` together with `bip`.
         if let Value::Object(m) = &mut doc {
@@ -128,20 +161,33 @@ pub fn resolve(
         prefix: c
             .image_prefix
             .clone()
-            .unwrap_or_else(|| default_prefix.to_string()),
+            .unwrap_or_else(|| defaults.prefix.to_string()),
         log_tail_lines: c.log_tail_lines.unwrap_or(40),
         stop_grace_cap,
+        // CACHELOCK_DOCKERD_LOG (older name of the setting) wins over the file.
+        log_file: path_setting(
+            std::env::var("CACHELOCK_DOCKERD_LOG")
+                .ok()
+                .as_deref()
+                .or(c.log_file.as_deref()),
+            defaults.log_file,
+        ),
+        default_socket: path_setting(c.default_socket.as_deref(), defaults.default_socket),
+        cache_max_size: c.cache_max_size,
     })
 }
 
 impl Resolved {
-    /// The dockerd spec for one run.
+    /// The dockerd spec for one run; `log_file` and `extra_sockets` are what the run claimed
+    /// (see [`super::claim`]).
     pub fn spec(
         &self,
         data_root: PathBuf,
         short_id: &str,
         inherit: Vec<std::os::fd::RawFd>,
         cache_id: Option<String>,
+        log_file: Option<PathBuf>,
+        extra_sockets: Vec<PathBuf>,
     ) -> daemon::Spec {
         daemon::Spec {
             binary: self.binary.clone(),
@@ -154,10 +200,8 @@ impl Resolved {
             inherit,
             log_tail_lines: self.log_tail_lines,
             cache_id,
-            // A log that outlives the run, e.g. /var/log/docker.log as Earthly's wrapper keeps.
-            log_file: std::env::var_os("CACHELOCK_DOCKERD_LOG")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+            log_file,
+            extra_sockets,
         }
     }
 

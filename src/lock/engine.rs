@@ -136,8 +136,16 @@ impl Waiter<'_> {
 
     /// Scan, rank, try if at the head, else ask the policy how long to wait.
     fn evaluate(&mut self, policy: &mut dyn Policy) -> Result<Next> {
+        let mut snap = self.queued().scan()?;
+        // When the policy will be consulted (others to rank, or a holder to wait for), load it
+        // first (a bounded wait for a compile); a snapshot taken before that wait is stale and
+        // is taken again. An uncontended request, or `-n` behind a holder alone, never loads it.
+        let consulted = !snap.waiters.is_empty()
+            || (!snap.holders.is_empty() && self.opts.wait_limit_ms != Some(0));
+        if consulted && policy.ready()? {
+            snap = self.queued().scan()?;
+        }
         let now = now_ms();
-        let snap = self.queued().scan()?;
         let me = self.queued().ticket().clone();
         let mut all = snap.waiters.clone();
         all.push(me.clone());

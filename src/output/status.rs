@@ -26,6 +26,12 @@ pub struct StatusDoc {
     pub lock_dir_note: Option<String>,
     /// One entry per lock, by name.
     pub locks: Vec<LockStatus>,
+    /// Cached data roots under `--cache-root`, when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::dockerd::usage::CacheStatus>,
+    /// When the document was made (Unix ms), for "last used ... ago".
+    #[serde(skip)]
+    pub now_ms: u64,
 }
 
 /// A live ticket that cannot be read: ignored by waiters, shown so that it cannot hide.
@@ -192,6 +198,50 @@ pub fn render_text(doc: &StatusDoc) -> String {
                 escape(&u.reason)
             ));
         }
+    }
+    if let Some(c) = &doc.cache {
+        out.push_str(&cache_text(c, doc.now_ms));
+    }
+    out
+}
+
+/// The cache section of the text status.
+fn cache_text(c: &crate::dockerd::usage::CacheStatus, now: u64) -> String {
+    use crate::dockerd::usage::human;
+    let ago = |ms: u64| {
+        let min = now.saturating_sub(ms) / 60_000;
+        match min {
+            0..=119 => format!("{min} min ago"),
+            120..=2879 => format!("{} h ago", min / 60),
+            _ => format!("{} days ago", min / 1440),
+        }
+    };
+    let mut out = format!(
+        "cache root {}: {} cached data root(s), {}{}\n",
+        c.root.display(),
+        c.roots.len(),
+        human(c.total_bytes),
+        c.cap_bytes
+            .map(|b| format!(" of a {} cap", human(b)))
+            .unwrap_or_else(|| ", no cap".to_string())
+    );
+    for r in &c.roots {
+        out.push_str(&format!(
+            "  {}  {}  last used {}{}\n",
+            r.name,
+            human(r.bytes),
+            ago(r.last_used_ms),
+            if r.held { "  held" } else { "" }
+        ));
+    }
+    for e in &c.evictions {
+        out.push_str(&format!(
+            "  evicted {} ({}) {} (last used {})\n",
+            e.name,
+            human(e.bytes),
+            ago(e.at_ms),
+            ago(e.last_used_ms)
+        ));
     }
     out
 }

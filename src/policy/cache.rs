@@ -1,21 +1,40 @@
-//! The wasmtime engines and the compile cache: a policy is compiled once
-//! (`Engine::precompile_component`) and later loaded with `Component::deserialize_file`, keyed by
-//! the module's sha256 plus the engine's compatibility hash (wasmtime version and every setting
-//! that affects compiled code). Tiered: a never-seen policy is compiled with Winch (fast to
-//! compile) for the first run while Cranelift compiles the optimized code in the background. Files are written to a temp name and renamed into place, so
-//! concurrent first runs never see a half-written artifact.
+//! The wasmtime engines and the compile cache.
+//!
+//! A policy is compiled once and later loaded with `Component::deserialize_file`, keyed by the
+//! module's sha256 plus the engine's compatibility hash (wasmtime version and every setting that
+//! affects compiled code). Tiered: a never-seen policy is compiled with Winch (fast to compile)
+//! for the first run while Cranelift compiles the optimized code in the background.
+//!
+//! Once per host, or per user: the cache directories are the host cache (written by root, read
+//! by everyone) and the caller's own. A compile holds a lock on its cache entry
+//! (`<key>.lock`, flock), so concurrent first runs wait for one compile instead of each
+//! compiling (they block in the loader thread; see `lazy`). Modules that are not built in are
+//! compiled in a child process under the compile budget ([`super::compile`]).
+//!
+//! Trust: an artifact is native code, so it is only loaded from a directory that passes
+//! [`super::trust`] (owned by the caller or root, writable by nobody else, no symlinks), from a
+//! file owned by the directory's owner, and only if its sha256 matches the digest file written
+//! beside it (`<key>.sha256`, in the same trusted directory). Anything else is ignored and
+//! recompiled. Artifacts and digests are written to temp names and renamed into place.
 
+use std::fs::File;
 use std::hash::{Hash, Hasher};
-use std::io::Write;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
-use std::sync::Mutex;
 use wasmtime::component::Component;
-
 use wasmtime::{Config, Engine, Strategy};
 
-/// The engine of optimized code (Cranelift, fuel metering on): what a warm process runs.
+use super::compile::{self, Budget, CompileError, Tier};
+use super::trust::{self, TrustedDir};
+
+/// Default host cache (root-owned; written at deploy time by `cachelock policy check` as root).
+pub const DEFAULT_HOST_CACHE_DIR: &str = "/var/cache/cachelock";
+
+/// The engine of optimized code (Cranelift, fuel metering and epoch interruption on): what a
+/// warm process runs.
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| make_engine(Strategy::Cranelift))
@@ -30,14 +49,16 @@ pub fn quick_engine() -> &'static Engine {
 
 fn make_engine(strategy: Strategy) -> Engine {
     let mut c = Config::new();
-    c.consume_fuel(true).strategy(strategy);
+    c.consume_fuel(true)
+        .epoch_interruption(true)
+        .strategy(strategy);
     Engine::new(&c).expect("wasmtime engine configuration is valid")
 }
 
 static BACKGROUND: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
 
-/// Waits for background compilations started by [`load`] (tests and benchmarks measure the
-/// optimized code; a real process never waits).
+/// Waits for background compilations started by [`load`] (`policy check` waits so that the
+/// next run finds the optimized code; a waiting process never does).
 pub fn wait_for_background() {
     let handles = std::mem::take(&mut *BACKGROUND.lock().unwrap_or_else(|p| p.into_inner()));
     for h in handles {
@@ -45,120 +66,448 @@ pub fn wait_for_background() {
     }
 }
 
-/// Where compiled policies go: the configured directory, else `$XDG_CACHE_HOME/cachelock`,
-/// else `~/.cache/cachelock`, else `<tmp>/cachelock-cache-<uid>`.
-pub fn cache_dir(configured: Option<&Path>) -> PathBuf {
-    if let Some(p) = configured {
-        return p.to_path_buf();
+/// Where compiled policies are looked up and written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheDirs {
+    /// The host cache (root's), read by everyone.
+    pub host: PathBuf,
+    /// Where this process writes: the configured `policy_cache_dir`; else, for root, the host
+    /// cache; else `$XDG_CACHE_HOME/cachelock` or `~/.cache/cachelock`. `None`: nowhere (every
+    /// process compiles).
+    pub own: Option<PathBuf>,
+}
+
+impl CacheDirs {
+    /// The directories for this caller, per the configuration.
+    pub fn resolve(configured: Option<&Path>, host: Option<&Path>) -> Self {
+        let host = host
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_HOST_CACHE_DIR));
+        let own = if let Some(p) = configured {
+            Some(p.to_path_buf())
+        } else if trust::euid() == 0 {
+            Some(host.clone())
+        } else if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+            Some(PathBuf::from(x).join("cachelock"))
+        } else {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache").join("cachelock"))
+        };
+        CacheDirs { host, own }
     }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(x).join("cachelock");
+
+    /// The directory shown to people: where this process writes, else the host cache.
+    pub fn display(&self) -> String {
+        match &self.own {
+            Some(o) if *o != self.host => {
+                format!("{} (host cache {})", o.display(), self.host.display())
+            }
+            Some(o) => o.display().to_string(),
+            None => format!("{} (read only; no cache of your own)", self.host.display()),
+        }
     }
-    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(h).join(".cache").join("cachelock");
-    }
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    std::env::temp_dir().join(format!("cachelock-cache-{uid}"))
 }
 
 /// How a component was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// Loaded from the compile cache.
+    /// Optimized code from the compile cache.
     Cached,
     /// Quickly compiled code from the cache; the optimized code is being compiled in the
     /// background for the next run.
     CachedQuick,
-    /// Compiled now with the quick compiler (and written to the cache if it was writable); the
-    /// optimized code is being compiled in the background for the next run.
+    /// Compiled now with the quick compiler; the optimized code is being compiled in the
+    /// background for the next run.
     Compiled,
 }
 
-/// The cache file for a module with hex sha256 `sha` under `dir`.
-pub fn artifact_path(engine: &Engine, dir: &Path, sha: &str) -> PathBuf {
+/// Why a module could not be loaded.
+#[derive(Debug)]
+pub struct LoadError(pub CompileError);
+
+/// The file name stem of the artifact of module `sha` compiled by `engine`.
+pub fn artifact_key(engine: &Engine, sha: &str) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
-    dir.join(format!("{sha}-{:016x}.cwasm", h.finish()))
+    format!("{sha}-{:016x}", h.finish())
 }
 
-/// Loads the component with bytes `bytes` (hex sha256 `sha`) from the cache in `dir`: the
-/// optimized code if present, else the quick code (compiled now if need be) while a background
-/// thread compiles the optimized code into the cache for the next run. A cache that cannot be
-/// read or written only costs compiles.
-pub fn load(bytes: &[u8], sha: &str, dir: &Path) -> wasmtime::Result<(Component, Origin)> {
-    if let Some(c) = cached(engine(), dir, sha) {
+/// One module to load.
+pub struct Module<'a> {
+    /// The component's bytes.
+    pub bytes: &'a [u8],
+    /// Their hex sha256.
+    pub sha: &'a str,
+    /// Built into cachelock: compiled in this process (no budget); else in a budgeted child.
+    pub trusted: bool,
+}
+
+/// Loads `m`: the optimized code if a trusted cache has it, else the quick code (compiled now,
+/// once per cache entry, if need be) while a background thread compiles the optimized code into
+/// the cache for the next run. A cache that cannot be used only costs compiles.
+pub fn load(
+    m: &Module,
+    dirs: &CacheDirs,
+    budget: &Budget,
+) -> Result<(Component, Origin), LoadError> {
+    // Created only when something must be written (a user served by the host cache gets no
+    // directory of their own).
+    let mut own = dirs.own.as_ref().and_then(|o| open_trusted(o, false));
+    let host = if dirs.own.as_ref() == Some(&dirs.host) {
+        None
+    } else {
+        open_trusted(&dirs.host, false)
+    };
+    let readable: Vec<&TrustedDir> = host.iter().chain(own.iter()).collect();
+    let opt_key = artifact_key(engine(), m.sha);
+    let quick_key = artifact_key(quick_engine(), m.sha);
+    if let Some(c) = readable.iter().find_map(|d| cached(engine(), d, &opt_key)) {
         return Ok((c, Origin::Cached));
     }
-    let quick = quick_engine();
-    let (component, origin) = match cached(quick, dir, sha) {
+    let cached_quick = readable
+        .iter()
+        .find_map(|d| cached(quick_engine(), d, &quick_key));
+    drop(readable);
+    if own.is_none() {
+        own = dirs.own.as_ref().and_then(|o| open_trusted(o, true));
+    }
+    let writable = own.as_ref().filter(|d| d.writable());
+    let quick = match cached_quick {
         Some(c) => (c, Origin::CachedQuick),
-        None => (compile(quick, bytes, sha, dir)?, Origin::Compiled),
-    };
-    let (bytes, sha, dir) = (bytes.to_vec(), sha.to_string(), dir.to_path_buf());
-    let handle = std::thread::spawn(move || {
-        if let Err(e) = compile(engine(), &bytes, &sha, &dir) {
-            tracing::debug!("background compile of policy {sha} failed: {e:#}");
+        None => {
+            let c = match writable {
+                Some(d) => compile_into(d, m, Tier::Quick, &quick_key, budget),
+                None => compile_anonymous(m, Tier::Quick, budget),
+            };
+            match c {
+                Ok(c) => (c, Origin::Compiled),
+                // Winch does not support every feature: the optimized compiler is the answer.
+                Err(LoadError(CompileError::Invalid(_))) => {
+                    let c = match writable {
+                        Some(d) => compile_into(d, m, Tier::Optimized, &opt_key, budget)?,
+                        None => compile_anonymous(m, Tier::Optimized, budget)?,
+                    };
+                    return Ok((c, Origin::Compiled));
+                }
+                Err(e) => return Err(e),
+            }
         }
-    });
-    BACKGROUND
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(handle);
-    Ok((component, origin))
+    };
+    if let Some(d) = dirs.own.clone().filter(|_| writable.is_some()) {
+        let (bytes, sha, trusted, budget) = (
+            m.bytes.to_vec(),
+            m.sha.to_string(),
+            m.trusted,
+            budget.clone(),
+        );
+        let handle = std::thread::spawn(move || {
+            let Some(dir) = open_trusted(&d, true) else {
+                return;
+            };
+            let m = Module {
+                bytes: &bytes,
+                sha: &sha,
+                trusted,
+            };
+            let key = artifact_key(engine(), &sha);
+            // One process compiles; the others go on with the quick code.
+            if let Err(e) = compile_if_free(&dir, &m, &key, &budget) {
+                tracing::debug!(
+                    "background compile of policy {sha} failed: {}",
+                    e.0.message()
+                );
+            }
+        });
+        BACKGROUND
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
+    }
+    Ok(quick)
 }
 
-fn cached(engine: &Engine, dir: &Path, sha: &str) -> Option<Component> {
-    let path = artifact_path(engine, dir, sha);
-    if !path.is_file() {
-        return None;
-    }
-    // SAFETY: the file was written by `precompile_component` of an engine with the same
-    // compatibility hash (part of the name) into the user's own cache directory;
-    // deserialize_file re-checks the header and refuses incompatible artifacts.
-    match unsafe { Component::deserialize_file(engine, &path) } {
-        Ok(c) => Some(c),
+/// Opens `dir` if it passes the trust rules (creating it when it is ours to write); says why
+/// not once per directory and process.
+fn open_trusted(dir: &Path, create: bool) -> Option<TrustedDir> {
+    let mode = if trust::euid() == 0 { 0o755 } else { 0o700 };
+    match trust::open_dir(dir, create, mode) {
+        Ok(d) => Some(d),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
-            tracing::debug!("ignoring unusable cached policy {}: {e:#}", path.display());
+            static SAID: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+            let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+            if !said.iter().any(|p| p == dir) {
+                said.push(dir.to_path_buf());
+                tracing::warn!("not using the policy compile cache: {e}");
+            }
             None
         }
     }
 }
 
-fn compile(engine: &Engine, bytes: &[u8], sha: &str, dir: &Path) -> wasmtime::Result<Component> {
-    let path = artifact_path(engine, dir, sha);
-    let compiled = engine.precompile_component(bytes)?;
-    if let Err(e) = store(dir, &path, &compiled) {
-        tracing::debug!("cannot cache compiled policy in {}: {e}", dir.display());
+/// The verified artifact `key` in `dir`, deserialized; `None` (with a debug line) for anything
+/// missing, untrusted, corrupt or incompatible.
+fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
+    let name = format!("{key}.cwasm");
+    let file = match dir.open_file(&name) {
+        Ok(Some(f)) => f,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("ignoring cached policy: {e}");
+            return None;
+        }
+    };
+    let want = match dir.open_file(&format!("{key}.sha256")) {
+        Ok(Some(mut f)) => trust::read_small(&mut f, 128).ok()?,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("ignoring cached policy: {e}");
+            return None;
+        }
+    };
+    let got = match digest_file(&file) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(
+                "cannot read cached policy {}: {e}",
+                dir.path.join(&name).display()
+            );
+            return None;
+        }
+    };
+    if got != want.trim() {
+        tracing::warn!(
+            "ignoring cached policy {}: its sha256 does not match {key}.sha256 (recompiling)",
+            dir.path.join(&name).display()
+        );
+        return None;
     }
-    // SAFETY: `compiled` was produced just now by this engine.
-    unsafe { Component::deserialize(engine, &compiled) }
+    deserialize_open(engine, &file)
+        .map_err(|e| {
+            tracing::debug!(
+                "ignoring unusable cached policy {}: {e:#}",
+                dir.path.join(&name).display()
+            )
+        })
+        .ok()
 }
 
-fn store(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    // A process that exits mid-write (the background compile of a short run) leaves its temp
-    // file: remove those of dead processes, cheaply, while we are here.
+/// Deserializes the artifact in the open file `file` (the very file that was checked: it is
+/// reopened through /proc/self/fd, not by its path).
+fn deserialize_open(engine: &Engine, file: &File) -> wasmtime::Result<Component> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    // SAFETY: the file was written by `precompile_component` of an engine with the same
+    // compatibility hash (part of its name) into a directory only its owner (the caller or
+    // root) can write, and its digest matched the one written beside it; deserialize_file
+    // re-checks the header and refuses incompatible artifacts.
+    unsafe { Component::deserialize_file(engine, path) }
+}
+
+/// Hex sha256 of a file's contents, read in chunks (a waiting process stays small).
+fn digest_file(mut f: &File) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    f.rewind()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    f.rewind()?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Compiles `m` for `tier` into the entry `key` of `dir`, unless another process did while we
+/// waited for the entry's lock.
+fn compile_into(
+    dir: &TrustedDir,
+    m: &Module,
+    tier: Tier,
+    key: &str,
+    budget: &Budget,
+) -> Result<Component, LoadError> {
+    let io = |what: String, e: std::io::Error| LoadError(CompileError::Io(format!("{what}: {e}")));
+    let lock = dir
+        .lock_file(&format!("{key}.lock"))
+        .map_err(|e| io(format!("cannot lock {}", dir.path.join(key).display()), e))?;
+    // Concurrent first runs wait here for the one compile (the loader thread blocks; the
+    // waiter's bound is kept by `lazy`).
+    flock(&lock, libc::LOCK_EX).map_err(|e| io("cannot lock the cache entry".into(), e))?;
+    if let Some(c) = cached(tier.engine(), dir, key) {
+        return Ok(c);
+    }
+    refused_before(dir, key, budget)?;
+    compile_locked(dir, m, tier, key, budget)
+}
+
+/// The background optimized compile: only if no other process is already doing it.
+fn compile_if_free(
+    dir: &TrustedDir,
+    m: &Module,
+    key: &str,
+    budget: &Budget,
+) -> Result<(), LoadError> {
+    let io = |e: std::io::Error| LoadError(CompileError::Io(e.to_string()));
+    let lock = dir.lock_file(&format!("{key}.lock")).map_err(io)?;
+    if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+        return Ok(());
+    }
+    if dir
+        .open_file(&format!("{key}.cwasm"))
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        return Ok(());
+    }
+    refused_before(dir, key, budget)?;
+    compile_locked(dir, m, Tier::Optimized, key, budget).map(|_| ())
+}
+
+/// A refusal remembered in `dir` for a budget at least as large as ours holds for us too.
+fn refused_before(dir: &TrustedDir, key: &str, budget: &Budget) -> Result<(), LoadError> {
+    let Ok(Some(mut f)) = dir.open_file(&format!("{key}.refused")) else {
+        return Ok(());
+    };
+    let Ok(text) = trust::read_small(&mut f, 4096) else {
+        return Ok(());
+    };
+    let mut lines = text.splitn(3, '\n');
+    let (mem, cpu) = (lines.next(), lines.next());
+    let then = Budget {
+        memory_bytes: mem.and_then(|s| s.parse().ok()).unwrap_or(0),
+        cpu_seconds: cpu.and_then(|s| s.parse().ok()).unwrap_or(0),
+        wait: budget.wait,
+    };
+    if budget.within(&then) {
+        return Err(LoadError(CompileError::OverBudget(format!(
+            "{} (remembered from an earlier compile)",
+            lines.next().unwrap_or("over the compile budget")
+        ))));
+    }
+    Ok(())
+}
+
+fn flock(f: &File, op: i32) -> std::io::Result<()> {
+    loop {
+        // SAFETY: valid descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn temp_name(key: &str, what: &str) -> String {
+    format!(".{key}.{what}.{}.tmp", std::process::id())
+}
+
+/// Compiles with the entry lock held, then writes the artifact and its digest.
+fn compile_locked(
+    dir: &TrustedDir,
+    m: &Module,
+    tier: Tier,
+    key: &str,
+    budget: &Budget,
+) -> Result<Component, LoadError> {
+    let io = |what: &str, e: std::io::Error| {
+        LoadError(CompileError::Io(format!(
+            "{what} in {}: {e}",
+            dir.path.display()
+        )))
+    };
     remove_stale_temps(dir);
+    let mode = if dir.owner == 0 { 0o644 } else { 0o600 };
+    let tmp = temp_name(key, "cwasm");
+    let mut out = dir
+        .create_new(&tmp, mode)
+        .map_err(|e| io("cannot create a temp file", e))?;
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        produce(m, tier, budget, &mut out).inspect_err(|e| {
+            if let CompileError::OverBudget(msg) = &e.0 {
+                remember_refusal(dir, key, budget, msg);
+            }
+        })?;
+        out.sync_all()
+            .map_err(|e| io("cannot write the compiled policy", e))?;
+        let digest = digest_file(&out).map_err(|e| io("cannot read the compiled policy", e))?;
+        write_small(dir, &format!("{key}.sha256"), &digest, mode)
+            .map_err(|e| io("cannot write the digest", e))?;
+        dir.rename(&tmp, &format!("{key}.cwasm"))
+            .map_err(|e| io("cannot store the compiled policy", e))?;
+        deserialize_open(tier.engine(), &out)
+            .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        dir.remove(&tmp);
     }
     result
+}
+
+/// Compiles into memory only (no trusted cache of our own).
+fn compile_anonymous(m: &Module, tier: Tier, budget: &Budget) -> Result<Component, LoadError> {
+    static SAID: OnceLock<()> = OnceLock::new();
+    SAID.get_or_init(|| {
+        tracing::warn!(
+            "no policy compile cache of your own (set policy_cache_dir, or HOME): every process compiles its policy"
+        )
+    });
+    let mut out = compile::anonymous_output().map_err(|e| {
+        LoadError(CompileError::Io(format!(
+            "cannot create a memory file: {e}"
+        )))
+    })?;
+    produce(m, tier, budget, &mut out)?;
+    deserialize_open(tier.engine(), &out)
+        .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))
+}
+
+/// Writes the artifact of `m` to `out`: in this process for a built-in, else in a budgeted
+/// child.
+fn produce(m: &Module, tier: Tier, budget: &Budget, out: &mut File) -> Result<(), LoadError> {
+    if m.trusted {
+        let compiled = tier
+            .engine()
+            .precompile_component(m.bytes)
+            .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))?;
+        out.write_all(&compiled).map_err(|e| {
+            LoadError(CompileError::Io(format!(
+                "cannot write the compiled policy: {e}"
+            )))
+        })?;
+        return Ok(());
+    }
+    compile::in_child(m.bytes, tier, budget, out).map_err(LoadError)?;
+    Ok(())
+}
+
+fn write_small(dir: &TrustedDir, name: &str, text: &str, mode: u32) -> std::io::Result<()> {
+    let tmp = temp_name(name, "w");
+    let r = (|| {
+        let mut f = dir.create_new(&tmp, mode)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        dir.rename(&tmp, name)
+    })();
+    if r.is_err() {
+        dir.remove(&tmp);
+    }
+    r
+}
+
+fn remember_refusal(dir: &TrustedDir, key: &str, budget: &Budget, msg: &str) {
+    let mode = if dir.owner == 0 { 0o644 } else { 0o600 };
+    let text = format!("{}\n{}\n{msg}", budget.memory_bytes, budget.cpu_seconds);
+    if let Err(e) = write_small(dir, &format!("{key}.refused"), &text, mode) {
+        tracing::debug!("cannot remember the refusal in {}: {e}", dir.path.display());
+    }
 }
 
 /// Hex sha256 of `bytes`.
@@ -170,13 +519,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn remove_stale_temps(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
+/// A process that exits mid-write (the background compile of a short run) leaves its temp
+/// file: remove those of dead processes, cheaply, while we are here.
+fn remove_stale_temps(dir: &TrustedDir) {
+    for name in dir.names() {
         let Some(pid) = name
             .strip_suffix(".tmp")
             .and_then(|n| n.rsplit('.').next())
@@ -188,7 +534,7 @@ fn remove_stale_temps(dir: &Path) {
         let alive = unsafe { libc::kill(pid, 0) } == 0
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
         if !alive {
-            let _ = std::fs::remove_file(e.path());
+            dir.remove(&name);
         }
     }
 }

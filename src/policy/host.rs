@@ -7,13 +7,15 @@
 //! the policy name and capped per call.
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Store, Trap};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime::component::{Component, Linker, Resource, ResourceTable};
+use wasmtime::{Store, StoreContextMut, Trap};
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::cache::{self, Origin};
+use super::compile::CompileError;
 use super::limits::{self, Effective, Limiter};
 use super::spec::{PolicySpec, Source};
 use super::*;
@@ -42,6 +44,11 @@ pub struct HostState {
     log_dropped: u64,
     stdout: CappedSink,
     stderr: CappedSink,
+    /// When the current call must end (epoch interruption in wasm code, a timeout in WASI
+    /// waits: a sleeping policy is woken and stopped).
+    deadline: Instant,
+    /// The current call hit `deadline` in a WASI wait.
+    timed_out: bool,
 }
 
 impl WasiView for HostState {
@@ -104,6 +111,8 @@ impl HostState {
             log_dropped: 0,
             stdout,
             stderr,
+            deadline: Instant::now(),
+            timed_out: false,
         }
     }
 
@@ -133,6 +142,7 @@ impl HostState {
         self.log_left = self.log_budget;
         self.limiter.memory_hit = false;
         self.limiter.table_hit = false;
+        self.timed_out = false;
     }
 }
 
@@ -190,7 +200,12 @@ impl wasmtime_wasi::cli::StdoutStream for CappedSink {
     }
 }
 
-/// The linker of every policy store: WASI p2 (sandboxed by the context) plus `host`.
+/// The WASI version whose `poll` and `pollable.block` are replaced by bounded ones.
+const WASI_IO_POLL: &str = "wasi:io/poll@0.2.12";
+
+/// The linker of every policy store: WASI p2 (sandboxed by the context) plus `host`, with the
+/// two ways a policy can wait (`poll`, `pollable.block`) bounded by the call's deadline. The
+/// clocks stay (CPython and SpiderMonkey read them); only waiting past the deadline is cut.
 fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
     static OPTIMIZED: OnceLock<Linker<HostState>> = OnceLock::new();
     static QUICK: OnceLock<Linker<HostState>> = OnceLock::new();
@@ -204,8 +219,98 @@ fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
         wasmtime_wasi::p2::add_to_linker_sync(&mut l).expect("WASI p2 links");
         bindings::Policy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut l, |s| s)
             .expect("policy host interface links");
+        l.allow_shadowing(true);
+        let mut poll = l.instance(WASI_IO_POLL).expect("wasi:io/poll is linked");
+        poll.func_wrap(
+            "poll",
+            |mut store: StoreContextMut<'_, HostState>, (list,): (Vec<Resource<DynPollable>>,)| {
+                use wasmtime_wasi::p2::bindings::io::poll::Host;
+                let rem = store
+                    .data()
+                    .deadline
+                    .saturating_duration_since(Instant::now());
+                let table = &mut store.data_mut().table;
+                let r = wasmtime_wasi::runtime::in_tokio(async {
+                    tokio::time::timeout(rem, Host::poll(table, list)).await
+                });
+                match r {
+                    Ok(v) => v.map(|v| (v,)),
+                    Err(_) => {
+                        store.data_mut().timed_out = true;
+                        Err(wasmtime::format_err!(
+                            "the call's time limit passed while it waited"
+                        ))
+                    }
+                }
+            },
+        )
+        .expect("poll shadows");
+        poll.func_wrap(
+            "[method]pollable.block",
+            |mut store: StoreContextMut<'_, HostState>, (p,): (Resource<DynPollable>,)| {
+                use wasmtime_wasi::p2::bindings::io::poll::HostPollable;
+                let rem = store
+                    .data()
+                    .deadline
+                    .saturating_duration_since(Instant::now());
+                let table = &mut store.data_mut().table;
+                let r = wasmtime_wasi::runtime::in_tokio(async {
+                    tokio::time::timeout(rem, HostPollable::block(table, p)).await
+                });
+                match r {
+                    Ok(v) => v,
+                    Err(_) => {
+                        store.data_mut().timed_out = true;
+                        Err(wasmtime::format_err!(
+                            "the call's time limit passed while it waited"
+                        ))
+                    }
+                }
+            },
+        )
+        .expect("pollable.block shadows");
         l
     })
+}
+
+/// Epoch ticks: every engine's epoch advances this often, and a call's deadline is a number
+/// of ticks (wasm code checks it at loop headers and function entries).
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+fn start_epoch_ticker() {
+    static TICKER: OnceLock<()> = OnceLock::new();
+    TICKER.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("cachelock-policy-epoch".into())
+            .spawn(|| loop {
+                std::thread::sleep(EPOCH_TICK);
+                cache::engine().increment_epoch();
+                cache::quick_engine().increment_epoch();
+            })
+            .expect("the epoch thread starts");
+    });
+}
+
+/// Arms the per-call bounds: fuel, and a wall-clock deadline `time_ms` from now.
+fn arm(store: &mut Store<HostState>, fuel: u64, time_ms: u64) -> wasmtime::Result<()> {
+    store.set_fuel(fuel)?;
+    store.data_mut().deadline = Instant::now() + Duration::from_millis(time_ms);
+    store.data_mut().timed_out = false;
+    // One extra tick: the first may come at once.
+    store.set_epoch_deadline(time_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
+    Ok(())
+}
+
+/// The import of `component` that the sandbox does not provide, if that is why it cannot be
+/// instantiated (wasmtime names it in its message).
+fn unsatisfied_import(e: &wasmtime::Error) -> Option<String> {
+    let text = format!("{e:#}");
+    let rest = &text[text.find("component imports ")?..];
+    let start = rest.find('`')? + 1;
+    let len = rest[start..].find('`')?;
+    let name = &rest[start..start + len];
+    rest.contains("a matching implementation was not found")
+        .then(|| name.to_string())
 }
 
 /// What was loaded, for `policy check` and measurements.
@@ -229,6 +334,7 @@ pub struct WasmPolicy {
     limits: Effective,
     instance: Option<(Store<HostState>, bindings::Policy)>,
     info: LoadInfo,
+    cut_said: bool,
 }
 
 impl WasmPolicy {
@@ -247,7 +353,7 @@ impl WasmPolicy {
         let (bytes, sha): (std::borrow::Cow<'static, [u8]>, String) = match &spec.source {
             Source::Builtin(b) => (b.bytes.into(), b.sha256.to_string()),
             Source::File(p) => {
-                let bytes = std::fs::read(p).map_err(|e| {
+                let bytes = read_module(p).map_err(|e| {
                     bad(format!(
                         "cannot read module {}: {e} (check `module:` in the policy file or the --policy path)",
                         p.display()
@@ -270,11 +376,19 @@ impl WasmPolicy {
             }
         }
         check_header(&bytes).map_err(|m| bad(format!("the module {m}")))?;
-        let (component, origin) = cache::load(&bytes, &sha, &spec.cache_dir).map_err(|e| {
-            bad(format!(
-                "the module is not a valid WebAssembly component: {e:#}"
-            ))
-        })?;
+        let module = cache::Module {
+            bytes: &bytes,
+            sha: &sha,
+            trusted: matches!(spec.source, Source::Builtin(_)),
+        };
+        let (component, origin) =
+            cache::load(&module, &spec.cache, &spec.budget).map_err(|e| match e.0 {
+                CompileError::Invalid(m) => bad(format!(
+                    "the module is not a valid WebAssembly component: {m}"
+                )),
+                CompileError::OverBudget(m) => bad(m),
+                CompileError::Io(m) => bad(format!("cannot compile it: {m}")),
+            })?;
         let ty = component.component_type();
         let exports = ty
             .exports(component.engine())
@@ -292,9 +406,23 @@ impl WasmPolicy {
                 origin,
                 exports,
             },
+            cut_said: false,
         };
         p.instantiate().map_err(bad)?;
         Ok(p)
+    }
+
+    /// Says once per policy and process that queue data was cut to fit the policy's memory.
+    fn said_cut(&mut self) {
+        if !self.cut_said {
+            self.cut_said = true;
+            tracing::warn!(
+                policy = &*self.name,
+                "the queue data is larger than 1/{} of this policy's memory (limits.memory_mib): \
+                 labels and, if need be, waiters are cut before they are passed to it",
+                limits::INPUT_MEMORY_DIVISOR
+            );
+        }
     }
 
     /// What was loaded.
@@ -310,25 +438,39 @@ impl WasmPolicy {
     /// A fresh instance, configured. Used at load and after a fault (a trapped instance cannot
     /// be entered again).
     fn instantiate(&mut self) -> Result<(), String> {
+        start_epoch_ticker();
         let engine = self.component.engine().clone();
         let mut store = Store::new(&engine, HostState::new(self.name.clone(), &self.limits));
         store.limiter(|s| &mut s.limiter);
-        store
-            .set_fuel(
-                self.limits
-                    .fuel
-                    .saturating_mul(limits::CONFIGURE_FUEL_FACTOR),
-            )
-            .map_err(|e| e.to_string())?;
+        arm(
+            &mut store,
+            self.limits
+                .fuel
+                .saturating_mul(limits::CONFIGURE_FUEL_FACTOR),
+            self.limits
+                .time_ms
+                .saturating_mul(limits::CONFIGURE_FUEL_FACTOR),
+        )
+        .map_err(|e| e.to_string())?;
         let policy = bindings::Policy::instantiate(&mut store, &self.component, linker(&engine))
             .map_err(|e| {
                 if store.data().limiter.memory_hit || store.data().limiter.table_hit {
                     format!("needs more memory or table space than its limits allow at start-up: {e:#}")
+                } else if let Some(import) = unsatisfied_import(&e).filter(|i| !i.starts_with("cachelock:policy/")) {
+                    format!(
+                        "it imports `{import}`, which the policy sandbox does not provide (a policy gets \
+                         WASI clocks, random and stdout/stderr, and cachelock:policy/host; no network, \
+                         files or environment): build it without that import — for componentize-js, \
+                         `--disable http fetch-event` (or `disableFeatures: [\"http\", \"fetch-event\"]`); for Rust, drop the \
+                         dependency that pulls it in (`wasm-tools component wit FILE.wasm` lists the imports)"
+                    )
                 } else {
                     format!("the module does not implement the {WORLD} world (is it built against wit/policy.wit?): {e:#}")
                 }
             })?;
         let r = policy.call_configure(&mut store, &self.config);
+        // Described before the logs are flushed (that resets what the call hit).
+        let r = r.map_err(|e| describe_fault(&store, &self.limits, &e));
         store.data_mut().flush_logs();
         match r {
             Ok(Ok(())) => {}
@@ -338,12 +480,7 @@ impl WasmPolicy {
                     limits::truncate(msg, limits::MAX_REASON_BYTES)
                 ))
             }
-            Err(e) => {
-                return Err(format!(
-                    "configure failed: {}",
-                    describe_fault(&store, &self.limits, &e)
-                ))
-            }
+            Err(fault) => return Err(format!("configure failed: {fault}")),
         }
         self.instance = Some((store, policy));
         Ok(())
@@ -353,27 +490,30 @@ impl WasmPolicy {
     /// a fresh one) and becomes a [`PolicyError`].
     fn call<R>(
         &mut self,
-        what: &str,
+        what: &'static str,
         f: impl FnOnce(&mut Store<HostState>, &bindings::Policy) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyError> {
         if self.instance.is_none() {
-            self.instantiate().map_err(|m| PolicyError {
-                policy: self.name.to_string(),
-                message: m,
+            self.instantiate().map_err(|m| {
+                let mut e = PolicyError::fault(&self.name, m);
+                e.call = Some(what);
+                e
             })?;
         }
         let (store, policy) = self.instance.as_mut().expect("instantiated above");
-        store.set_fuel(self.limits.fuel).map_err(|e| PolicyError {
-            policy: self.name.to_string(),
-            message: e.to_string(),
-        })?;
+        arm(store, self.limits.fuel, self.limits.time_ms)
+            .map_err(|e| PolicyError::fault(&self.name, e.to_string()))?;
         let r = f(store, policy);
         let result = match r {
             Ok(v) => Ok(v),
-            Err(e) => Err(PolicyError {
-                policy: self.name.to_string(),
-                message: format!("{what}: {}", describe_fault(store, &self.limits, &e)),
-            }),
+            Err(e) => {
+                let mut err = PolicyError::fault(
+                    &self.name,
+                    format!("{what}: {}", describe_fault(store, &self.limits, &e)),
+                );
+                err.call = Some(what);
+                Err(err)
+            }
         };
         store.data_mut().flush_logs();
         if result.is_err() {
@@ -398,7 +538,17 @@ fn describe_fault(store: &Store<HostState>, limits: &Effective, e: &wasmtime::Er
             limits.table_elements
         );
     }
+    if store.data().timed_out {
+        return format!(
+            "ran past its time limit ({} ms per call; limits.time_ms) while waiting (a sleep?)",
+            limits.time_ms
+        );
+    }
     match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => format!(
+            "ran past its time limit ({} ms per call; limits.time_ms)",
+            limits.time_ms
+        ),
         Some(Trap::OutOfFuel) => format!(
             "ran out of fuel ({} per call; limits.fuel): an endless loop or far too much work",
             limits.fuel
@@ -409,6 +559,31 @@ fn describe_fault(store: &Store<HostState>, limits: &Effective, e: &wasmtime::Er
         Some(t) => format!("trapped ({t})"),
         None => format!("failed: {e}"),
     }
+}
+
+/// Reads a module file, refusing one larger than [`compile::MAX_MODULE_BYTES`] (without reading
+/// it whole) or one that is not a regular file (a FIFO would block).
+fn read_module(p: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let max = super::compile::MAX_MODULE_BYTES;
+    let mut bytes = Vec::new();
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB, the largest policy module accepted",
+            max >> 20
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Tells a core module or a non-wasm file from a component, with what to do about it.
@@ -429,13 +604,29 @@ impl Policy for WasmPolicy {
     }
 
     fn rank(&mut self, waiter: &Ticket, now_ms: u64) -> Result<i64, PolicyError> {
-        let t = to_wit_ticket(waiter);
+        let fitted = input::fit_ticket(waiter, self.limits.input_bytes());
+        if fitted.is_some() {
+            self.said_cut();
+        }
+        let t = to_wit_ticket(fitted.as_ref().unwrap_or(waiter));
         self.call("rank", |s, p| {
             p.cachelock_policy_lock_policy().call_rank(s, &t, now_ms)
+        })
+        .map_err(|mut e| {
+            e.ticket = Some(TicketRef {
+                id: waiter.id.clone(),
+                labels: waiter.request.labels.clone(),
+            });
+            e
         })
     }
 
     fn on_wait(&mut self, state: &WaitState) -> Result<WaitDecision, PolicyError> {
+        let fitted = input::fit_state(state, self.limits.input_bytes());
+        if fitted.is_some() {
+            self.said_cut();
+        }
+        let state = fitted.as_ref().unwrap_or(state);
         let st = wit::WaitState {
             me: to_wit_ticket(&state.me),
             holders: state.holders.iter().map(to_wit_ticket).collect(),
@@ -475,6 +666,13 @@ impl Policy for WasmPolicy {
             StartFailure::TimedOut(ms) => wit::StartFailure::TimedOut(*ms),
             StartFailure::Exited(c) => wit::StartFailure::Exited(*c),
         };
+        // The tail's end is what matters (the last lines of the log): keep that part.
+        let max = self.limits.input_bytes();
+        let mut cut = log_tail.len().saturating_sub(max);
+        while !log_tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let log_tail = &log_tail[cut..];
         let d = self.call("on-start-failure", |s, p| {
             p.cachelock_policy_dockerd_policy()
                 .call_on_start_failure(s, &a, f, log_tail)

@@ -22,6 +22,12 @@ pub const DEFAULT_MIN_INTERVAL_MS: u64 = 5;
 pub const DEFAULT_MAX_INTERVAL_MS: u64 = 60_000;
 /// Log bytes kept per call (stdout, stderr and `host.log` each).
 pub const DEFAULT_LOG_BYTES: u64 = 4096;
+/// Wall-clock time per call, sleeps included (epoch interruption; `configure` gets 10×).
+pub const DEFAULT_TIME_MS: u64 = 1000;
+/// The queue data passed to one call (tickets, labels, strings) is cut to fit in this fraction
+/// of the policy's memory limit (1/16: an interpreter such as CPython needs several times the
+/// raw bytes once they are objects).
+pub const INPUT_MEMORY_DIVISOR: u64 = 16;
 /// Reasons (give-up, fall-back) longer than this are truncated.
 pub const MAX_REASON_BYTES: usize = 1024;
 /// dockerd start timeout accepted from a policy: at least 100 ms, at most a day.
@@ -46,6 +52,8 @@ pub struct Effective {
     pub max_interval_ms: u64,
     /// Log bytes kept per call and stream.
     pub log_bytes: u64,
+    /// Wall-clock bound per call, milliseconds.
+    pub time_ms: u64,
 }
 
 impl Effective {
@@ -62,7 +70,14 @@ impl Effective {
             min_interval_ms: l.min_interval_ms.unwrap_or(DEFAULT_MIN_INTERVAL_MS),
             max_interval_ms: l.max_interval_ms.unwrap_or(DEFAULT_MAX_INTERVAL_MS),
             log_bytes: l.log_bytes.unwrap_or(DEFAULT_LOG_BYTES),
+            time_ms: l.time_ms.unwrap_or(DEFAULT_TIME_MS),
         };
+        if e.time_ms == 0 || e.time_ms > 3_600_000 {
+            return Err(format!(
+                "limits.time_ms must be between 1 and 3600000 (got {})",
+                e.time_ms
+            ));
+        }
         if e.fuel == 0 {
             return Err("limits.fuel must be at least 1".into());
         }
@@ -92,6 +107,12 @@ impl Effective {
             memory_hit: false,
             table_hit: false,
         }
+    }
+
+    /// Bytes of queue data one call may be given.
+    pub fn input_bytes(&self) -> usize {
+        usize::try_from((self.memory_bytes / INPUT_MEMORY_DIVISOR).max(64 * 1024))
+            .unwrap_or(usize::MAX)
     }
 
     /// Clamps `keep-waiting` and truncates reasons.

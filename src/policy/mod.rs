@@ -6,75 +6,117 @@
 
 pub mod builtin;
 pub mod cache;
+pub mod compile;
 pub mod host;
+pub mod input;
 pub mod lazy;
 pub mod limits;
 pub mod native;
 pub mod scenario;
 pub mod simulate;
 pub mod spec;
+pub mod trust;
 pub mod types;
 
 pub use types::*;
 
-use std::collections::HashSet;
 use std::fmt;
-use std::sync::Mutex;
 
-/// A policy call that failed and, under the policy's `on_error: fail`, fails the request.
+/// Whether a policy could not be loaded or misbehaved once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Missing or invalid module, wrong world, pin mismatch, over the compile budget,
+    /// `configure` refused or failed: a configuration error (exit 78).
+    Load,
+    /// A loaded policy trapped, ran out of fuel or time, or hit a limit in a decision (exit 70
+    /// under `on_error: fail`).
+    Fault,
+}
+
+/// The ticket a `rank` call was ranking when it faulted, so that the owner of that ticket can
+/// be told (and a bystander not failed: see `Policy::rank`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketRef {
+    /// The ticket id.
+    pub id: String,
+    /// Its labels.
+    pub labels: Vec<(String, String)>,
+}
+
+/// A policy that could not be loaded, or a call of a loaded policy that failed.
 #[derive(Debug, Clone)]
 pub struct PolicyError {
+    /// Load (exit 78) or fault (exit 70).
+    pub kind: ErrorKind,
     /// The policy's name as configured (e.g. `default`, `team-x`).
     pub policy: String,
-    /// What the policy did: trapped, ran out of fuel, exceeded its memory, returned an error...
+    /// What happened: "rank: trapped (...)", "ran out of fuel", "over the compile budget"...
     pub message: String,
+    /// The call that faulted (`rank`, `on-wait`, ...), for faults.
+    pub call: Option<&'static str>,
+    /// For a fault in `rank`: the ticket being ranked.
+    pub ticket: Option<TicketRef>,
+}
+
+impl PolicyError {
+    /// A policy that could not be loaded (the message names the policy already).
+    pub fn load(policy: &str, message: impl Into<String>) -> Self {
+        PolicyError {
+            kind: ErrorKind::Load,
+            policy: policy.to_string(),
+            message: message.into(),
+            call: None,
+            ticket: None,
+        }
+    }
+
+    /// A loaded policy that misbehaved.
+    pub fn fault(policy: &str, message: impl Into<String>) -> Self {
+        PolicyError {
+            kind: ErrorKind::Fault,
+            policy: policy.to_string(),
+            message: message.into(),
+            call: None,
+            ticket: None,
+        }
+    }
+
+    /// Whether this is a load failure (exit 78) rather than a fault of a loaded policy (70).
+    pub fn is_load_error(&self) -> bool {
+        self.kind == ErrorKind::Load
+    }
 }
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "policy '{}': {}", self.policy, self.message)
+        match self.kind {
+            // The message of a load error already names the policy and its module.
+            ErrorKind::Load => write!(f, "{}", self.message)?,
+            ErrorKind::Fault => write!(f, "policy '{}': {}", self.policy, self.message)?,
+        }
+        if let Some(t) = &self.ticket {
+            write!(
+                f,
+                " (while ranking ticket {}",
+                limits::truncate(t.id.clone(), 64)
+            )?;
+            if !t.labels.is_empty() {
+                let l: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, ", labels {}", limits::truncate(l.join(" "), 256))?;
+            }
+            write!(f, ")")?;
+        }
+        Ok(())
     }
 }
 
 impl std::error::Error for PolicyError {}
 
-/// Load failures (missing module, not a component, wrong world, sha256 mismatch, configure
-/// error) that surfaced on a lazy policy's first call. Kept on the side rather than in a new
-/// field so that `PolicyError { policy, message }` literals elsewhere keep compiling.
-static LOAD_ERRORS: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
-
-impl PolicyError {
-    /// A policy that could not be loaded: converts to a configuration error (exit 78).
-    pub fn load(policy: &str, message: String) -> Self {
-        let e = PolicyError {
-            policy: policy.to_string(),
-            message,
-        };
-        LOAD_ERRORS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(HashSet::new)
-            .insert((e.policy.clone(), e.message.clone()));
-        e
-    }
-
-    /// Whether this is a load failure (exit 78) rather than a fault of a loaded policy (70).
-    pub fn is_load_error(&self) -> bool {
-        LOAD_ERRORS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|s| s.contains(&(self.policy.clone(), self.message.clone())))
-    }
-}
-
 impl From<PolicyError> for crate::error::Error {
     fn from(e: PolicyError) -> Self {
-        if e.is_load_error() {
-            // The message of a load error already names the policy.
-            crate::error::Error::config(e.message)
-        } else {
-            crate::error::Error::software(e.to_string())
+        match e.kind {
+            ErrorKind::Load => crate::error::Error::config(e.to_string()),
+            ErrorKind::Fault => crate::error::Error::software(e.to_string()),
         }
     }
 }
@@ -85,8 +127,21 @@ pub trait Policy {
     /// Name used in messages and logs.
     fn name(&self) -> &str;
 
+    /// Loads the policy if it is not loaded yet, waiting for a compile in progress up to the
+    /// documented bound (`policy_compile.wait_seconds`). The engine calls it once it knows the
+    /// request is contended and before it ranks anyone; `Ok(true)` means it waited, so any queue
+    /// snapshot taken before the call is stale and must be taken again (no decision may rest on
+    /// a snapshot older than the policy call that ranked it). After the bound, the policy
+    /// answers by the fallback rules (rank = priority) until the compile ends, and says so once.
+    /// Policies that are always loaded keep the default.
+    fn ready(&mut self) -> Result<bool, PolicyError> {
+        Ok(false)
+    }
+
     /// Ordering key: among live waiters the highest rank goes next; ties go to the earliest
     /// `enqueued_at_ms`, then the smallest ticket id. Must be a function of its inputs only.
+    /// A fault carries the ticket (`PolicyError::ticket`): the caller ranks that ticket by the
+    /// fallback (its priority) and only the ticket's owner fails.
     fn rank(&mut self, waiter: &Ticket, now_ms: u64) -> Result<i64, PolicyError>;
 
     /// Called when a request cannot take the lock at once, and at each re-evaluation.

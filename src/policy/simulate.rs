@@ -113,12 +113,14 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
     let mut slots = Slots::new(scenario.slots);
     let mut holders: Vec<Holding> = Vec::new();
     for h in &scenario.holders {
-        let slot = slots.take(h.mode).ok_or_else(|| PolicyError {
-            policy: policy.name().to_string(),
-            message: format!(
-                "holder {:?} cannot hold the lock beside the other holders",
-                h.id
-            ),
+        let slot = slots.take(h.mode).ok_or_else(|| {
+            PolicyError::fault(
+                policy.name(),
+                format!(
+                    "holder {:?} cannot hold the lock beside the other holders",
+                    h.id
+                ),
+            )
         })?;
         holders.push(Holding {
             ticket: mk(&h.id, h.mode, h.priority, labels(&h.labels), 0, None),
@@ -258,10 +260,10 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
             };
             out.decisions += 1;
             if out.decisions > MAX_DECISIONS {
-                return Err(PolicyError {
-                    policy: policy.name().to_string(),
-                    message: format!("the simulation made more than {MAX_DECISIONS} decisions; shorten `until_ms`"),
-                });
+                return Err(PolicyError::fault(
+                    policy.name(),
+                    format!("the simulation made more than {MAX_DECISIONS} decisions; shorten `until_ms`"),
+                ));
             }
             let decision = policy.on_wait(&state)?;
             let id = w.ticket.id.clone();

@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use super::builtin::{self, Builtin};
+use super::cache::CacheDirs;
+use super::compile::Budget;
 use super::limits::Effective;
 use crate::config::{Loaded, OnError};
 use crate::error::{Error, Result};
@@ -41,8 +43,10 @@ pub struct PolicySpec {
     pub limits: Effective,
     /// What a fault does.
     pub on_error: OnError,
-    /// Compile cache directory.
-    pub cache_dir: PathBuf,
+    /// Compile cache directories.
+    pub cache: CacheDirs,
+    /// The compile budget (modules that are not built in).
+    pub budget: Budget,
 }
 
 /// Whether a `--policy` value names a file rather than a configured policy.
@@ -54,12 +58,17 @@ pub fn looks_like_file(v: &str) -> bool {
 /// (relative to the working directory) — with `extra` merged over its config.
 pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<PolicySpec> {
     let cfg = &loaded.config;
-    let cache_dir = super::cache::cache_dir(
+    let cache = CacheDirs::resolve(
         cfg.policy_cache_dir
             .as_deref()
             .map(|p| loaded.resolve_path(p))
             .as_deref(),
+        cfg.policy_host_cache_dir
+            .as_deref()
+            .map(|p| loaded.resolve_path(p))
+            .as_deref(),
     );
+    let budget = Budget::from_config(&cfg.policy_compile).map_err(Error::config)?;
     let mut spec = if let Some(b) = name.strip_prefix("builtin:") {
         PolicySpec {
             name: name.to_string(),
@@ -68,7 +77,8 @@ pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Resul
             config: Vec::new(),
             limits: Effective::default(),
             on_error: OnError::Fail,
-            cache_dir,
+            cache: cache.clone(),
+            budget: budget.clone(),
         }
     } else if let Some(def) = cfg.policy_def(name) {
         let source = match def.module.strip_prefix("builtin:") {
@@ -86,7 +96,8 @@ pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Resul
             limits: Effective::from_config(&def.limits)
                 .map_err(|m| Error::config(format!("policy '{name}': {m}")))?,
             on_error: def.on_error,
-            cache_dir,
+            cache: cache.clone(),
+            budget: budget.clone(),
         }
     } else if looks_like_file(name) {
         PolicySpec {
@@ -96,7 +107,8 @@ pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Resul
             config: Vec::new(),
             limits: Effective::default(),
             on_error: OnError::Fail,
-            cache_dir,
+            cache: cache.clone(),
+            budget: budget.clone(),
         }
     } else {
         let mut known: Vec<String> = cfg.policies.keys().cloned().collect();

@@ -397,12 +397,7 @@ fn library_policy_error_fallback_and_caller_bounds() {
 
     // A policy error fails the request with exit 70 and removes the ticket.
     let mut p = Scripted {
-        decide: |_| {
-            Err(PolicyError {
-                policy: "scripted".into(),
-                message: "trapped".into(),
-            })
-        },
+        decide: |_| Err(PolicyError::fault("scripted", "trapped")),
     };
     let err = acquire(&dir, &Options::new("lib"), &mut p, &signals).unwrap_err();
     assert_eq!(err.exit_code(), 70, "{err}");

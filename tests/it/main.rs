@@ -5,6 +5,7 @@
 mod support;
 
 mod dockerd_bad_input;
+mod dockerd_beyond;
 mod dockerd_cache;
 mod dockerd_earthly;
 mod dockerd_lifecycle;
@@ -13,8 +14,9 @@ mod engine_kill;
 mod engine_queue;
 mod policy_commands;
 mod policy_faults;
-mod policy_perf;
+mod policy_python;
 mod policy_runtime;
+mod policy_security;
 mod security;
 mod torture;
 mod torture_dockerd;

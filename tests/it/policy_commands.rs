@@ -3,16 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::policy::test_policy;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
+use crate::support::policy::{isolated_config, test_policy, BIN};
 
 fn run(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
         .current_dir(dir)
         .env("XDG_CACHE_HOME", dir.join("cache"))
-        .env_remove("CACHELOCK_CONFIG")
+        .env("CACHELOCK_CONFIG", isolated_config(&dir.join("cfg"), ""))
         .output()
         .unwrap()
 }
@@ -354,4 +352,87 @@ fn simulate_file(dir: &Path, policy: &str, scenario: &Path) -> serde_json::Value
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `policy new --lang python|js` scaffolds policies that componentize-py and componentize-js
+/// (both installed by `make setup`) build and that pass `policy simulate`.
+#[test]
+fn new_scaffolds_python_and_js_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &["policy", "new", "py-team", "--lang", "python"],
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("componentize-py -d wit -w policy componentize app -o py-team.wasm"),
+        "{t}"
+    );
+    let root = dir.path().join("py-team");
+    for f in ["app.py", "wit/policy.wit", "scenario.yaml", "README.md"] {
+        assert!(root.join(f).is_file(), "{f} missing");
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("componentize-py==0.25.1"), "{readme}");
+    crate::support::policy::python_policy(); // fails, saying what to install, without it
+    let build = Command::new("componentize-py")
+        .args([
+            "-d",
+            "wit",
+            "-w",
+            "policy",
+            "componentize",
+            "app",
+            "-o",
+            "py-team.wasm",
+        ])
+        .current_dir(&root)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{}", text(&build));
+    let v = simulate_file(
+        dir.path(),
+        root.join("py-team.wasm").to_str().unwrap(),
+        &root.join("scenario.yaml"),
+    );
+    assert_eq!(served(&v), ["main", "pr-1", "pr-2"]);
+
+    let out = run(dir.path(), &["policy", "new", "js-team", "--lang", "js"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let root = dir.path().join("js-team");
+    let pkg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("package.json")).unwrap()).unwrap();
+    assert_eq!(pkg["name"], "js-team");
+    assert!(pkg["scripts"]["build"]
+        .as_str()
+        .unwrap()
+        .contains("--disable http fetch-event --out js-team.wasm"));
+    assert_eq!(
+        pkg["devDependencies"]["@bytecodealliance/componentize-js"],
+        "0.23.0"
+    );
+    assert!(root.join("wit/policy.wit").is_file());
+    // The package's build script, run with the componentize-js `make setup` installed.
+    let version = Command::new("componentize-js")
+        .arg("--version")
+        .output()
+        .expect("componentize-js is needed: run `make setup` (npm install -g @bytecodealliance/componentize-js@0.23.0)");
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), "0.23.0");
+    let script = pkg["scripts"]["build"].as_str().unwrap();
+    let build = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{}", text(&build));
+    let v = simulate_file(
+        dir.path(),
+        root.join("js-team.wasm").to_str().unwrap(),
+        &root.join("scenario.yaml"),
+    );
+    assert_eq!(served(&v), ["main", "pr-1", "pr-2"]);
+    let bad = run(dir.path(), &["policy", "new", "x", "--lang", "cobol"]);
+    assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
 }

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::policy::test_policy;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
+use crate::support::policy::{isolated_config, test_policy, BIN};
 
 /// A lock directory with a holder process; the holder is ended when this is dropped.
 struct Held {
@@ -31,6 +29,7 @@ impl Held {
                 hold.as_secs_f64()
             ))
             .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .env("CACHELOCK_CONFIG", isolated_config(dir.path(), ""))
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -58,8 +57,9 @@ impl Held {
         std::fs::write(
             &path,
             format!(
-                "policy_cache_dir: {}\npolicies:\n  p:\n{body}",
-                self.path().join("cache").display()
+                "policy_cache_dir: {}\npolicy_host_cache_dir: {}\npolicies:\n  p:\n{body}",
+                self.path().join("cache").display(),
+                self.path().join("host-cache").display()
             ),
         )
         .unwrap();
@@ -75,6 +75,7 @@ impl Held {
             .args(args)
             .args(["l", "true"])
             .env("XDG_CACHE_HOME", self.path().join("cache"))
+            .env("CACHELOCK_CONFIG", isolated_config(self.path(), ""))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -330,4 +331,22 @@ fn matching_pin_is_accepted_and_uncontended_runs_never_load_the_policy() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// `-n` behind a holder alone consults no policy: a module that is not even WebAssembly (or a
+/// Python one that would take seconds to compile) costs nothing; the conflict is reported.
+#[test]
+fn nonblocking_behind_a_holder_never_loads_the_policy() {
+    let held = Held::new(Duration::from_secs(1));
+    let junk = held.path().join("junk.wasm");
+    std::fs::write(&junk, b"junk").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-n", "--lock-dir"])
+        .arg(held.path().join("locks"))
+        .args(["--policy", junk.to_str().unwrap(), "l", "true"])
+        .env("CACHELOCK_CONFIG", isolated_config(held.path(), ""))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    held.assert_intact();
 }

@@ -75,6 +75,10 @@ fn load_errors_are_configuration_errors() {
             "does not implement the cachelock:policy/policy@0.1.0 world",
         ),
         (
+            test_policy("test-foreign-import").display().to_string(),
+            "it imports `test:net/fetch`, which the policy sandbox does not provide",
+        ),
+        (
             test_policy("test-configure-error").display().to_string(),
             "configure refused the configuration: test-configure-error refuses",
         ),
@@ -89,6 +93,7 @@ fn load_errors_are_configuration_errors() {
         let mut p = policy::for_lock(&l, &settings("default"), Some(&file), &[]).unwrap();
         let e = p.rank(&ticket("a", 0, 1, &[]), 2).unwrap_err();
         assert!(e.message.contains(want), "{file}: {e}");
+        assert_eq!(e.kind, policy::ErrorKind::Load, "{file}: {e}");
         let err: Error = e.into();
         assert_eq!(err.exit_code(), 78, "{file}: {err}");
     }

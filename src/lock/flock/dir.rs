@@ -59,6 +59,20 @@ pub struct LockDir {
     dir_mode: u32,
 }
 
+/// Where one lock's state is, by path only (see [`LockDir::paths`]).
+#[derive(Debug, Clone)]
+pub struct LockPaths {
+    /// `<root>/<name>.lock`.
+    pub base: PathBuf,
+}
+
+impl LockPaths {
+    /// The kernel lock file of `slot`.
+    pub fn slot_file(&self, slot: u32) -> PathBuf {
+        self.base.join(slot_file(slot))
+    }
+}
+
 /// One lock's state, `<root>/<name>.lock/`, its directories opened.
 #[derive(Debug)]
 pub struct LockFiles {
@@ -201,6 +215,14 @@ impl LockDir {
     /// The directory's path.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The paths of lock `name`'s state, for other components that look at a lock directory
+    /// from outside (the cache eviction of `cachelock dockerd`); nothing is opened.
+    pub fn paths(&self, name: &str) -> LockPaths {
+        LockPaths {
+            base: self.root.join(format!("{name}.lock")),
+        }
     }
 
     /// Opens lock `name`'s state (name already validated), creating what is missing; a

@@ -54,9 +54,17 @@ impl Env {
         Self::with(dockerd, "")
     }
 
-    /// Like [`Env::new`], plus top-level YAML `top`.
+    /// Like [`Env::new`], plus top-level YAML `top`. Unless `dockerd` names them, the
+    /// host-wide `/var/log/docker.log` and `/var/run/docker.sock` of the drop-in are turned off
+    /// (tests run in parallel; the tests of those paths set them and take [`host_paths`]).
     pub fn with(dockerd: &str, top: &str) -> Env {
         require_dockerd();
+        let mut dockerd = dockerd.to_string();
+        for key in ["default_socket", "log_file"] {
+            if !dockerd.contains(key) {
+                dockerd.push_str(&format!("\n  {key}: off"));
+            }
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let run_dir = PathBuf::from(format!("/run/clt-{}", rand8()));
         let cache_root = dir.path().join("cache");
@@ -261,6 +269,200 @@ pub fn image_tar() -> PathBuf {
         out
     })
     .clone()
+}
+
+/// Serialises the tests that use the host-wide `/var/run/docker.sock` and `/var/log/docker.log`.
+pub fn host_paths() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A free TCP port on loopback (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's `docker-registry` serving on a free loopback port with its own storage, started
+/// once per test binary; returns `127.0.0.1:PORT`. It gets a parent-death signal from a thread
+/// that lives as long as the process, so it ends with the test binary.
+pub fn registry() -> String {
+    static ADDR: OnceLock<String> = OnceLock::new();
+    ADDR.get_or_init(|| {
+        let bin = Path::new("/usr/bin/docker-registry");
+        assert!(
+            bin.exists(),
+            "/usr/bin/docker-registry is missing: install Debian's docker-registry (make setup)"
+        );
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("registry-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = Command::new(bin);
+            cmd.arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            // SAFETY: prctl between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn();
+            let ok = child.is_ok();
+            tx.send(child.map(|c| c.id()).map_err(|e| e.to_string())).unwrap();
+            if ok {
+                // Keep the forking thread alive: the parent-death signal follows it.
+                loop {
+                    std::thread::park();
+                }
+            }
+        });
+        rx.recv().unwrap().expect("starting docker-registry");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+                use std::io::Read;
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut b = String::new();
+                let _ = s.read_to_string(&mut b);
+                if b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200") {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry never answered on {addr}: {}",
+                std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        addr
+    })
+    .clone()
+}
+
+/// Pushes the test image `bb:1` to the registry as each of `names` (`repo/name:tag`).
+pub fn push_to_registry(names: &[&str]) -> String {
+    let addr = registry();
+    let tar = image_tar();
+    let env = Env::new("  network: none");
+    let mut script = format!("docker load -q -i {} >/dev/null", tar.display());
+    for n in names {
+        script.push_str(&format!(
+            " && docker tag bb:1 {addr}/{n} && docker push -q {addr}/{n} >/dev/null"
+        ));
+    }
+    let o = env.dockerd(&[], &script);
+    assert!(o.status.success(), "pushing {names:?}: {}", text(&o));
+    addr
+}
+
+/// Single-quotes a string for `/bin/sh` as Earthly's Go side does (`'` → `'"'"'`).
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\"'\"'"))
+}
+
+/// `dockerd-wrapper.sh` in the env's directory: a link to the binary, named as Earthly installs
+/// it (the name selects the drop-in).
+pub fn wrapper_path(env: &Env) -> PathBuf {
+    let p = env.path("dockerd-wrapper.sh");
+    if !p.exists() {
+        std::os::unix::fs::symlink(BIN, &p).unwrap();
+    }
+    p
+}
+
+/// The command line Earthly's `WITH DOCKER` runs: `/bin/sh -c '<VAR="value"...> <wrapper>
+/// execute /bin/sh -c '<script>''` (earthfile2llb's makeWithDockerdWrapFun and
+/// strWithEnvVarsAndDocker), with `secret_env` passed as environment (Earthly sends
+/// `EARTHLY_DOCKER_LOAD_REGISTRY` as a secret-as-env).
+pub fn earthly_call(
+    env: &Env,
+    params: &[(&str, &str)],
+    secret_env: &[(&str, &str)],
+    script: &str,
+) -> Command {
+    let vars: Vec<String> = params.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let line = format!(
+        "{} {} execute /bin/sh -c {}",
+        vars.join(" "),
+        wrapper_path(env).display(),
+        sh_quote(script)
+    );
+    shell_call(env, &line, secret_env)
+}
+
+/// The command line EarthBuild's CLI runs: `/bin/sh -c '<wrapper> execute --flag='v'... --
+/// /bin/sh -c '<script>''` (dockerdFlag quotes each value).
+pub fn earthbuild_call(
+    env: &Env,
+    flags: &[(&str, Option<&str>)],
+    secret_env: &[(&str, &str)],
+    script: &str,
+) -> Command {
+    let flags: Vec<String> = flags
+        .iter()
+        .map(|(k, v)| match v {
+            Some(v) => format!("{k}={}", sh_quote(v)),
+            None => k.to_string(),
+        })
+        .collect();
+    let line = format!(
+        "{} execute {} -- /bin/sh -c {}",
+        wrapper_path(env).display(),
+        flags.join(" "),
+        sh_quote(script)
+    );
+    shell_call(env, &line, secret_env)
+}
+
+/// `/bin/sh -c LINE` with the env's configuration, a clean environment otherwise.
+pub fn shell_call(env: &Env, line: &str, extra: &[(&str, &str)]) -> Command {
+    let mut c = Command::new("/bin/sh");
+    c.arg("-c")
+        .arg(line)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("CACHELOCK_CONFIG", &env.config)
+        .stdin(Stdio::null());
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Waits (60 s at most) until `path` exists: the event a test's command signals with `touch`.
+pub fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// stdout + stderr of an output, for messages.
