@@ -3,7 +3,7 @@
 # that has only the Rust toolchain. `make static` builds the statically linked binary for
 # Earthly's Alpine-based buildkitd image.
 
-.PHONY: test setup build-setup demo static static-dev
+.PHONY: test setup build-setup demo static static-dev prev-release
 
 MUSL := x86_64-unknown-linux-musl
 # Debian packages any build needs: the etcd client (cargo feature `etcd`, on by default)
@@ -11,9 +11,10 @@ MUSL := x86_64-unknown-linux-musl
 BUILD_PACKAGES := protobuf-compiler libprotobuf-dev
 # Debian packages the tests use: dockerd and busybox-static (test images without a registry),
 # the registry and docker-compose of the Earthly drop-in tests, musl-tools for the static build,
-# etcd 3.4 and etcdctl (the etcd backend's clusters), openssl (their self-signed certificates).
+# etcd 3.4 and etcdctl (the etcd backend's clusters), openssl (their self-signed certificates),
+# and for the attack suite useradd (passwd) and setpriv, unshare, flock (util-linux).
 TEST_PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools \
-	etcd-server etcd-client openssl
+	etcd-server etcd-client openssl passwd util-linux
 # Policy compilers the tests use: componentize-py and componentize-js (the Python and
 # JavaScript policy tests; the versions `cachelock policy new --lang python|js` names).
 COMPONENTIZE_PY_VERSION = 0.25.1
@@ -61,7 +62,13 @@ static: setup
 static-dev: setup
 	cargo build --target $(MUSL) --bin cachelock --config 'profile.dev.package."*".opt-level=0'
 
-test: setup static-dev
+# The previous release (on-disk format 1, the last commit before format 2), for the mixed-version
+# test in tests/it/security.rs; built once, reusing this checkout's dependencies.
+PREV_RELEASE := 38e09b9
+prev-release: build-setup
+	.ci/prev-release $(PREV_RELEASE)
+
+test: setup static-dev prev-release
 	cargo test --no-fail-fast
 
 demo: build-setup

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 
 /// Read when no `--config` / `CACHELOCK_CONFIG` is given and the file exists.
 pub const SYSTEM_CONFIG: &str = "/etc/cachelock/config.yaml";
-/// Default lock directory when it is writable (else a per-user directory, see [`default_lock_dir`]).
+/// The default lock directory, shared by every user of the host (see [`default_lock_dir`]).
 pub const SYSTEM_LOCK_DIR: &str = "/var/lib/cachelock";
 /// Default dockerd cache root.
 pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/cachelock/dind";
@@ -22,6 +22,12 @@ pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/cachelock/dind";
 pub const MAX_SLOTS: u32 = 256;
 /// Name of the policy used by locks that no rule binds.
 pub const DEFAULT_POLICY: &str = "default";
+/// Largest configuration (or scenario) file read; larger is refused, never read to the end.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// Most flow collections (`[` or `{` characters, wherever they are) a YAML file may contain:
+/// the YAML parser's time grows with the square of their nesting, which this bounds
+/// (4096 nested levels parse in about 0.1 s; 100 000 took 50 s).
+pub const MAX_FLOW_COLLECTIONS: usize = 4096;
 
 /// How a waiter learns that the queue changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -74,10 +80,12 @@ pub struct Config {
     #[serde(default)]
     pub etcd: EtcdConfig,
     /// Permission bits of files created in the lock directory, octal string (default "0666",
-    /// so that users sharing a lock directory can all lock; the umask still applies).
+    /// so that users sharing a lock directory can all lock), set exactly: the umask does not
+    /// apply. Tickets and per-user counters get these bits without group/other write.
     #[serde(default, deserialize_with = "de_octal")]
     pub file_mode: Option<u32>,
-    /// Permission bits of directories created in the lock directory (default "0777" minus umask).
+    /// Permission bits of directories created in the lock directory (default "1777"), set
+    /// exactly; a group- or world-writable mode always gets the sticky bit.
     #[serde(default, deserialize_with = "de_octal")]
     pub dir_mode: Option<u32>,
     /// Default wait mode for every lock.
@@ -297,7 +305,7 @@ impl Loaded {
 
     /// Reads and validates one file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = read_text(path).map_err(|e| {
             Error::config(format!(
                 "cannot read configuration file {}: {e}",
                 path.display()
@@ -376,6 +384,11 @@ impl Config {
                 3_600.0,
             ),
             ("etcd.lease_ttl", self.etcd.lease_ttl, 86_400.0),
+            (
+                "dockerd.stop_grace_max",
+                self.dockerd.stop_grace_max,
+                86_400.0,
+            ),
         ] {
             if let Some(v) = v {
                 if !(v.is_finite() && (0.0..=max).contains(&v)) {
@@ -392,6 +405,15 @@ impl Config {
         }
         if self.etcd.request_timeout == Some(0.0) {
             return Err("key `etcd.request_timeout`: must be more than 0 seconds".into());
+        }
+        if self
+            .dockerd
+            .log_tail_lines
+            .is_some_and(|n| n > MAX_LOG_TAIL_LINES)
+        {
+            return Err(format!(
+                "key `dockerd.log_tail_lines`: must be at most {MAX_LOG_TAIL_LINES}"
+            ));
         }
         Ok(())
     }
@@ -455,6 +477,12 @@ impl Config {
 /// ``line 5 column 5: key `policies.p`: unknown field `limts` ``), so that every file cachelock
 /// reads reports mistakes the same way.
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    let flow = text.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
+    if flow > MAX_FLOW_COLLECTIONS {
+        return Err(format!(
+            "{flow} flow collections (`[` or `{{` characters); at most {MAX_FLOW_COLLECTIONS} are accepted (nesting them deeply makes YAML parsing slow): write lists and maps in block style"
+        ));
+    }
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
@@ -481,19 +509,150 @@ pub fn builtin_policy(name: &str) -> Option<&'static str> {
     }
 }
 
-/// The lock directory when neither flag, environment nor file names one: [`SYSTEM_LOCK_DIR`]
-/// when it exists and is writable or can be created, else `$XDG_RUNTIME_DIR/cachelock`, else
-/// `<tmp>/cachelock-<uid>`.
-pub fn default_lock_dir() -> PathBuf {
+/// Largest `dockerd.log_tail_lines`.
+pub const MAX_LOG_TAIL_LINES: usize = 100_000;
+
+/// Reads a YAML file cachelock was pointed at: at most [`MAX_FILE_BYTES`] (`/dev/zero` or a
+/// huge file is refused, not read until memory runs out), never blocking in `open` (a FIFO),
+/// UTF-8 only. The error says what was wrong (the caller names the file).
+pub fn read_text(path: &Path) -> std::result::Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if meta.is_dir() {
+        return Err("it is a directory".to_string());
+    }
+    if !meta.is_file() {
+        // A pipe (`--config <(...)`) is read as its writer writes.
+        crate::sys::set_blocking(&file).map_err(|e| e.to_string())?;
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "it is larger than {} MiB, the most cachelock reads",
+            MAX_FILE_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_string())
+}
+
+/// The lock directory used when neither flag, environment nor file names one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultLockDir {
+    /// The directory.
+    pub path: PathBuf,
+    /// Why this is a private directory rather than the host's shared [`SYSTEM_LOCK_DIR`]: its
+    /// locks exclude nobody else's (every run says so).
+    pub private_because: Option<String>,
+}
+
+/// The lock directory when neither flag, environment nor file names one: [`SYSTEM_LOCK_DIR`],
+/// which every user of the host shares — root creates it on its first run with mode 1777
+/// (sticky, like `/tmp`). When the caller cannot use it, a private directory
+/// (`$XDG_RUNTIME_DIR/cachelock`, else `<tmp>/cachelock-<uid>`) with the reason; that
+/// directory must be the caller's own (not a symlink, owned by the caller, not writable by
+/// others), else exit 73: another user could have planted it.
+pub fn default_lock_dir() -> Result<DefaultLockDir> {
     let system = Path::new(SYSTEM_LOCK_DIR);
-    let writable = |p: &Path| p.is_dir() && crate::sys::can_write_dir(p);
-    if writable(system) || std::fs::create_dir_all(system).is_ok() && writable(system) {
-        return system.to_path_buf();
+    let uid = crate::sys::euid();
+    let install = format!("`install -d -m 1777 {SYSTEM_LOCK_DIR}` as root");
+    let reason = match std::fs::metadata(system) {
+        Ok(m) if m.is_dir() && crate::sys::can_write_dir(system) => {
+            return Ok(DefaultLockDir {
+                path: system.to_path_buf(),
+                private_because: None,
+            })
+        }
+        Ok(m) if m.is_dir() => {
+            use std::os::unix::fs::MetadataExt;
+            format!(
+                "{SYSTEM_LOCK_DIR} is not writable by uid {uid} (owner uid {}, mode {:04o}); share it with `chmod 1777 {SYSTEM_LOCK_DIR}` as root",
+                m.uid(),
+                m.mode() & 0o7777
+            )
+        }
+        Ok(_) => format!("{SYSTEM_LOCK_DIR} is not a directory"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match create_shared(system) {
+            Ok(()) => {
+                return Ok(DefaultLockDir {
+                    path: system.to_path_buf(),
+                    private_because: None,
+                })
+            }
+            Err(e) => format!(
+                "{SYSTEM_LOCK_DIR} does not exist and uid {uid} cannot create it ({e}); root creates it on its first run, or run {install}"
+            ),
+        },
+        Err(e) => format!("{SYSTEM_LOCK_DIR}: {e}"),
+    };
+    let path = match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(run) => PathBuf::from(run).join("cachelock"),
+        None => std::env::temp_dir().join(format!("cachelock-{uid}")),
+    };
+    ensure_private(&path)?;
+    Ok(DefaultLockDir {
+        path,
+        private_because: Some(reason),
+    })
+}
+
+/// Creates the host's shared lock directory: sticky and writable by everyone, like `/tmp`.
+fn create_shared(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
     }
-    if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        return PathBuf::from(run).join("cachelock");
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
-    std::env::temp_dir().join(format!("cachelock-{}", crate::sys::uid()))
+}
+
+/// Makes sure `dir` is the caller's private directory (creating it with mode 0700): not a
+/// symlink, owned by the caller, not writable by others — else exit 73.
+fn ensure_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: String| {
+        Error::cant_create(format!(
+            "the private lock directory {} {why}; cachelock does not trust it (another user may have planted it): remove it, or choose a lock directory with --lock-dir or CACHELOCK_LOCK_DIR",
+            dir.display()
+        ))
+    };
+    if std::fs::symlink_metadata(dir).is_err() {
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(refuse(format!("cannot be created ({e})"))),
+        }
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| refuse(format!("cannot be read ({e})")))?;
+    let uid = crate::sys::euid();
+    if m.file_type().is_symlink() {
+        Err(refuse("is a symbolic link".to_string()))
+    } else if !m.is_dir() {
+        Err(refuse("is not a directory".to_string()))
+    } else if m.uid() != uid {
+        Err(refuse(format!(
+            "is owned by uid {}, not by uid {uid}",
+            m.uid()
+        )))
+    } else if m.mode() & 0o022 != 0 {
+        Err(refuse(format!(
+            "is writable by other users (mode {:04o})",
+            m.mode() & 0o7777
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 /// An octal mode, written `"0640"`, `0640` or `0o640` (all mean rw-r-----). Read as the

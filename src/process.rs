@@ -277,7 +277,9 @@ impl Signals {
         {
             let (flags, write) = (flags.clone(), write.clone());
             let action = move |info: &libc::siginfo_t| {
-                if sig.is_some() {
+                if let Some(sig) = sig {
+                    // For waits that cannot poll our descriptor (a lock directory's meta.lock).
+                    crate::sys::note_terminating_signal(sig);
                     let origin = if info.si_code == libc::SI_KERNEL {
                         TERMINAL
                     } else {

@@ -64,7 +64,11 @@ impl LockRequest {
             progress_interval: (!args.quiet).then(|| progress_interval(&loaded)).flatten(),
         };
         lock::validate(&options)?;
-        let store = store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
+        let (store, private_because) =
+            store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
+        if let Some(why) = private_because {
+            warn_private(&store, &why);
+        }
         Ok(LockRequest {
             loaded,
             settings,
@@ -183,15 +187,22 @@ impl LockRequest {
 
 /// The store: `--backend` / `CACHELOCK_BACKEND` (`backend`), else `--lock-dir` /
 /// `CACHELOCK_LOCK_DIR` (`lock_dir`), else the configuration's `backend`, else its `lock_dir`
-/// (relative to the file), else the default lock directory. A bad URL is a usage error (64)
-/// on the command line and a configuration error (78) in the file. An etcd store takes its
-/// credentials from `ETCDCTL_*` variables, else the file's `etcd:` section.
-pub fn store(backend: Option<&str>, lock_dir: Option<&Path>, loaded: &Loaded) -> Result<Store> {
+/// (relative to the file), else the default lock directory — with, for a private fallback of
+/// the default, why it is not the host's shared one (exit 73 if that private directory is not
+/// safely the caller's own). A bad URL is a usage error (64) on the command line and a
+/// configuration error (78) in the file. An etcd store takes its credentials from `ETCDCTL_*`
+/// variables, else the file's `etcd:` section.
+pub fn store(
+    backend: Option<&str>,
+    lock_dir: Option<&Path>,
+    loaded: &Loaded,
+) -> Result<(Store, Option<String>)> {
     let dir = |path: PathBuf| Store::Dir {
         path,
         file_mode: loaded.config.file_mode,
         dir_mode: loaded.config.dir_mode,
     };
+    let mut private_because = None;
     let store = match (backend, lock_dir, &loaded.config.backend) {
         (Some(url), _, _) => parse_backend(url, |p| p.to_path_buf(), dir)
             .map_err(|m| Error::usage(format!("--backend / CACHELOCK_BACKEND: {m}")))?,
@@ -206,14 +217,30 @@ pub fn store(backend: Option<&str>, lock_dir: Option<&Path>, loaded: &Loaded) ->
         }
         (None, None, None) => dir(match &loaded.config.lock_dir {
             Some(p) => loaded.resolve_path(p),
-            None => cachelock::config::default_lock_dir(),
+            None => {
+                let d = cachelock::config::default_lock_dir()?;
+                private_because = d.private_because;
+                d.path
+            }
         }),
     };
-    match store {
-        Store::Etcd(s) => Ok(Store::Etcd(etcd_settings(s, loaded, |k| {
+    let store = match store {
+        Store::Etcd(s) => Store::Etcd(etcd_settings(s, loaded, |k| {
             std::env::var(k).ok().filter(|v| !v.is_empty())
-        })?)),
-        other => Ok(other),
+        })?),
+        other => other,
+    };
+    Ok((store, private_because))
+}
+
+/// Every run that falls back to a private lock directory says so: its locks exclude no other
+/// user's (root's included), which must never happen silently.
+fn warn_private(store: &Store, why: &str) {
+    if let Store::Dir { path, .. } = store {
+        eprintln!(
+            "cachelock: warning: using the private lock directory {} because {why}. Locks taken there do not exclude other users' or root's; set --lock-dir or CACHELOCK_LOCK_DIR to a directory you share.",
+            path.display()
+        );
     }
 }
 

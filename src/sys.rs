@@ -99,6 +99,367 @@ pub fn is_same_file(f: &File, path: &Path) -> bool {
     }
 }
 
+// ---- A lock directory shared with other users: everything relative to opened directories ----
+//
+// A lock's state lives in directories that other users may write. Each directory is opened once
+// without following a symlink in its place, and every file inside is then reached relative to
+// that descriptor (`openat`, `unlinkat`, `linkat`): a directory renamed, or replaced by a symlink
+// after the open, can never redirect a later open, removal or rename into someone else's files.
+
+/// What kind of entry a directory listing found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (FIFO, device, socket) or unknown.
+    Other,
+}
+
+/// Opens the directory at `path`, following symlinks (the caller chose the path).
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Opens directory `name` inside `dir`, refusing a symlink (ELOOP) or anything else
+/// (ENOTDIR) in its place.
+pub fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Opens directory `name` inside `dir`, creating it first with exactly `mode` (the umask does
+/// not apply) if it is missing. Returns the descriptor and whether it was created here.
+pub fn ensure_dir_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<(OwnedFd, bool)> {
+    use rustix::fs::Mode;
+    // Created private, then set to `mode`: never briefly more open than asked.
+    let created = match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::EXIST) => false,
+        Err(e) => return Err(e.into()),
+    };
+    let fd = open_dir_at(dir, name)?;
+    if created {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+    }
+    Ok((fd, created))
+}
+
+/// Opens `name` inside `dir` for locking or reading: `O_NOFOLLOW` (a planted symlink is refused
+/// with ELOOP), `O_NONBLOCK` (a planted FIFO cannot block the open), `O_CLOEXEC`, regular files
+/// only (InvalidInput otherwise). Read-write where permitted (NFS emulates flock with POSIX
+/// locks, which need a writable descriptor for exclusive locks), else read-only (enough for a
+/// local flock and for reading). `Open::Create(mode)` creates a missing file with exactly `mode`
+/// (`O_EXCL`, so an existing file is never opened with `O_CREAT`, which `protected_regular`
+/// refuses for other users' files in sticky directories).
+pub fn open_at(dir: BorrowedFd<'_>, name: &str, how: Open) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let base = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    for _ in 0..4 {
+        let existing = match rustix::fs::openat(dir, name, base | OFlags::RDWR, Mode::empty()) {
+            Err(rustix::io::Errno::ACCESS | rustix::io::Errno::ROFS | rustix::io::Errno::PERM) => {
+                rustix::fs::openat(dir, name, base | OFlags::RDONLY, Mode::empty())
+            }
+            r => r,
+        };
+        match (existing, how) {
+            (Ok(fd), _) => return regular(File::from(fd)),
+            (Err(rustix::io::Errno::NOENT), Open::Create(mode)) => {
+                let flags = base | OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
+                match rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o600)) {
+                    Ok(fd) => {
+                        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+                        return Ok(File::from(fd));
+                    }
+                    // Someone else created it meanwhile: open theirs.
+                    Err(rustix::io::Errno::EXIST) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (Err(e), _) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the file keeps appearing and disappearing",
+    ))
+}
+
+/// Creates `name` inside `dir` with exactly `mode`; fails with AlreadyExists if anything is
+/// there (never opens someone else's file).
+pub fn create_new_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDWR
+        | OFlags::CREATE
+        | OFlags::EXCL
+        | OFlags::NOFOLLOW
+        | OFlags::NONBLOCK
+        | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o600))?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+    Ok(File::from(fd))
+}
+
+/// The entries of `dir` (without `.` and `..`), at most `max` of them; the flag says whether
+/// more were left unread. Names that are not UTF-8 are skipped (cachelock never makes them).
+pub fn list_dir(dir: BorrowedFd<'_>, max: usize) -> io::Result<(Vec<(String, EntryKind)>, bool)> {
+    use rustix::fs::FileType;
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    let mut out = Vec::new();
+    while let Some(e) = d.read() {
+        let e = e?;
+        let Ok(name) = e.file_name().to_str() else {
+            continue;
+        };
+        if name == "." || name == ".." {
+            continue;
+        }
+        if out.len() == max {
+            return Ok((out, true));
+        }
+        let kind = match e.file_type() {
+            FileType::RegularFile => EntryKind::File,
+            FileType::Directory => EntryKind::Dir,
+            FileType::Symlink => EntryKind::Symlink,
+            _ => EntryKind::Other,
+        };
+        out.push((name.to_string(), kind));
+    }
+    Ok((out, false))
+}
+
+/// Removes the entry `name` of `dir` (not a directory).
+pub fn unlink_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    Ok(rustix::fs::unlinkat(
+        dir,
+        name,
+        rustix::fs::AtFlags::empty(),
+    )?)
+}
+
+/// Gives the file `from_name` of `from` a second name `to_name` in `to`; AlreadyExists if that
+/// name is taken (a hard link never replaces anything, unlike a rename).
+pub fn link_at(
+    from: BorrowedFd<'_>,
+    from_name: &str,
+    to: BorrowedFd<'_>,
+    to_name: &str,
+) -> io::Result<()> {
+    Ok(rustix::fs::linkat(
+        from,
+        from_name,
+        to,
+        to_name,
+        rustix::fs::AtFlags::empty(),
+    )?)
+}
+
+/// Renames `from_name` of `from` to `to_name` of `to` (replacing it).
+pub fn rename_at(
+    from: BorrowedFd<'_>,
+    from_name: &str,
+    to: BorrowedFd<'_>,
+    to_name: &str,
+) -> io::Result<()> {
+    Ok(rustix::fs::renameat(from, from_name, to, to_name)?)
+}
+
+/// Identity and ownership of a file, for checks and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Owner.
+    pub uid: u32,
+    /// Permission bits (with set-id and sticky bits).
+    pub mode: u32,
+    /// Kind.
+    pub kind: EntryKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, Unix seconds.
+    pub mtime: i64,
+}
+
+impl FileInfo {
+    // The stat field types differ between targets.
+    #[allow(clippy::unnecessary_cast)]
+    fn from_stat(st: &rustix::fs::Stat) -> FileInfo {
+        use rustix::fs::FileType;
+        FileInfo {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            uid: st.st_uid,
+            mode: st.st_mode & 0o7777,
+            kind: match FileType::from_raw_mode(st.st_mode) {
+                FileType::RegularFile => EntryKind::File,
+                FileType::Directory => EntryKind::Dir,
+                FileType::Symlink => EntryKind::Symlink,
+                _ => EntryKind::Other,
+            },
+            size: st.st_size as u64,
+            mtime: st.st_mtime as i64,
+        }
+    }
+
+    /// Device and inode: what identifies a file.
+    pub fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+}
+
+/// [`FileInfo`] of an open file or directory.
+pub fn info(fd: impl AsFd) -> io::Result<FileInfo> {
+    Ok(FileInfo::from_stat(&rustix::fs::fstat(fd)?))
+}
+
+/// [`FileInfo`] of the entry `name` of `dir` itself (a symlink is not followed).
+pub fn info_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<FileInfo> {
+    Ok(FileInfo::from_stat(&rustix::fs::statat(
+        dir,
+        name,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?))
+}
+
+/// [`FileInfo`] of `path` itself (a symlink is not followed).
+pub fn info_path(path: &Path) -> io::Result<FileInfo> {
+    Ok(FileInfo::from_stat(&rustix::fs::lstat(path)?))
+}
+
+/// Whether `f` is still the file named `name` in `dir` (same device and inode).
+pub fn is_same_file_at(f: impl AsFd, dir: BorrowedFd<'_>, name: &str) -> bool {
+    match (info(f), info_at(dir, name)) {
+        (Ok(a), Ok(b)) => a.id() == b.id(),
+        _ => false,
+    }
+}
+
+/// Sets the permission bits of an open file or directory exactly (it must be ours).
+pub fn set_mode(fd: impl AsFd, mode: u32) -> io::Result<()> {
+    Ok(rustix::fs::fchmod(
+        fd,
+        rustix::fs::Mode::from_raw_mode(mode),
+    )?)
+}
+
+/// Reads `f` from its start, at most `max` bytes: `Ok(None)` when it holds more (callers
+/// treat an oversized file as corrupt; a sparse multi-gigabyte file costs one `fstat`).
+pub fn read_bounded(f: &File, max: usize) -> io::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::FileExt as _;
+    if f.metadata()?.len() > max as u64 {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; max.min(64 * 1024) + 1];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            if len > max {
+                return Ok(None);
+            }
+            buf.resize((len * 2).min(max + 1), 0);
+        }
+        match f.read_at(&mut buf[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if len > max {
+            return Ok(None);
+        }
+    }
+    buf.truncate(len);
+    Ok(Some(buf))
+}
+
+/// Clears `O_NONBLOCK` on `fd` (a pipe opened without blocking, then read).
+pub fn set_blocking(fd: impl AsFd) -> io::Result<()> {
+    use rustix::fs::OFlags;
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    Ok(rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)?)
+}
+
+/// Whether the filesystem holding `fd` is one where inotify cannot be trusted.
+pub fn is_network_fs_fd(fd: impl AsFd) -> bool {
+    rustix::fs::fstatfs(fd)
+        .map(|st| NETWORK_FS.contains(&(st.f_type as u64)))
+        .unwrap_or(false)
+}
+
+// ---- Terminating signals seen, for waits that cannot poll the signal descriptor ----
+
+static SIGNALS_SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static LAST_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Counts a terminating signal; called from [`crate::process::Signals`]' handler, so only
+/// atomic stores (async-signal-safe).
+pub fn note_terminating_signal(sig: i32) {
+    use std::sync::atomic::Ordering;
+    LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst);
+}
+
+/// A mark for [`signal_since`].
+pub fn signal_mark() -> u64 {
+    SIGNALS_SEEN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The terminating signal received since `mark`, if any.
+pub fn signal_since(mark: u64) -> Option<i32> {
+    use std::sync::atomic::Ordering;
+    (SIGNALS_SEEN.load(Ordering::SeqCst) != mark).then(|| LAST_SIGNAL.load(Ordering::SeqCst))
+}
+
+/// How a bounded wait for a flock ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockWait {
+    /// The lock is ours.
+    Taken,
+    /// A terminating signal (this one) arrived first.
+    Interrupted(i32),
+    /// It was still held after the patience ran out.
+    TimedOut,
+}
+
+/// Takes `flock(2)` on `fd`, waiting at most `patience` and giving up at once when a
+/// terminating signal arrives (a blocking flock would be restarted after the handler, so a
+/// process holding the lock for ever could make cachelock ignore SIGTERM). Short back-off
+/// sleeps: this is for locks held for microseconds (`meta.lock`).
+pub fn flock_patiently(fd: impl AsFd, exclusive: bool, patience: Duration) -> io::Result<LockWait> {
+    let mark = signal_mark();
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_micros(20);
+    loop {
+        if try_flock(fd.as_fd(), exclusive)? {
+            return Ok(LockWait::Taken);
+        }
+        if let Some(sig) = signal_since(mark) {
+            return Ok(LockWait::Interrupted(sig));
+        }
+        if start.elapsed() >= patience {
+            return Ok(LockWait::TimedOut);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
 /// An inotify instance watching one directory for entries created, removed or renamed.
 #[derive(Debug)]
 pub struct DirWatch {
@@ -129,6 +490,24 @@ impl DirWatch {
                 | WatchFlags::MOVED_TO
                 | WatchFlags::MOVED_FROM
                 | WatchFlags::DONT_FOLLOW
+                | WatchFlags::ONLYDIR,
+        )?;
+        Ok(DirWatch { fd })
+    }
+
+    /// Watches the directory open on `dir` (through `/proc/self/fd`, so the watch is on that
+    /// very directory, whatever its path names now).
+    pub fn on_fd(dir: BorrowedFd<'_>) -> io::Result<DirWatch> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        use std::os::fd::AsRawFd;
+        let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+        inotify::add_watch(
+            &fd,
+            format!("/proc/self/fd/{}", dir.as_raw_fd()),
+            WatchFlags::CREATE
+                | WatchFlags::DELETE
+                | WatchFlags::MOVED_TO
+                | WatchFlags::MOVED_FROM
                 | WatchFlags::ONLYDIR,
         )?;
         Ok(DirWatch { fd })
@@ -267,6 +646,11 @@ pub fn uname_all() -> String {
 /// The real user id of this process.
 pub fn uid() -> u32 {
     rustix::process::getuid().as_raw()
+}
+
+/// The effective user id: the owner of the files this process creates.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 /// Sends `sig` to process `pid` (a negative `pid` names a process group); errors (already gone,

@@ -4,10 +4,10 @@
 
 use cachelock::config::Loaded;
 use cachelock::error::Result;
-use cachelock::lock::{self, LockStatus, TicketData};
+use cachelock::lock::{self, LockStatus, Store, TicketData};
 use cachelock::output::status::{
     render_json, render_text, HolderStatus, LockStatus as LockView, StatusDoc, TicketStatus,
-    WaiterStatus,
+    UnreadableStatus, WaiterStatus,
 };
 
 use crate::cli::StatusArgs;
@@ -18,8 +18,16 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         lock::name::validate(n)?;
     }
     let loaded = Loaded::load(args.config.as_deref())?;
-    let store = crate::request::store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
+    let (store, private_because) =
+        crate::request::store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
     let backend = lock::open_existing(&store)?;
+    let lock_dir_note = match (&store, private_because) {
+        (_, Some(why)) => Some(format!(
+            "a private fallback, because {why}: its locks exclude no other user's or root's"
+        )),
+        (Store::Dir { path, .. }, None) => sharing_note(path),
+        (_, None) => None,
+    };
     let names = match &args.name {
         Some(n) => vec![n.clone()],
         None => backend.lock_names()?,
@@ -30,18 +38,34 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         let settings = loaded.config.lock_settings(&name);
         let mut policy = cachelock::policy::for_lock(&loaded, &settings, None, &[]);
         let status = match policy.as_mut() {
-            Ok(p) => lock::status(backend.as_ref(), &name, p.as_mut())?,
+            Ok(p) => lock::status(backend.as_ref(), &name, p.as_mut()),
             Err(e) => {
                 // The binding is broken before loading (e.g. the module file is missing):
                 // show the lock anyway, in the fallback order.
-                let mut s = lock::status(
+                lock::status(
                     backend.as_ref(),
                     &name,
                     &mut cachelock::policy::native::DefaultPolicy,
-                )?;
-                s.order_note = Some(format!("{e}; waiters are shown by priority"));
-                s
+                )
+                .map(|mut s| {
+                    s.order_note = Some(format!("{e}; waiters are shown by priority"));
+                    s
+                })
             }
+        };
+        let status = match status {
+            Ok(s) => s,
+            // One lock's state cannot be read (something planted in it): the others are still
+            // shown, this one with the reason.
+            Err(e) if args.name.is_none() => LockStatus {
+                name: name.clone(),
+                generation: 0,
+                holders: Vec::new(),
+                waiters: Vec::new(),
+                order_note: Some(format!("cannot be read: {e}")),
+                unreadable: Vec::new(),
+            },
+            Err(e) => return Err(e),
         };
         locks.push(view(status, &settings.policy, now));
     }
@@ -49,6 +73,8 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         cachelock::dockerd::usage::status(cache_root, loaded.config.dockerd.cache_max_size)
     });
     let doc = StatusDoc {
+        lock_dir: backend.describe(),
+        lock_dir_note,
         locks,
         cache,
         now_ms: now,
@@ -59,6 +85,21 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         print!("{}", render_text(&doc));
     }
     Ok(0)
+}
+
+/// What `status` says of a lock directory other users cannot write: they cannot lock there
+/// (the default directory sends them to private ones).
+fn sharing_note(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    let mode = m.mode() & 0o7777;
+    (mode & 0o002 == 0).then(|| {
+        format!(
+            "mode {mode:04o}, owner uid {}: only its owner{} can take locks here (other users' default is a private directory)",
+            m.uid(),
+            if mode & 0o020 != 0 { " and group" } else { "" }
+        )
+    })
 }
 
 fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
@@ -88,6 +129,15 @@ fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
                 rank,
             })
             .collect(),
+        unreadable: s
+            .unreadable
+            .into_iter()
+            .map(|u| UnreadableStatus {
+                ticket: u.ticket,
+                owner_uid: u.owner_uid,
+                reason: u.reason,
+            })
+            .collect(),
     }
 }
 
@@ -96,6 +146,7 @@ fn ticket(t: TicketData) -> TicketStatus {
         ticket: t.id,
         host: t.host,
         pid: t.pid,
+        uid: t.uid,
         mode: t.mode,
         priority: t.priority,
         labels: t.labels.into_iter().collect(),

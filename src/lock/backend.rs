@@ -62,6 +62,10 @@ pub struct TicketData {
     /// Time left on the owner's lease (etcd), as `status` read it; never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_left_ms: Option<u64>,
+    /// The user owning the ticket, where the store vouches for it (a ticket file's owner):
+    /// unlike `host` and `pid`, not the ticket's own claim, so never read from its content.
+    #[serde(skip)]
+    pub uid: Option<u32>,
 }
 
 impl TicketData {
@@ -101,6 +105,20 @@ pub struct LockState {
     pub generation: u64,
     /// Live tickets.
     pub tickets: Snapshot,
+    /// Live tickets that cannot be read or break the bounds (the engine ignores them).
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A live ticket whose content cannot be used (garbage, oversized, not a regular file...):
+/// ignored by the engine, shown by `status` so that it cannot hide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The ticket's name in the queue.
+    pub ticket: String,
+    /// Who owns it, where the store knows (a file's owner).
+    pub owner_uid: Option<u32>,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 /// Why [`Queued::wait`] returned.

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::backend::{Backend, Held, Queued, Snapshot, TicketData, Wake};
+use super::stall::{self, Stalls};
 use super::{now_ms, order, Acquired, Guard, Options};
 use crate::error::{Error, Kind, Result};
 use crate::output::progress::{HolderView, Progress};
@@ -40,6 +41,7 @@ pub(super) fn run(
             .and_then(|ms| start.checked_add(Duration::from_millis(ms))),
         progress: Progress::new(&opts.name, opts.progress_interval),
         evaluations: 0,
+        stalls: Stalls::default(),
     };
     w.run(policy, signals)
 }
@@ -51,6 +53,8 @@ struct Waiter<'a> {
     deadline: Option<Instant>,
     progress: Progress,
     evaluations: u32,
+    /// Tickets ahead seen leaving a free lock untaken (a stopped head, a planted ticket).
+    stalls: Stalls,
 }
 
 /// What one full evaluation decided.
@@ -146,6 +150,7 @@ impl Waiter<'_> {
         let mut all = snap.waiters.clone();
         all.push(me.clone());
         let ordered = order::order(all, &me.id, policy, now)?;
+        let ordered = self.skip_stalled(ordered, &me.id, &snap);
         let pos = ordered
             .iter()
             .position(|(t, _)| t.id == me.id)
@@ -175,11 +180,18 @@ impl Waiter<'_> {
             return Err(self.give_up(why));
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            let why = match (in_head, self.untaken_ahead(&ordered[..head_len], &snap)) {
+                (false, Some(why)) => why,
+                (false, None) => format!(
+                    "{}; {pos} waiter(s) ahead in the queue",
+                    crate::output::progress::describe_holders(&holders)
+                ),
+                (true, _) => crate::output::progress::describe_holders(&holders),
+            };
             return Err(self.give_up(format!(
-                "timed out after {:.2}s waiting for lock {} ({})",
+                "timed out after {:.2}s waiting for lock {} ({why})",
                 waited.as_secs_f64(),
                 self.opts.name,
-                crate::output::progress::describe_holders(&holders)
             )));
         }
         let state = WaitState {
@@ -195,21 +207,25 @@ impl Waiter<'_> {
             WaitDecision::KeepWaiting(ms) => ms,
             WaitDecision::GiveUp(reason) => {
                 return Err(self.give_up(format!(
-                    "policy '{}' gave up waiting for lock {}: {reason}",
+                    "policy '{}' gave up waiting for lock {}: {}",
                     policy.name(),
-                    self.opts.name
+                    self.opts.name,
+                    crate::output::escape(&reason)
                 )))
             }
             WaitDecision::FallBack(reason) if self.opts.fallback_allowed => {
                 if let Some(q) = self.queued.take() {
                     q.leave(None);
                 }
+                // Printed and passed on by every caller: a policy may echo other users' labels.
+                let reason = crate::output::escape(&reason).into_owned();
                 return Ok(Next::Done(Acquired::FellBack { reason }));
             }
             WaitDecision::FallBack(reason) => {
                 tracing::warn!(
-                    "policy '{}' asked to fall back ({reason}) but lock {} does not allow it (set `fallback: true` in its rule); waiting on",
+                    "policy '{}' asked to fall back ({}) but lock {} does not allow it (set `fallback: true` in its rule); waiting on",
                     policy.name(),
+                    crate::output::escape(&reason),
                     self.opts.name
                 );
                 FALLBACK_INTERVAL_MS
@@ -225,6 +241,60 @@ impl Waiter<'_> {
             near_head: pos <= head_len,
             interval: interval.max(Duration::from_millis(1)),
         })
+    }
+
+    /// Records what this evaluation saw of the head set ahead of us and drops from `ordered`
+    /// the tickets that have left a free lock untaken for longer than [`stall::GRACE`].
+    fn skip_stalled(
+        &mut self,
+        ordered: Vec<(TicketData, i64)>,
+        me: &str,
+        snap: &Snapshot,
+    ) -> Vec<(TicketData, i64)> {
+        let slots = self.opts.slots.max(1);
+        let free = snap.holders.len() < slots as usize;
+        let head_len = order::head_len(&ordered, slots);
+        let ahead: Vec<&str> = ordered[..head_len]
+            .iter()
+            .map(|(t, _)| t.id.as_str())
+            .take_while(|id| *id != me)
+            .collect();
+        let ahead = if ahead.len() == head_len {
+            ahead
+        } else {
+            Vec::new()
+        };
+        self.stalls.observe(
+            ahead,
+            free,
+            ordered.iter().map(|(t, _)| t.id.as_str()),
+            Instant::now(),
+        );
+        let stalls = &self.stalls;
+        ordered
+            .into_iter()
+            .filter(|(t, _)| t.id == me || !stalls.is_stalled(&t.id))
+            .collect()
+    }
+
+    /// Why a free lock is not ours: the first of `head` (the head set, ahead of us) seen
+    /// leaving it untaken, if the lock looks free.
+    fn untaken_ahead(&self, head: &[(TicketData, i64)], snap: &Snapshot) -> Option<String> {
+        if snap.holders.len() >= self.opts.slots.max(1) as usize {
+            return None;
+        }
+        let (t, d) = head
+            .iter()
+            .map(|(t, _)| (t, self.stalls.free_for(&t.id)))
+            .find(|(_, d)| !d.is_zero())?;
+        Some(format!(
+            "it is free, but ticket {} of {}:{}, first in line, has not taken it for {:.1}s (a stopped process, a ticket planted in the lock directory, or a process without a ticket holds the lock); after {}s the next in line tries it",
+            crate::output::escape(&t.id),
+            crate::output::escape(&t.host),
+            t.pid,
+            d.as_secs_f64(),
+            stall::GRACE.as_secs()
+        ))
     }
 
     fn acquired(&mut self, held: Box<dyn Held>) -> Guard {

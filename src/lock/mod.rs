@@ -18,11 +18,12 @@ pub mod etcd;
 pub mod flock;
 pub mod name;
 pub mod order;
+mod stall;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use backend::{Backend, Containment, Lease, LockState, TicketData};
+pub use backend::{Backend, Containment, Lease, LockState, TicketData, Unreadable};
 
 use crate::config::WaitMode;
 use crate::error::{Error, Result};
@@ -270,6 +271,8 @@ pub struct LockStatus {
     pub waiters: Vec<(TicketData, i64)>,
     /// Why the order is the fallback order (rank = priority) rather than the policy's, if so.
     pub order_note: Option<String>,
+    /// Live tickets that cannot be read (not ranked, not waited for, but shown).
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// The status of lock `name`, its waiters ranked by `policy` (every waiter is ranked, so the
@@ -284,6 +287,7 @@ pub fn status(backend: &dyn Backend, name: &str, policy: &mut dyn Policy) -> Res
         holders: state.tickets.holders,
         waiters,
         order_note,
+        unreadable: state.unreadable,
     })
 }
 

@@ -45,8 +45,8 @@ pub fn order(
                 if !SAID.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "{e} (ranking ticket {} of {}:{}, labels {}); that ticket is ranked by its priority instead — its owner gets the error",
-                        t.id,
-                        t.host,
+                        crate::output::escape(&t.id),
+                        crate::output::escape(&t.host),
                         t.pid,
                         labels_text(&t.labels)
                     );
@@ -106,14 +106,14 @@ pub fn rank_for_status(
     (ranked, note)
 }
 
-/// `k=v,k=v` for messages.
+/// `k=v,k=v` for messages (control characters escaped: labels are other users' text).
 pub fn labels_text(labels: &[(String, String)]) -> String {
     if labels.is_empty() {
         return "none".to_string();
     }
     labels
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| format!("{}={}", crate::output::escape(k), crate::output::escape(v)))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -202,6 +202,7 @@ mod tests {
             generation: None,
             revision: None,
             lease_left_ms: None,
+            uid: None,
         }
     }
 

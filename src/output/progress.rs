@@ -83,7 +83,7 @@ pub fn describe_holders(holders: &[HolderView]) -> String {
                 "{}:{} (ticket {}{age})",
                 super::escape(&h.host),
                 h.pid,
-                h.ticket
+                super::escape(&h.ticket)
             )
         })
         .collect();

@@ -1,12 +1,15 @@
 //! Rendering of `cachelock status`: text for people, a stable JSON document for scripts.
 //!
-//! JSON: `{"locks":[{"name","generation","policy","note","holders":[{ticket,host,pid,mode,
-//! priority,labels,queue_key,slot,held_for_ms}],"waiters":[{position,ticket,host,pid,mode,
-//! priority,labels,queue_key,rank,waited_ms}]}]}`; `labels` is an object, waiters are in serving
-//! order, `note` is null unless the order is not the policy's (e.g. its module is missing).
-//! Over etcd, tickets also carry `lease_left_ms` and holders `revision` (the holder key's
-//! create revision); both are absent on the flock backend.
-//! Text escapes control characters in everything other users wrote (labels, hosts, keys).
+//! JSON: `{"lock_dir","lock_dir_note","locks":[{"name","generation","policy","note",
+//! "holders":[{ticket,host,pid,uid,mode,priority,labels,queue_key,slot,held_for_ms}],
+//! "waiters":[{position,ticket,host,pid,uid,mode,priority,labels,queue_key,rank,waited_ms}],
+//! "unreadable":[{ticket,owner_uid,reason}]}]}`; `labels` is an object, waiters are in serving
+//! order, `note` is null unless the order is not the policy's (e.g. its module is missing),
+//! `lock_dir_note` is null unless other users cannot share the directory (a private fallback).
+//! `uid` is the ticket file's owner, the one field a user cannot forge (host and pid are the
+//! ticket's own claims). Over etcd, tickets also carry `lease_left_ms` and holders `revision`
+//! (the holder key's create revision), and `lock_dir` is the store's URL. Text escapes control
+//! characters in everything other users wrote (tickets, labels, hosts, keys, reasons).
 
 use std::collections::BTreeMap;
 
@@ -18,6 +21,10 @@ use crate::policy::Mode;
 /// The whole document.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusDoc {
+    /// The lock directory read.
+    pub lock_dir: String,
+    /// Who can (not) share it: a private fallback, or a mode that keeps other users out.
+    pub lock_dir_note: Option<String>,
     /// One entry per lock, by name.
     pub locks: Vec<LockStatus>,
     /// Cached data roots under `--cache-root`, when asked.
@@ -26,6 +33,17 @@ pub struct StatusDoc {
     /// When the document was made (Unix ms), for "last used ... ago".
     #[serde(skip)]
     pub now_ms: u64,
+}
+
+/// A live ticket that cannot be read: ignored by waiters, shown so that it cannot hide.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnreadableStatus {
+    /// Its name in the queue.
+    pub ticket: String,
+    /// The user owning it.
+    pub owner_uid: Option<u32>,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 /// One lock.
@@ -43,6 +61,8 @@ pub struct LockStatus {
     pub holders: Vec<HolderStatus>,
     /// Waiters in the order they will be served.
     pub waiters: Vec<WaiterStatus>,
+    /// Live tickets that cannot be read.
+    pub unreadable: Vec<UnreadableStatus>,
 }
 
 /// What status shows of any ticket, holder or waiter (flattened into both in JSON).
@@ -54,6 +74,8 @@ pub struct TicketStatus {
     pub host: String,
     /// Owner's pid on that host.
     pub pid: u32,
+    /// The user owning the ticket (the file's owner: not the ticket's own claim).
+    pub uid: Option<u32>,
     /// Exclusive or shared.
     pub mode: Mode,
     /// `--priority`.
@@ -105,9 +127,10 @@ fn mode_str(m: Mode) -> &'static str {
 
 /// `(head, tail)` of a ticket's text line: what goes before and after the role-specific part.
 fn ticket_text(t: &TicketStatus) -> (String, String) {
+    let uid = t.uid.map(|u| format!(" uid {u}")).unwrap_or_default();
     let head = format!(
-        "ticket {}  {}:{}  {}  priority {}",
-        t.ticket,
+        "ticket {}  {}:{}{uid}  {}  priority {}",
+        escape(&t.ticket),
         escape(&t.host),
         t.pid,
         mode_str(t.mode),
@@ -134,6 +157,13 @@ fn ticket_text(t: &TicketStatus) -> (String, String) {
 /// Text for people.
 pub fn render_text(doc: &StatusDoc) -> String {
     let mut out = String::new();
+    if let Some(n) = &doc.lock_dir_note {
+        out.push_str(&format!(
+            "lock directory {}\n  note: {}\n",
+            escape(&doc.lock_dir),
+            escape(n)
+        ));
+    }
     if doc.locks.is_empty() {
         out.push_str("no locks\n");
     }
@@ -169,6 +199,17 @@ pub fn render_text(doc: &StatusDoc) -> String {
                 w.position,
                 w.rank,
                 w.waited_ms as f64 / 1000.0,
+            ));
+        }
+        for u in &l.unreadable {
+            let owner = u
+                .owner_uid
+                .map(|uid| format!(" (owner uid {uid})"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  unreadable ticket {}{owner}: {}; ignored by waiters\n",
+                escape(&u.ticket),
+                escape(&u.reason)
             ));
         }
     }

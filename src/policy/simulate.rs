@@ -89,6 +89,7 @@ fn ticket_data(t: &Ticket) -> TicketData {
         generation: None,
         revision: None,
         lease_left_ms: None,
+        uid: None,
     }
 }
 

@@ -460,7 +460,8 @@ fn library_policy_error_fallback_and_caller_bounds() {
     let g = held_by_other(&dir, "lib", &signals);
     assert_eq!(g.generation(), 2);
     assert_eq!(g.slot(), 0);
-    assert!(matches!(g.containment(), Containment::Inherit(fds) if fds.len() == 1));
+    // The command inherits the lock and the ticket (which says "holding" while it runs).
+    assert!(matches!(g.containment(), Containment::Inherit(fds) if fds.len() == 2));
     drop(g);
     assert_eq!(queue_len(tmp.path(), "lib"), 0);
 }

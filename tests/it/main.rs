@@ -18,5 +18,6 @@ mod policy_faults;
 mod policy_python;
 mod policy_runtime;
 mod policy_security;
+mod security;
 mod torture;
 mod torture_dockerd;

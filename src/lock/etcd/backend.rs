@@ -417,6 +417,8 @@ impl Backend for EtcdBackend {
                 generation: None,
                 revision: None,
                 lease_left_ms: None,
+                // etcd vouches for no local user: the ticket's host and pid are its claims.
+                uid: None,
             },
             revision: 0,
             gen: (0, 0),
@@ -489,6 +491,7 @@ impl Backend for EtcdBackend {
                 name: lock.to_string(),
                 generation: r.generation,
                 tickets,
+                unreadable: Vec::new(),
             })
         })
     }

@@ -3,16 +3,21 @@
 //!
 //! Per lock, `<dir>/<name>.lock/` holds `lock` (`lock.K` for slot K), the kernel locks that
 //! alone give exclusion; `queue/` (one ticket per live request, flocked by its owner: alive
-//! exactly while locked); `tmp/` (tickets being created, locked before they are renamed into
-//! `queue/`); `meta.lock`/`meta.json` (ticket numbers, the arrival clock, the generation); and
+//! exactly while locked); `tmp/` (tickets being created, locked before they are published in
+//! `queue/`); `held/` (the holders, see [`held`]); `meta.lock` with `meta.d/` and `meta.json`
+//! (ticket numbers, the arrival clock, the generation, the on-disk format, see [`meta`]); and
 //! `keys/` (remembered arrivals of queue keys). One module per concern: [`dir`], [`ticket`],
-//! [`meta`], [`wait`].
+//! [`held`], [`meta`], [`wait`]. docs/architecture.md has the layout, docs/security.md the
+//! threat model.
 //!
 //! Choices beyond the design note, and why:
 //! - **Release closes the lock descriptor** instead of `LOCK_UN`: an unlock would also free the
 //!   lock for a background process that inherited the descriptor and still runs; a close
 //!   leaves it held until the last holder of the descriptor exits.
-//! - **`meta.json` is rewritten in place** under `meta.lock` (readers take it shared) instead of
+//! - **The command inherits the ticket too**, so that a holder whose cachelock was killed still
+//!   has a live ticket saying "holding" (for `status`, and for [`held`]'s check) while its
+//!   command runs.
+//! - **Counters are rewritten in place** under `meta.lock` (readers take it shared) instead of
 //!   write-and-rename: ext4 starts a writeback on rename-over, which cost milliseconds on every
 //!   handoff.
 //! - **inotify is set up only once a request is contended** and closed on a background thread
@@ -21,21 +26,23 @@
 //!   descriptor of the file drops; so a process never opens a lock or its own ticket twice.
 
 pub mod dir;
+pub mod held;
 pub mod meta;
 pub mod ticket;
 pub mod wait;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use self::dir::{open_checked, LockDir, LockPaths};
-use self::ticket::{OwnTicket, Probe};
+use self::dir::{slot_file, LockDir, LockFiles};
+use self::ticket::OwnTicket;
 use self::wait::Watcher;
 use super::backend::{Backend, Containment, Held, LockState, Queued, Snapshot, TicketData, Wake};
 use super::{name, now_ms, Options};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::policy::Mode;
 use crate::sys;
 
@@ -61,34 +68,59 @@ impl FlockBackend {
     }
 }
 
+/// How many times a request takes a new ticket number when its number is found taken.
+const PUBLISH_ATTEMPTS: u64 = 8;
+
 impl Backend for FlockBackend {
     fn enqueue(&self, opts: &Options) -> Result<Box<dyn Queued>> {
-        let paths = self.dir.prepare(&opts.name)?;
-        let mode = wait::effective_mode(opts.wait_mode, &paths.base);
-        ticket::sweep_tmp(&paths);
-        let (n, at) = meta::enqueue(&paths, now_ms(), opts.queue_key.as_deref())?;
-        let data = TicketData {
-            id: ticket::ticket_id(n),
-            lock: opts.name.clone(),
-            mode: opts.mode,
-            priority: opts.priority,
-            labels: opts.labels.clone(),
-            host: sys::hostname(),
-            pid: std::process::id(),
-            enqueued_at_ms: at,
-            wait_limit_ms: opts.wait_limit_ms,
-            queue_key: opts.queue_key.clone(),
-            holding: false,
-            slot: None,
-            acquired_at_ms: None,
-            generation: None,
-            revision: None,
-            lease_left_ms: None,
+        let files = Arc::new(self.dir.prepare(&opts.name)?);
+        let mode = wait::effective_mode(opts.wait_mode, files.base.as_fd());
+        ticket::sweep_tmp(&files);
+        let mut at_least = 0;
+        let mut attempts = 0;
+        let own = loop {
+            let (n, at) = meta::enqueue(&files, now_ms(), opts.queue_key.as_deref(), at_least)?;
+            let data = TicketData {
+                id: ticket::ticket_id(n),
+                lock: opts.name.clone(),
+                mode: opts.mode,
+                priority: opts.priority,
+                labels: opts.labels.clone(),
+                host: sys::hostname(),
+                pid: std::process::id(),
+                enqueued_at_ms: at,
+                wait_limit_ms: opts.wait_limit_ms,
+                queue_key: opts.queue_key.clone(),
+                holding: false,
+                slot: None,
+                acquired_at_ms: None,
+                generation: None,
+                uid: Some(sys::euid()),
+                revision: None,
+                lease_left_ms: None,
+            };
+            // A taken number means the counters went back (a lowered or lost counters file):
+            // never replace that ticket, take a higher number.
+            match OwnTicket::create(&files, data)? {
+                Some(own) => break own,
+                None if attempts < PUBLISH_ATTEMPTS => {
+                    attempts += 1;
+                    at_least = highest_id(&files).max(n) + 1;
+                }
+                None => {
+                    return Err(Error::new(
+                        Kind::IoErr,
+                        format!(
+                            "cannot publish a ticket in {}: every number tried is taken",
+                            files.path("queue").display()
+                        ),
+                    ))
+                }
+            }
         };
-        let own = OwnTicket::create(&paths, data)?;
         Ok(Box::new(FlockQueued {
             slot_files: (0..opts.slots.max(1)).map(|_| None).collect(),
-            paths,
+            files,
             own: Some(own),
             watcher: Watcher::new(mode),
             seen: Vec::new(),
@@ -96,18 +128,19 @@ impl Backend for FlockBackend {
     }
 
     fn lock_names(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = match std::fs::read_dir(self.dir.root()) {
-            Ok(rd) => rd
-                .flatten()
-                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_suffix(".lock"))
-                        .filter(|n| name::validate(n).is_ok())
-                        .map(str::to_string)
-                })
-                .collect(),
+        let mut names: Vec<String> = match sys::open_dir(self.dir.root()) {
+            Ok(fd) => match sys::list_dir(fd.as_fd(), 64 * dir::MAX_ENTRIES) {
+                Ok((entries, _)) => entries
+                    .into_iter()
+                    .filter(|(_, kind)| *kind == sys::EntryKind::Dir)
+                    .filter_map(|(n, _)| {
+                        n.strip_suffix(".lock")
+                            .filter(|n| name::validate(n).is_ok())
+                            .map(str::to_string)
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
             Err(_) => Vec::new(),
         };
         names.sort();
@@ -115,17 +148,19 @@ impl Backend for FlockBackend {
     }
 
     fn state(&self, lock: &str) -> Result<LockState> {
-        // Paths only: nothing is created for a lock that does not exist.
-        let paths = self.dir.paths(lock);
-        let tickets = if paths.queue.is_dir() {
-            scan(&paths, None)?
-        } else {
-            Snapshot::default()
+        // Nothing is created for a lock that does not exist.
+        let Some(files) = self.dir.existing(lock)? else {
+            return Ok(LockState {
+                name: lock.to_string(),
+                ..Default::default()
+            });
         };
+        let (tickets, unreadable) = scan(&files, None)?;
         Ok(LockState {
             name: lock.to_string(),
-            generation: meta::read(&paths).generation,
+            generation: meta::read(&files).generation,
             tickets,
+            unreadable,
         })
     }
 
@@ -134,38 +169,38 @@ impl Backend for FlockBackend {
     }
 }
 
-/// Lists `queue/`, probing every ticket except `skip` (one's own: probing it would drop one's
-/// own lock on NFS). Dead tickets are removed; unreadable live ones are left out.
-fn scan(paths: &LockPaths, skip: Option<&str>) -> Result<Snapshot> {
+/// The live tickets of `queue/`, except `skip` (one's own: probing it would drop one's own
+/// lock on NFS). Dead tickets are removed where permitted; unreadable live ones are apart.
+fn scan(
+    files: &LockFiles,
+    skip: Option<&str>,
+) -> Result<(Snapshot, Vec<super::backend::Unreadable>)> {
+    let (live, unreadable) = ticket::scan_queue(files, skip)?;
     let mut snap = Snapshot::default();
-    let entries = std::fs::read_dir(&paths.queue)
-        .map_err(|e| Error::io(format!("cannot read {}", paths.queue.display()), e))?;
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if Some(name) == skip {
-            continue;
-        }
-        if let Probe::Alive(Some(d)) = ticket::probe(&e.path()) {
-            if d.holding {
-                snap.holders.push(d);
-            } else {
-                snap.waiters.push(d);
-            }
+    for t in live {
+        if t.data.holding {
+            snap.holders.push(t.data);
+        } else {
+            snap.waiters.push(t.data);
         }
     }
     snap.holders.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(snap)
+    Ok((snap, unreadable))
+}
+
+/// The highest ticket number in `queue/` (to recover from counters that went back).
+fn highest_id(files: &LockFiles) -> u64 {
+    sys::list_dir(files.queue.as_fd(), dir::MAX_ENTRIES)
+        .map(|(e, _)| e.iter().filter_map(|(n, _)| n.parse::<u64>().ok()).max())
+        .ok()
+        .flatten()
+        .unwrap_or(0)
 }
 
 /// The names in `queue/`, sorted (no probing: a cheap "did anything change" check).
-fn list_names(paths: &LockPaths) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(&paths.queue)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                .collect()
-        })
+fn list_names(files: &LockFiles) -> Vec<String> {
+    let mut v: Vec<String> = sys::list_dir(files.queue.as_fd(), dir::MAX_ENTRIES)
+        .map(|(e, _)| e.into_iter().map(|(n, _)| n).collect())
         .unwrap_or_default();
     v.sort();
     v
@@ -173,7 +208,7 @@ fn list_names(paths: &LockPaths) -> Vec<String> {
 
 /// A request in a lock directory's queue.
 struct FlockQueued {
-    paths: LockPaths,
+    files: Arc<LockFiles>,
     own: Option<OwnTicket>,
     /// Each slot file opened once per request: on NFS a second descriptor's close would drop
     /// our lock.
@@ -187,6 +222,20 @@ impl FlockQueued {
     fn own(&self) -> &OwnTicket {
         self.own.as_ref().expect("own ticket until held or left")
     }
+
+    /// The descriptor of slot file `slot`, opened (created) if needed.
+    fn slot(&mut self, slot: usize) -> Result<&File> {
+        if self.slot_files[slot].is_none() {
+            let f = self.files.open(
+                self.files.base.as_fd(),
+                "",
+                &slot_file(slot as u32),
+                Some(self.files.file_mode),
+            )?;
+            self.slot_files[slot] = Some(f);
+        }
+        Ok(self.slot_files[slot].as_ref().expect("opened above"))
+    }
 }
 
 impl Queued for FlockQueued {
@@ -196,7 +245,7 @@ impl Queued for FlockQueued {
 
     fn scan(&mut self) -> Result<Snapshot> {
         let me = self.own().data.id.clone();
-        let snap = scan(&self.paths, Some(&me))?;
+        let (snap, _) = scan(&self.files, Some(&me))?;
         self.seen = snap
             .holders
             .iter()
@@ -211,16 +260,29 @@ impl Queued for FlockQueued {
     fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>> {
         let exclusive = self.own().data.mode == Mode::Exclusive;
         for slot in 0..self.slot_files.len() {
-            let path = self.paths.slot_file(slot as u32);
-            if self.slot_files[slot].is_none() {
-                self.slot_files[slot] = Some(open_checked(&path, true, self.paths.file_mode)?);
-            }
-            let f = self.slot_files[slot].as_ref().expect("opened above");
-            let taken = sys::try_flock(f, exclusive)
-                .map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
-            if taken {
+            let name = slot_file(slot as u32);
+            // Twice: once more if the file we hold a descriptor of was replaced meanwhile.
+            for _ in 0..2 {
+                let f = self.slot(slot)?;
+                let taken = sys::try_flock(f, exclusive).map_err(|e| {
+                    Error::io(
+                        format!("cannot lock {}", self.files.path(&name).display()),
+                        e,
+                    )
+                })?;
+                if !taken {
+                    break;
+                }
+                // The kernel locked the file our descriptor is; if the name no longer is that
+                // file, the lock excludes nobody: let it go and take the file there now.
                 let lock = self.slot_files[slot].take().expect("opened above");
-                return self.granted(slot as u32, lock).map(Some);
+                if !sys::is_same_file_at(&lock, self.files.base.as_fd(), &name) {
+                    continue;
+                }
+                match self.granted(slot as u32, lock)? {
+                    Some(held) => return Ok(Some(held)),
+                    None => break,
+                }
             }
         }
         Ok(None)
@@ -230,12 +292,14 @@ impl Queued for FlockQueued {
         &mut self,
         until: Option<Instant>,
         _at_head: bool,
-        signal_fd: BorrowedFd<'_>,
+        signal_fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Wake> {
-        let wake = self.watcher.wait(&self.paths.queue, signal_fd, until);
+        let wake = self
+            .watcher
+            .wait(self.files.queue.as_fd(), signal_fd, until);
         // Polling: a listing of `queue/` (no probes, no policy) tells whether anything arrived
         // or left since the last scan.
-        if wake == Wake::Timeout && !self.watcher.notifies() && list_names(&self.paths) != self.seen
+        if wake == Wake::Timeout && !self.watcher.notifies() && list_names(&self.files) != self.seen
         {
             return Ok(Wake::Changed);
         }
@@ -247,7 +311,7 @@ impl Queued for FlockQueued {
         if let (Some(key), Some(grace)) = (&own.data.queue_key, keep_place_for) {
             let grace_ms = grace.as_millis() as u64;
             if let Err(e) = meta::remember_key(
-                &self.paths,
+                &self.files,
                 key,
                 own.data.enqueued_at_ms,
                 now_ms(),
@@ -261,16 +325,77 @@ impl Queued for FlockQueued {
 }
 
 impl FlockQueued {
-    /// The kernel granted `slot`: count the acquisition (the generation) and mark the ticket.
-    fn granted(&mut self, slot: u32, lock: File) -> Result<Box<dyn Held>> {
+    /// The kernel granted `slot` on `lock`. Under `meta.lock`: unless another live holder
+    /// holds the slot on another file (the lock file was replaced while held), count the
+    /// acquisition, mark our ticket holding and publish it in `held/`. `Ok(None)`: we backed
+    /// off (closing `lock` releases the kernel lock).
+    fn granted(&mut self, slot: u32, lock: File) -> Result<Option<Box<dyn Held>>> {
+        let file_id = sys::info(&lock)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot stat {}",
+                        self.files.path(&slot_file(slot)).display()
+                    ),
+                    e,
+                )
+            })?
+            .id();
+        let files = self.files.clone();
         let mut own = self.own.take().expect("own ticket");
-        let generation = meta::acquired(&self.paths, own.data.queue_key.as_deref())?;
-        own.mark_holding(slot, generation, now_ms())?;
+        let mode = own.data.mode;
+        let key = own.data.queue_key.clone();
+        let mut conflict = None;
+        let generation = meta::acquired(
+            &files,
+            key.as_deref(),
+            || {
+                let holders = held::check(&files, slot, mode, file_id)?;
+                conflict = holders.conflict;
+                Ok(conflict.is_none().then_some(holders.max_generation))
+            },
+            |generation| {
+                own.mark_holding(slot, generation, now_ms(), file_id)?;
+                held::add(&files, &own, slot)
+            },
+        );
+        let generation = match generation {
+            Ok(g) => g,
+            Err(e) => {
+                self.own = Some(own);
+                return Err(e);
+            }
+        };
+        let Some(_) = generation else {
+            self.own = Some(own);
+            if let Some(other) = conflict {
+                warn_replaced(&files, slot, &other);
+            }
+            return Ok(None);
+        };
         self.slot_files.clear();
-        Ok(Box::new(FlockHeld {
+        Ok(Some(Box::new(FlockHeld {
             lock: Some(lock),
             own: Some(own),
-        }))
+            files,
+            slot,
+        })))
+    }
+}
+
+/// Says once per process that the kernel granted a lock file that is not the one a live
+/// holder holds.
+fn warn_replaced(files: &LockFiles, slot: u32, other: &TicketData) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "{} is not the file that ticket {} ({}:{}) holds: the lock file was removed or renamed while held; waiting for that holder to finish",
+            files.path(&slot_file(slot)).display(),
+            crate::output::escape(&other.id),
+            crate::output::escape(&other.host),
+            other.pid
+        );
     }
 }
 
@@ -286,6 +411,8 @@ impl Drop for FlockQueued {
 struct FlockHeld {
     lock: Option<File>,
     own: Option<OwnTicket>,
+    files: Arc<LockFiles>,
+    slot: u32,
 }
 
 impl Held for FlockHeld {
@@ -294,7 +421,13 @@ impl Held for FlockHeld {
     }
 
     fn containment(&self) -> Containment {
-        Containment::Inherit(self.lock.iter().map(|f| f.as_raw_fd()).collect())
+        Containment::Inherit(
+            self.lock
+                .iter()
+                .map(|f| f.as_raw_fd())
+                .chain(self.own.iter().map(|t| t.fd().as_raw_fd()))
+                .collect(),
+        )
     }
 
     fn release(mut self: Box<Self>) -> Result<()> {
@@ -304,9 +437,12 @@ impl Held for FlockHeld {
 }
 
 impl FlockHeld {
-    /// Closes the locked descriptor (a command that inherited it and still runs keeps the
-    /// lock), then removes the ticket, which wakes the next waiter.
+    /// Withdraws from `held/`, closes the locked descriptor (a command that inherited it and
+    /// still runs keeps the lock), then removes the ticket, which wakes the next waiter.
     fn release_now(&mut self) {
+        if let Some(own) = self.own.as_ref() {
+            held::remove(&self.files, self.slot, &own.data.id);
+        }
         drop(self.lock.take());
         if let Some(own) = self.own.take() {
             own.remove();

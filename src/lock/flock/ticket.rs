@@ -1,96 +1,178 @@
 //! Ticket files: one per live request in `queue/`, flocked by its owner for as long as it lives.
 //!
 //! Liveness never uses PIDs: a ticket is alive exactly while some process holds a flock on it.
-//! A ticket is created in `tmp/`, locked, written and only then renamed into `queue/`, so a
-//! scanner can never find a live ticket unlocked and delete it.
+//! A ticket is created in `tmp/` (a fresh name, `O_EXCL`), locked, written and only then
+//! published in `queue/` with a hard link, so a scanner can never find a live ticket unlocked
+//! and delete it, and publishing never replaces another ticket (a rename would).
+//!
+//! Other users' tickets are untrusted input: every read is bounded ([`MAX_TICKET_BYTES`]) and
+//! checked against the bounds a request is held to at enqueue ([`crate::lock::validate`]); a
+//! live ticket that fails is *unreadable* — the engine ignores it, `status` shows it.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt as _;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::dir::{open_checked, LockPaths};
-use crate::error::{Error, Result};
-use crate::lock::backend::TicketData;
-use crate::sys;
+use serde::{Deserialize, Serialize};
+
+use super::dir::{owner_only, LockFiles, MAX_ENTRIES};
+use crate::error::{Error, Kind, Result};
+use crate::lock::backend::{TicketData, Unreadable};
+use crate::lock::{MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_QUEUE_KEY};
+use crate::sys::{self, EntryKind, Open};
+
+/// Longest host name a ticket may carry (Linux allows 64; DNS names 253).
+pub const MAX_HOST: usize = 255;
+
+/// Largest ticket file read: the largest ticket a valid request can write — every label,
+/// the queue key and the host at their bounds, each byte escaped by JSON as `\u00XX` (6
+/// bytes) — plus 1 KiB for the fixed fields. About 66 KB; anything larger is corrupt.
+pub const MAX_TICKET_BYTES: usize = 1024
+    + 6 * (MAX_LABELS * (MAX_LABEL_KEY + MAX_LABEL_VALUE + 6)
+        + MAX_QUEUE_KEY
+        + MAX_HOST
+        + crate::lock::name::MAX_LEN);
 
 /// Formats ticket number `n` as an id.
 pub fn ticket_id(n: u64) -> String {
     format!("{n:012}")
 }
 
+/// A ticket file's content: the backend-independent ticket, plus the kernel lock file its
+/// owner holds (format 2; format 1 tickets lack it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileTicket {
+    /// The request.
+    #[serde(flatten)]
+    pub data: TicketData,
+    /// Device and inode of the slot file held, once holding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_file: Option<[u64; 2]>,
+}
+
+#[derive(Serialize)]
+struct FileTicketRef<'a> {
+    #[serde(flatten)]
+    data: &'a TicketData,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lock_file: Option<[u64; 2]>,
+}
+
 /// The caller's own ticket: the file stays open and flocked until [`OwnTicket::remove`] or drop.
 #[derive(Debug)]
 pub struct OwnTicket {
     file: Option<File>,
-    path: PathBuf,
+    files: Arc<LockFiles>,
     /// What the ticket says.
     pub data: TicketData,
+    /// The slot file held (device, inode), once holding.
+    pub lock_file: Option<(u64, u64)>,
     written: usize,
 }
 
 impl OwnTicket {
-    /// Creates, locks, writes and publishes a ticket in `queue/`.
-    pub fn create(paths: &LockPaths, data: TicketData) -> Result<OwnTicket> {
-        let tmp = paths
-            .tmp
-            .join(format!("{}.{}", data.id, std::process::id()));
-        let file = open_checked(&tmp, true, paths.file_mode)?;
+    /// Creates, locks, writes and publishes a ticket in `queue/` under `data.id`. `Ok(None)`:
+    /// that id is taken (the counters were lowered or lost); the caller takes another number.
+    pub fn create(files: &Arc<LockFiles>, data: TicketData) -> Result<Option<OwnTicket>> {
+        let tmp_dir = files.need(&files.tmp, "tmp")?;
+        let (name, file) = new_tmp_file(files, tmp_dir, &data.id)?;
+        let cleanup = || {
+            let _ = sys::unlink_at(tmp_dir, &name);
+        };
         match sys::try_flock(&file, true) {
             Ok(true) => {}
-            Ok(false) => {
-                let _ = std::fs::remove_file(&tmp);
+            r => {
+                cleanup();
+                let e = r.err().unwrap_or_else(|| io::ErrorKind::WouldBlock.into());
                 return Err(Error::io(
-                    format!("cannot lock new ticket {}", tmp.display()),
-                    io::Error::from(io::ErrorKind::WouldBlock),
-                ));
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(Error::io(
-                    format!("cannot lock new ticket {}", tmp.display()),
+                    format!(
+                        "cannot lock new ticket {}",
+                        files.path("tmp").join(&name).display()
+                    ),
                     e,
                 ));
             }
         }
         let mut t = OwnTicket {
             file: Some(file),
-            path: tmp.clone(),
+            files: files.clone(),
             data,
+            lock_file: None,
             written: 0,
         };
-        t.write()?;
-        let path = paths.queue.join(&t.data.id);
-        std::fs::rename(&tmp, &path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(format!("cannot publish ticket {}", path.display()), e)
-        })?;
-        t.path = path;
-        Ok(t)
+        if let Err(e) = t.write() {
+            cleanup();
+            t.file = None;
+            return Err(e);
+        }
+        let published = sys::link_at(tmp_dir, &name, files.queue.as_fd(), &t.data.id);
+        cleanup();
+        match published {
+            Ok(()) => Ok(Some(t)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                t.file = None;
+                Ok(None)
+            }
+            Err(e) => {
+                t.file = None;
+                Err(Error::io(
+                    format!(
+                        "cannot publish ticket {}",
+                        files.path("queue").join(&t.data.id).display()
+                    ),
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// The locked descriptor (inherited by a held lock's command, so that the ticket says
+    /// "holding" for as long as the command runs, even if cachelock is killed).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_ref().expect("ticket file open").as_fd()
     }
 
     /// Rewrites the file in place through the locked descriptor (a second open would drop the
     /// lock on NFS). Padding with spaces up to the previous length instead of truncating keeps
     /// every read a complete JSON document.
     pub fn write(&mut self) -> Result<()> {
-        let mut text = serde_json::to_vec(&self.data)
-            .map_err(|e| Error::software(format!("cannot encode ticket: {e}")))?;
+        let mut text = serde_json::to_vec(&FileTicketRef {
+            data: &self.data,
+            lock_file: self.lock_file.map(|(d, i)| [d, i]),
+        })
+        .map_err(|e| Error::software(format!("cannot encode ticket: {e}")))?;
         if text.len() < self.written {
             text.resize(self.written, b' ');
         }
         let file = self.file.as_ref().expect("ticket file open");
-        file.write_all_at(&text, 0)
-            .map_err(|e| Error::io(format!("cannot write ticket {}", self.path.display()), e))?;
+        file.write_all_at(&text, 0).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot write ticket {}",
+                    self.files.path("queue").join(&self.data.id).display()
+                ),
+                e,
+            )
+        })?;
         self.written = text.len();
         Ok(())
     }
 
-    /// Records that the lock is held.
-    pub fn mark_holding(&mut self, slot: u32, generation: u64, now_ms: u64) -> Result<()> {
+    /// Records that the lock is held: the slot, its generation and the slot file's identity.
+    pub fn mark_holding(
+        &mut self,
+        slot: u32,
+        generation: u64,
+        now_ms: u64,
+        lock_file: (u64, u64),
+    ) -> Result<()> {
         self.data.holding = true;
         self.data.slot = Some(slot);
         self.data.generation = Some(generation);
         self.data.acquired_at_ms = Some(now_ms);
+        self.lock_file = Some(lock_file);
         self.write()
     }
 
@@ -102,7 +184,7 @@ impl OwnTicket {
 
     fn remove_inner(&mut self) {
         if let Some(f) = self.file.take() {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = sys::unlink_at(self.files.queue.as_fd(), &self.data.id);
             drop(f);
         }
     }
@@ -114,69 +196,271 @@ impl Drop for OwnTicket {
     }
 }
 
+/// A fresh file in `tmp/` for ticket `id`: `<id>.<pid>.<n>`, created with `O_EXCL` (a name
+/// someone planted is skipped, never opened).
+fn new_tmp_file(files: &LockFiles, tmp: BorrowedFd<'_>, id: &str) -> Result<(String, File)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut last = None;
+    for _ in 0..16 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{id}.{}.{nanos:x}{n}", std::process::id());
+        match sys::create_new_at(tmp, &name, owner_only(files.file_mode)) {
+            Ok(f) => return Ok((name, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot create a ticket in {}", files.path("tmp").display()),
+                    e,
+                ))
+            }
+        }
+    }
+    Err(Error::io(
+        format!("cannot create a ticket in {}", files.path("tmp").display()),
+        last.unwrap_or_else(|| io::ErrorKind::AlreadyExists.into()),
+    ))
+}
+
 /// What probing another ticket found.
 #[derive(Debug)]
 // Short-lived, one per probe: boxing the ticket would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 pub enum Probe {
-    /// Alive, with its content (`None` if it could not be parsed, e.g. a torn write).
-    Alive(Option<TicketData>),
-    /// Its owner is dead; the file was removed.
+    /// Alive, with its content, or why that cannot be used (shown by `status`).
+    Alive(std::result::Result<Box<FileTicket>, String>),
+    /// Its owner is dead; the file was removed (if we may: in a sticky directory only its
+    /// owner or root can).
     Dead,
     /// It vanished meanwhile.
     Gone,
 }
 
-/// Reads another process's ticket and tests its liveness with a non-blocking exclusive flock
-/// (never call this on one's own ticket: on NFS the close would drop one's own lock). A dead
-/// ticket is unlinked while the probe lock is held, after checking the path still names the
-/// same file.
-pub fn probe(path: &Path) -> Probe {
-    let mut file = match sys::open_other(path) {
+/// Reads another process's ticket `name` in `dir` and tests its liveness with a non-blocking
+/// *shared* flock (the owner holds it exclusively; a shared probe works on the read-only
+/// descriptor another user's ticket allows, on NFS too). Never call this on one's own ticket:
+/// on NFS the close would drop one's own lock. A dead ticket is unlinked while the probe lock
+/// is held, after checking the name still names the same file.
+/// `id` is the ticket id the name stands for (the name itself in `queue/`).
+pub fn probe(dir: BorrowedFd<'_>, name: &str, id: &str, lock: &str) -> Probe {
+    let file = match sys::open_at(dir, name, Open::Existing) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Probe::Gone,
-        Err(_) => return Probe::Alive(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            return Probe::Alive(Err("not a regular file".to_string()))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Probe::Alive(Err("a symbolic link".to_string()))
+        }
+        Err(e) => return Probe::Alive(Err(format!("cannot open it: {e}"))),
     };
-    match sys::try_flock(&file, true) {
+    match sys::try_flock(&file, false) {
         Ok(true) => {
-            if sys::is_same_file(&file, path) {
-                let _ = std::fs::remove_file(path);
+            if sys::is_same_file_at(&file, dir, name) {
+                let _ = sys::unlink_at(dir, name);
             }
             Probe::Dead
         }
-        _ => Probe::Alive(read_data(&mut file)),
+        _ => Probe::Alive(read_ticket(&file, id, lock).map(|mut t| {
+            t.data.uid = sys::info(&file).ok().map(|i| i.uid);
+            t
+        })),
     }
 }
 
-fn read_data(file: &mut File) -> Option<TicketData> {
-    for _ in 0..3 {
-        let mut buf = Vec::with_capacity(1024);
-        let _ = file.read_to_end(&mut buf);
-        if let Ok(d) = serde_json::from_slice::<TicketData>(&buf) {
-            return Some(d);
+/// Reads and checks a live ticket (bounded; one immediate re-read for a torn read of an
+/// in-place rewrite).
+fn read_ticket(file: &File, id: &str, lock: &str) -> std::result::Result<Box<FileTicket>, String> {
+    let mut last = String::new();
+    for _ in 0..2 {
+        let bytes = match sys::read_bounded(file, MAX_TICKET_BYTES) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return Err(format!(
+                    "larger than {MAX_TICKET_BYTES} bytes, the most a ticket can hold"
+                ))
+            }
+            Err(e) => return Err(format!("cannot read it: {e}")),
+        };
+        match serde_json::from_slice::<FileTicket>(&bytes) {
+            Ok(t) => return check(t, id, lock).map(Box::new),
+            Err(e) => last = format!("not a ticket ({e})"),
         }
-        // A torn read of an in-place rewrite: read again from the start.
-        let _ = std::io::Seek::rewind(file);
-        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    None
+    Err(last)
+}
+
+/// Holds a ticket read from disk to the bounds of a request ([`crate::lock::validate`]) and
+/// to its own name, so that nobody downstream (ranking, policies, status) sees more.
+pub fn check(t: FileTicket, name: &str, lock: &str) -> std::result::Result<FileTicket, String> {
+    let d = &t.data;
+    if d.id != name {
+        return Err(format!("its id {:?} is not its file name", cut(&d.id)));
+    }
+    if d.lock != lock {
+        return Err(format!("it names another lock, {:?}", cut(&d.lock)));
+    }
+    if d.labels.len() > MAX_LABELS {
+        return Err(format!("{} labels (at most {MAX_LABELS})", d.labels.len()));
+    }
+    if d.labels
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE)
+    {
+        return Err(format!(
+            "a label outside the bounds (keys 1 to {MAX_LABEL_KEY} bytes, values at most {MAX_LABEL_VALUE})"
+        ));
+    }
+    if d.queue_key
+        .as_ref()
+        .is_some_and(|k| k.len() > MAX_QUEUE_KEY)
+    {
+        return Err(format!("a queue key longer than {MAX_QUEUE_KEY} bytes"));
+    }
+    if d.host.len() > MAX_HOST {
+        return Err(format!("a host name longer than {MAX_HOST} bytes"));
+    }
+    Ok(t)
+}
+
+fn cut(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+/// The live tickets of `queue/`, probed, except `skip` (one's own); dead ones are removed
+/// where permitted. Unreadable live ones are returned apart.
+pub fn scan_queue(
+    files: &LockFiles,
+    skip: Option<&str>,
+) -> Result<(Vec<FileTicket>, Vec<Unreadable>)> {
+    let dir = files.queue.as_fd();
+    let (entries, more) = sys::list_dir(dir, MAX_ENTRIES).map_err(|e| {
+        Error::new(
+            Kind::IoErr,
+            format!("cannot read {}: {e}", files.path("queue").display()),
+        )
+    })?;
+    if more {
+        warn_flood(files, "queue");
+    }
+    let mut live = Vec::new();
+    let mut unreadable = Vec::new();
+    for (name, kind) in entries {
+        if Some(name.as_str()) == skip {
+            continue;
+        }
+        if kind == EntryKind::Dir {
+            continue;
+        }
+        match probe(dir, &name, &name, &files.name) {
+            Probe::Alive(Ok(t)) => live.push(*t),
+            Probe::Alive(Err(reason)) => unreadable.push(Unreadable {
+                owner_uid: sys::info_at(dir, &name).ok().map(|i| i.uid),
+                ticket: name,
+                reason,
+            }),
+            Probe::Dead | Probe::Gone => {}
+        }
+    }
+    Ok((live, unreadable))
+}
+
+/// Says once per process that a directory of a lock holds more entries than are read.
+pub fn warn_flood(files: &LockFiles, dir_name: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "{} holds more than {MAX_ENTRIES} entries; only the first {MAX_ENTRIES} are read (a flood of planted files? remove them as their owner or root)",
+            files.path(dir_name).display()
+        );
+    }
 }
 
 /// Removes leftovers in `tmp/` whose creator died before publishing them. Only old files are
 /// probed: a fresh one may be between its creator's `open` and `flock`.
-pub fn sweep_tmp(paths: &LockPaths) {
-    let Ok(rd) = std::fs::read_dir(&paths.tmp) else {
+pub fn sweep_tmp(files: &LockFiles) {
+    let Some(tmp) = files.tmp.as_ref() else {
         return;
     };
-    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-    for e in rd.flatten() {
-        let stale = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .map(|t| t < old)
+    let Ok((entries, _)) = sys::list_dir(tmp.as_fd(), MAX_ENTRIES) else {
+        return;
+    };
+    let old = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64 - 60)
+        .unwrap_or(0);
+    let me = sys::euid();
+    for (name, kind) in entries {
+        if kind != EntryKind::File {
+            continue;
+        }
+        // Only files we could remove (ours, or anyone's as root) are worth a probe.
+        let stale = sys::info_at(tmp.as_fd(), &name)
+            .map(|i| i.mtime < old && (i.uid == me || me == 0))
             .unwrap_or(false);
         if stale {
-            let _ = probe(&e.path());
+            if let Ok(f) = sys::open_at(tmp.as_fd(), &name, Open::Existing) {
+                if matches!(sys::try_flock(&f, false), Ok(true))
+                    && sys::is_same_file_at(&f, tmp.as_fd(), &name)
+                {
+                    let _ = sys::unlink_at(tmp.as_fd(), &name);
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_valid_ticket_fits_the_read_bound() {
+        let control = "\u{1}";
+        let data = TicketData {
+            id: ticket_id(u64::MAX),
+            lock: "l".repeat(crate::lock::name::MAX_LEN),
+            mode: crate::policy::Mode::Exclusive,
+            priority: i32::MIN,
+            labels: (0..MAX_LABELS)
+                .map(|_| {
+                    (
+                        control.repeat(MAX_LABEL_KEY),
+                        control.repeat(MAX_LABEL_VALUE),
+                    )
+                })
+                .collect(),
+            host: control.repeat(MAX_HOST),
+            pid: u32::MAX,
+            enqueued_at_ms: u64::MAX,
+            wait_limit_ms: Some(u64::MAX),
+            queue_key: Some(control.repeat(MAX_QUEUE_KEY)),
+            holding: true,
+            slot: Some(u32::MAX),
+            acquired_at_ms: Some(u64::MAX),
+            // Read from a store, never written into a ticket file.
+            revision: None,
+            lease_left_ms: None,
+            generation: Some(u64::MAX),
+            uid: None,
+        };
+        let text = serde_json::to_vec(&FileTicketRef {
+            data: &data,
+            lock_file: Some([u64::MAX, u64::MAX]),
+        })
+        .unwrap();
+        assert!(
+            text.len() <= MAX_TICKET_BYTES,
+            "{} > {MAX_TICKET_BYTES}",
+            text.len()
+        );
+        let back: FileTicket = serde_json::from_slice(&text).unwrap();
+        let name = data.id.clone();
+        assert!(check(back, &name, &data.lock).is_ok());
     }
 }

@@ -2,17 +2,16 @@
 //! is on a network filesystem (inotify does not see other clients' changes there).
 
 use std::os::fd::BorrowedFd;
-use std::path::Path;
 use std::time::Instant;
 
 use crate::config::WaitMode;
 use crate::lock::backend::Wake;
 use crate::sys::{self, DirChange, DirWatch};
 
-/// Resolves `auto` for the lock state under `dir`: poll on network filesystems, else notify.
-pub fn effective_mode(requested: WaitMode, dir: &Path) -> WaitMode {
+/// Resolves `auto` for the lock state in `dir`: poll on network filesystems, else notify.
+pub fn effective_mode(requested: WaitMode, dir: BorrowedFd<'_>) -> WaitMode {
     match requested {
-        WaitMode::Auto if sys::is_network_fs(dir) => WaitMode::Poll,
+        WaitMode::Auto if sys::is_network_fs_fd(dir) => WaitMode::Poll,
         WaitMode::Auto => WaitMode::Notify,
         m => m,
     }
@@ -47,14 +46,14 @@ impl Watcher {
     /// and returns `Changed` at once, so that nothing since the caller's last scan is missed.
     pub fn wait(
         &mut self,
-        queue: &Path,
+        queue: BorrowedFd<'_>,
         signal_fd: BorrowedFd<'_>,
         until: Option<Instant>,
     ) -> Wake {
         if !self.started {
             self.started = true;
             if self.mode != WaitMode::Poll {
-                self.watch = DirWatch::new(queue).ok();
+                self.watch = DirWatch::on_fd(queue).ok();
                 return Wake::Changed;
             }
         }
@@ -92,21 +91,23 @@ mod tests {
     #[test]
     fn auto_is_notify_on_local_disks_and_explicit_modes_win() {
         let tmp = tempfile::tempdir().unwrap();
-        assert_eq!(effective_mode(WaitMode::Auto, tmp.path()), WaitMode::Notify);
-        assert_eq!(effective_mode(WaitMode::Poll, tmp.path()), WaitMode::Poll);
+        let dir = sys::open_dir(tmp.path()).unwrap();
+        let dir = dir.as_fd();
+        assert_eq!(effective_mode(WaitMode::Auto, dir), WaitMode::Notify);
+        assert_eq!(effective_mode(WaitMode::Poll, dir), WaitMode::Poll);
         let (r, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut w = Watcher::new(WaitMode::Notify);
         let soon = || Some(Instant::now() + Duration::from_secs(5));
-        assert_eq!(w.wait(tmp.path(), r.as_fd(), soon()), Wake::Changed);
+        assert_eq!(w.wait(dir, r.as_fd(), soon()), Wake::Changed);
         assert!(w.notifies());
         std::fs::write(tmp.path().join("x"), "").unwrap();
-        assert_eq!(w.wait(tmp.path(), r.as_fd(), soon()), Wake::Changed);
+        assert_eq!(w.wait(dir, r.as_fd(), soon()), Wake::Changed);
         std::fs::remove_file(tmp.path().join("x")).unwrap();
-        assert_eq!(w.wait(tmp.path(), r.as_fd(), soon()), Wake::Removed);
+        assert_eq!(w.wait(dir, r.as_fd(), soon()), Wake::Removed);
         let now = Some(Instant::now());
-        assert_eq!(w.wait(tmp.path(), r.as_fd(), now), Wake::Timeout);
+        assert_eq!(w.wait(dir, r.as_fd(), now), Wake::Timeout);
         let mut p = Watcher::new(WaitMode::Poll);
-        assert_eq!(p.wait(tmp.path(), r.as_fd(), now), Wake::Timeout);
+        assert_eq!(p.wait(dir, r.as_fd(), now), Wake::Timeout);
         assert!(!p.notifies());
     }
 }

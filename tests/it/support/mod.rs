@@ -1,11 +1,13 @@
 //! What the integration tests share: the binary under test and its private environments
 //! ([`util`]), statistics ([`stats`], also used by the benchmarks), and the real-part fixtures
 //! of each area: the test policies ([`policy`]), dockerd ([`dockerd`]) and the chaos driver
-//! with its independent overlap detector ([`torture`]).
+//! with its independent overlap detector ([`torture`]); several users sharing a lock
+//! directory, for the attack suite ([`users`]).
 
 pub mod dockerd;
 pub mod etcd;
 pub mod policy;
 pub mod stats;
 pub mod torture;
+pub mod users;
 pub mod util;

@@ -7,9 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The binary under test.
+/// The binary under test: this build's, or `CACHELOCK_TEST_BIN` (e.g. the previous release,
+/// `target/prev-release/cachelock`, to see which attacks of the security suite it falls to).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cachelock")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CACHELOCK_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_cachelock").to_string())
+    })
 }
 
 /// A private lock directory and configuration for one test.
