@@ -1,7 +1,8 @@
 //! Builds the built-in policy components in `policies/` for `wasm32-wasip2` (release) with a
 //! nested cargo, so that a plain `cargo build` of a fresh clone embeds them. Output:
 //! `$OUT_DIR/builtins.rs` (the embedded modules and their sha256). The test policies are built
-//! by the dev-only crate `crates/test-programs/artifacts`.
+//! by the dev-only crate `crates/test-programs/artifacts`. Without the cargo feature `wasm` there
+//! is nothing to embed.
 
 #[path = "build-support/wasm.rs"]
 mod wasm;
@@ -20,6 +21,10 @@ const BUILTINS: &[(&str, &str)] = &[
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
+    if std::env::var_os("CARGO_FEATURE_WASM").is_none() {
+        // No policy host, nothing to embed (and no wasm target needed).
+        return;
+    }
     wasm::rerun_if_changed(&manifest_dir.join("wit"));
     wasm::rerun_if_changed(&manifest_dir.join("build-support"));
     let wasm_dir = wasm::build_workspace(&manifest_dir.join("policies"), "policies");

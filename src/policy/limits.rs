@@ -1,6 +1,7 @@
 //! Sandbox limits of one policy (fuel per call, memory, tables, instances, log size) and the
 //! sanity rules applied to what a policy returns.
 
+#[cfg(feature = "wasm")]
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 
 use super::{RetryDecision, WaitDecision};
@@ -94,6 +95,7 @@ impl Effective {
     }
 
     /// The store limiter enforcing these limits.
+    #[cfg(feature = "wasm")]
     pub fn limiter(&self) -> Limiter {
         Limiter {
             inner: StoreLimitsBuilder::new()
@@ -169,7 +171,8 @@ pub fn truncate(s: String, max: usize) -> String {
     format!("{}… ({} more bytes cut)", clean(&s[..cut]), s.len() - cut)
 }
 
-/// [`StoreLimits`] plus a record of which limit a policy hit, for the fault message.
+/// `StoreLimits` plus a record of which limit a policy hit, for the fault message.
+#[cfg(feature = "wasm")]
 pub struct Limiter {
     inner: StoreLimits,
     /// A memory growth beyond the cap was refused.
@@ -178,6 +181,7 @@ pub struct Limiter {
     pub table_hit: bool,
 }
 
+#[cfg(feature = "wasm")]
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,

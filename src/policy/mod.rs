@@ -1,20 +1,29 @@
 //! Policies: every timeout, retry and priority decision goes through [`Policy`].
 //!
-//! The implementation that ships is the WASM host in [`host`]: a component implementing the
+//! The implementation that ships is the WASM host in `host`: a component implementing the
 //! `cachelock:policy@0.1.0` world (`wit/policy.wit`), sandboxed and resource-limited. The
-//! engine and the dockerd wrapper only see this trait.
+//! engine and the dockerd wrapper only see this trait. Without the cargo feature `wasm` only
+//! [`native`] remains (`builtin:default`, answered natively).
 
+#[cfg(feature = "wasm")]
 pub mod builtin;
+#[cfg(feature = "wasm")]
 pub mod cache;
+#[cfg(feature = "wasm")]
 pub mod compile;
+#[cfg(feature = "wasm")]
 pub mod host;
+#[cfg(feature = "wasm")]
 pub mod input;
+#[cfg(feature = "wasm")]
 pub mod lazy;
 pub mod limits;
 pub mod native;
 pub mod scenario;
 pub mod simulate;
+#[cfg(feature = "wasm")]
 pub mod spec;
+#[cfg(feature = "wasm")]
 pub mod trust;
 pub mod types;
 
@@ -169,6 +178,7 @@ pub trait Policy {
 /// reported by the first call, as an error converting to exit 78.
 ///
 /// Errors here (exit 78) are the ones found without loading: an unknown policy name, bad limits.
+#[cfg(feature = "wasm")]
 pub fn for_lock(
     loaded: &crate::config::Loaded,
     settings: &crate::config::LockSettings,
@@ -191,8 +201,27 @@ pub fn for_lock(
     Ok(Box::new(lazy::LazyPolicy::new(spec)))
 }
 
+/// Without the WebAssembly host: `builtin:default` (the policy of locks no rule binds) is
+/// answered natively; any other policy is a configuration error saying why.
+#[cfg(not(feature = "wasm"))]
+pub fn for_lock(
+    _loaded: &crate::config::Loaded,
+    settings: &crate::config::LockSettings,
+    override_policy: Option<&str>,
+    _extra_config: &[(String, String)],
+) -> crate::error::Result<Box<dyn Policy>> {
+    let name = override_policy.unwrap_or(&settings.policy);
+    if matches!(name, "default" | "builtin:default") {
+        return Ok(Box::new(native::DefaultPolicy));
+    }
+    Err(crate::error::Error::config(format!(
+        "policy {name:?} needs the WebAssembly policy host, which this build of cachelock leaves out (cargo feature `wasm`)"
+    )))
+}
+
 /// Loads `name` (as [`for_lock`] resolves it) at once: for `policy check`/`simulate` and for
 /// callers that want load errors up front.
+#[cfg(feature = "wasm")]
 pub fn load_now(
     loaded: &crate::config::Loaded,
     name: &str,
