@@ -46,7 +46,11 @@ pub fn spawn(cmd: &mut Command, inherit: &[RawFd], pdeathsig: i32) -> io::Result
     unsafe {
         cmd.pre_exec(move || crate::sys::prepare_child(&inherit, pdeathsig, parent));
     }
-    cmd.spawn()
+    let child = cmd.spawn();
+    // `spawn` returns once the child has exec'd (or failed to): no child holds the last copy
+    // of an inotify instance now.
+    crate::sys::close_deferred();
+    child
 }
 
 /// Runs `cmd` so that the lock behind `containment` covers it, forwarding signals per the

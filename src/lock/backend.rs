@@ -131,8 +131,25 @@ pub enum Wake {
     /// Tickets only left the queue: nobody new can rank ahead, so a waiter in the head set may
     /// try the lock before scanning again.
     Removed,
+    /// A waiter in the head set that waits for the lock in the kernel ([`Watch::Lock`]) was
+    /// granted it (or the wait ended): [`Queued::try_acquire`] now, before scanning.
+    Free,
     /// The deadline passed with nothing seen.
     Timeout,
+}
+
+/// What a waiter sleeps on, from its place in the queue (the engine's last evaluation). Each
+/// waiter watches only what can make it act, so that a hand-off wakes the next holder and the
+/// one behind it, not the whole queue.
+#[derive(Debug, Clone, Copy)]
+pub enum Watch<'a> {
+    /// In the head set: the lock itself, and arrivals that may rank before us. A backend may
+    /// wait for the lock in the kernel (then [`Wake::Free`] says it was granted).
+    Lock,
+    /// Behind the head set: the waiter just ahead in the queue's order, whose taking the lock,
+    /// leaving or dying may put us in the head set ([`Wake::Changed`]). A backend that cannot
+    /// watch one waiter watches the whole queue.
+    Ahead(&'a TicketData),
 }
 
 /// A lock store.
@@ -164,14 +181,14 @@ pub trait Queued {
     /// atomically with the grant and our ticket is marked holding. `Ok(None)`: not free.
     fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>>;
 
-    /// Sleeps until the queue changes, `signal_fd` becomes readable, or `until` (never when
-    /// `None`). `at_head`: we are in the head set. The first call may set up change
-    /// notification and return [`Wake::Changed`] at once, so that nothing between the last
-    /// scan and the set-up is missed.
+    /// Sleeps until what `watch` names changes, `signal_fd` becomes readable, or `until` (never
+    /// when `None`). The first call may set up change notification and return
+    /// [`Wake::Changed`] at once, so that nothing between the last scan and the set-up is
+    /// missed.
     fn wait(
         &mut self,
         until: Option<Instant>,
-        at_head: bool,
+        watch: Watch<'_>,
         signal_fd: BorrowedFd<'_>,
     ) -> Result<Wake>;
 

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::backend::{Backend, Held, Queued, Snapshot, TicketData, Wake};
+use super::backend::{Backend, Held, Queued, Snapshot, TicketData, Wake, Watch};
 use super::stall::{self, Stalls};
 use super::{now_ms, order, Acquired, Guard, Options};
 use crate::error::{Error, Kind, Result};
@@ -12,13 +12,13 @@ use crate::output::progress::{HolderView, Progress};
 use crate::policy::{Policy, WaitDecision, WaitState};
 use crate::process::Signals;
 
-/// How often a waiter re-scans and consults the policy when nothing changes (ranks may age; a
-/// waiter ahead may have died). Between these, timer wake-ups cost one try at the head and
-/// nothing elsewhere.
+/// The shortest interval between two evaluations of a waiter when nothing it watches changes
+/// (ranks may age; the head may stall): a policy asking for less gets timer wake-ups that cost
+/// one try at the head (when polling) and nothing elsewhere.
 const FULL_EVAL_PERIOD: Duration = Duration::from_millis(250);
-/// Waiters further back than the one after the head set coalesce queue changes for this long
-/// before re-scanning: every release and arrival wakes every waiter, and only the front of the
-/// queue needs to react at once (the rest re-scan once per burst instead of once per event).
+/// Waiters further back than the one after the head set coalesce changes for this long before
+/// re-scanning: where a backend can only watch the whole queue, every release and arrival wakes
+/// every waiter, and only the front of the queue needs to react at once.
 const BACK_OF_QUEUE_DEBOUNCE: Duration = Duration::from_millis(5);
 /// Interval used when the policy's decision cannot be honoured (a fall-back not allowed).
 const FALLBACK_INTERVAL_MS: u64 = 100;
@@ -42,6 +42,7 @@ pub(super) fn run(
         progress: Progress::new(&opts.name, opts.progress_interval),
         evaluations: 0,
         stalls: Stalls::default(),
+        decided: None,
     };
     w.run(policy, signals)
 }
@@ -55,6 +56,16 @@ struct Waiter<'a> {
     evaluations: u32,
     /// Tickets ahead seen leaving a free lock untaken (a stopped head, a planted ticket).
     stalls: Stalls,
+    /// The policy's last `keep-waiting` and what the queue looked like then: the policy is
+    /// asked again only when the queue changed or its interval has passed.
+    decided: Option<Decided>,
+}
+
+/// A `keep-waiting` decision and the queue it was made for.
+struct Decided {
+    at: Instant,
+    interval: Duration,
+    queue: u64,
 }
 
 /// What one full evaluation decided.
@@ -64,6 +75,8 @@ enum Next {
         in_head: bool,
         /// Whether this waiter is in, or right behind, the head set.
         near_head: bool,
+        /// The waiter just before us in the queue's order (none in the head set).
+        ahead: Option<Box<TicketData>>,
         interval: Duration,
     },
 }
@@ -78,13 +91,18 @@ impl Waiter<'_> {
             if let Some(sig) = signals.take_terminating() {
                 return Err(self.interrupted(sig));
             }
-            let (in_head, near_head, interval) = match self.evaluate(policy)? {
+            let (in_head, near_head, ahead, interval) = match self.evaluate(policy)? {
                 Next::Done(a) => return Ok(a),
                 Next::Wait {
                     in_head,
                     near_head,
+                    ahead,
                     interval,
-                } => (in_head, near_head, interval),
+                } => (in_head, near_head, ahead, interval),
+            };
+            let watch = match &ahead {
+                Some(t) if !in_head => Watch::Ahead(t),
+                _ => Watch::Lock,
             };
             let now = Instant::now();
             let mut eval_at = now + interval.max(FULL_EVAL_PERIOD);
@@ -98,22 +116,23 @@ impl Waiter<'_> {
                 if let Some(d) = self.deadline {
                     wake_at = wake_at.min(d);
                 }
-                match self.queued().wait(Some(wake_at), in_head, signals.fd())? {
+                match self.queued().wait(Some(wake_at), watch, signals.fd())? {
                     Wake::Signal => {
                         if let Some(sig) = signals.take_terminating() {
                             return Err(self.interrupted(sig));
                         }
                     }
-                    Wake::Removed if in_head => {
-                        // Someone left (typically the holder releasing): try before scanning,
-                        // which keeps the scan off the handoff's critical path.
+                    Wake::Removed | Wake::Free if in_head => {
+                        // Granted in the kernel, or someone left (typically the holder
+                        // releasing): try before scanning, which keeps the scan off the
+                        // hand-off's critical path.
                         if let Some(held) = self.queued().try_acquire()? {
                             return Ok(Acquired::Held(self.acquired(held)));
                         }
                         break;
                     }
-                    Wake::Changed | Wake::Removed if near_head => break,
-                    Wake::Changed | Wake::Removed => {
+                    Wake::Changed | Wake::Removed | Wake::Free if near_head => break,
+                    Wake::Changed | Wake::Removed | Wake::Free => {
                         eval_at = eval_at.min(now + BACK_OF_QUEUE_DEBOUNCE);
                     }
                     Wake::Timeout => {
@@ -194,6 +213,27 @@ impl Waiter<'_> {
                 self.opts.name,
             )));
         }
+        // The policy is asked only when the queue changed (who holds, who waits in which
+        // order) or its last interval has passed; meanwhile its decision stands.
+        let queue = queue_print(&snap.holders, &ordered);
+        let reuse = self.decided.as_ref().and_then(|d| {
+            let left = (d.at + d.interval).checked_duration_since(Instant::now())?;
+            (d.queue == queue && !left.is_zero()).then_some(left)
+        });
+        let ahead = (!in_head && pos > 0).then(|| Box::new(ordered[pos - 1].0.clone()));
+        if let Some(left) = reuse {
+            let mut interval = left;
+            if let Some(d) = self.deadline {
+                interval = interval.min(d.saturating_duration_since(Instant::now()));
+            }
+            self.progress.waiting(&holders, pos + 1, ordered.len());
+            return Ok(Next::Wait {
+                in_head,
+                near_head: pos <= head_len,
+                ahead,
+                interval: interval.max(Duration::from_millis(1)),
+            });
+        }
         let state = WaitState {
             me: me.to_ticket(),
             holders: snap.holders.iter().map(TicketData::to_ticket).collect(),
@@ -232,6 +272,11 @@ impl Waiter<'_> {
             }
         };
         let mut interval = Duration::from_millis(ms.max(1));
+        self.decided = Some(Decided {
+            at: Instant::now(),
+            interval,
+            queue,
+        });
         if let Some(d) = self.deadline {
             interval = interval.min(d.saturating_duration_since(Instant::now()));
         }
@@ -239,6 +284,7 @@ impl Waiter<'_> {
         Ok(Next::Wait {
             in_head,
             near_head: pos <= head_len,
+            ahead,
             interval: interval.max(Duration::from_millis(1)),
         })
     }
@@ -342,6 +388,20 @@ impl Drop for Waiter<'_> {
             q.leave(None);
         }
     }
+}
+
+/// A fingerprint of the queue as one waiter sees it: the holders and the waiters in order.
+fn queue_print(holders: &[TicketData], ordered: &[(TicketData, i64)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for t in holders {
+        t.id.hash(&mut h);
+    }
+    0xff_u8.hash(&mut h);
+    for (t, _) in ordered {
+        t.id.hash(&mut h);
+    }
+    h.finish()
 }
 
 /// What progress lines and messages show of the holders.

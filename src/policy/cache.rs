@@ -36,15 +36,21 @@ pub const DEFAULT_HOST_CACHE_DIR: &str = "/var/cache/cachelock";
 /// The engine of optimized code (Cranelift, fuel metering and epoch interruption on): what a
 /// warm process runs.
 pub fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| make_engine(Strategy::Cranelift))
+    OPTIMIZED.get_or_init(|| make_engine(Strategy::Cranelift))
+}
+
+static OPTIMIZED: OnceLock<Engine> = OnceLock::new();
+static QUICK: OnceLock<Engine> = OnceLock::new();
+
+/// The engines created so far (a warm process never creates the quick one).
+pub fn engines() -> impl Iterator<Item = &'static Engine> {
+    [OPTIMIZED.get(), QUICK.get()].into_iter().flatten()
 }
 
 /// The engine of quickly compiled code (Winch, wasmtime's baseline compiler, ~5× faster to
 /// compile, ~1.5× slower to run): used only until the optimized code is in the cache.
 pub fn quick_engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| make_engine(Strategy::Winch))
+    QUICK.get_or_init(|| make_engine(Strategy::Winch))
 }
 
 fn make_engine(strategy: Strategy) -> Engine {
@@ -161,10 +167,11 @@ pub fn load(
     };
     let readable: Vec<&TrustedDir> = host.iter().chain(own.iter()).collect();
     let opt_key = artifact_key(engine(), m.sha);
-    let quick_key = artifact_key(quick_engine(), m.sha);
     if let Some(c) = readable.iter().find_map(|d| cached(engine(), d, &opt_key)) {
         return Ok((c, Origin::Cached));
     }
+    // Only now: creating the quick engine is work a warm process does not need.
+    let quick_key = artifact_key(quick_engine(), m.sha);
     let cached_quick = readable
         .iter()
         .find_map(|d| cached(quick_engine(), d, &quick_key));

@@ -273,9 +273,33 @@ fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
     })
 }
 
-/// Epoch ticks: every engine's epoch advances this often, and a call's deadline is a number
-/// of ticks (wasm code checks it at loop headers and function entries).
+/// Epoch ticks: every engine's epoch advances this often while a call runs, and a call's
+/// deadline is a number of ticks (wasm code checks it at loop headers and function entries).
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Calls in progress; the ticker sleeps while there are none, so that a waiting process holding
+/// a loaded policy does not wake up a hundred times a second for nothing.
+static CALLS: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// Keeps the epoch ticking while it lives (one per call into the guest).
+struct Ticking;
+
+impl Ticking {
+    fn start() -> Ticking {
+        start_epoch_ticker();
+        let (n, cv) = &CALLS;
+        *n.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        cv.notify_all();
+        Ticking
+    }
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        *CALLS.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+    }
+}
 
 fn start_epoch_ticker() {
     static TICKER: OnceLock<()> = OnceLock::new();
@@ -283,9 +307,17 @@ fn start_epoch_ticker() {
         std::thread::Builder::new()
             .name("cachelock-policy-epoch".into())
             .spawn(|| loop {
+                {
+                    let (n, cv) = &CALLS;
+                    let mut n = n.lock().unwrap_or_else(|p| p.into_inner());
+                    while *n == 0 {
+                        n = cv.wait(n).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
                 std::thread::sleep(EPOCH_TICK);
-                cache::engine().increment_epoch();
-                cache::quick_engine().increment_epoch();
+                for engine in cache::engines() {
+                    engine.increment_epoch();
+                }
             })
             .expect("the epoch thread starts");
     });
@@ -438,7 +470,7 @@ impl WasmPolicy {
     /// A fresh instance, configured. Used at load and after a fault (a trapped instance cannot
     /// be entered again).
     fn instantiate(&mut self) -> Result<(), String> {
-        start_epoch_ticker();
+        let _ticking = Ticking::start();
         let engine = self.component.engine().clone();
         let mut store = Store::new(&engine, HostState::new(self.name.clone(), &self.limits));
         store.limiter(|s| &mut s.limiter);
@@ -503,7 +535,9 @@ impl WasmPolicy {
         let (store, policy) = self.instance.as_mut().expect("instantiated above");
         arm(store, self.limits.fuel, self.limits.time_ms)
             .map_err(|e| PolicyError::fault(&self.name, e.to_string()))?;
+        let ticking = Ticking::start();
         let r = f(store, policy);
+        drop(ticking);
         let result = match r {
             Ok(v) => Ok(v),
             Err(e) => {

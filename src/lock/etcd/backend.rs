@@ -18,7 +18,7 @@ use super::client::{lease_gone, Conn};
 use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{
-    Backend, Containment, Held, Lease, LockState, Queued, Snapshot, TicketData, Wake,
+    Backend, Containment, Held, Lease, LockState, Queued, Snapshot, TicketData, Wake, Watch,
 };
 use crate::lock::order::Slots;
 use crate::lock::{name, now_ms, Options};
@@ -813,7 +813,8 @@ impl Queued for EtcdQueued {
     fn wait(
         &mut self,
         until: Option<Instant>,
-        _at_head: bool,
+        // One watch over the lock's keys serves every place in the queue.
+        _watch: Watch<'_>,
         signal_fd: BorrowedFd<'_>,
     ) -> Result<Wake> {
         if self.watch.is_none() {

@@ -39,12 +39,16 @@ use std::time::{Duration, Instant};
 
 use self::dir::{slot_file, LockDir, LockFiles};
 use self::ticket::OwnTicket;
-use self::wait::Watcher;
-use super::backend::{Backend, Containment, Held, LockState, Queued, Snapshot, TicketData, Wake};
+use self::ticket::TicketCache;
+use self::wait::{Seen, Watcher};
+use super::backend::{
+    Backend, Containment, Held, LockState, Queued, Snapshot, TicketData, Wake, Watch,
+};
 use super::{name, now_ms, Options};
+use crate::config::WaitMode;
 use crate::error::{Error, Kind, Result};
 use crate::policy::Mode;
-use crate::sys;
+use crate::sys::{self, DirChange};
 
 /// A lock directory as a backend.
 #[derive(Debug, Clone)]
@@ -74,7 +78,10 @@ const PUBLISH_ATTEMPTS: u64 = 8;
 impl Backend for FlockBackend {
     fn enqueue(&self, opts: &Options) -> Result<Box<dyn Queued>> {
         let files = Arc::new(self.dir.prepare(&opts.name)?);
-        let mode = wait::effective_mode(opts.wait_mode, files.base.as_fd());
+        // One statfs decides both: how changes are seen, and whether the kernel waits of a
+        // local filesystem (open-file-description locks beside flock) may be used.
+        let network = sys::is_network_fs_fd(files.base.as_fd());
+        let mode = wait::effective_mode(opts.wait_mode, network);
         ticket::sweep_tmp(&files);
         let mut at_least = 0;
         let mut attempts = 0;
@@ -101,7 +108,7 @@ impl Backend for FlockBackend {
             };
             // A taken number means the counters went back (a lowered or lost counters file):
             // never replace that ticket, take a higher number.
-            match OwnTicket::create(&files, data)? {
+            match OwnTicket::create(&files, data, !network)? {
                 Some(own) => break own,
                 None if attempts < PUBLISH_ATTEMPTS => {
                     attempts += 1;
@@ -122,8 +129,12 @@ impl Backend for FlockBackend {
             slot_files: (0..opts.slots.max(1)).map(|_| None).collect(),
             files,
             own: Some(own),
+            kernel_waits: !network && mode == WaitMode::Notify,
             watcher: Watcher::new(mode),
             seen: Vec::new(),
+            cache: TicketCache::default(),
+            blocked: None,
+            unchained: None,
         }))
     }
 
@@ -155,7 +166,7 @@ impl Backend for FlockBackend {
                 ..Default::default()
             });
         };
-        let (tickets, unreadable) = scan(&files, None)?;
+        let (tickets, unreadable) = scan(&files, None, None)?;
         Ok(LockState {
             name: lock.to_string(),
             generation: meta::read(&files).generation,
@@ -174,8 +185,9 @@ impl Backend for FlockBackend {
 fn scan(
     files: &LockFiles,
     skip: Option<&str>,
+    cache: Option<&mut TicketCache>,
 ) -> Result<(Snapshot, Vec<super::backend::Unreadable>)> {
-    let (live, unreadable) = ticket::scan_queue(files, skip)?;
+    let (live, unreadable) = ticket::scan_queue(files, skip, cache)?;
     let mut snap = Snapshot::default();
     for t in live {
         if t.data.holding {
@@ -207,15 +219,47 @@ fn list_names(files: &LockFiles) -> Vec<String> {
 }
 
 /// A request in a lock directory's queue.
+///
+/// **How it waits** (notify mode on a local filesystem): in the head set, a helper thread
+/// blocks in `flock` on the lock file, so that a release hands the lock over with one kernel
+/// wake-up, as for flock(1), while inotify on `queue/` reports arrivals that may rank before
+/// us (the wait is then cancelled if we are no longer in the head set). Behind the head set,
+/// the helper blocks on the *waiting lock* of the ticket just ahead of us (see
+/// [`OwnTicket::stop_waiting`]), which its owner drops when it takes the lock, leaves or dies:
+/// a hand-off wakes the new holder and the one waiter behind it, whatever the length of the
+/// queue, and no inotify instance is needed behind the head. A ticket without a waiting lock
+/// (an older cachelock) is watched through the whole queue, as is every ticket in poll mode.
 struct FlockQueued {
     files: Arc<LockFiles>,
     own: Option<OwnTicket>,
     /// Each slot file opened once per request: on NFS a second descriptor's close would drop
     /// our lock.
     slot_files: Vec<Option<File>>,
+    /// Notify mode on a local filesystem: waits in the kernel (see above).
+    kernel_waits: bool,
     watcher: Watcher,
     /// Ticket names the last scan found alive (sorted), for cheap change checks when polling.
     seen: Vec<String>,
+    /// Other tickets' content, so that a rescan reads only what changed.
+    cache: TicketCache,
+    /// The wait in the kernel in progress, if any.
+    blocked: Option<Blocked>,
+    /// The ticket ahead that carries no waiting lock, watched through the queue instead.
+    unchained: Option<String>,
+}
+
+/// A kernel wait on a helper thread.
+struct Blocked {
+    on: BlockedOn,
+    call: sys::Interruptible,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BlockedOn {
+    /// `flock` on slot 0's lock file, in our mode.
+    Lock,
+    /// The waiting lock of this ticket (its owner is ahead of us).
+    Ahead(String),
 }
 
 impl FlockQueued {
@@ -245,7 +289,7 @@ impl Queued for FlockQueued {
 
     fn scan(&mut self) -> Result<Snapshot> {
         let me = self.own().data.id.clone();
-        let (snap, _) = scan(&self.files, Some(&me))?;
+        let (snap, _) = scan(&self.files, Some(&me), Some(&mut self.cache))?;
         self.seen = snap
             .holders
             .iter()
@@ -258,6 +302,32 @@ impl Queued for FlockQueued {
     }
 
     fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>> {
+        match self.blocked.as_mut() {
+            Some(b) if b.on == BlockedOn::Lock => match b.call.try_result() {
+                // Still waiting in the kernel: the lock is not free.
+                None => return Ok(None),
+                Some(r) => {
+                    self.blocked = None;
+                    let name = slot_file(0);
+                    r.map_err(|e| {
+                        Error::io(
+                            format!("cannot lock {}", self.files.path(&name).display()),
+                            e,
+                        )
+                    })?;
+                    let lock = self.slot_files[0].take().expect("the wait's file");
+                    if sys::is_same_file_at(&lock, self.files.base.as_fd(), &name) {
+                        if let Some(held) = self.granted(0, lock)? {
+                            return Ok(Some(held));
+                        }
+                    }
+                    // The name no longer is that file (closing drops the lock), or the grant
+                    // did not stand: try below as anyone would.
+                }
+            },
+            Some(_) => self.cancel_wait(),
+            None => {}
+        }
         let exclusive = self.own().data.mode == Mode::Exclusive;
         for slot in 0..self.slot_files.len() {
             let name = slot_file(slot as u32);
@@ -291,9 +361,23 @@ impl Queued for FlockQueued {
     fn wait(
         &mut self,
         until: Option<Instant>,
-        _at_head: bool,
+        watch: Watch<'_>,
         signal_fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Wake> {
+        if self.kernel_waits {
+            match watch {
+                Watch::Lock if self.slot_files.len() == 1 => {
+                    return self.wait_for_lock(until, signal_fd)
+                }
+                Watch::Ahead(t) if self.unchained.as_deref() != Some(t.id.as_str()) => {
+                    if let Some(wake) = self.wait_behind(t, until, signal_fd)? {
+                        return Ok(wake);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.cancel_wait();
         let wake = self
             .watcher
             .wait(self.files.queue.as_fd(), signal_fd, until);
@@ -307,6 +391,7 @@ impl Queued for FlockQueued {
     }
 
     fn leave(mut self: Box<Self>, keep_place_for: Option<Duration>) {
+        self.cancel_wait();
         let Some(own) = self.own.take() else { return };
         if let (Some(key), Some(grace)) = (&own.data.queue_key, keep_place_for) {
             let grace_ms = grace.as_millis() as u64;
@@ -325,6 +410,128 @@ impl Queued for FlockQueued {
 }
 
 impl FlockQueued {
+    /// In the head set: waits for the lock in the kernel (on a helper thread) and for arrivals
+    /// on inotify (set up on the first wait; a listing then tells whether anything arrived
+    /// since the last scan).
+    fn wait_for_lock(
+        &mut self,
+        until: Option<Instant>,
+        signal_fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Wake> {
+        if self
+            .blocked
+            .as_ref()
+            .is_some_and(|b| b.on != BlockedOn::Lock)
+        {
+            self.cancel_wait();
+        }
+        if self.blocked.is_none() {
+            let exclusive = self.own().data.mode == Mode::Exclusive;
+            let file = self.slot(0)?.try_clone().map_err(|e| {
+                Error::io(
+                    format!("cannot lock {}", self.files.path(&slot_file(0)).display()),
+                    e,
+                )
+            })?;
+            let call = sys::Interruptible::start(move || sys::flock_wait(&file, exclusive))
+                .map_err(|e| Error::new(Kind::OsErr, format!("cannot start a thread: {e}")))?;
+            self.blocked = Some(Blocked {
+                on: BlockedOn::Lock,
+                call,
+            });
+        }
+        if self.watcher.start(self.files.queue.as_fd()) && list_names(&self.files) != self.seen {
+            return Ok(Wake::Changed);
+        }
+        loop {
+            let other = self.blocked.as_ref().map(|b| b.call.fd());
+            return Ok(match self.watcher.sleep(signal_fd, other, until) {
+                Seen::Signal => Wake::Signal,
+                Seen::Other => Wake::Free,
+                // Leaving tickets cannot rank before us: sleep on.
+                Seen::Queue(DirChange::OnlyRemovals | DirChange::None)
+                    if until.is_none_or(|u| Instant::now() < u) =>
+                {
+                    continue
+                }
+                Seen::Queue(DirChange::Other) => Wake::Changed,
+                Seen::Queue(_) | Seen::Timeout => Wake::Timeout,
+            });
+        }
+    }
+
+    /// Behind the head set: waits in the kernel on the waiting lock of `ahead`, the ticket
+    /// just before us. `Ok(None)`: that ticket carries none (the caller watches the queue).
+    fn wait_behind(
+        &mut self,
+        ahead: &TicketData,
+        until: Option<Instant>,
+        signal_fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Option<Wake>> {
+        let on = BlockedOn::Ahead(ahead.id.clone());
+        if self.blocked.as_ref().is_some_and(|b| b.on != on) {
+            self.cancel_wait();
+        }
+        if self.blocked.is_none() {
+            let Ok((file, _)) = sys::open_read_at(self.files.queue.as_fd(), &ahead.id) else {
+                // Gone since the scan.
+                return Ok(Some(Wake::Changed));
+            };
+            if !sys::ofd_locked_exclusively(&file).unwrap_or(false) {
+                // No waiting lock: it has taken the lock or left since the scan (look again),
+                // or it is an older cachelock's (watch the queue instead).
+                self.cache.forget(&ahead.id);
+                let fresh = match ticket::probe(
+                    self.files.queue.as_fd(),
+                    &ahead.id,
+                    &ahead.id,
+                    &self.files.name,
+                ) {
+                    ticket::Probe::Alive(Ok(t)) => !t.data.holding,
+                    _ => false,
+                };
+                if fresh {
+                    self.unchained = Some(ahead.id.clone());
+                    return Ok(None);
+                }
+                return Ok(Some(Wake::Changed));
+            }
+            let call = sys::Interruptible::start(move || sys::ofd_lock_wait(&file, false))
+                .map_err(|e| Error::new(Kind::OsErr, format!("cannot start a thread: {e}")))?;
+            self.blocked = Some(Blocked { on, call });
+        }
+        loop {
+            let other = self.blocked.as_ref().map(|b| b.call.fd());
+            return Ok(Some(match self.watcher.sleep(signal_fd, other, until) {
+                Seen::Signal => Wake::Signal,
+                Seen::Other => {
+                    // Taken, left or died: its content may have changed (holding).
+                    self.blocked = None;
+                    self.cache.forget(&ahead.id);
+                    Wake::Changed
+                }
+                // A queue watch left from an earlier place in the queue: not ours to act on.
+                Seen::Queue(_) if until.is_none_or(|u| Instant::now() < u) => continue,
+                Seen::Queue(_) | Seen::Timeout => Wake::Timeout,
+            }));
+        }
+    }
+
+    /// Ends the kernel wait in progress, if any. A lock granted meanwhile is given back: we are
+    /// not (or no longer) the one to take it now.
+    fn cancel_wait(&mut self) {
+        let Some(b) = self.blocked.take() else {
+            return;
+        };
+        let granted = b.call.cancel().is_ok();
+        if granted && b.on == BlockedOn::Lock {
+            if let Some(f) = self.slot_files[0].as_ref() {
+                // Nobody inherited this descriptor yet: an unlock frees the lock for the head.
+                let _ = sys::unflock(f);
+            }
+        }
+    }
+
     /// The kernel granted `slot` on `lock`. Under `meta.lock`: unless another live holder
     /// holds the slot on another file (the lock file was replaced while held), count the
     /// acquisition, mark our ticket holding and publish it in `held/`. `Ok(None)`: we backed
@@ -356,7 +563,11 @@ impl FlockQueued {
             },
             |generation| {
                 own.mark_holding(slot, generation, now_ms(), file_id)?;
-                held::add(&files, &own, slot)
+                held::add(&files, &own, slot)?;
+                // The waiter behind us takes our place at the head now, so that it already
+                // waits in the kernel when we release.
+                own.stop_waiting();
+                Ok(())
             },
         );
         let generation = match generation {
@@ -401,6 +612,7 @@ fn warn_replaced(files: &LockFiles, slot: u32, other: &TicketData) {
 
 impl Drop for FlockQueued {
     fn drop(&mut self) {
+        self.cancel_wait();
         if let Some(own) = self.own.take() {
             own.remove();
         }

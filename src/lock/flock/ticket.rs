@@ -9,6 +9,7 @@
 //! checked against the bounds a request is held to at enqueue ([`crate::lock::validate`]); a
 //! live ticket that fails is *unreadable* — the engine ignores it, `status` shows it.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -70,12 +71,22 @@ pub struct OwnTicket {
     /// The slot file held (device, inode), once holding.
     pub lock_file: Option<(u64, u64)>,
     written: usize,
+    /// Whether the file carries the *waiting* lock: an exclusive open-file-description lock
+    /// held from creation until the lock is taken (or the request leaves or dies), on which the
+    /// waiter behind waits in the kernel ([`crate::sys::ofd_lock_wait`]). Local filesystems
+    /// only: there these locks are independent of `flock`.
+    waiting: bool,
 }
 
 impl OwnTicket {
-    /// Creates, locks, writes and publishes a ticket in `queue/` under `data.id`. `Ok(None)`:
-    /// that id is taken (the counters were lowered or lost); the caller takes another number.
-    pub fn create(files: &Arc<LockFiles>, data: TicketData) -> Result<Option<OwnTicket>> {
+    /// Creates, locks, writes and publishes a ticket in `queue/` under `data.id`, with the
+    /// waiting lock if `waiting_lock` (see [`OwnTicket::stop_waiting`]). `Ok(None)`: that id is
+    /// taken (the counters were lowered or lost); the caller takes another number.
+    pub fn create(
+        files: &Arc<LockFiles>,
+        data: TicketData,
+        waiting_lock: bool,
+    ) -> Result<Option<OwnTicket>> {
         let tmp_dir = files.need(&files.tmp, "tmp")?;
         let (name, file) = new_tmp_file(files, tmp_dir, &data.id)?;
         let cleanup = || {
@@ -95,12 +106,15 @@ impl OwnTicket {
                 ));
             }
         }
+        // Taken before the ticket is published, so that nobody can see it waiting without it.
+        let waiting = waiting_lock && matches!(sys::try_ofd_lock(&file, true), Ok(true));
         let mut t = OwnTicket {
             file: Some(file),
             files: files.clone(),
             data,
             lock_file: None,
             written: 0,
+            waiting,
         };
         if let Err(e) = t.write() {
             cleanup();
@@ -176,6 +190,16 @@ impl OwnTicket {
         self.write()
     }
 
+    /// Drops the waiting lock (the lock is ours: the waiter behind wakes and takes our place
+    /// at the head, so that it already waits in the kernel when we release).
+    pub fn stop_waiting(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            if let Some(f) = self.file.as_ref() {
+                let _ = sys::ofd_unlock(f);
+            }
+        }
+    }
+
     /// Leaves the queue: unlink while still locked (so no prober can mistake it for dead and
     /// race us), then close.
     pub fn remove(mut self) {
@@ -241,13 +265,61 @@ pub enum Probe {
 }
 
 /// Reads another process's ticket `name` in `dir` and tests its liveness with a non-blocking
-/// *shared* flock (the owner holds it exclusively; a shared probe works on the read-only
-/// descriptor another user's ticket allows, on NFS too). Never call this on one's own ticket:
-/// on NFS the close would drop one's own lock. A dead ticket is unlinked while the probe lock
-/// is held, after checking the name still names the same file.
+/// *shared* flock (the owner holds it exclusively; a shared probe works on a read-only
+/// descriptor, which is all another user's ticket allows, on NFS too). Never call this on one's
+/// own ticket: on NFS the close would drop one's own lock. A dead ticket is unlinked while the
+/// probe lock is held, after checking the name still names the same file.
 /// `id` is the ticket id the name stands for (the name itself in `queue/`).
 pub fn probe(dir: BorrowedFd<'_>, name: &str, id: &str, lock: &str) -> Probe {
-    let file = match sys::open_at(dir, name, Open::Existing) {
+    probe_cached(dir, name, id, lock, None)
+}
+
+/// Parsed tickets of other requests by name, each valid while its file's version (identity,
+/// size, modification time) stays the same: a waiter's rescan probes every ticket but reads
+/// and parses only the ones that changed (a ticket is rewritten once, when its owner takes the
+/// lock, and the rewrite only grows it).
+#[derive(Debug, Default)]
+pub struct TicketCache {
+    entries: HashMap<String, Cached>,
+}
+
+type Version = (u64, u64, u64, i64, i64);
+
+#[derive(Debug)]
+struct Cached {
+    version: Version,
+    content: std::result::Result<Box<FileTicket>, String>,
+    /// Seen by the latest scan (entries that were not are dropped after it).
+    seen: bool,
+}
+
+impl TicketCache {
+    /// Forgets `name` (its next probe reads it again).
+    pub fn forget(&mut self, name: &str) {
+        self.entries.remove(name);
+    }
+
+    fn start_scan(&mut self) {
+        for c in self.entries.values_mut() {
+            c.seen = false;
+        }
+    }
+
+    fn end_scan(&mut self) {
+        self.entries.retain(|_, c| c.seen);
+    }
+}
+
+/// [`probe`], reading the content from `cache` when the file has not changed since it was
+/// cached.
+pub fn probe_cached(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    id: &str,
+    lock: &str,
+    cache: Option<&mut TicketCache>,
+) -> Probe {
+    let (file, info) = match sys::open_read_at(dir, name) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Probe::Gone,
         Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -260,15 +332,41 @@ pub fn probe(dir: BorrowedFd<'_>, name: &str, id: &str, lock: &str) -> Probe {
     };
     match sys::try_flock(&file, false) {
         Ok(true) => {
-            if sys::is_same_file_at(&file, dir, name) {
+            if sys::info_at(dir, name).is_ok_and(|i| i.id() == info.id()) {
                 let _ = sys::unlink_at(dir, name);
             }
             Probe::Dead
         }
-        _ => Probe::Alive(read_ticket(&file, id, lock).map(|mut t| {
-            t.data.uid = sys::info(&file).ok().map(|i| i.uid);
-            t
-        })),
+        _ => {
+            let version = info.version();
+            let read = || {
+                read_ticket(&file, id, lock).map(|mut t| {
+                    t.data.uid = Some(info.uid);
+                    t
+                })
+            };
+            let Some(cache) = cache else {
+                return Probe::Alive(read());
+            };
+            match cache.entries.get_mut(name) {
+                Some(c) if c.version == version => {
+                    c.seen = true;
+                    Probe::Alive(c.content.clone())
+                }
+                _ => {
+                    let content = read();
+                    cache.entries.insert(
+                        name.to_string(),
+                        Cached {
+                            version,
+                            content: content.clone(),
+                            seen: true,
+                        },
+                    );
+                    Probe::Alive(content)
+                }
+            }
+        }
     }
 }
 
@@ -336,6 +434,7 @@ fn cut(s: &str) -> String {
 pub fn scan_queue(
     files: &LockFiles,
     skip: Option<&str>,
+    mut cache: Option<&mut TicketCache>,
 ) -> Result<(Vec<FileTicket>, Vec<Unreadable>)> {
     let dir = files.queue.as_fd();
     let (entries, more) = sys::list_dir(dir, MAX_ENTRIES).map_err(|e| {
@@ -349,6 +448,9 @@ pub fn scan_queue(
     }
     let mut live = Vec::new();
     let mut unreadable = Vec::new();
+    if let Some(c) = cache.as_deref_mut() {
+        c.start_scan();
+    }
     for (name, kind) in entries {
         if Some(name.as_str()) == skip {
             continue;
@@ -356,7 +458,7 @@ pub fn scan_queue(
         if kind == EntryKind::Dir {
             continue;
         }
-        match probe(dir, &name, &name, &files.name) {
+        match probe_cached(dir, &name, &name, &files.name, cache.as_deref_mut()) {
             Probe::Alive(Ok(t)) => live.push(*t),
             Probe::Alive(Err(reason)) => unreadable.push(Unreadable {
                 owner_uid: sys::info_at(dir, &name).ok().map(|i| i.uid),
@@ -365,6 +467,9 @@ pub fn scan_queue(
             }),
             Probe::Dead | Probe::Gone => {}
         }
+    }
+    if let Some(c) = cache {
+        c.end_scan();
     }
     Ok((live, unreadable))
 }

@@ -8,10 +8,10 @@ use crate::config::WaitMode;
 use crate::lock::backend::Wake;
 use crate::sys::{self, DirChange, DirWatch};
 
-/// Resolves `auto` for the lock state in `dir`: poll on network filesystems, else notify.
-pub fn effective_mode(requested: WaitMode, dir: BorrowedFd<'_>) -> WaitMode {
+/// Resolves `auto` for lock state on a network filesystem or not: poll there, else notify.
+pub fn effective_mode(requested: WaitMode, network: bool) -> WaitMode {
     match requested {
-        WaitMode::Auto if sys::is_network_fs_fd(dir) => WaitMode::Poll,
+        WaitMode::Auto if network => WaitMode::Poll,
         WaitMode::Auto => WaitMode::Notify,
         m => m,
     }
@@ -50,34 +50,76 @@ impl Watcher {
         signal_fd: BorrowedFd<'_>,
         until: Option<Instant>,
     ) -> Wake {
-        if !self.started {
-            self.started = true;
-            if self.mode != WaitMode::Poll {
-                self.watch = DirWatch::on_fd(queue).ok();
-                return Wake::Changed;
-            }
+        if self.start(queue) {
+            return Wake::Changed;
         }
-        let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
-        let ready = match &self.watch {
-            Some(w) => sys::poll_readable(&[signal_fd, w.fd()], timeout),
-            None => sys::poll_readable(&[signal_fd], timeout),
-        };
-        match ready {
-            Some(0) => Wake::Signal,
-            Some(_) => match self.watch.as_ref().map(DirWatch::drain) {
-                Some(DirChange::OnlyRemovals) => Wake::Removed,
-                Some(DirChange::None) => Wake::Timeout,
-                _ => Wake::Changed,
-            },
-            None => Wake::Timeout,
+        match self.sleep(signal_fd, None, until) {
+            Seen::Signal => Wake::Signal,
+            Seen::Other => Wake::Free,
+            Seen::Queue(DirChange::OnlyRemovals) => Wake::Removed,
+            Seen::Queue(DirChange::None) | Seen::Timeout => Wake::Timeout,
+            Seen::Queue(DirChange::Other) => Wake::Changed,
         }
     }
+
+    /// Sets up inotify on `queue` on the first call in notify mode (a failure such as too many
+    /// instances falls back to polling); true when it was set up now (changes before this call
+    /// were not seen).
+    pub fn start(&mut self, queue: BorrowedFd<'_>) -> bool {
+        if self.started {
+            return false;
+        }
+        self.started = true;
+        if self.mode == WaitMode::Poll {
+            return false;
+        }
+        self.watch = DirWatch::on_fd(queue).ok();
+        true
+    }
+
+    /// Sleeps until a signal on `signal_fd`, `other` becomes readable, a change in the queue
+    /// (once [`Watcher::start`]ed in notify mode), or `until`.
+    pub fn sleep(
+        &mut self,
+        signal_fd: BorrowedFd<'_>,
+        other: Option<BorrowedFd<'_>>,
+        until: Option<Instant>,
+    ) -> Seen {
+        let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
+        let mut fds = vec![signal_fd];
+        fds.extend(other);
+        fds.extend(self.watch.as_ref().map(DirWatch::fd));
+        match sys::poll_readable(&fds, timeout) {
+            Some(0) => Seen::Signal,
+            Some(1) if other.is_some() => Seen::Other,
+            Some(_) => Seen::Queue(
+                self.watch
+                    .as_ref()
+                    .map(DirWatch::drain)
+                    .unwrap_or(DirChange::None),
+            ),
+            None => Seen::Timeout,
+        }
+    }
+}
+
+/// What [`Watcher::sleep`] saw first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// The signal descriptor is readable.
+    Signal,
+    /// The other descriptor is readable.
+    Other,
+    /// The queue changed (or, `None`, only looked like it).
+    Queue(DirChange),
+    /// `until` passed.
+    Timeout,
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
         if let Some(w) = self.watch.take() {
-            w.close_in_background();
+            w.close_later();
         }
     }
 }
@@ -93,8 +135,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = sys::open_dir(tmp.path()).unwrap();
         let dir = dir.as_fd();
-        assert_eq!(effective_mode(WaitMode::Auto, dir), WaitMode::Notify);
-        assert_eq!(effective_mode(WaitMode::Poll, dir), WaitMode::Poll);
+        let network = sys::is_network_fs_fd(dir);
+        assert!(!network);
+        assert_eq!(effective_mode(WaitMode::Auto, network), WaitMode::Notify);
+        assert_eq!(effective_mode(WaitMode::Auto, true), WaitMode::Poll);
+        assert_eq!(effective_mode(WaitMode::Poll, network), WaitMode::Poll);
         let (r, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut w = Watcher::new(WaitMode::Notify);
         let soon = || Some(Instant::now() + Duration::from_secs(5));
