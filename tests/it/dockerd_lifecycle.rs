@@ -2,7 +2,6 @@
 //! dockerd tree, signals, SIGKILL of the wrapper, stop grace, start failures and retries, and
 //! time-to-ready compared with Earthly's one-second `docker ps` poll.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::dockerd::*;
@@ -192,72 +191,22 @@ fn containerd_timeout_line_is_retried_per_policy() {
     env.assert_clean();
 }
 
-/// Time to ready through cachelock (`/_ping` every 20 ms) against Earthly's way (start dockerd,
-/// `docker ps` once a second), median of three each, run serially.
+/// The command starts only once the daemon answers, and learns how long that took. (How that
+/// time compares with Earthly's one-second `docker ps` loop is a benchmark figure:
+/// `cargo bench --bench compare -- dockerd`.)
 #[test]
-fn time_to_ready_beats_one_second_docker_ps_poll() {
+fn command_starts_once_the_daemon_answers_and_gets_the_ready_time() {
     let env = Env::new("  network: none");
-    let mut ours = Vec::new();
-    for _ in 0..3 {
-        let o = env.dockerd(&[], "echo $CACHELOCK_DOCKERD_READY_MS");
-        assert!(o.status.success(), "{}", text(&o));
-        let ms: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
-        ours.push(ms);
-    }
-    let mut theirs = Vec::new();
-    for i in 0..3 {
-        let d = env.run_dir.join(format!("e{i}"));
-        std::fs::create_dir_all(&d).unwrap();
-        let root = env.path(&format!("earthly-root-{i}"));
-        let sock = format!("unix://{}/s.sock", d.display());
-        let t = Instant::now();
-        let mut dockerd = Killer(Some(
-            Command::new("/usr/sbin/dockerd")
-                .args([
-                    &format!("--data-root={}", root.display()),
-                    &format!("--exec-root={}/x", d.display()),
-                    &format!("--pidfile={}/p", d.display()),
-                    &format!("--host={sock}"),
-                    "--bridge=none",
-                    "--iptables=false",
-                    "--ip-masq=false",
-                ])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        ));
-        loop {
-            let ok = Command::new("docker")
-                .env("DOCKER_HOST", &sock)
-                .arg("ps")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            if ok {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60));
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        theirs.push(t.elapsed().as_secs_f64() * 1000.0);
-        let c = dockerd.0.as_mut().unwrap();
-        // SAFETY: signalling our child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let _ = c.wait();
-        dockerd.0 = None;
-        let _ = env.wait_clean(Duration::from_secs(15));
-    }
-    let (m_ours, m_theirs) = (median(&ours), median(&theirs));
-    eprintln!(
-        "time to ready: cachelock median {m_ours:.0} ms {ours:?}; docker ps every 1 s median {m_theirs:.0} ms {theirs:?}"
+    let o = env.dockerd(
+        &[],
+        "docker version --format '{{.Server.Version}}' >/dev/null && echo $CACHELOCK_DOCKERD_READY_MS",
     );
-    assert!(
-        m_ours < m_theirs,
-        "cachelock {m_ours} ms vs poll {m_theirs} ms"
-    );
+    assert!(o.status.success(), "{}", text(&o));
+    let ms: f64 = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("CACHELOCK_DOCKERD_READY_MS: {}", text(&o)));
+    assert!(ms > 0.0, "ready after {ms} ms");
     env.assert_clean();
 }
 

@@ -8,25 +8,33 @@ use std::time::{Duration, Instant};
 
 use crate::support::policy::{isolated_config, test_policy, BIN};
 
-/// A lock directory with a holder process; the holder is ended when this is dropped.
+/// A lock directory with a holder process that holds until [`Held::release`] (or until this is
+/// dropped): every waiter meets a held lock, however slowly its policy loads.
 struct Held {
     dir: tempfile::TempDir,
     holder: Option<Child>,
+    /// The holder's command reads one line from this FIFO, then exits.
+    release: PathBuf,
 }
 
 impl Held {
-    /// Starts a holder of lock `l` that holds for `hold` (uncontended: no policy is loaded).
-    fn new(hold: Duration) -> Held {
+    fn new() -> Held {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
+        let release = dir.path().join("release");
+        let c = std::ffi::CString::new(release.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Opening the FIFO read-write never blocks and makes it readable before `ready`
+        // exists, so a release cannot be lost.
         let holder = Command::new(BIN)
             .args(["run", "-q", "--lock-dir"])
             .arg(dir.path().join("locks"))
             .args(["l", "sh", "-c"])
             .arg(format!(
-                "touch {}; sleep {}",
-                ready.display(),
-                hold.as_secs_f64()
+                "exec 3<>'{}'; touch '{}'; read x <&3",
+                release.display(),
+                ready.display()
             ))
             .env("XDG_CACHE_HOME", dir.path().join("cache"))
             .env("CACHELOCK_CONFIG", isolated_config(dir.path(), ""))
@@ -44,7 +52,13 @@ impl Held {
         Held {
             dir,
             holder: Some(holder),
+            release,
         }
+    }
+
+    /// Lets the holder finish (a no-op once it has).
+    fn release(&self) {
+        release(&self.release);
     }
 
     fn path(&self) -> &Path {
@@ -66,11 +80,19 @@ impl Held {
         path
     }
 
-    /// `cachelock run [args] l true` against the held lock, with a hard bound.
+    /// `cachelock run [args] l true` against the held lock, with a hard bound; the holder
+    /// keeps the lock throughout.
     fn waiter(&self, args: &[&str]) -> (Output, Duration) {
+        self.waiter_releasing(args, None)
+    }
+
+    /// As [`Held::waiter`], releasing the holder once the waiter's stderr shows `release_on`
+    /// (the event that proves its policy was consulted).
+    fn waiter_releasing(&self, args: &[&str], release_on: Option<&str>) -> (Output, Duration) {
+        use std::io::BufRead;
         let start = Instant::now();
         let mut child = Command::new(BIN)
-            .args(["run", "-q", "--lock-dir"])
+            .args(["run", "--lock-dir"])
             .arg(self.path().join("locks"))
             .args(args)
             .args(["l", "true"])
@@ -81,6 +103,23 @@ impl Held {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (fifo, needle) = (self.release.clone(), release_on.map(str::to_string));
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut lines = std::io::BufReader::new(stderr);
+            let mut line = Vec::new();
+            while lines.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                if needle
+                    .as_deref()
+                    .is_some_and(|n| String::from_utf8_lossy(&line).contains(n))
+                {
+                    release(&fifo);
+                }
+                all.append(&mut line);
+            }
+            all
+        });
         loop {
             if child.try_wait().unwrap().is_some() {
                 break;
@@ -91,11 +130,15 @@ impl Held {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        (child.wait_with_output().unwrap(), start.elapsed())
+        let took = start.elapsed();
+        let mut out = child.wait_with_output().unwrap();
+        out.stderr = reader.join().unwrap();
+        (out, took)
     }
 
     /// The lock is usable at once after the holder is gone, and no ticket is left behind.
     fn assert_intact(mut self) {
+        self.release();
         if let Some(mut h) = self.holder.take() {
             let status = h.wait().unwrap();
             assert!(status.success(), "holder: {status:?}");
@@ -130,6 +173,20 @@ impl Drop for Held {
     }
 }
 
+/// Writes the line the holder waits for, if it still reads.
+fn release(fifo: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: with no reader left (already released) the open fails; nothing to do.
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+    {
+        let _ = f.write_all(b"\n");
+    }
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -140,7 +197,7 @@ fn module(name: &str) -> String {
 
 #[test]
 fn endless_loop_in_rank_runs_out_of_fuel() {
-    let held = Held::new(Duration::from_secs(1));
+    let held = Held::new();
     let cfg = held.config(&format!(
         "{}    limits: {{fuel: 2000000}}\n",
         module("test-loop")
@@ -159,12 +216,15 @@ fn endless_loop_in_rank_runs_out_of_fuel() {
 
 #[test]
 fn endless_loop_with_on_error_default_falls_back_to_builtin_default() {
-    let held = Held::new(Duration::from_millis(800));
+    let held = Held::new();
     let cfg = held.config(&format!(
         "{}    limits: {{fuel: 1000000}}\n    on_error: default\n",
         module("test-loop")
     ));
-    let (out, took) = held.waiter(&["--config", cfg.to_str().unwrap(), "--policy", "p"]);
+    let (out, took) = held.waiter_releasing(
+        &["--config", cfg.to_str().unwrap(), "--policy", "p"],
+        Some("builtin:default instead"),
+    );
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
@@ -177,7 +237,7 @@ fn endless_loop_with_on_error_default_falls_back_to_builtin_default() {
 
 #[test]
 fn memory_bomb_hits_the_memory_cap() {
-    let held = Held::new(Duration::from_secs(1));
+    let held = Held::new();
     let cfg = held.config(&format!(
         "{}    limits: {{memory_mib: 16}}\n",
         module("test-membomb")
@@ -195,7 +255,7 @@ fn memory_bomb_hits_the_memory_cap() {
 
 #[test]
 fn trap_in_on_wait_fails_the_request() {
-    let held = Held::new(Duration::from_secs(1));
+    let held = Held::new();
     let file = test_policy("test-trap");
     let (out, took) = held.waiter(&["--policy", file.to_str().unwrap()]);
     let err = stderr(&out);
@@ -209,7 +269,7 @@ fn trap_in_on_wait_fails_the_request() {
 
 #[test]
 fn configure_error_is_a_configuration_error() {
-    let held = Held::new(Duration::from_secs(1));
+    let held = Held::new();
     let cfg = held.config(&module("test-configure-error"));
     let (out, _) = held.waiter(&["--config", cfg.to_str().unwrap(), "--policy", "p"]);
     let err = stderr(&out);
@@ -223,12 +283,15 @@ fn configure_error_is_a_configuration_error() {
 
 #[test]
 fn absurd_intervals_are_clamped_and_logs_capped() {
-    let held = Held::new(Duration::from_millis(600));
+    let held = Held::new();
     let cfg = held.config(&format!(
         "{}    limits: {{min_interval_ms: 20, max_interval_ms: 200, log_bytes: 100}}\n",
         module("test-absurd")
     ));
-    let (out, took) = held.waiter(&["--config", cfg.to_str().unwrap(), "--policy", "p"]);
+    let (out, took) = held.waiter_releasing(
+        &["--config", cfg.to_str().unwrap(), "--policy", "p"],
+        Some("waiting for lock"),
+    );
     let err = stderr(&out);
     // u64::MAX would mean "never look again": clamped to 200 ms, so the waiter is served.
     assert_eq!(out.status.code(), Some(0), "{err}");
@@ -244,7 +307,7 @@ fn absurd_intervals_are_clamped_and_logs_capped() {
 
 #[test]
 fn absurd_give_up_reason_is_truncated() {
-    let held = Held::new(Duration::from_secs(1));
+    let held = Held::new();
     let cfg = held.config(&format!(
         "{}    config: {{mode: give-up}}\n",
         module("test-absurd")
@@ -264,7 +327,7 @@ fn absurd_give_up_reason_is_truncated() {
 
 #[test]
 fn bad_modules_exit_78_with_a_clear_message() {
-    let held = Held::new(Duration::from_secs(2));
+    let held = Held::new();
     let junk = held.path().join("junk.wasm");
     std::fs::write(&junk, b"definitely not wasm").unwrap();
     let core = held.path().join("core.wasm");
@@ -290,7 +353,7 @@ fn bad_modules_exit_78_with_a_clear_message() {
 
 #[test]
 fn sha256_pin_mismatch_is_refused() {
-    let held = Held::new(Duration::from_secs(1));
+    let held = Held::new();
     let cfg = held.config(&format!(
         "{}    sha256: \"sha256:{}\"\n",
         module("test-aging"),
@@ -306,7 +369,7 @@ fn sha256_pin_mismatch_is_refused() {
 #[test]
 fn matching_pin_is_accepted_and_uncontended_runs_never_load_the_policy() {
     use sha2::Digest;
-    let held = Held::new(Duration::from_millis(500));
+    let held = Held::new();
     let file = test_policy("test-aging");
     let sha: String = sha2::Sha256::digest(std::fs::read(&file).unwrap())
         .iter()
@@ -316,7 +379,10 @@ fn matching_pin_is_accepted_and_uncontended_runs_never_load_the_policy() {
         "{}    sha256: \"sha256:{sha}\"\n",
         module("test-aging")
     ));
-    let (out, _) = held.waiter(&["--config", cfg.to_str().unwrap(), "--policy", "p"]);
+    let (out, _) = held.waiter_releasing(
+        &["--config", cfg.to_str().unwrap(), "--policy", "p"],
+        Some("waiting for lock"),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -337,7 +403,7 @@ fn matching_pin_is_accepted_and_uncontended_runs_never_load_the_policy() {
 /// Python one that would take seconds to compile) costs nothing; the conflict is reported.
 #[test]
 fn nonblocking_behind_a_holder_never_loads_the_policy() {
-    let held = Held::new(Duration::from_secs(1));
+    let held = Held::new();
     let junk = held.path().join("junk.wasm");
     std::fs::write(&junk, b"junk").unwrap();
     let out = Command::new(BIN)

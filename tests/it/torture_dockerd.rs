@@ -38,9 +38,10 @@ fn our_dockerds(tag_env: &str, data_root: &str) -> Vec<i32> {
             out.push(pid);
         }
     }
-    // A dockerd's own children (Go forks before they exec containerd) are the same instance.
+    // A dockerd's own children (Go forks before they exec containerd) are the same instance;
+    // one whose parent can no longer be read has exited since the listing.
     let all = out.clone();
-    out.retain(|&p| ppid(p).is_none_or(|pp| !all.contains(&pp)));
+    out.retain(|&p| ppid(p).is_some_and(|pp| !all.contains(&pp)));
     out
 }
 

@@ -502,4 +502,3 @@ pub fn now_ns() -> u128 {
         .as_nanos()
 }
 
-pub use super::stats::median;
