@@ -152,7 +152,8 @@ fn simulate(
     extra: &[(String, String)],
     json: bool,
 ) -> Result<i32> {
-    let text = std::fs::read_to_string(scenario).map_err(|e| {
+    // Bounded, and never blocking in open: a scenario is a YAML file like the configuration.
+    let text = cachelock::config::read_text(scenario).map_err(|e| {
         Error::new(
             Kind::NoInput,
             format!("cannot read scenario {}: {e}", scenario.display()),

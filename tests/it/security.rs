@@ -650,6 +650,27 @@ fn hostile_configuration_files_are_refused_quickly() {
         0,
         "a FIFO without a writer reads as an empty configuration"
     );
+    // A `policy simulate` scenario is read under the same bound.
+    let mut p = Proc(Some(
+        env.cmd()
+            .args([
+                "policy",
+                "simulate",
+                "--policy",
+                "builtin:default",
+                "--scenario",
+                "/dev/zero",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    assert_eq!(p.wait(), 66);
+    let e = p.stderr();
+    assert!(
+        e.contains("scenario /dev/zero") && e.contains("larger than 1 MiB"),
+        "{e}"
+    );
 }
 
 /// Item 12. Labels and host names are other users' text: printed escaped in `status` text,

@@ -501,4 +501,3 @@ pub fn now_ns() -> u128 {
         .unwrap()
         .as_nanos()
 }
-
