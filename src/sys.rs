@@ -233,7 +233,8 @@ impl Interruptible {
             return Err(io::ErrorKind::Interrupted.into());
         };
         self.shared.cancel.store(true, Ordering::SeqCst);
-        let pthread = thread.as_pthread_t();
+        // std's handle is an integer; libc's `pthread_t` is one on glibc, a pointer on musl.
+        let pthread = thread.as_pthread_t() as usize as libc::pthread_t;
         // A signal that lands just before the helper enters the call is lost: send it again
         // until the helper says it has returned.
         while !self.finished() {
