@@ -41,6 +41,7 @@ pub(super) fn run(
             .and_then(|ms| start.checked_add(Duration::from_millis(ms))),
         progress: Progress::new(&opts.name, opts.progress_interval),
         evaluations: 0,
+        scans: 0,
         stalls: Stalls::default(),
         decided: None,
     };
@@ -54,6 +55,8 @@ struct Waiter<'a> {
     deadline: Option<Instant>,
     progress: Progress,
     evaluations: u32,
+    /// Scans of the queue (for the debug line at acquisition: what waiting cost).
+    scans: u32,
     /// Tickets ahead seen leaving a free lock untaken (a stopped head, a planted ticket).
     stalls: Stalls,
     /// The policy's last `keep-waiting` and what the queue looked like then: the policy is
@@ -155,6 +158,7 @@ impl Waiter<'_> {
 
     /// Scan, rank, try if at the head, else ask the policy how long to wait.
     fn evaluate(&mut self, policy: &mut dyn Policy) -> Result<Next> {
+        self.scans += 1;
         let mut snap = self.queued().scan()?;
         // When the policy will be consulted (others to rank, or a holder to wait for), load it
         // first (a bounded wait for a compile); a snapshot taken before that wait is stale and
@@ -347,6 +351,13 @@ impl Waiter<'_> {
         // The queue handle is spent: the held lock owns the ticket now.
         drop(self.queued.take());
         let waited = self.start.elapsed();
+        tracing::debug!(
+            "lock {}: acquired after {} scan(s), {} on-wait call(s), {:.1} ms",
+            self.opts.name,
+            self.scans,
+            self.evaluations,
+            waited.as_secs_f64() * 1000.0
+        );
         self.progress.acquired(waited);
         Guard {
             held: Some(held),

@@ -81,6 +81,9 @@ impl bindings::cachelock::policy::host::Host for HostState {
 }
 
 fn emit(policy: &str, level: Level, stream: &str, text: &str) {
+    // A policy is another team's code: its text cannot start lines of its own or send
+    // terminal escapes (newlines and control characters are shown escaped).
+    let text = crate::output::escape(text);
     match level {
         Level::Trace => tracing::trace!(policy, stream, "{text}"),
         Level::Debug => tracing::debug!(policy, stream, "{text}"),

@@ -298,6 +298,12 @@ fn absurd_intervals_are_clamped_and_logs_capped() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     // Megabytes of log per call are cut to the cap.
     assert!(err.len() < 20_000, "{} bytes of stderr", err.len());
+    // Its newline and escape sequence are shown escaped, not obeyed.
+    assert!(err.contains("\\nFORGED-LINE\\u{1b}[31m"), "{err}");
+    assert!(
+        !err.lines().any(|l| l.starts_with("FORGED-LINE")) && !err.contains('\u{1b}'),
+        "{err}"
+    );
     assert!(
         err.contains("dropped") && err.contains("log_bytes"),
         "{err}"

@@ -25,6 +25,8 @@ impl Policy for Absurd {
             "give-up" => WaitDecision::GiveUp(huge('g')),
             "fall-back" => WaitDecision::FallBack(huge('f')),
             _ => {
+                // A line of its own and a terminal escape, which must reach the log escaped.
+                log(Level::Error, "x\nFORGED-LINE\u{1b}[31m");
                 let line = "x".repeat(1 << 20);
                 log(Level::Error, &line);
                 log(Level::Error, &line);
