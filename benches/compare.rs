@@ -523,6 +523,20 @@ fn err_row(figure: &str, e: &str, anchor: String, target: &str) -> Row {
     }
 }
 
+/// Draws the series' legend at `pos`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(pos)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 /// Empirical CDFs of wait times on a log-scaled x axis (ms).
 fn cdf_chart(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<(), String> {
     let all: Vec<f64> = series.iter().flat_map(|(_, v)| v.clone()).collect();
@@ -563,13 +577,7 @@ fn cdf_chart(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<
             .label(format!("{name} (n={})", s.len()))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| e.to_string())?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(|e| e.to_string())
 }
 
@@ -623,13 +631,7 @@ fn line_chart(
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| e.to_string())?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| e.to_string())?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(|e| e.to_string())
 }
 
