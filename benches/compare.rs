@@ -1672,13 +1672,15 @@ kill $pid; wait $pid
             });
         }
         for (name, ns) in found {
+            // Issue 13: on-wait with 16 waiters ≤ 15 µs; rank and an empty queue ≤ 5 µs.
+            let goal_us = if name.ends_with("-16") { 15.0 } else { 5.0 };
             rows.push(Row {
                 figure: format!("policy decision, warm: `{name}` (criterion median)"),
                 cachelock: format!("{:.2} µs", ns / 1000.0),
                 anchor: "— (flock has no policy)".into(),
                 ratio: "—".into(),
-                target: "≤ 5 µs".into(),
-                met: met(Some(ns <= 5000.0)),
+                target: format!("≤ {goal_us:.0} µs"),
+                met: met(Some(ns <= goal_us * 1000.0)),
             });
         }
     }
