@@ -1038,6 +1038,41 @@ mod tests {
         assert!(try_flock(&b, false).unwrap());
     }
 
+    /// The waiting lock: independent of flock on the same file, waited for on a helper thread
+    /// that a cancellation interrupts, and granted when its holder drops it.
+    #[test]
+    fn waiting_locks_wait_in_the_kernel_and_can_be_cancelled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("t");
+        let a = open_in_shared_dir(&p, Open::Create(0o644)).unwrap();
+        let b = open_in_shared_dir(&p, Open::Existing).unwrap();
+        assert!(try_flock(&a, true).unwrap());
+        assert!(try_ofd_lock(&a, true).unwrap(), "independent of a's flock");
+        assert!(ofd_locked_exclusively(&b).unwrap());
+        assert!(!try_ofd_lock(&b, false).unwrap());
+        // Blocked, then cancelled: the helper returns Interrupted and holds nothing.
+        let b2 = b.try_clone().unwrap();
+        let call = Interruptible::start(move || ofd_lock_wait(&b2, false)).unwrap();
+        assert!(poll_readable(&[call.fd()], Some(Duration::from_millis(50))).is_none());
+        assert!(!call.finished());
+        assert_eq!(
+            call.cancel().unwrap_err().kind(),
+            io::ErrorKind::Interrupted
+        );
+        // Blocked, then granted when the holder drops its waiting lock.
+        let b3 = b.try_clone().unwrap();
+        let mut call = Interruptible::start(move || ofd_lock_wait(&b3, false)).unwrap();
+        ofd_unlock(&a).unwrap();
+        assert_eq!(
+            poll_readable(&[call.fd()], Some(Duration::from_secs(10))),
+            Some(0)
+        );
+        call.try_result().unwrap().unwrap();
+        // b now holds a shared waiting lock; a's flock is untouched by any of it.
+        assert!(!try_ofd_lock(&a, true).unwrap());
+        assert!(!try_flock(&b, false).unwrap());
+    }
+
     #[test]
     fn fifos_and_symlinks_are_refused_without_blocking() {
         let tmp = tempfile::tempdir().unwrap();
