@@ -142,10 +142,10 @@ fn install_interrupt_handler() -> io::Result<()> {
     .map_err(io::Error::from_raw_os_error)
 }
 
-/// A blocking system call (a `flock`, an open-file-description lock) made on a helper thread, so
-/// that the caller keeps polling other descriptors (signals, queue changes) and can cancel it:
-/// the kernel wakes the helper directly when the lock is granted, which is as fast a hand-off
-/// as flock(1)'s. [`Interruptible::fd`] becomes readable when the call has returned.
+/// A blocking system call (waiting for another ticket's waiting lock) made on a helper thread,
+/// so that the caller keeps polling other descriptors (signals, queue changes) and can cancel
+/// it: the kernel wakes the helper directly when the lock is dropped.
+/// [`Interruptible::fd`] becomes readable when the call has returned.
 pub struct Interruptible {
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
     shared: std::sync::Arc<InterruptShared>,
@@ -261,23 +261,6 @@ impl Drop for Interruptible {
             let _ = self.cancel_inner();
         }
     }
-}
-
-/// Waits for `flock(2)` on `fd` once: a signal whose handler does not restart system calls
-/// (see [`Interruptible`]) ends the wait with `Interrupted`.
-pub fn flock_wait(fd: impl AsFd, exclusive: bool) -> io::Result<()> {
-    let op = if exclusive {
-        FlockOperation::LockExclusive
-    } else {
-        FlockOperation::LockShared
-    };
-    rustix::fs::flock(fd, op).map_err(Into::into)
-}
-
-/// Drops this description's `flock(2)` on `fd` (only for a lock no command has inherited: a
-/// held lock is released by closing, see the flock backend).
-pub fn unflock(fd: impl AsFd) -> io::Result<()> {
-    rustix::fs::flock(fd, FlockOperation::Unlock).map_err(Into::into)
 }
 
 /// How a file in a directory that other users may write is opened.

@@ -131,9 +131,6 @@ pub enum Wake {
     /// Tickets only left the queue: nobody new can rank ahead, so a waiter in the head set may
     /// try the lock before scanning again.
     Removed,
-    /// A waiter in the head set that waits for the lock in the kernel ([`Watch::Lock`]) was
-    /// granted it (or the wait ended): [`Queued::try_acquire`] now, before scanning.
-    Free,
     /// The deadline passed with nothing seen.
     Timeout,
 }
@@ -143,8 +140,7 @@ pub enum Wake {
 /// one behind it, not the whole queue.
 #[derive(Debug, Clone, Copy)]
 pub enum Watch<'a> {
-    /// In the head set: the lock itself, and arrivals that may rank before us. A backend may
-    /// wait for the lock in the kernel (then [`Wake::Free`] says it was granted).
+    /// In the head set: the lock itself (releases), and arrivals that may rank before us.
     Lock,
     /// Behind the head set: the waiter just ahead in the queue's order, whose taking the lock,
     /// leaving or dying may put us in the head set ([`Wake::Changed`]). A backend that cannot

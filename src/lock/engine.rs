@@ -125,17 +125,16 @@ impl Waiter<'_> {
                             return Err(self.interrupted(sig));
                         }
                     }
-                    Wake::Removed | Wake::Free if in_head => {
-                        // Granted in the kernel, or someone left (typically the holder
-                        // releasing): try before scanning, which keeps the scan off the
-                        // hand-off's critical path.
+                    Wake::Removed if in_head => {
+                        // Someone left (typically the holder releasing): try before scanning,
+                        // which keeps the scan off the hand-off's critical path.
                         if let Some(held) = self.queued().try_acquire()? {
                             return Ok(Acquired::Held(self.acquired(held)));
                         }
                         break;
                     }
-                    Wake::Changed | Wake::Removed | Wake::Free if near_head => break,
-                    Wake::Changed | Wake::Removed | Wake::Free => {
+                    Wake::Changed | Wake::Removed if near_head => break,
+                    Wake::Changed | Wake::Removed => {
                         eval_at = eval_at.min(now + BACK_OF_QUEUE_DEBOUNCE);
                     }
                     Wake::Timeout => {

@@ -48,7 +48,15 @@ use super::{name, now_ms, Options};
 use crate::config::WaitMode;
 use crate::error::{Error, Kind, Result};
 use crate::policy::Mode;
-use crate::sys::{self, DirChange};
+use crate::sys;
+
+/// Waiting behind the ticket just ahead (its *waiting lock*, see [`FlockQueued`]) instead of
+/// watching the whole queue: **off**. With it on, the shared/exclusive chaos test
+/// (`torture::chaos_shared_exclusive_mix_with_sigkills`) reported an exclusive holder beside a
+/// live shared one in about half of its runs (0 in 8 runs with it off, 0 in 4 with the
+/// previous release); the cause is not understood yet, so the mechanism stays off until it is.
+/// Safety must not depend on how waiters sleep — that it seemed to is the thing to explain.
+const WAIT_BEHIND: bool = false;
 
 /// A lock directory as a backend.
 #[derive(Debug, Clone)]
@@ -108,7 +116,7 @@ impl Backend for FlockBackend {
             };
             // A taken number means the counters went back (a lowered or lost counters file):
             // never replace that ticket, take a higher number.
-            match OwnTicket::create(&files, data, !network)? {
+            match OwnTicket::create(&files, data, WAIT_BEHIND && !network)? {
                 Some(own) => break own,
                 None if attempts < PUBLISH_ATTEMPTS => {
                     attempts += 1;
@@ -129,7 +137,7 @@ impl Backend for FlockBackend {
             slot_files: (0..opts.slots.max(1)).map(|_| None).collect(),
             files,
             own: Some(own),
-            kernel_waits: !network && mode == WaitMode::Notify,
+            kernel_waits: WAIT_BEHIND && !network && mode == WaitMode::Notify,
             watcher: Watcher::new(mode),
             seen: Vec::new(),
             cache: TicketCache::default(),
@@ -220,15 +228,15 @@ fn list_names(files: &LockFiles) -> Vec<String> {
 
 /// A request in a lock directory's queue.
 ///
-/// **How it waits** (notify mode on a local filesystem): in the head set, a helper thread
-/// blocks in `flock` on the lock file, so that a release hands the lock over with one kernel
-/// wake-up, as for flock(1), while inotify on `queue/` reports arrivals that may rank before
-/// us (the wait is then cancelled if we are no longer in the head set). Behind the head set,
-/// the helper blocks on the *waiting lock* of the ticket just ahead of us (see
-/// [`OwnTicket::stop_waiting`]), which its owner drops when it takes the lock, leaves or dies:
-/// a hand-off wakes the new holder and the one waiter behind it, whatever the length of the
-/// queue, and no inotify instance is needed behind the head. A ticket without a waiting lock
-/// (an older cachelock) is watched through the whole queue, as is every ticket in poll mode.
+/// **How it waits** (notify mode on a local filesystem): the head set watches `queue/` with
+/// inotify (a release removes the holder's ticket; an arrival may rank before us) and tries the
+/// lock without blocking — only the kernel's non-blocking grant ever admits a holder. Behind
+/// the head set, a helper thread blocks on the *waiting lock* of the ticket just ahead of us
+/// (see [`OwnTicket::stop_waiting`]), which its owner drops when it takes the lock, leaves or
+/// dies: a hand-off wakes the new holder and the one waiter behind it, whatever the length of
+/// the queue, and no inotify instance is needed behind the head. A ticket without a waiting
+/// lock (an older cachelock) is watched through the whole queue, as is every ticket in poll
+/// mode.
 struct FlockQueued {
     files: Arc<LockFiles>,
     own: Option<OwnTicket>,
@@ -248,18 +256,11 @@ struct FlockQueued {
     unchained: Option<String>,
 }
 
-/// A kernel wait on a helper thread.
+/// A kernel wait on a helper thread: for the waiting lock of the ticket `ahead` (its owner is
+/// just before us in the queue).
 struct Blocked {
-    on: BlockedOn,
+    ahead: String,
     call: sys::Interruptible,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum BlockedOn {
-    /// `flock` on slot 0's lock file, in our mode.
-    Lock,
-    /// The waiting lock of this ticket (its owner is ahead of us).
-    Ahead(String),
 }
 
 impl FlockQueued {
@@ -302,32 +303,8 @@ impl Queued for FlockQueued {
     }
 
     fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>> {
-        match self.blocked.as_mut() {
-            Some(b) if b.on == BlockedOn::Lock => match b.call.try_result() {
-                // Still waiting in the kernel: the lock is not free.
-                None => return Ok(None),
-                Some(r) => {
-                    self.blocked = None;
-                    let name = slot_file(0);
-                    r.map_err(|e| {
-                        Error::io(
-                            format!("cannot lock {}", self.files.path(&name).display()),
-                            e,
-                        )
-                    })?;
-                    let lock = self.slot_files[0].take().expect("the wait's file");
-                    if sys::is_same_file_at(&lock, self.files.base.as_fd(), &name) {
-                        if let Some(held) = self.granted(0, lock)? {
-                            return Ok(Some(held));
-                        }
-                    }
-                    // The name no longer is that file (closing drops the lock), or the grant
-                    // did not stand: try below as anyone would.
-                }
-            },
-            Some(_) => self.cancel_wait(),
-            None => {}
-        }
+        // Only the head set tries, and it does not wait behind anyone.
+        self.cancel_wait();
         let exclusive = self.own().data.mode == Mode::Exclusive;
         for slot in 0..self.slot_files.len() {
             let name = slot_file(slot as u32);
@@ -366,9 +343,6 @@ impl Queued for FlockQueued {
     ) -> Result<Wake> {
         if self.kernel_waits {
             match watch {
-                Watch::Lock if self.slot_files.len() == 1 => {
-                    return self.wait_for_lock(until, signal_fd)
-                }
                 Watch::Ahead(t) if self.unchained.as_deref() != Some(t.id.as_str()) => {
                     if let Some(wake) = self.wait_behind(t, until, signal_fd)? {
                         return Ok(wake);
@@ -410,56 +384,6 @@ impl Queued for FlockQueued {
 }
 
 impl FlockQueued {
-    /// In the head set: waits for the lock in the kernel (on a helper thread) and for arrivals
-    /// on inotify (set up on the first wait; a listing then tells whether anything arrived
-    /// since the last scan).
-    fn wait_for_lock(
-        &mut self,
-        until: Option<Instant>,
-        signal_fd: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<Wake> {
-        if self
-            .blocked
-            .as_ref()
-            .is_some_and(|b| b.on != BlockedOn::Lock)
-        {
-            self.cancel_wait();
-        }
-        if self.blocked.is_none() {
-            let exclusive = self.own().data.mode == Mode::Exclusive;
-            let file = self.slot(0)?.try_clone().map_err(|e| {
-                Error::io(
-                    format!("cannot lock {}", self.files.path(&slot_file(0)).display()),
-                    e,
-                )
-            })?;
-            let call = sys::Interruptible::start(move || sys::flock_wait(&file, exclusive))
-                .map_err(|e| Error::new(Kind::OsErr, format!("cannot start a thread: {e}")))?;
-            self.blocked = Some(Blocked {
-                on: BlockedOn::Lock,
-                call,
-            });
-        }
-        if self.watcher.start(self.files.queue.as_fd()) && list_names(&self.files) != self.seen {
-            return Ok(Wake::Changed);
-        }
-        loop {
-            let other = self.blocked.as_ref().map(|b| b.call.fd());
-            return Ok(match self.watcher.sleep(signal_fd, other, until) {
-                Seen::Signal => Wake::Signal,
-                Seen::Other => Wake::Free,
-                // Leaving tickets cannot rank before us: sleep on.
-                Seen::Queue(DirChange::OnlyRemovals | DirChange::None)
-                    if until.is_none_or(|u| Instant::now() < u) =>
-                {
-                    continue
-                }
-                Seen::Queue(DirChange::Other) => Wake::Changed,
-                Seen::Queue(_) | Seen::Timeout => Wake::Timeout,
-            });
-        }
-    }
-
     /// Behind the head set: waits in the kernel on the waiting lock of `ahead`, the ticket
     /// just before us. `Ok(None)`: that ticket carries none (the caller watches the queue).
     fn wait_behind(
@@ -468,8 +392,7 @@ impl FlockQueued {
         until: Option<Instant>,
         signal_fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Option<Wake>> {
-        let on = BlockedOn::Ahead(ahead.id.clone());
-        if self.blocked.as_ref().is_some_and(|b| b.on != on) {
+        if self.blocked.as_ref().is_some_and(|b| b.ahead != ahead.id) {
             self.cancel_wait();
         }
         if self.blocked.is_none() {
@@ -498,7 +421,10 @@ impl FlockQueued {
             }
             let call = sys::Interruptible::start(move || sys::ofd_lock_wait(&file, false))
                 .map_err(|e| Error::new(Kind::OsErr, format!("cannot start a thread: {e}")))?;
-            self.blocked = Some(Blocked { on, call });
+            self.blocked = Some(Blocked {
+                ahead: ahead.id.clone(),
+                call,
+            });
         }
         loop {
             let other = self.blocked.as_ref().map(|b| b.call.fd());
@@ -517,18 +443,11 @@ impl FlockQueued {
         }
     }
 
-    /// Ends the kernel wait in progress, if any. A lock granted meanwhile is given back: we are
-    /// not (or no longer) the one to take it now.
+    /// Ends the kernel wait in progress, if any (it holds nothing that matters: a shared lock
+    /// on another ticket, dropped with the helper's descriptor).
     fn cancel_wait(&mut self) {
-        let Some(b) = self.blocked.take() else {
-            return;
-        };
-        let granted = b.call.cancel().is_ok();
-        if granted && b.on == BlockedOn::Lock {
-            if let Some(f) = self.slot_files[0].as_ref() {
-                // Nobody inherited this descriptor yet: an unlock frees the lock for the head.
-                let _ = sys::unflock(f);
-            }
+        if let Some(b) = self.blocked.take() {
+            let _ = b.call.cancel();
         }
     }
 

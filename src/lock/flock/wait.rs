@@ -55,7 +55,8 @@ impl Watcher {
         }
         match self.sleep(signal_fd, None, until) {
             Seen::Signal => Wake::Signal,
-            Seen::Other => Wake::Free,
+            // No other descriptor was given.
+            Seen::Other => Wake::Timeout,
             Seen::Queue(DirChange::OnlyRemovals) => Wake::Removed,
             Seen::Queue(DirChange::None) | Seen::Timeout => Wake::Timeout,
             Seen::Queue(DirChange::Other) => Wake::Changed,
