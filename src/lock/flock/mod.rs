@@ -50,14 +50,6 @@ use crate::error::{Error, Kind, Result};
 use crate::policy::Mode;
 use crate::sys;
 
-/// Waiting behind the ticket just ahead (its *waiting lock*, see [`FlockQueued`]) instead of
-/// watching the whole queue: **off**. With it on, the shared/exclusive chaos test
-/// (`torture::chaos_shared_exclusive_mix_with_sigkills`) reported an exclusive holder beside a
-/// live shared one in about half of its runs (0 in 8 runs with it off, 0 in 4 with the
-/// previous release); the cause is not understood yet, so the mechanism stays off until it is.
-/// Safety must not depend on how waiters sleep — that it seemed to is the thing to explain.
-const WAIT_BEHIND: bool = false;
-
 /// A lock directory as a backend.
 #[derive(Debug, Clone)]
 pub struct FlockBackend {
@@ -116,7 +108,7 @@ impl Backend for FlockBackend {
             };
             // A taken number means the counters went back (a lowered or lost counters file):
             // never replace that ticket, take a higher number.
-            match OwnTicket::create(&files, data, WAIT_BEHIND && !network)? {
+            match OwnTicket::create(&files, data, !network)? {
                 Some(own) => break own,
                 None if attempts < PUBLISH_ATTEMPTS => {
                     attempts += 1;
@@ -137,7 +129,7 @@ impl Backend for FlockBackend {
             slot_files: (0..opts.slots.max(1)).map(|_| None).collect(),
             files,
             own: Some(own),
-            kernel_waits: WAIT_BEHIND && !network && mode == WaitMode::Notify,
+            kernel_waits: !network && mode == WaitMode::Notify,
             watcher: Watcher::new(mode),
             seen: Vec::new(),
             cache: TicketCache::default(),

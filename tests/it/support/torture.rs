@@ -89,6 +89,48 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// Start time of process `pid` (clock ticks since boot), which with the pid names one process:
+/// pids are reused (32 768 of them wrap within a chaos run), start times are not.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the fields after the command name start at field 3.
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// A sentinel's content: who wrote it, as `pid start-time`.
+fn identity(pid: i32) -> String {
+    format!("{pid} {}", start_time(pid).unwrap_or(0))
+}
+
+/// The live process a sentinel names, if it still runs: `Some((pid, what))` with what it runs,
+/// for the report. A sentinel left by a SIGKILLed holder names a pid that another process (or
+/// thread) may have taken since; that is not an overlap.
+fn live_writer(sentinel: &str) -> Option<(i32, String)> {
+    let mut f = sentinel.split_whitespace();
+    let pid: i32 = f.next()?.parse().ok()?;
+    let start: u64 = f.next()?.parse().ok()?;
+    if !alive(pid) {
+        return None;
+    }
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if start_time(pid) != Some(start) {
+        // Counted (reused.log beside the sentinels) so that a run shows how often it happens.
+        if let Ok(dir) = std::env::var("TORTURE_DIR") {
+            append(
+                &Path::new(&dir).join("reused.log"),
+                &format!("pid {pid} now {}\n", comm.trim()),
+            );
+        }
+        return None;
+    }
+    Some((pid, comm.trim().to_string()))
+}
+
 /// Parent pid of `pid`, if it exists.
 pub fn ppid(pid: i32) -> Option<i32> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -154,29 +196,25 @@ pub fn holder_main() -> bool {
     let enter = mono_ns();
     let mine = if shared {
         let p = dir.join(format!("shared.{pid}"));
-        fs::write(&p, pid.to_string()).expect("write shared sentinel");
+        fs::write(&p, identity(pid)).expect("write shared sentinel");
         // Claim first, then look: of two overlapping holders at least one sees the other.
-        if let Ok(owner) = fs::read_to_string(&excl) {
-            if let Ok(o) = owner.trim().parse::<i32>() {
-                if alive(o) {
-                    append(
-                        &overlaps,
-                        &format!("shared {tag} pid {pid} beside exclusive pid {o}\n"),
-                    );
-                }
-            }
+        if let Some((o, comm)) = fs::read_to_string(&excl).ok().and_then(|s| live_writer(&s)) {
+            append(
+                &overlaps,
+                &format!("shared {tag} pid {pid} beside exclusive pid {o} ({comm})\n"),
+            );
         }
         p
     } else {
         claim_exclusive(&excl, pid, &tag, &overlaps);
         for e in fs::read_dir(&dir).expect("read detector dir").flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(o) = name.strip_prefix("shared.") {
-                let o: i32 = o.parse().unwrap_or(0);
-                if o != pid && alive(o) {
+            if name.starts_with("shared.") && name != format!("shared.{pid}") {
+                let writer = fs::read_to_string(e.path()).ok();
+                if let Some((o, comm)) = writer.as_deref().and_then(live_writer) {
                     append(
                         &overlaps,
-                        &format!("exclusive {tag} pid {pid} beside shared pid {o}\n"),
+                        &format!("exclusive {tag} pid {pid} beside shared pid {o} ({comm})\n"),
                     );
                 }
             }
@@ -186,7 +224,7 @@ pub fn holder_main() -> bool {
     if hold_us > 0 {
         thread::sleep(Duration::from_micros(hold_us));
     }
-    if fs::read_to_string(&mine).ok().as_deref() != Some(&pid.to_string()) {
+    if fs::read_to_string(&mine).ok() != Some(identity(pid)) {
         append(
             &overlaps,
             &format!("{tag} pid {pid}: its sentinel was taken while holding\n"),
@@ -214,22 +252,24 @@ fn claim_exclusive(excl: &Path, pid: i32, tag: &str, overlaps: &Path) {
             .open(excl)
         {
             Ok(mut f) => {
-                f.write_all(pid.to_string().as_bytes())
+                f.write_all(identity(pid).as_bytes())
                     .expect("write sentinel");
                 return;
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 match fs::read_to_string(excl) {
-                    Ok(owner) => match owner.trim().parse::<i32>() {
-                        Ok(o) if alive(o) => {
+                    Ok(owner) => match live_writer(&owner) {
+                        Some((o, comm)) => {
                             append(
                                 overlaps,
-                                &format!("exclusive {tag} pid {pid} beside exclusive pid {o}\n"),
+                                &format!(
+                                    "exclusive {tag} pid {pid} beside exclusive pid {o} ({comm})\n"
+                                ),
                             );
                             return;
                         }
                         // Dead owner (or one killed before writing its pid): stale, take over.
-                        _ => {
+                        None => {
                             let _ = fs::remove_file(excl);
                         }
                     },
@@ -293,6 +333,8 @@ pub struct Outcome {
     pub failures: Vec<String>,
     /// Holder processes still alive at the end.
     pub leftovers: Vec<i32>,
+    /// Sentinels of killed holders whose pid another process had taken when a holder looked.
+    pub reused_pids: usize,
 }
 
 struct Registry {
@@ -513,6 +555,9 @@ impl Chaos {
         if let Ok(t) = fs::read_to_string(det.join("overlaps.log")) {
             out.overlaps.extend(t.lines().map(String::from));
         }
+        out.reused_pids = fs::read_to_string(det.join("reused.log"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
         let (n, interval_overlaps) = check_intervals(&det.join("holds.log"));
         out.acquisitions = n;
         out.overlaps.extend(interval_overlaps);
@@ -674,8 +719,8 @@ fn find_nonempty(v: &serde_json::Value, keys: &[&str], out: &mut Vec<(String, us
 /// at least `min_acquisitions` sections and some kills of each kind.
 pub fn assert_outcome(o: &Outcome, min_acquisitions: usize) {
     eprintln!(
-        "acquisitions {}, served {}, SIGKILLed holders {}, SIGKILLed waiters {}",
-        o.acquisitions, o.served, o.killed_holders, o.killed_waiters
+        "acquisitions {}, served {}, SIGKILLed holders {}, SIGKILLed waiters {}, stale sentinels with a reused pid {}",
+        o.acquisitions, o.served, o.killed_holders, o.killed_waiters, o.reused_pids
     );
     assert!(o.overlaps.is_empty(), "overlaps: {:#?}", o.overlaps);
     assert!(
