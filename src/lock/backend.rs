@@ -173,6 +173,15 @@ pub trait Queued {
     /// The other live tickets.
     fn scan(&mut self) -> Result<Snapshot>;
 
+    /// The other live tickets, for a caller that is behind the head set: a backend may answer
+    /// from its last scan when it can tell cheaply that no ticket arrived or left since
+    /// (`Ok((snapshot, true))`). Changes inside tickets already there may then be missed; the
+    /// only such change is a waiter taking the lock, which makes the caller's place look later
+    /// than it is, never earlier.
+    fn rescan(&mut self) -> Result<(Snapshot, bool)> {
+        Ok((self.scan()?, false))
+    }
+
     /// Tries to take the lock now in our mode on any free slot. The generation is assigned
     /// atomically with the grant and our ticket is marked holding. `Ok(None)`: not free.
     fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>>;

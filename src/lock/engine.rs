@@ -42,6 +42,8 @@ pub(super) fn run(
         progress: Progress::new(&opts.name, opts.progress_interval),
         evaluations: 0,
         scans: 0,
+        listed: 0,
+        quiet: false,
         stalls: Stalls::default(),
         decided: None,
     };
@@ -57,6 +59,11 @@ struct Waiter<'a> {
     evaluations: u32,
     /// Scans of the queue (for the debug line at acquisition: what waiting cost).
     scans: u32,
+    /// Of those, answered from the previous scan because the queue listed the same tickets.
+    listed: u32,
+    /// The next evaluation is a periodic one behind the head set with nothing seen changing:
+    /// the backend may answer it from its last scan ([`Queued::rescan`]).
+    quiet: bool,
     /// Tickets ahead seen leaving a free lock untaken (a stopped head, a planted ticket).
     stalls: Stalls,
     /// The policy's last `keep-waiting` and what the queue looked like then: the policy is
@@ -110,9 +117,11 @@ impl Waiter<'_> {
             let now = Instant::now();
             let mut eval_at = now + interval.max(FULL_EVAL_PERIOD);
             let mut tick_at = now + interval;
+            let mut changed = false;
             loop {
                 let now = Instant::now();
                 if now >= eval_at || self.deadline.is_some_and(|d| now >= d) {
+                    self.quiet = !near_head && !changed && self.deadline.is_none_or(|d| now < d);
                     break;
                 }
                 let mut wake_at = tick_at.min(eval_at);
@@ -135,6 +144,7 @@ impl Waiter<'_> {
                     }
                     Wake::Changed | Wake::Removed if near_head => break,
                     Wake::Changed | Wake::Removed => {
+                        changed = true;
                         eval_at = eval_at.min(now + BACK_OF_QUEUE_DEBOUNCE);
                     }
                     Wake::Timeout => {
@@ -158,21 +168,32 @@ impl Waiter<'_> {
     /// Scan, rank, try if at the head, else ask the policy how long to wait.
     fn evaluate(&mut self, policy: &mut dyn Policy) -> Result<Next> {
         self.scans += 1;
-        let mut snap = self.queued().scan()?;
+        let (mut snap, mut listed) = if std::mem::take(&mut self.quiet) {
+            self.queued().rescan()?
+        } else {
+            (self.queued().scan()?, false)
+        };
         // When the policy will be consulted (others to rank, or a holder to wait for), load it
         // first (a bounded wait for a compile); a snapshot taken before that wait is stale and
-        // is taken again. An uncontended request, or `-n` behind a holder alone, never loads it.
+        // is taken again — from the listing if nobody arrived or left meanwhile (a place that
+        // looks later than it is costs at most one more look). An uncontended request, or `-n`
+        // behind a holder alone, never loads it.
         let consulted = !snap.waiters.is_empty()
             || (!snap.holders.is_empty() && self.opts.wait_limit_ms != Some(0));
         if consulted && policy.ready()? {
-            snap = self.queued().scan()?;
+            (snap, listed) = self.queued().rescan()?;
+        }
+        if listed {
+            self.listed += 1;
         }
         let now = now_ms();
         let me = self.queued().ticket().clone();
         let mut all = snap.waiters.clone();
         all.push(me.clone());
         let ordered = order::order(all, &me.id, policy, now)?;
-        let ordered = self.skip_stalled(ordered, &me.id, &snap);
+        // A snapshot from the listing may show a new holder as waiting: it says nothing of
+        // whether the lock stays free.
+        let ordered = self.skip_stalled(ordered, &me.id, &snap, !listed);
         let pos = ordered
             .iter()
             .position(|(t, _)| t.id == me.id)
@@ -299,6 +320,7 @@ impl Waiter<'_> {
         ordered: Vec<(TicketData, i64)>,
         me: &str,
         snap: &Snapshot,
+        observe: bool,
     ) -> Vec<(TicketData, i64)> {
         let slots = self.opts.slots.max(1);
         let free = snap.holders.len() < slots as usize;
@@ -315,7 +337,7 @@ impl Waiter<'_> {
         };
         self.stalls.observe(
             ahead,
-            free,
+            free && observe,
             ordered.iter().map(|(t, _)| t.id.as_str()),
             Instant::now(),
         );
@@ -351,9 +373,10 @@ impl Waiter<'_> {
         drop(self.queued.take());
         let waited = self.start.elapsed();
         tracing::debug!(
-            "lock {}: acquired after {} scan(s), {} on-wait call(s), {:.1} ms",
+            "lock {}: acquired after {} scan(s) ({} from the listing alone), {} on-wait call(s), {:.1} ms",
             self.opts.name,
             self.scans,
+            self.listed,
             self.evaluations,
             waited.as_secs_f64() * 1000.0
         );

@@ -265,14 +265,22 @@ fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
             return None;
         }
     };
-    let want = match dir.open_file(&format!("{key}.sha256")) {
-        Ok(Some(mut f)) => trust::read_small(&mut f, 128).ok()?,
+    let sidecar = match dir.open_file(&format!("{key}.sha256")) {
+        Ok(Some(mut f)) => trust::read_small(&mut f, 256).ok()?,
         Ok(None) => return None,
         Err(e) => {
             tracing::warn!("ignoring cached policy: {e}");
             return None;
         }
     };
+    let mut lines = sidecar.lines();
+    let want = lines.next().unwrap_or_default();
+    let now = stamp(&file);
+    if lines.next().is_some_and(|s| Some(s) == now.as_deref()) {
+        // Unchanged since its digest was checked when it was stored: hashing it again is what
+        // every waiting process paid (a quarter of loading a policy).
+        return deserialize_checked(engine, dir, &name, &file);
+    }
     let got = match digest_file(&file) {
         Ok(d) => d,
         Err(e) => {
@@ -290,11 +298,44 @@ fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
         );
         return None;
     }
-    deserialize_open(engine, &file)
+    // Stored by an older release, or before it was in place: its owner records it now.
+    if let (Some(st), true) = (now, dir.writable()) {
+        let mode = if dir.owner == 0 { 0o644 } else { 0o600 };
+        let _ = write_small(dir, &format!("{key}.sha256"), &format!("{got}\n{st}"), mode);
+    }
+    deserialize_checked(engine, dir, &name, &file)
+}
+
+/// Identity and change time of `file` (`device:inode:size:ctime`): any write, truncation,
+/// rename or replacement changes it (the kernel keeps change times fine-grained once they
+/// have been read — multigrain timestamps, Linux 6.13; before that a rewrite by the owner
+/// within the same clock tick, ~4 ms, could keep it). Stored beside an artifact's digest once
+/// the artifact is in place.
+fn stamp(file: &File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    Some(format!(
+        "{}:{}:{}:{}.{:09}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+/// [`deserialize_open`], `None` (with a debug line) for an artifact wasmtime refuses.
+fn deserialize_checked(
+    engine: &Engine,
+    dir: &TrustedDir,
+    name: &str,
+    file: &File,
+) -> Option<Component> {
+    deserialize_open(engine, file)
         .map_err(|e| {
             tracing::debug!(
                 "ignoring unusable cached policy {}: {e:#}",
-                dir.path.join(&name).display()
+                dir.path.join(name).display()
             )
         })
         .ok()
@@ -449,6 +490,17 @@ fn compile_locked(
             .map_err(|e| io("cannot write the digest", e))?;
         dir.rename(&tmp, &format!("{key}.cwasm"))
             .map_err(|e| io("cannot store the compiled policy", e))?;
+        // Now that it is in place (a rename changes the change time), record what it looks
+        // like, so that loaders need not hash it again while it stays so. The digest alone,
+        // written first, covers the moment between.
+        if let Some(st) = stamp(&out) {
+            let _ = write_small(
+                dir,
+                &format!("{key}.sha256"),
+                &format!("{digest}\n{st}"),
+                mode,
+            );
+        }
         deserialize_open(tier.engine(), &out)
             .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))
     })();
@@ -543,5 +595,30 @@ fn remove_stale_temps(dir: &TrustedDir) {
         if !alive {
             dir.remove(&name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamp_changes_with_any_rewrite_even_of_the_same_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.cwasm");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let first = stamp(&File::open(&p).unwrap()).unwrap();
+        assert_eq!(stamp(&File::open(&p).unwrap()).unwrap(), first);
+        // Same size, one byte changed in place: the change time moves (nanoseconds).
+        let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all(b"x").unwrap();
+        drop(f);
+        assert_ne!(stamp(&File::open(&p).unwrap()).unwrap(), first);
+        // Replaced by another file: another inode.
+        let q = tmp.path().join("b");
+        std::fs::write(&q, b"0123456789").unwrap();
+        let before = stamp(&File::open(&p).unwrap()).unwrap();
+        std::fs::rename(&q, &p).unwrap();
+        assert_ne!(stamp(&File::open(&p).unwrap()).unwrap(), before);
     }
 }

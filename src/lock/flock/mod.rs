@@ -133,6 +133,7 @@ impl Backend for FlockBackend {
             watcher: Watcher::new(mode),
             seen: Vec::new(),
             cache: TicketCache::default(),
+            last: None,
             blocked: None,
             unchained: None,
         }))
@@ -242,6 +243,8 @@ struct FlockQueued {
     seen: Vec<String>,
     /// Other tickets' content, so that a rescan reads only what changed.
     cache: TicketCache,
+    /// What the last scan found (see [`Queued::rescan`]).
+    last: Option<Snapshot>,
     /// The wait in the kernel in progress, if any.
     blocked: Option<Blocked>,
     /// The ticket ahead that carries no waiting lock, watched through the queue instead.
@@ -291,7 +294,54 @@ impl Queued for FlockQueued {
             .chain([me])
             .collect();
         self.seen.sort();
+        self.last = Some(snap.clone());
         Ok(snap)
+    }
+
+    fn rescan(&mut self) -> Result<(Snapshot, bool)> {
+        // One listing, and a probe of new names only, instead of opening and probing every
+        // ticket: with hundreds of waiters those probes were most of what a waiter far back
+        // spent on each periodic look. Tickets of dead owners stay until someone who scans in
+        // full removes them; the waiter behind each one does at once (its waiting lock is
+        // dropped at death), and the head set scans in full on every look.
+        let Some(last) = self.last.take() else {
+            return Ok((self.scan()?, false));
+        };
+        let names = list_names(&self.files);
+        let me = self.own().data.id.clone();
+        let mut known: std::collections::HashMap<String, TicketData> = last
+            .holders
+            .into_iter()
+            .chain(last.waiters)
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        let mut snap = Snapshot::default();
+        for name in &names {
+            if *name == me {
+                continue;
+            }
+            let t = match known.remove(name) {
+                Some(t) => t,
+                None => match ticket::probe_cached(
+                    self.files.queue.as_fd(),
+                    name,
+                    name,
+                    &self.files.name,
+                    Some(&mut self.cache),
+                ) {
+                    ticket::Probe::Alive(Ok(t)) => t.data,
+                    _ => continue,
+                },
+            };
+            if t.holding {
+                snap.holders.push(t);
+            } else {
+                snap.waiters.push(t);
+            }
+        }
+        self.seen = names;
+        self.last = Some(snap.clone());
+        Ok((snap, true))
     }
 
     fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>> {
