@@ -173,9 +173,9 @@ pub trait Queued {
     /// The other live tickets.
     fn scan(&mut self) -> Result<Snapshot>;
 
-    /// The other live tickets, for a caller that is behind the head set: a backend may answer
-    /// from its last scan when it can tell cheaply that no ticket arrived or left since
-    /// (`Ok((snapshot, true))`). Changes inside tickets already there may then be missed; the
+    /// The other live tickets, for a caller that is behind the head set: a backend may reuse
+    /// its last scan for the tickets that are still there and read only new ones
+    /// (`Ok((snapshot, true))`). Changes inside tickets already seen may then be missed; the
     /// only such change is a waiter taking the lock, which makes the caller's place look later
     /// than it is, never earlier.
     fn rescan(&mut self) -> Result<(Snapshot, bool)> {

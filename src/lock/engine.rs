@@ -59,7 +59,7 @@ struct Waiter<'a> {
     evaluations: u32,
     /// Scans of the queue (for the debug line at acquisition: what waiting cost).
     scans: u32,
-    /// Of those, answered from the previous scan because the queue listed the same tickets.
+    /// Of those, answered from a listing and the previous scan ([`Queued::rescan`]).
     listed: u32,
     /// The next evaluation is a periodic one behind the head set with nothing seen changing:
     /// the backend may answer it from its last scan ([`Queued::rescan`]).
@@ -175,9 +175,9 @@ impl Waiter<'_> {
         };
         // When the policy will be consulted (others to rank, or a holder to wait for), load it
         // first (a bounded wait for a compile); a snapshot taken before that wait is stale and
-        // is taken again — from the listing if nobody arrived or left meanwhile (a place that
-        // looks later than it is costs at most one more look). An uncontended request, or `-n`
-        // behind a holder alone, never loads it.
+        // is taken again — from a listing, reading only tickets that arrived meanwhile (a place
+        // that looks later than it is costs at most one more look). An uncontended request, or
+        // `-n` behind a holder alone, never loads it.
         let consulted = !snap.waiters.is_empty()
             || (!snap.holders.is_empty() && self.opts.wait_limit_ms != Some(0));
         if consulted && policy.ready()? {
