@@ -300,8 +300,7 @@ fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
     }
     // Stored by an older release, or before it was in place: its owner records it now.
     if let (Some(st), true) = (now, dir.writable()) {
-        let mode = if dir.owner == 0 { 0o644 } else { 0o600 };
-        let _ = write_small(dir, &format!("{key}.sha256"), &format!("{got}\n{st}"), mode);
+        let _ = write_digest(dir, key, &got, Some(&st));
     }
     deserialize_checked(engine, dir, &name, &file)
 }
@@ -472,7 +471,7 @@ fn compile_locked(
         )))
     };
     remove_stale_temps(dir);
-    let mode = if dir.owner == 0 { 0o644 } else { 0o600 };
+    let mode = entry_mode(dir);
     let tmp = temp_name(key, "cwasm");
     let mut out = dir
         .create_new(&tmp, mode)
@@ -486,20 +485,14 @@ fn compile_locked(
         out.sync_all()
             .map_err(|e| io("cannot write the compiled policy", e))?;
         let digest = digest_file(&out).map_err(|e| io("cannot read the compiled policy", e))?;
-        write_small(dir, &format!("{key}.sha256"), &digest, mode)
-            .map_err(|e| io("cannot write the digest", e))?;
+        write_digest(dir, key, &digest, None).map_err(|e| io("cannot write the digest", e))?;
         dir.rename(&tmp, &format!("{key}.cwasm"))
             .map_err(|e| io("cannot store the compiled policy", e))?;
         // Now that it is in place (a rename changes the change time), record what it looks
         // like, so that loaders need not hash it again while it stays so. The digest alone,
         // written first, covers the moment between.
         if let Some(st) = stamp(&out) {
-            let _ = write_small(
-                dir,
-                &format!("{key}.sha256"),
-                &format!("{digest}\n{st}"),
-                mode,
-            );
+            let _ = write_digest(dir, key, &digest, Some(&st));
         }
         deserialize_open(tier.engine(), &out)
             .map_err(|e| LoadError(CompileError::Invalid(format!("{e:#}"))))
@@ -547,6 +540,30 @@ fn produce(m: &Module, tier: Tier, budget: &Budget, out: &mut File) -> Result<()
     Ok(())
 }
 
+/// Mode of the files of a cache entry: readable by every user in root's host cache, by the
+/// owner only in a user's own.
+fn entry_mode(dir: &TrustedDir) -> u32 {
+    if dir.owner == 0 {
+        0o644
+    } else {
+        0o600
+    }
+}
+
+/// Writes `<key>.sha256`: the artifact's digest and, once it is in place, its [`stamp`].
+fn write_digest(
+    dir: &TrustedDir,
+    key: &str,
+    digest: &str,
+    stamp: Option<&str>,
+) -> std::io::Result<()> {
+    let text = match stamp {
+        Some(st) => format!("{digest}\n{st}"),
+        None => digest.to_string(),
+    };
+    write_small(dir, &format!("{key}.sha256"), &text, entry_mode(dir))
+}
+
 fn write_small(dir: &TrustedDir, name: &str, text: &str, mode: u32) -> std::io::Result<()> {
     let tmp = temp_name(name, "w");
     let r = (|| {
@@ -562,7 +579,7 @@ fn write_small(dir: &TrustedDir, name: &str, text: &str, mode: u32) -> std::io::
 }
 
 fn remember_refusal(dir: &TrustedDir, key: &str, budget: &Budget, msg: &str) {
-    let mode = if dir.owner == 0 { 0o644 } else { 0o600 };
+    let mode = entry_mode(dir);
     let text = format!("{}\n{}\n{msg}", budget.memory_bytes, budget.cpu_seconds);
     if let Err(e) = write_small(dir, &format!("{key}.refused"), &text, mode) {
         tracing::debug!("cannot remember the refusal in {}: {e}", dir.path.display());

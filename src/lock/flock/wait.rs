@@ -66,7 +66,7 @@ impl Watcher {
     /// Sets up inotify on `queue` on the first call in notify mode (a failure such as too many
     /// instances falls back to polling); true when it was set up now (changes before this call
     /// were not seen).
-    pub fn start(&mut self, queue: BorrowedFd<'_>) -> bool {
+    fn start(&mut self, queue: BorrowedFd<'_>) -> bool {
         if self.started {
             return false;
         }
