@@ -35,6 +35,9 @@ pub enum Command {
     Dockerd(DockerdArgs),
     /// Earthly's dockerd-wrapper.sh contract (`execute CMD...`, `get-compose-config`).
     Earthly(EarthlyArgs),
+    /// Check this host and say what to fix, one line each; exit 1 when a request would fail
+    /// or be unsafe (warnings, which only cost time, exit 0). Changes nothing.
+    Doctor(DoctorArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -142,6 +145,27 @@ pub struct StatusArgs {
     /// Also show the cached data roots under this cache root: sizes, last use, holders, the
     /// cap (`dockerd.cache_max_size`) and recent evictions.
     #[arg(long = "cache-root", value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
+}
+
+/// `cachelock doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// A JSON document for scripts instead of lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Lock directory.
+    #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
+    pub lock_dir: Option<PathBuf>,
+    /// Lock store: file://DIR, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (wins over --lock-dir).
+    #[arg(long = "backend", env = "CACHELOCK_BACKEND", value_name = "URL")]
+    pub backend: Option<String>,
+    /// Configuration file (YAML).
+    #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The dockerd cache root to check (else the configuration's `cache_root`; with neither,
+    /// the dockerd prerequisites are not this host's business).
+    #[arg(long = "cache-root", env = "CACHELOCK_CACHE_ROOT", value_name = "DIR")]
     pub cache_root: Option<PathBuf>,
 }
 

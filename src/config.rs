@@ -331,7 +331,12 @@ impl Loaded {
 impl Config {
     /// Parses YAML text; the error names the line, column and key path.
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        if text.trim().is_empty() {
+        // Nothing but comments (the packaged example until it is edited) is the defaults.
+        let blank = |l: &str| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---"
+        };
+        if text.lines().all(blank) {
             return Ok(Self::default());
         }
         let config: Config = parse_yaml(text)?;

@@ -45,7 +45,7 @@ pub mod code {
 /// Every exit code and what it means, in the README's words (`code`, `meaning`).
 pub const EXIT_CODES: &[(&str, &str)] = &[
     ("the command's", "the command ran; 128+N if signal N ended it"),
-    ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`; Earthly drop-in: an EarthBuild flag this version does not know, or `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD` ran (as Earthly's wrapper)"),
+    ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`; Earthly drop-in: an EarthBuild flag this version does not know, or `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD` ran (as Earthly's wrapper); `doctor`: a check found an error (a request would fail or be unsafe)"),
     ("64", "usage: bad option, bad lock name (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`), bad `KEY=VALUE`, bad `CACHELOCK_*` variable"),
     ("65", "bad data: a `policy simulate` scenario"),
     ("66", "an input file is missing or unreadable (`--load` tarball, scenario)"),

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod dockerd;
+pub mod doctor;
 pub mod error;
 pub mod lock;
 pub mod output;

@@ -44,6 +44,7 @@ fn run() -> i32 {
         Command::Policy(p) => commands::policy::execute(p),
         Command::Dockerd(a) => commands::dockerd::execute(a),
         Command::Earthly(a) => commands::earthly::execute(a),
+        Command::Doctor(a) => commands::doctor::execute(a),
         Command::Completions { shell } => commands::docs::completions(shell),
         Command::Man => commands::docs::man(),
     };

@@ -197,6 +197,22 @@ pub fn store(
     lock_dir: Option<&Path>,
     loaded: &Loaded,
 ) -> Result<(Store, Option<String>)> {
+    store_with(
+        backend,
+        lock_dir,
+        loaded,
+        cachelock::config::default_lock_dir,
+    )
+}
+
+/// [`store`], with `default_dir` choosing the lock directory when nothing names one (`doctor`
+/// looks at the host's shared directory without creating anything).
+pub fn store_with(
+    backend: Option<&str>,
+    lock_dir: Option<&Path>,
+    loaded: &Loaded,
+    default_dir: impl FnOnce() -> Result<cachelock::config::DefaultLockDir>,
+) -> Result<(Store, Option<String>)> {
     let dir = |path: PathBuf| Store::Dir {
         path,
         file_mode: loaded.config.file_mode,
@@ -218,7 +234,7 @@ pub fn store(
         (None, None, None) => dir(match &loaded.config.lock_dir {
             Some(p) => loaded.resolve_path(p),
             None => {
-                let d = cachelock::config::default_lock_dir()?;
+                let d = default_dir()?;
                 private_because = d.private_because;
                 d.path
             }

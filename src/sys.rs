@@ -644,7 +644,7 @@ pub fn set_blocking(fd: impl AsFd) -> io::Result<()> {
 /// Whether the filesystem holding `fd` is one where inotify cannot be trusted.
 pub fn is_network_fs_fd(fd: impl AsFd) -> bool {
     rustix::fs::fstatfs(fd)
-        .map(|st| NETWORK_FS.contains(&(st.f_type as u64)))
+        .map(|st| is_network_magic(st.f_type as u64))
         .unwrap_or(false)
 }
 
@@ -871,8 +871,66 @@ const NETWORK_FS: [u64; 7] = [
 /// Whether `dir` is on a filesystem where inotify cannot be trusted.
 pub fn is_network_fs(dir: &Path) -> bool {
     rustix::fs::statfs(dir)
-        .map(|st| NETWORK_FS.contains(&(st.f_type as u64)))
+        .map(|st| is_network_magic(st.f_type as u64))
         .unwrap_or(false)
+}
+
+/// Whether a statfs `f_type` is one of the filesystems where inotify cannot be trusted (NFS,
+/// SMB, FUSE, Ceph, 9p).
+pub fn is_network_magic(magic: u64) -> bool {
+    NETWORK_FS.contains(&magic)
+}
+
+/// The filesystem holding a path, as `doctor` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsInfo {
+    /// statfs `f_type`.
+    pub magic: u64,
+    /// Its type as mounted (`ext4`, `nfs4`, `fuse.bindfs`: `/proc/self/mountinfo`), else the
+    /// magic number.
+    pub name: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// Largest `/proc/self/mountinfo` read (a host with thousands of mounts is cut, not read
+/// without bound).
+const MAX_MOUNTINFO: u64 = 4 << 20;
+
+/// The filesystem holding `path` (followed if it is a symlink).
+#[allow(clippy::unnecessary_cast)]
+pub fn fs_info(path: &Path) -> io::Result<FsInfo> {
+    use std::io::Read;
+    let magic = rustix::fs::statfs(path)?.f_type as u64;
+    let read_only = rustix::fs::statvfs(path)?
+        .f_flag
+        .contains(rustix::fs::StatVfsMountFlags::RDONLY);
+    let dev = rustix::fs::stat(path)?.st_dev as u64;
+    let mut text = String::new();
+    let _ = File::open("/proc/self/mountinfo")
+        .and_then(|f| f.take(MAX_MOUNTINFO).read_to_string(&mut text));
+    let name = mount_type(
+        &text,
+        rustix::fs::major(dev as _),
+        rustix::fs::minor(dev as _),
+    )
+    .unwrap_or_else(|| format!("filesystem type {magic:#x}"));
+    Ok(FsInfo {
+        magic,
+        name,
+        read_only,
+    })
+}
+
+/// The type of the mount of device `major:minor` in mountinfo `text` (the last such mount:
+/// later mounts shadow earlier ones).
+fn mount_type(text: &str, major: u32, minor: u32) -> Option<String> {
+    let want = format!("{major}:{minor}");
+    text.lines()
+        .rev()
+        .filter(|l| l.split(' ').nth(2) == Some(want.as_str()))
+        .find_map(|l| l.split_once(" - ")?.1.split(' ').next())
+        .map(str::to_string)
 }
 
 /// Whether this process may create and remove entries in `dir` (`access(W_OK|X_OK)`, which
@@ -1092,5 +1150,34 @@ mod tests {
         assert_eq!(poll_readable(&[w.fd()], Some(Duration::ZERO)), None);
         assert!(!is_network_fs(tmp.path()));
         assert!(can_write_dir(tmp.path()));
+    }
+
+    #[test]
+    fn filesystems_are_named_from_mountinfo_and_classified_by_magic() {
+        let text = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    40 22 0:52 / /mnt/locks rw,relatime - nfs4 srv:/export rw,vers=4.2\n\
+                    41 22 0:53 / /mnt/fuse rw - fuse.bindfs /src rw,user_id=0\n\
+                    42 40 0:52 / /mnt/again rw - nfs4 srv:/export rw\n";
+        assert_eq!(mount_type(text, 8, 1).as_deref(), Some("ext4"));
+        assert_eq!(mount_type(text, 0, 53).as_deref(), Some("fuse.bindfs"));
+        assert_eq!(mount_type(text, 0, 52).as_deref(), Some("nfs4"));
+        assert_eq!(mount_type(text, 9, 9), None);
+        // NFS, SMB, CIFS, FUSE, Ceph and 9p are where inotify misses other hosts' changes.
+        for magic in [
+            0x6969, 0x517B, 0xFF534D42, 0xFE534D42, 0x65735546, 0xC36400, 0x01021997,
+        ] {
+            assert!(is_network_magic(magic), "{magic:#x}");
+        }
+        for local in [
+            0xEF53,     /* ext4 */
+            0x01021994, /* tmpfs */
+            0x794C7630, /* overlay */
+        ] {
+            assert!(!is_network_magic(local), "{local:#x}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = fs_info(tmp.path()).unwrap();
+        assert!(!fs.read_only && !is_network_magic(fs.magic), "{fs:?}");
+        assert!(!fs.name.is_empty() && !fs.name.contains(' '), "{fs:?}");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod dockerd;
 pub mod docs;
+pub mod doctor;
 pub mod earthly;
 pub mod policy;
 pub mod run;

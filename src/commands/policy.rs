@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::cli::{PolicyCommand, PolicyLang};
 use cachelock::config::{Loaded, OnError};
 use cachelock::error::{Error, Kind, Result};
-use cachelock::policy::{self, scenario::Scenario, simulate, Policy, StartAttempt, Ticket};
+use cachelock::policy::{self, scenario::Scenario, simulate, Policy};
 
 /// Runs a `cachelock policy` sub-command; returns the exit code.
 pub fn execute(cmd: PolicyCommand) -> Result<i32> {
@@ -106,41 +106,14 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
     );
     // One call of each decision on a sample, so that a policy that loads but faults on use is
     // caught here rather than in production.
-    let sample = Ticket {
-        id: "sample".into(),
-        request: policy::Request {
-            lock: "sample".into(),
-            mode: policy::Mode::Exclusive,
-            priority: 0,
-            labels: Vec::new(),
-            host: "check".into(),
-            pid: std::process::id(),
-            enqueued_at_ms: 1_700_000_000_000,
-            wait_limit_ms: None,
-        },
-    };
-    let state = policy::WaitState {
-        me: sample.clone(),
-        holders: Vec::new(),
-        waiters: Vec::new(),
-        waited_ms: 0,
-        evaluations: 0,
-        now_ms: 1_700_000_000_000,
-    };
-    let attempt = StartAttempt {
-        attempt: 1,
-        cache_id: Some("sample".into()),
-    };
-    let rank = p.rank(&sample, 1_700_000_000_000)?;
-    let wait = p.on_wait(&state)?;
-    let start = p.start_timeout_ms(&attempt)?;
-    let stop = p.stop_timeout_ms(Some("sample"))?;
+    let sample = policy::sample_answers(&mut p)?;
     // Deploy step: let the background compile finish so that the next run finds the optimized
     // code (in the host cache when run as root).
     policy::cache::wait_for_background();
     println!(
-        "sample:    rank(priority 0) = {rank}; on-wait(alone) = {wait:?}; \
-         start-timeout = {start} ms; stop-timeout = {stop} ms"
+        "sample:    rank(priority 0) = {}; on-wait(alone) = {:?}; \
+         start-timeout = {} ms; stop-timeout = {} ms",
+        sample.rank, sample.wait, sample.start_timeout_ms, sample.stop_timeout_ms
     );
     Ok(0)
 }

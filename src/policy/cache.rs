@@ -81,6 +81,9 @@ pub struct CacheDirs {
     /// cache; else `$XDG_CACHE_HOME/cachelock` or `~/.cache/cachelock`. `None`: nowhere (every
     /// process compiles).
     pub own: Option<PathBuf>,
+    /// Whether loading may create, compile into or record in these directories; `false`
+    /// (`doctor`: [`CacheDirs::read_only`]) only reads them and compiles in memory.
+    pub write: bool,
 }
 
 impl CacheDirs {
@@ -100,7 +103,20 @@ impl CacheDirs {
                 .filter(|v| !v.is_empty())
                 .map(|h| PathBuf::from(h).join(".cache").join("cachelock"))
         };
-        CacheDirs { host, own }
+        CacheDirs {
+            host,
+            own,
+            write: true,
+        }
+    }
+
+    /// The same directories, only read: a load creates, compiles into and records nothing
+    /// there (what it must compile is compiled in memory).
+    pub fn read_only(self) -> Self {
+        CacheDirs {
+            write: false,
+            ..self
+        }
     }
 
     /// The directory shown to people: where this process writes, else the host cache.
@@ -167,25 +183,28 @@ pub fn load(
     };
     let readable: Vec<&TrustedDir> = host.iter().chain(own.iter()).collect();
     let opt_key = artifact_key(engine(), m.sha);
-    if let Some(c) = readable.iter().find_map(|d| cached(engine(), d, &opt_key)) {
+    if let Some(c) = readable
+        .iter()
+        .find_map(|d| cached(engine(), d, &opt_key, dirs.write))
+    {
         return Ok((c, Origin::Cached));
     }
     // Only now: creating the quick engine is work a warm process does not need.
     let quick_key = artifact_key(quick_engine(), m.sha);
     let cached_quick = readable
         .iter()
-        .find_map(|d| cached(quick_engine(), d, &quick_key));
+        .find_map(|d| cached(quick_engine(), d, &quick_key, dirs.write));
     drop(readable);
-    if own.is_none() {
+    if own.is_none() && dirs.write {
         own = dirs.own.as_ref().and_then(|o| open_trusted(o, true));
     }
-    let writable = own.as_ref().filter(|d| d.writable());
+    let writable = own.as_ref().filter(|d| dirs.write && d.writable());
     let quick = match cached_quick {
         Some(c) => (c, Origin::CachedQuick),
         None => {
             let c = match writable {
                 Some(d) => compile_into(d, m, Tier::Quick, &quick_key, budget),
-                None => compile_anonymous(m, Tier::Quick, budget),
+                None => compile_anonymous(m, Tier::Quick, budget, dirs.write),
             };
             match c {
                 Ok(c) => (c, Origin::Compiled),
@@ -193,7 +212,7 @@ pub fn load(
                 Err(LoadError(CompileError::Invalid(_))) => {
                     let c = match writable {
                         Some(d) => compile_into(d, m, Tier::Optimized, &opt_key, budget)?,
-                        None => compile_anonymous(m, Tier::Optimized, budget)?,
+                        None => compile_anonymous(m, Tier::Optimized, budget, dirs.write)?,
                     };
                     return Ok((c, Origin::Compiled));
                 }
@@ -254,8 +273,9 @@ fn open_trusted(dir: &Path, create: bool) -> Option<TrustedDir> {
 }
 
 /// The verified artifact `key` in `dir`, deserialized; `None` (with a debug line) for anything
-/// missing, untrusted, corrupt or incompatible.
-fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
+/// missing, untrusted, corrupt or incompatible. With `record`, an owner who had to hash it
+/// records its stamp for the next loads.
+fn cached(engine: &Engine, dir: &TrustedDir, key: &str, record: bool) -> Option<Component> {
     let name = format!("{key}.cwasm");
     let file = match dir.open_file(&name) {
         Ok(Some(f)) => f,
@@ -299,7 +319,7 @@ fn cached(engine: &Engine, dir: &TrustedDir, key: &str) -> Option<Component> {
         return None;
     }
     // Stored by an older release, or before it was in place: its owner records it now.
-    if let (Some(st), true) = (now, dir.writable()) {
+    if let (Some(st), true) = (now, record && dir.writable()) {
         let _ = write_digest(dir, key, &got, Some(&st));
     }
     deserialize_checked(engine, dir, &name, &file)
@@ -384,7 +404,7 @@ fn compile_into(
     // Concurrent first runs wait here for the one compile (the loader thread blocks; the
     // waiter's bound is kept by `lazy`).
     flock(&lock, libc::LOCK_EX).map_err(|e| io("cannot lock the cache entry".into(), e))?;
-    if let Some(c) = cached(tier.engine(), dir, key) {
+    if let Some(c) = cached(tier.engine(), dir, key, true) {
         return Ok(c);
     }
     refused_before(dir, key, budget)?;
@@ -503,14 +523,22 @@ fn compile_locked(
     result
 }
 
-/// Compiles into memory only (no trusted cache of our own).
-fn compile_anonymous(m: &Module, tier: Tier, budget: &Budget) -> Result<Component, LoadError> {
+/// Compiles into memory only (no trusted cache of our own, or `warn` unset: a read-only
+/// look that was meant not to write).
+fn compile_anonymous(
+    m: &Module,
+    tier: Tier,
+    budget: &Budget,
+    warn: bool,
+) -> Result<Component, LoadError> {
     static SAID: OnceLock<()> = OnceLock::new();
-    SAID.get_or_init(|| {
-        tracing::warn!(
-            "no policy compile cache of your own (set policy_cache_dir, or HOME): every process compiles its policy"
-        )
-    });
+    if warn {
+        SAID.get_or_init(|| {
+            tracing::warn!(
+                "no policy compile cache of your own (set policy_cache_dir, or HOME): every process compiles its policy"
+            )
+        });
+    }
     let mut out = compile::anonymous_output().map_err(|e| {
         LoadError(CompileError::Io(format!(
             "cannot create a memory file: {e}"

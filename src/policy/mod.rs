@@ -171,6 +171,57 @@ pub trait Policy {
     fn stop_timeout_ms(&mut self, cache_id: Option<&str>) -> Result<u64, PolicyError>;
 }
 
+/// One answer of each decision to a sample request (alone in the queue): what `policy check`
+/// shows, and how `doctor` sees that a policy which loads also answers.
+#[derive(Debug, Clone)]
+pub struct SampleAnswers {
+    /// `rank` of a priority-0 request.
+    pub rank: i64,
+    /// `on-wait` of that request, alone behind no holder.
+    pub wait: WaitDecision,
+    /// `start-timeout-ms` of a first dockerd start.
+    pub start_timeout_ms: u64,
+    /// `stop-timeout-ms` of a cached dockerd.
+    pub stop_timeout_ms: u64,
+}
+
+/// Calls each decision of `p` once on a sample, so that a policy that loads but faults on use
+/// is caught before a request meets it.
+pub fn sample_answers(p: &mut dyn Policy) -> Result<SampleAnswers, PolicyError> {
+    const NOW_MS: u64 = 1_700_000_000_000;
+    let sample = Ticket {
+        id: "sample".into(),
+        request: Request {
+            lock: "sample".into(),
+            mode: Mode::Exclusive,
+            priority: 0,
+            labels: Vec::new(),
+            host: "check".into(),
+            pid: std::process::id(),
+            enqueued_at_ms: NOW_MS,
+            wait_limit_ms: None,
+        },
+    };
+    let state = WaitState {
+        me: sample.clone(),
+        holders: Vec::new(),
+        waiters: Vec::new(),
+        waited_ms: 0,
+        evaluations: 0,
+        now_ms: NOW_MS,
+    };
+    let attempt = StartAttempt {
+        attempt: 1,
+        cache_id: Some("sample".into()),
+    };
+    Ok(SampleAnswers {
+        rank: p.rank(&sample, NOW_MS)?,
+        wait: p.on_wait(&state)?,
+        start_timeout_ms: p.start_timeout_ms(&attempt)?,
+        stop_timeout_ms: p.stop_timeout_ms(Some("sample"))?,
+    })
+}
+
 /// The policy governing one request: `override_policy` (`--policy NAME|builtin:NAME|FILE.wasm`)
 /// if given, else the policy the configuration binds to `settings`; `extra_config`
 /// (`--policy-config`) is merged over the configured `config` map. Loading is lazy: an

@@ -58,16 +58,7 @@ pub fn looks_like_file(v: &str) -> bool {
 /// (relative to the working directory) — with `extra` merged over its config.
 pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<PolicySpec> {
     let cfg = &loaded.config;
-    let cache = CacheDirs::resolve(
-        cfg.policy_cache_dir
-            .as_deref()
-            .map(|p| loaded.resolve_path(p))
-            .as_deref(),
-        cfg.policy_host_cache_dir
-            .as_deref()
-            .map(|p| loaded.resolve_path(p))
-            .as_deref(),
-    );
+    let cache = cache_dirs(loaded);
     let budget = Budget::from_config(&cfg.policy_compile).map_err(Error::config)?;
     let mut spec = if let Some(b) = name.strip_prefix("builtin:") {
         PolicySpec {
@@ -129,6 +120,21 @@ pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Resul
     }
     spec.config.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(spec)
+}
+
+/// The compile cache directories of this caller, per the configuration.
+pub fn cache_dirs(loaded: &Loaded) -> CacheDirs {
+    let cfg = &loaded.config;
+    CacheDirs::resolve(
+        cfg.policy_cache_dir
+            .as_deref()
+            .map(|p| loaded.resolve_path(p))
+            .as_deref(),
+        cfg.policy_host_cache_dir
+            .as_deref()
+            .map(|p| loaded.resolve_path(p))
+            .as_deref(),
+    )
 }
 
 fn builtin_named(name: &str) -> Result<Builtin> {

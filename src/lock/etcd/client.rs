@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions};
 
-use super::EtcdStore;
+use super::{EtcdStore, Probed};
 use crate::error::{Error, Kind, Result};
 
 /// A failed request: worth another endpoint, or final.
@@ -245,4 +245,86 @@ fn tls_options(store: &EtcdStore) -> Result<etcd_client::TlsOptions> {
         }
     }
     Ok(tls)
+}
+
+impl Conn {
+    /// Connects to endpoint `i` alone (TLS and authentication as configured), asks its status
+    /// and reads the prefix's lock names (the read every `status` makes), each within the
+    /// request deadline; times the status answer from the start of the connection.
+    pub(super) fn probe(&self, i: usize) -> Probed {
+        use super::{ProbeFailure, ProbeFailureKind as K};
+        let deadline = self.store.request_timeout;
+        let late = |what: &str| ProbeFailure {
+            kind: K::Unreachable,
+            message: format!("no answer to {what} within {:.1}s", deadline.as_secs_f64()),
+        };
+        self.block_on(async {
+            let start = Instant::now();
+            let connect = Client::connect(
+                [self.store.endpoints[i].as_str()],
+                Some(self.options.clone()),
+            );
+            let mut c = match tokio::time::timeout(deadline, connect).await {
+                Err(_) => return Err(late("connect")),
+                Ok(Err(e)) => return Err(probe_failure(&e)),
+                Ok(Ok(c)) => c,
+            };
+            let status = match tokio::time::timeout(deadline, c.status()).await {
+                Err(_) => return Err(late("a status request")),
+                Ok(Err(e)) => return Err(probe_failure(&e)),
+                Ok(Ok(s)) => s,
+            };
+            let first_answer = start.elapsed();
+            let names = format!("{}/n/", self.store.prefix);
+            let opts = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_count_only();
+            match tokio::time::timeout(deadline, c.get(names, Some(opts))).await {
+                Err(_) => return Err(late("a read of the key prefix")),
+                Ok(Err(e)) => return Err(probe_failure(&e)),
+                Ok(Ok(_)) => {}
+            }
+            Ok(super::Answer {
+                first_answer,
+                version: status.version().to_string(),
+            })
+        })
+    }
+}
+
+/// Names what kind of failure an error is, from its whole chain of causes (a TLS failure
+/// is only named in the transport error's source).
+fn probe_failure(e: &etcd_client::Error) -> super::ProbeFailure {
+    use super::ProbeFailureKind as K;
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    let kind = if let etcd_client::Error::GRpcStatus(s) = e {
+        match s.code() {
+            tonic::Code::PermissionDenied => K::Permission,
+            tonic::Code::Unauthenticated => K::Auth,
+            tonic::Code::InvalidArgument if lower.contains("auth") => K::Auth,
+            tonic::Code::FailedPrecondition if lower.contains("auth") => K::Auth,
+            _ => K::Other,
+        }
+    } else if ["certificate", "tls", "handshake", "ssl"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        K::Tls
+    } else {
+        K::Unreachable
+    };
+    super::ProbeFailure {
+        kind,
+        message: text,
+    }
 }

@@ -188,6 +188,54 @@ fn check_prefix(p: &str) -> Result<(), String> {
     }
 }
 
+/// An endpoint's answer to a probe (`doctor`).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// From the start of the connection (TLS, authentication) to the status answer.
+    pub first_answer: Duration,
+    /// The member's etcd version.
+    pub version: String,
+}
+
+/// Why an endpoint did not answer a probe.
+#[derive(Debug, Clone)]
+pub struct ProbeFailure {
+    /// What kind of failure.
+    pub kind: ProbeFailureKind,
+    /// The client's message, causes included.
+    pub message: String,
+}
+
+/// Kinds of [`ProbeFailure`], each with its own fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeFailureKind {
+    /// No connection, or no answer in time.
+    Unreachable,
+    /// The TLS handshake failed (certificate, CA, plain text on one side).
+    Tls,
+    /// The credentials were refused.
+    Auth,
+    /// The user may not read the key prefix.
+    Permission,
+    /// Anything else the member answered.
+    Other,
+}
+
+/// Probes every endpoint of `store` in turn, without changing anything: connects (TLS and
+/// authentication as configured), asks the member's status and reads the key prefix, each
+/// within `request_timeout`. Errors only for what stops every probe (unreadable TLS files:
+/// exit 78).
+#[cfg(feature = "etcd")]
+pub fn probe(store: &EtcdStore) -> crate::error::Result<Vec<(String, Probed)>> {
+    let conn = client::Conn::new(store)?;
+    Ok((0..store.endpoints.len())
+        .map(|i| (store.endpoints[i].clone(), conn.probe(i)))
+        .collect())
+}
+
+/// What one endpoint answered a [`probe`].
+pub type Probed = std::result::Result<Answer, ProbeFailure>;
+
 /// A lock name scoped to one host (`<name>.host-<hostname>`), for data that lives on the host
 /// (a `dockerd --cache-id` data root on a local disk): two hosts never wait for each other's
 /// local caches. Falls back to a hash of the host name when the result would not be a valid
