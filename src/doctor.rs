@@ -769,7 +769,7 @@ pub fn dockerd(loaded: &Loaded, cache_root_configured: Option<&Path>) -> Vec<Fin
             None => Finding::error(
                 C,
                 name.display().to_string(),
-                format!("not found on PATH ({why}): cached runs fail (exit 69)"),
+                format!("not found, or not executable ({why}): cached runs fail (exit 69)"),
             )
             .fix(fix),
         });
@@ -878,8 +878,12 @@ fn network_needs(loaded: &Loaded, mode: crate::dockerd::network::Mode) -> Vec<Fi
             ),
             None => {
                 let (why, fix) = why.split_once(" (").unwrap_or((why, ""));
-                Finding::error(C, *tool, format!("not found on PATH ({why}): runs fail"))
-                    .fix(fix.trim_end_matches(')').to_string())
+                Finding::error(
+                    C,
+                    *tool,
+                    format!("not found, or not executable ({why}): runs fail"),
+                )
+                .fix(fix.trim_end_matches(')').to_string())
             }
         });
     }

@@ -9,6 +9,7 @@ mod dockerd_beyond;
 mod dockerd_cache;
 mod dockerd_earthly;
 mod dockerd_lifecycle;
+mod doctor;
 mod engine_cli;
 mod engine_kill;
 mod engine_queue;

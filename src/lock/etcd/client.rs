@@ -307,21 +307,26 @@ fn probe_failure(e: &etcd_client::Error) -> super::ProbeFailure {
         cause = c.source();
     }
     let lower = text.to_ascii_lowercase();
-    let kind = if let etcd_client::Error::GRpcStatus(s) = e {
-        match s.code() {
-            tonic::Code::PermissionDenied => K::Permission,
-            tonic::Code::Unauthenticated => K::Auth,
-            tonic::Code::InvalidArgument if lower.contains("auth") => K::Auth,
-            tonic::Code::FailedPrecondition if lower.contains("auth") => K::Auth,
-            _ => K::Other,
-        }
-    } else if ["certificate", "tls", "handshake", "ssl"]
+    let code = match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s.code()),
+        _ => None,
+    };
+    // A failed handshake comes back as a transport error, or as a status "unavailable"
+    // carrying the transport error.
+    let tls = ["certificate", "tls", "handshake", "ssl"]
         .iter()
-        .any(|w| lower.contains(w))
-    {
-        K::Tls
-    } else {
-        K::Unreachable
+        .any(|w| lower.contains(w));
+    let kind = match code {
+        Some(tonic::Code::PermissionDenied) => K::Permission,
+        Some(tonic::Code::Unauthenticated) => K::Auth,
+        Some(tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition)
+            if lower.contains("auth") =>
+        {
+            K::Auth
+        }
+        _ if tls => K::Tls,
+        Some(tonic::Code::Unavailable) | None => K::Unreachable,
+        Some(_) => K::Other,
     };
     super::ProbeFailure {
         kind,
