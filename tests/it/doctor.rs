@@ -72,7 +72,7 @@ fn text(o: &Output) -> String {
 }
 
 /// The one line of `level` that holds every piece of `parts`; fails showing the report.
-fn line<'a>(o: &'a Output, level: &str, parts: &[&str]) -> String {
+fn line(o: &Output, level: &str, parts: &[&str]) -> String {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     out.lines()
         .find(|l| l.starts_with(level) && parts.iter().all(|p| l.contains(p)))
