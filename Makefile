@@ -1,9 +1,9 @@
 # The two commands of the README: `make demo` runs the main job on embedded defaults,
 # `make test` installs what the tests need and runs the whole suite. Both work on a machine
 # that has only the Rust toolchain. `make static` builds the statically linked binary for
-# Earthly's Alpine-based buildkitd image.
+# Earthly's Alpine-based buildkitd image; `make deb` the Debian package of it.
 
-.PHONY: test setup build-setup demo static static-dev prev-release
+.PHONY: test setup build-setup demo static static-dev prev-release deb
 
 MUSL := x86_64-unknown-linux-musl
 # Debian packages any build needs: the etcd client (cargo feature `etcd`, on by default)
@@ -57,6 +57,14 @@ setup:
 static: setup
 	cargo build --release --target $(MUSL) --bin cachelock
 	@echo "target/$(MUSL)/release/cachelock"
+
+# The Debian package (packaging/deb/build): the static release binary, stripped, as
+# /usr/bin/cachelock, its man page and completions, an example configuration (a conffile of
+# comments) and tmpfiles.d entries. dpkg-deb builds it; strip comes with binutils.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+deb: static
+	$(call apt_install,binutils)
+	packaging/deb/build target/$(MUSL)/release/cachelock $(VERSION) target/deb
 
 # The same static linking (a property of the musl target, not of the profile) in the dev
 # profile with unoptimised dependencies: the cheapest build for the test that runs it in a

@@ -793,6 +793,43 @@ mod tests {
         assert!(err.contains("sha256"), "{err}");
     }
 
+    #[cfg(feature = "wasm")]
+    #[test]
+    fn the_packaged_example_changes_nothing_and_its_defaults_are_the_defaults() {
+        let example =
+            include_str!("../packaging/config.yaml").replace("@CACHE_ROOT@", DEFAULT_CACHE_ROOT);
+        assert_eq!(
+            format!("{:?}", Config::parse(&example).unwrap()),
+            format!("{:?}", Config::default()),
+            "every line of the example must be a comment"
+        );
+        // Its first part, uncommented, states each default as cachelock applies it.
+        let defaults: String = example
+            .split("# Examples")
+            .next()
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| !l.is_empty() && !l.starts_with(' '))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&defaults).unwrap();
+        assert_eq!(c.lock_dir.as_deref(), Some(Path::new(SYSTEM_LOCK_DIR)));
+        assert_eq!((c.file_mode, c.dir_mode), (Some(0o666), Some(0o1777)));
+        assert_eq!(c.wait_mode, Some(WaitMode::default()));
+        assert_eq!(c.progress_interval(), Config::default().progress_interval());
+        assert_eq!(
+            c.queue_key_grace_ms(),
+            Config::default().queue_key_grace_ms()
+        );
+        assert_eq!(
+            c.policy_host_cache_dir.as_deref(),
+            Some(Path::new(crate::policy::cache::DEFAULT_HOST_CACHE_DIR))
+        );
+        assert_eq!(c.default_policy.as_deref(), Some(DEFAULT_POLICY));
+        assert_eq!(c.cache_root.as_deref(), Some(Path::new(DEFAULT_CACHE_ROOT)));
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("1").unwrap(), 1);

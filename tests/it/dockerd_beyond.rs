@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::support::dockerd::*;
+use crate::support::util::static_binary;
 
 fn status_json(env: &Env, args: &[&str]) -> serde_json::Value {
     let o = Command::new(BIN)
@@ -256,26 +257,6 @@ fn cachelock_dockerd_evicts_unheld_cache_ids_under_a_cap() {
     let s = status_json(&env, &["--cache-root", env.cache_root.to_str().unwrap()]);
     assert_eq!(s["cache"]["evictions"][0]["name"], "one", "{s:#}");
     env.assert_clean();
-}
-
-/// The static (musl) binary: `CACHELOCK_STATIC_BIN`, else what `make static-dev` or `make
-/// static` built.
-fn static_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("CACHELOCK_STATIC_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-musl");
-    ["debug", "release"]
-        .iter()
-        .map(|p| target.join(p).join("cachelock"))
-        .filter(|p| p.exists())
-        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no static binary under {}: build it with `make static-dev` (make test does)",
-                target.display()
-            )
-        })
 }
 
 /// Whether an ELF file asks for a program interpreter (a dynamic loader): PT_INTERP.

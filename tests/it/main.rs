@@ -4,6 +4,7 @@
 
 mod support;
 
+mod deb;
 mod dockerd_bad_input;
 mod dockerd_beyond;
 mod dockerd_cache;

@@ -393,3 +393,23 @@ impl Terminal {
         self.master.write_all(&[0x03]).unwrap();
     }
 }
+
+/// The static (musl) binary: `CACHELOCK_STATIC_BIN`, else what `make static-dev` or `make
+/// static` built.
+pub fn static_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CACHELOCK_STATIC_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-musl");
+    ["debug", "release"]
+        .iter()
+        .map(|p| target.join(p).join("cachelock"))
+        .filter(|p| p.exists())
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no static binary under {}: build it with `make static-dev` (make test does)",
+                target.display()
+            )
+        })
+}
