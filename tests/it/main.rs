@@ -4,6 +4,7 @@
 
 mod support;
 
+mod buildkitd_image;
 mod deb;
 mod dockerd_bad_input;
 mod dockerd_beyond;
