@@ -385,8 +385,13 @@ fn filesystem(f: &DirFacts, fs: &FsInfo, wait_mode: Option<WaitMode>) -> Finding
             _ => Finding::ok(C, &p, format!("{}: a local filesystem; waiters are woken by inotify at each release", fs.name)),
         };
     }
+    let nfs = if fs.name.starts_with("nfs") {
+        "; the NFS client emulates flock with POSIX locks (cachelock allows for it)"
+    } else {
+        ""
+    };
     let meaning = format!(
-        "{} is a network (or userspace) filesystem: inotify does not see changes made by other hosts, so waiters poll at the policy's interval (builtin:default: 20 ms per place in the queue, at most 1 s) and a hand-off can take that long; flock is emulated with POSIX locks there (cachelock allows for it); arrivals from other hosts are seen only as fast as attribute caching allows",
+        "{} is a network (or userspace) filesystem: inotify does not see changes made by other hosts, so waiters poll at the policy's interval (builtin:default: 20 ms per place in the queue, at most 1 s) and a hand-off can take that long{nfs}; arrivals from other hosts are seen only as fast as attribute caching allows",
         fs.name
     );
     match wait_mode {
@@ -395,8 +400,8 @@ fn filesystem(f: &DirFacts, fs: &FsInfo, wait_mode: Option<WaitMode>) -> Finding
             &p,
             format!("{meaning}; `wait_mode: notify` waits for inotify events that other hosts' releases never send, so waiters wake only at the timed fallback"),
         )
-        .fix("use `wait_mode: auto` (or poll) for this directory; mount it with actimeo=1"),
-        _ => Finding::warn(C, &p, meaning).fix("mount it with short attribute caching (actimeo=1), or use a local directory if no other host shares it"),
+        .fix("use `wait_mode: auto` (or poll) for this directory; mount it with short attribute caching (NFS: actimeo=1)"),
+        _ => Finding::warn(C, &p, meaning).fix("mount it with short attribute caching (NFS: actimeo=1), or use a local directory if no other host shares it"),
     }
 }
 
@@ -1162,6 +1167,15 @@ mod tests {
         );
         assert!(has(&f, Level::Warning, "waiters poll"));
         assert!(has(&f, Level::Warning, "actimeo=1"));
+        assert!(has(&f, Level::Warning, "the NFS client emulates flock"));
+        let on_fuse = facts(dir(0, 0o1777), 0, true, (0x65735546, "fuse.sshfs"));
+        let f = lock_dir(&on_fuse, DirRole::SystemDefault, None);
+        assert!(
+            has(&f, Level::Warning, "fuse.sshfs is a network"),
+            "{:?}",
+            levels(&f)
+        );
+        assert!(!has(&f, Level::Warning, "NFS client"));
         assert!(
             !f.iter().any(|f| f.level == Level::Error),
             "only costs time"
