@@ -5,5 +5,8 @@ pub mod dockerd;
 pub mod docs;
 pub mod earthly;
 pub mod policy;
+#[cfg(feature = "oci")]
+pub mod policy_oci;
+pub mod policy_test;
 pub mod run;
 pub mod status;

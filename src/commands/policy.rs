@@ -7,6 +7,9 @@ use cachelock::config::{Loaded, OnError};
 use cachelock::error::{Error, Kind, Result};
 use cachelock::policy::{self, scenario::Scenario, simulate, Policy, StartAttempt, Ticket};
 
+#[cfg(feature = "oci")]
+use super::policy_oci as oci;
+
 /// Runs a `cachelock policy` sub-command; returns the exit code.
 pub fn execute(cmd: PolicyCommand) -> Result<i32> {
     match cmd {
@@ -14,7 +17,13 @@ pub fn execute(cmd: PolicyCommand) -> Result<i32> {
             policy,
             policy_config,
             config,
-        } => check(&Loaded::load(config.as_deref())?, &policy, &policy_config),
+        } => {
+            let loaded = Loaded::load(config.as_deref())?;
+            match policy {
+                Some(p) => check(&loaded, &p, &policy_config),
+                None => check_all(&loaded, &policy_config),
+            }
+        }
         PolicyCommand::Simulate {
             policy,
             scenario,
@@ -28,6 +37,46 @@ pub fn execute(cmd: PolicyCommand) -> Result<i32> {
             &policy_config,
             json,
         ),
+        #[cfg(not(feature = "oci"))]
+        PolicyCommand::Push { .. }
+        | PolicyCommand::Pull { .. }
+        | PolicyCommand::Sign { .. }
+        | PolicyCommand::Verify { .. } => Err(Error::config(
+            "oci:// policies need the OCI client, which this build of cachelock leaves out (cargo feature `oci`)",
+        )),
+        #[cfg(feature = "oci")]
+        PolicyCommand::Push {
+            file,
+            reference,
+            sign_key,
+            policy_config,
+            config,
+        } => oci::push(
+            &Loaded::load(config.as_deref())?,
+            &file,
+            &reference,
+            sign_key.as_deref(),
+            &policy_config,
+        ),
+        #[cfg(feature = "oci")]
+        PolicyCommand::Pull { policy, config } => {
+            oci::pull(&Loaded::load(config.as_deref())?, policy.as_deref())
+        }
+        #[cfg(feature = "oci")]
+        PolicyCommand::Sign {
+            reference,
+            key,
+            config,
+        } => oci::sign(&Loaded::load(config.as_deref())?, &reference, &key),
+        #[cfg(feature = "oci")]
+        PolicyCommand::Verify {
+            reference,
+            key,
+            config,
+        } => oci::verify(&Loaded::load(config.as_deref())?, &reference, &key),
+        PolicyCommand::Test { paths, config } => {
+            super::policy_test::run(&Loaded::load(config.as_deref())?, &paths)
+        }
         PolicyCommand::List { config } => list(&Loaded::load(config.as_deref())?),
         PolicyCommand::New { name, dir, lang } => new(&name, dir.as_deref(), lang),
         PolicyCommand::CompileChild {
@@ -41,8 +90,77 @@ pub fn execute(cmd: PolicyCommand) -> Result<i32> {
     }
 }
 
+/// The policies a configuration uses: those its lock rules and `default_policy` bind, then
+/// the others it defines.
+fn bindings(loaded: &Loaded) -> Vec<String> {
+    let c = &loaded.config;
+    let default = c
+        .default_policy
+        .clone()
+        .unwrap_or_else(|| cachelock::config::DEFAULT_POLICY.to_string());
+    let mut names: Vec<String> = c
+        .locks
+        .iter()
+        .map(|r| r.policy.clone().unwrap_or_else(|| default.clone()))
+        .collect();
+    names.push(default);
+    names.extend(c.policies.keys().cloned());
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+/// `policy check` without a name: every binding, as the deploy step. Each is loaded, verified,
+/// compiled and configured; the exit code is the first failure's.
+fn check_all(loaded: &Loaded, extra: &[(String, String)]) -> Result<i32> {
+    let names = bindings(loaded);
+    let mut failed = Vec::new();
+    let mut first_code = 0;
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        if let Err(e) = check(loaded, name, extra) {
+            eprintln!("cachelock: {e}");
+            println!("policy:    {name}: FAILED (exit {})", e.exit_code());
+            if first_code == 0 {
+                first_code = e.exit_code();
+            }
+            failed.push(name.clone());
+        }
+    }
+    println!(
+        "\n{} policies checked, {} failed{}",
+        names.len(),
+        failed.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", failed.join(", "))
+        }
+    );
+    Ok(first_code)
+}
+
+/// Loads `name` as `check` and `pull` do: an oci:// module is resolved with its registry
+/// (the deploy step), not taken from the cache as a run would.
+fn load_for_deploy(
+    loaded: &Loaded,
+    name: &str,
+    extra: &[(String, String)],
+) -> Result<(policy::spec::PolicySpec, policy::host::WasmPolicy)> {
+    #[allow(unused_mut)]
+    let mut spec = policy::spec::resolve(loaded, name, extra)?;
+    #[cfg(feature = "oci")]
+    if let policy::spec::Source::Oci(o) = &mut spec.source {
+        o.online = true;
+    }
+    let p = policy::host::WasmPolicy::load(&spec)?;
+    Ok((spec, p))
+}
+
 fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32> {
-    let (spec, mut p) = policy::load_now(loaded, name, extra)?;
+    let (spec, mut p) = load_for_deploy(loaded, name, extra)?;
     let info = p.info().clone();
     let l = p.limits().clone();
     println!("policy:    {}", spec.name);
@@ -57,6 +175,10 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
             ""
         }
     );
+    #[cfg(feature = "oci")]
+    if let Some(o) = &info.oci {
+        oci::print_origin(o);
+    }
     println!(
         "compiled:  {}",
         match info.origin {
@@ -236,8 +358,34 @@ fn list(loaded: &Loaded) -> Result<i32> {
     }
     for n in names {
         println!("  {}", describe(&n));
+        if let Some(m) = policy::module_status(loaded, &n) {
+            println!("      {}", loads(&m));
+        }
     }
     Ok(0)
+}
+
+/// What a run of a policy loads now, in words (`policy list`).
+fn loads(m: &policy::ModuleStatus) -> String {
+    let sha = m
+        .sha256
+        .as_deref()
+        .unwrap_or("unknown (the file cannot be read)");
+    if !m.module.starts_with("oci://") {
+        return format!("loads {} (component {sha})", m.module);
+    }
+    match (&m.digest, m.resolved_at_ms) {
+        (Some(d), Some(at)) => format!(
+            "loads {d} (component {sha}), {}, resolved {} ago",
+            m.verified_by.as_deref().map_or_else(
+                || "not verified (no verify.keys)".to_string(),
+                |k| format!("verified by {k}")
+            ),
+            cachelock::output::age(cachelock::lock::now_ms().saturating_sub(at))
+        ),
+        _ => "not pulled here yet: the first contended run pulls it (or `cachelock policy pull`)"
+            .to_string(),
+    }
 }
 
 const SDK_SOURCE: &str = include_str!("../../policies/sdk/src/lib.rs");
