@@ -401,6 +401,7 @@ const PY_README: &str = include_str!("../../policies/templates/python/README.md"
 const JS_POLICY: &str = include_str!("../../policies/templates/js/policy.js");
 const JS_PACKAGE: &str = include_str!("../../policies/templates/js/package.json");
 const JS_README: &str = include_str!("../../policies/templates/js/README.md");
+const TESTS: &str = include_str!("../../policies/templates/policy.test.yaml");
 const SCENARIO: &str = r#"# cachelock policy simulate --policy <the .wasm> --scenario scenario.yaml
 holders:
   - {id: nightly, release_at_ms: 5000}
@@ -449,7 +450,7 @@ fn new(name: &str, dir: Option<&Path>, lang: PolicyLang) -> Result<i32> {
     }
     let (build, wasm) = match lang {
         PolicyLang::Rust => (
-            "cargo build --release          # needs: rustup target add wasm32-wasip2".to_string(),
+            "cargo test && cargo build --release --target wasm32-wasip2   # needs: rustup target add wasm32-wasip2".to_string(),
             format!(
                 "target/wasm32-wasip2/release/{}.wasm",
                 name.replace('-', "_")
@@ -474,9 +475,15 @@ fn new(name: &str, dir: Option<&Path>, lang: PolicyLang) -> Result<i32> {
     println!("next:");
     println!("  cd {}", root.display());
     println!("  {build}");
-    println!("  cachelock policy check {wasm}");
+    println!("  cachelock policy test                 # policy.test.yaml against {wasm}");
     println!("  cachelock policy simulate --policy {wasm} --scenario scenario.yaml");
+    println!("  cachelock policy push {wasm} oci://REGISTRY/{name}:v1 --sign-key KEY");
     Ok(0)
+}
+
+/// The scaffold's `policy.test.yaml`, testing the component at `wasm`.
+fn tests(wasm: &str) -> String {
+    TESTS.replace("{{wasm}}", wasm)
 }
 
 fn fill(template: &str, name: &str) -> String {
@@ -492,6 +499,7 @@ pub fn scaffold_python(name: &str) -> Vec<(String, String)> {
         ("app.py".into(), fill(PY_APP, name)),
         ("wit/policy.wit".into(), WIT.into()),
         ("scenario.yaml".into(), SCENARIO.into()),
+        ("policy.test.yaml".into(), tests(&format!("{name}.wasm"))),
         ("README.md".into(), fill(PY_README, name)),
         (".gitignore".into(), "*.wasm\n__pycache__/\n".into()),
     ]
@@ -505,6 +513,7 @@ pub fn scaffold_js(name: &str) -> Vec<(String, String)> {
         ("package.json".into(), fill(JS_PACKAGE, name)),
         ("wit/policy.wit".into(), WIT.into()),
         ("scenario.yaml".into(), SCENARIO.into()),
+        ("policy.test.yaml".into(), tests(&format!("{name}.wasm"))),
         ("README.md".into(), fill(JS_README, name)),
         (".gitignore".into(), "*.wasm\nnode_modules/\n".into()),
     ]
@@ -546,10 +555,7 @@ debug = false
 "#
             ),
         ),
-        (
-            ".cargo/config.toml".into(),
-            "# Policies are WebAssembly components.\n[build]\ntarget = \"wasm32-wasip2\"\n".into(),
-        ),
+        ("policy.test.yaml".into(), tests(&format!("target/wasm32-wasip2/release/{crate_ident}.wasm"))),
         (".gitignore".into(), "/target\n".into()),
         (
             "sdk/Cargo.toml".into(),
@@ -599,6 +605,43 @@ impl Policy for {ty} {{
 }}
 
 export_policy!({ty});
+
+/// `cargo test` runs these natively (the decisions are plain Rust); `cachelock policy test`
+/// runs policy.test.yaml against the built component.
+#[cfg(test)]
+mod tests {{
+    use super::*;
+
+    fn ticket(id: &str, priority: i32, branch: &str) -> Ticket {{
+        Ticket {{
+            id: id.into(),
+            request: Request {{
+                lock: "build".into(),
+                mode: Mode::Exclusive,
+                priority,
+                labels: vec![("branch".into(), branch.into())],
+                host: "ci-1".into(),
+                pid: 1,
+                enqueued_at_ms: 0,
+                wait_limit_ms: None,
+            }},
+        }}
+    }}
+
+    #[test]
+    fn main_is_boosted_and_priority_still_counts() {{
+        let mut p = {ty}::configure(&Config::new(vec![("main_boost".into(), "100".into())])).unwrap();
+        assert_eq!(p.rank(&ticket("m", 0, "main"), 0), 100);
+        assert_eq!(p.rank(&ticket("f", 0, "feature"), 0), 0);
+        assert_eq!(p.rank(&ticket("u", 200, "feature"), 0), 200);
+    }}
+
+    #[test]
+    fn unknown_config_keys_are_refused() {{
+        let e = {ty}::configure(&Config::new(vec![("main_bost".into(), "1".into())])).err().unwrap();
+        assert!(e.contains("main_bost"), "{{e}}");
+    }}
+}}
 "#,
                 ty = camel(&crate_ident)
             ),
@@ -620,13 +663,16 @@ arrivals:
             format!(
                 "# {name}: a cachelock policy\n\n\
                  ```sh\n\
-                 cargo build --release                       # -> target/wasm32-wasip2/release/{crate_ident}.wasm\n\
-                 cachelock policy check target/wasm32-wasip2/release/{crate_ident}.wasm\n\
+                 cargo test                                  # unit tests of the decisions (native)\n\
+                 cargo build --release --target wasm32-wasip2   # -> target/wasm32-wasip2/release/{crate_ident}.wasm\n\
+                 cachelock policy test                       # policy.test.yaml against the component\n\
                  cachelock policy simulate --policy target/wasm32-wasip2/release/{crate_ident}.wasm --scenario scenario.yaml\n\
-                 cachelock run --policy target/wasm32-wasip2/release/{crate_ident}.wasm LOCK -- CMD   # try it once\n\
+                 cachelock policy push target/wasm32-wasip2/release/{crate_ident}.wasm oci://REGISTRY/{name}:v1 --sign-key cosign.key\n\
                  ```\n\n\
-                 Deploy: copy the .wasm next to the cachelock configuration and bind it:\n\n\
-                 ```yaml\npolicies:\n  {name}:\n    module: {crate_ident}.wasm\n    sha256: \"sha256:<sha256sum of the file>\"\n    config: {{main_boost: 100}}\nlocks:\n  - match: \"*\"\n    policy: {name}\n```\n"
+                 Deploy: bind the pushed reference in the cachelock configuration, then run\n\
+                 `cachelock policy check` (as root: it pulls, verifies and compiles every policy into the\n\
+                 host's cache):\n\n\
+                 ```yaml\npolicies:\n  {name}:\n    module: oci://REGISTRY/{name}:v1\n    config: {{main_boost: 100}}\nverify:\n  keys: [cosign.pub]\nlocks:\n  - match: \"*\"\n    policy: {name}\n```\n"
             ),
         ),
     ]

@@ -404,7 +404,7 @@ pub fn fetch(src: &OciSource, dirs: &CacheDirs, who: &str) -> Result<Fetched, Er
         (Ok(f), _) => Ok(f),
         (Err(e), Ok(f)) if e.kind == Kind::Unavailable => {
             tracing::warn!(
-                "{who}: {}; keeping the cached {} (resolved and verified {} ago)",
+                "{}; keeping the cached {} (resolved and verified {} ago)",
                 e.message,
                 f.origin.digest,
                 crate::output::age(crate::lock::now_ms().saturating_sub(f.origin.resolved_at_ms))
