@@ -516,10 +516,19 @@ fn pull(
             .describe();
         (found, Some(key))
     };
-    let bytes = c.blob(&layer.digest, layer.size).map_err(|e| match e {
-        registry::Error::Invalid(m) => refuse(m),
-        e => reg(e),
-    })?;
+    // The same component pulled before (a tag that did not move, a re-tag) is not downloaded
+    // again.
+    let stored = dirs_readable(dirs).iter().find_map(|d| {
+        store::read(d, &store::blob_name(&layer.digest), store::max_component())
+            .filter(|b| format!("sha256:{}", sha256_hex(b)) == layer.digest)
+    });
+    let bytes = match stored {
+        Some(b) => b,
+        None => c.blob(&layer.digest, layer.size).map_err(|e| match e {
+            registry::Error::Invalid(m) => refuse(m),
+            e => reg(e),
+        })?,
+    };
     let sha = sha256_hex(&bytes);
     if let Some(d) = dir_writable(dirs) {
         if let Err(e) = store::put(&d, &digest, &manifest, &found, &layer.digest, &bytes) {
