@@ -102,15 +102,6 @@ impl Reference {
             ..self.clone()
         }
     }
-
-    /// The same repository at `tag`, without a digest.
-    pub fn tagged(&self, tag: &str) -> Reference {
-        Reference {
-            tag: Some(tag.to_string()),
-            digest: None,
-            ..self.clone()
-        }
-    }
 }
 
 impl fmt::Display for Reference {
@@ -217,7 +208,7 @@ mod tests {
         let r = Reference::parse(&format!("oci://h/a@{D}")).unwrap();
         assert_eq!(r.tag, None);
         assert_eq!(r.repository_path(), "h/a");
-        assert_eq!(r.at(D).tagged("x").to_string(), "oci://h/a:x");
+        assert_eq!(r.at(D).to_string(), format!("oci://h/a@{D}"));
     }
 
     #[test]

@@ -147,11 +147,6 @@ impl Client {
         })
     }
 
-    /// The registry, `host[:port]`.
-    pub fn registry(&self) -> &str {
-        &self.registry
-    }
-
     fn url(&self, tail: &str) -> String {
         format!("{}/v2/{}/{tail}", self.base, self.repository)
     }
@@ -183,22 +178,6 @@ impl Client {
                 )));
             }
             Ok((body, digest, media))
-        })
-    }
-
-    /// Whether the manifest `reference` exists (404: no).
-    pub fn manifest_exists(&self, reference: &str) -> Result<bool> {
-        let url = self.url(&format!("manifests/{reference}"));
-        self.rt.block_on(async {
-            let resp = self
-                .send(Method::HEAD, &url, Some(ACCEPT_MANIFESTS), None)
-                .await?;
-            match resp.status() {
-                StatusCode::NOT_FOUND => Ok(false),
-                _ => expect(resp, &[StatusCode::OK], "manifest", reference)
-                    .await
-                    .map(|_| true),
-            }
         })
     }
 
