@@ -44,6 +44,9 @@ pub enum ErrorKind {
     /// A loaded policy trapped, ran out of fuel or time, or hit a limit in a decision (exit 70
     /// under `on_error: fail`).
     Fault,
+    /// An `oci://` module could not be fetched: a load error that ends as the registry answered
+    /// (unreachable with nothing cached: 69; credentials: 77; no such tag: 66).
+    Fetch(crate::error::Kind),
 }
 
 /// The ticket a `rank` call was ranking when it faulted, so that the owner of that ticket can
@@ -96,7 +99,7 @@ impl PolicyError {
 
     /// Whether this is a load failure (exit 78) rather than a fault of a loaded policy (70).
     pub fn is_load_error(&self) -> bool {
-        self.kind == ErrorKind::Load
+        matches!(self.kind, ErrorKind::Load | ErrorKind::Fetch(_))
     }
 }
 
@@ -104,7 +107,7 @@ impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             // The message of a load error already names the policy and its module.
-            ErrorKind::Load => write!(f, "{}", self.message)?,
+            ErrorKind::Load | ErrorKind::Fetch(_) => write!(f, "{}", self.message)?,
             ErrorKind::Fault => write!(f, "policy '{}': {}", self.policy, self.message)?,
         }
         if let Some(t) = &self.ticket {
@@ -129,6 +132,7 @@ impl From<PolicyError> for crate::error::Error {
     fn from(e: PolicyError) -> Self {
         match e.kind {
             ErrorKind::Load => crate::error::Error::config(e.to_string()),
+            ErrorKind::Fetch(kind) => crate::error::Error::new(kind, e.to_string()),
             ErrorKind::Fault => crate::error::Error::software(e.to_string()),
         }
     }

@@ -607,8 +607,19 @@ fn a_stopped_registry_keeps_the_last_good_one_and_a_bad_new_version_never_replac
         "{}",
         text(&o)
     );
-    // A run with nothing cached fails as the registry does (when contended, as policies load
-    // lazily); with the cache, runs go on.
+    // A contended run (policies load lazily) with nothing cached fails the same way; with the
+    // cache, runs go on.
+    let go = fresh.env.path("go-nothing");
+    let mut h = hold(&fresh, "nothing", &go);
+    let mut w = fresh.spawn(&["run", "-q", "nothing", "--", "true"]);
+    assert_eq!(w.wait(), 69);
+    let t = w.stderr();
+    assert!(
+        t.contains(&format!("registry {} is unreachable", reg.addr)),
+        "{t}"
+    );
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(h.wait(), 0);
     assert_eq!(contended_order(&host, "registry-down"), ["main", "dev"]);
 }
 
