@@ -11,12 +11,14 @@ MUSL := x86_64-unknown-linux-musl
 BUILD_PACKAGES := protobuf-compiler libprotobuf-dev
 # Debian packages the tests use: dockerd and busybox-static (test images without a registry),
 # the registry and docker-compose of the Earthly drop-in tests, musl-tools for the static build,
-# etcd 3.4 and etcdctl (the etcd backend's clusters), openssl (their self-signed certificates),
+# etcd 3.4 and etcdctl (the etcd backend's clusters), openssl (their self-signed certificates,
+# and the independent signer of the policy-signature tests), apache2-utils (htpasswd: the
+# policy registries' basic auth), skopeo (an independent OCI client reading pushed policies),
 # for the attack suite useradd (passwd) and setpriv, unshare, flock (util-linux); for the
 # Debian package's tests mmdebstrap (a clean root from Debian packages) and lintian; bindfs
 # (a FUSE mount: the lock directory on a filesystem inotify cannot watch, for `doctor`).
 TEST_PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools \
-	etcd-server etcd-client openssl passwd util-linux mmdebstrap lintian bindfs
+	etcd-server etcd-client openssl apache2-utils skopeo passwd util-linux mmdebstrap lintian bindfs
 # Policy compilers the tests use: componentize-py and componentize-js (the Python and
 # JavaScript policy tests; the versions `cachelock policy new --lang python|js` names).
 COMPONENTIZE_PY_VERSION = 0.25.1

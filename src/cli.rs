@@ -172,11 +172,13 @@ pub struct DoctorArgs {
 /// `cachelock policy ...`.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Load a policy, validate its world, run configure, print its exports and limits.
+    /// Load a policy (an oci:// one resolved with its registry and verified), validate its
+    /// world, run configure, print its exports and limits; without a name, every binding of
+    /// the configuration (the deploy step).
     Check {
-        /// A configured policy name, builtin:NAME, or a .wasm file.
-        #[arg(value_name = "FILE|NAME")]
-        policy: String,
+        /// A configured policy name, builtin:NAME, a .wasm file or an oci:// reference.
+        #[arg(value_name = "NAME|FILE|REF")]
+        policy: Option<String>,
         /// A KEY=VALUE for configure (repeatable).
         #[arg(long = "policy-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         policy_config: Vec<(String, String)>,
@@ -202,7 +204,69 @@ pub enum PolicyCommand {
         #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Show which policy governs which locks, per the configuration.
+    /// Check a component and publish it as a wasm OCI artifact (signed with --sign-key).
+    Push {
+        /// The component (.wasm).
+        #[arg(value_name = "FILE.wasm")]
+        file: PathBuf,
+        /// Where: oci://HOST[:PORT]/REPOSITORY:TAG.
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Sign the pushed manifest with this private key (PEM; cosign-compatible).
+        #[arg(long = "sign-key", value_name = "KEY")]
+        sign_key: Option<PathBuf>,
+        /// A KEY=VALUE for the configure call that checks the component (repeatable).
+        #[arg(long = "policy-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        policy_config: Vec<(String, String)>,
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Resolve, verify, fetch and compile oci:// policies into the compile cache (as root: the
+    /// host cache every user loads); without a name, every oci:// policy of the configuration.
+    Pull {
+        /// A configured policy name or an oci:// reference.
+        #[arg(value_name = "NAME|REF")]
+        policy: Option<String>,
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Sign a pushed policy (cosign-compatible: the signature goes to tag sha256-<hex>.sig).
+    Sign {
+        /// oci://HOST[:PORT]/REPOSITORY:TAG (or @sha256:DIGEST).
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// The private key (PEM: PKCS#8 or SEC1, unencrypted).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Verify a pushed policy's signature against public keys (default: the configuration's
+    /// verify.keys).
+    Verify {
+        /// oci://HOST[:PORT]/REPOSITORY:TAG (or @sha256:DIGEST).
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// A public key (SPKI PEM, as cosign.pub); repeatable.
+        #[arg(long, value_name = "PUB")]
+        key: Vec<PathBuf>,
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run a policy's table-driven tests (*.test.yaml) and print `N passed, N failed`.
+    Test {
+        /// Test files, or directories searched for *.test.yaml (default: the current one).
+        #[arg(value_name = "FILE|DIR")]
+        paths: Vec<PathBuf>,
+        /// Configuration file (YAML).
+        #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Show which policy governs which locks, per the configuration, and what each loads.
     List {
         /// Configuration file (YAML).
         #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]

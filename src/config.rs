@@ -109,6 +109,12 @@ pub struct Config {
     /// Per-lock rules; the first whose `match` glob matches the lock name applies.
     #[serde(default)]
     pub locks: Vec<LockRule>,
+    /// How OCI registries are reached (`oci://` policy modules).
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// Signature verification of `oci://` policy modules, for every policy that does not say
+    /// otherwise.
+    pub verify: Option<VerifyConfig>,
     /// Policy definitions by name. `default`, `priority` and `deadline` exist without being
     /// defined (as `builtin:NAME`); defining them here overrides that.
     #[serde(default)]
@@ -139,12 +145,35 @@ pub struct LockRule {
     pub wait_mode: Option<WaitMode>,
 }
 
+/// How OCI registries are reached.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// PEM file of CA certificates trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `HOST[:PORT]` of registries reached over plain HTTP.
+    #[serde(default)]
+    pub insecure: Vec<String>,
+    /// Bound of one registry request, its body included (default 60).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Which keys must have signed an `oci://` policy module.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Public keys (SPKI `PUBLIC KEY` PEM files, as `cosign.pub`); one of them must have
+    /// signed the module's manifest. Empty: no signature is required.
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
+}
+
 /// A policy definition.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDef {
-    /// `builtin:NAME` or a path to a `.wasm` component (relative paths are relative to the
-    /// configuration file).
+    /// `builtin:NAME`, a path to a `.wasm` component (relative paths are relative to the
+    /// configuration file), or `oci://HOST[:PORT]/REPO[:TAG][@sha256:DIGEST]`.
     pub module: String,
     /// Optional pin, `sha256:<hex>`; a module that does not match is refused.
     pub sha256: Option<String>,
@@ -157,6 +186,8 @@ pub struct PolicyDef {
     /// What a policy fault does.
     #[serde(default)]
     pub on_error: OnError,
+    /// Keys verifying an `oci://` module (replaces the file's `verify:` for this policy).
+    pub verify: Option<VerifyConfig>,
 }
 
 /// Per-policy sandbox limits; unset fields take the defaults in `policy::limits`.
@@ -370,6 +401,15 @@ impl Config {
             }
         }
         for (name, def) in &self.policies {
+            if def.module.starts_with("oci://") {
+                #[cfg(feature = "oci")]
+                crate::policy::oci::Reference::parse(&def.module)
+                    .map_err(|e| format!("key `policies.{name}.module`: {e}"))?;
+            } else if def.verify.is_some() {
+                return Err(format!(
+                    "key `policies.{name}.verify`: only an oci:// module is verified by signature (pin a file with `sha256:`)"
+                ));
+            }
             if let Some(pin) = &def.sha256 {
                 let hex = pin.strip_prefix("sha256:").unwrap_or(pin);
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -401,6 +441,18 @@ impl Config {
                         "key `{key}`: must be a number of seconds from 0 to {max}"
                     ));
                 }
+            }
+        }
+        for (i, h) in self.registry.insecure.iter().enumerate() {
+            if h.is_empty() || h.contains('/') || h.contains("://") {
+                return Err(format!(
+                    "key `registry.insecure[{i}]`: {h:?} is not HOST or HOST:PORT"
+                ));
+            }
+        }
+        if let Some(t) = self.registry.timeout_seconds {
+            if !(1..=3600).contains(&t) {
+                return Err("key `registry.timeout_seconds`: must be from 1 to 3600".into());
             }
         }
         if let Some(t) = self.etcd.lease_ttl {
@@ -437,6 +489,7 @@ impl Config {
                 config: BTreeMap::new(),
                 limits: Limits::default(),
                 on_error: OnError::Fail,
+                verify: None,
             })
         })
     }

@@ -6,5 +6,8 @@ pub mod docs;
 pub mod doctor;
 pub mod earthly;
 pub mod policy;
+#[cfg(feature = "oci")]
+pub mod policy_oci;
+pub mod policy_test;
 pub mod run;
 pub mod status;

@@ -7,6 +7,9 @@ use cachelock::config::{Loaded, OnError};
 use cachelock::error::{Error, Kind, Result};
 use cachelock::policy::{self, scenario::Scenario, simulate, Policy};
 
+#[cfg(feature = "oci")]
+use super::policy_oci as oci;
+
 /// Runs a `cachelock policy` sub-command; returns the exit code.
 pub fn execute(cmd: PolicyCommand) -> Result<i32> {
     match cmd {
@@ -14,7 +17,13 @@ pub fn execute(cmd: PolicyCommand) -> Result<i32> {
             policy,
             policy_config,
             config,
-        } => check(&Loaded::load(config.as_deref())?, &policy, &policy_config),
+        } => {
+            let loaded = Loaded::load(config.as_deref())?;
+            match policy {
+                Some(p) => check(&loaded, &p, &policy_config),
+                None => check_all(&loaded, &policy_config),
+            }
+        }
         PolicyCommand::Simulate {
             policy,
             scenario,
@@ -28,6 +37,46 @@ pub fn execute(cmd: PolicyCommand) -> Result<i32> {
             &policy_config,
             json,
         ),
+        #[cfg(not(feature = "oci"))]
+        PolicyCommand::Push { .. }
+        | PolicyCommand::Pull { .. }
+        | PolicyCommand::Sign { .. }
+        | PolicyCommand::Verify { .. } => Err(Error::config(
+            "oci:// policies need the OCI client, which this build of cachelock leaves out (cargo feature `oci`)",
+        )),
+        #[cfg(feature = "oci")]
+        PolicyCommand::Push {
+            file,
+            reference,
+            sign_key,
+            policy_config,
+            config,
+        } => oci::push(
+            &Loaded::load(config.as_deref())?,
+            &file,
+            &reference,
+            sign_key.as_deref(),
+            &policy_config,
+        ),
+        #[cfg(feature = "oci")]
+        PolicyCommand::Pull { policy, config } => {
+            oci::pull(&Loaded::load(config.as_deref())?, policy.as_deref())
+        }
+        #[cfg(feature = "oci")]
+        PolicyCommand::Sign {
+            reference,
+            key,
+            config,
+        } => oci::sign(&Loaded::load(config.as_deref())?, &reference, &key),
+        #[cfg(feature = "oci")]
+        PolicyCommand::Verify {
+            reference,
+            key,
+            config,
+        } => oci::verify(&Loaded::load(config.as_deref())?, &reference, &key),
+        PolicyCommand::Test { paths, config } => {
+            super::policy_test::run(&Loaded::load(config.as_deref())?, &paths)
+        }
         PolicyCommand::List { config } => list(&Loaded::load(config.as_deref())?),
         PolicyCommand::New { name, dir, lang } => new(&name, dir.as_deref(), lang),
         PolicyCommand::CompileChild {
@@ -41,8 +90,77 @@ pub fn execute(cmd: PolicyCommand) -> Result<i32> {
     }
 }
 
+/// The policies a configuration uses: those its lock rules and `default_policy` bind, then
+/// the others it defines.
+fn bindings(loaded: &Loaded) -> Vec<String> {
+    let c = &loaded.config;
+    let default = c
+        .default_policy
+        .clone()
+        .unwrap_or_else(|| cachelock::config::DEFAULT_POLICY.to_string());
+    let mut names: Vec<String> = c
+        .locks
+        .iter()
+        .map(|r| r.policy.clone().unwrap_or_else(|| default.clone()))
+        .collect();
+    names.push(default);
+    names.extend(c.policies.keys().cloned());
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+/// `policy check` without a name: every binding, as the deploy step. Each is loaded, verified,
+/// compiled and configured; the exit code is the first failure's.
+fn check_all(loaded: &Loaded, extra: &[(String, String)]) -> Result<i32> {
+    let names = bindings(loaded);
+    let mut failed = Vec::new();
+    let mut first_code = 0;
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        if let Err(e) = check(loaded, name, extra) {
+            eprintln!("cachelock: {e}");
+            println!("policy:    {name}: FAILED (exit {})", e.exit_code());
+            if first_code == 0 {
+                first_code = e.exit_code();
+            }
+            failed.push(name.clone());
+        }
+    }
+    println!(
+        "\n{} policies checked, {} failed{}",
+        names.len(),
+        failed.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", failed.join(", "))
+        }
+    );
+    Ok(first_code)
+}
+
+/// Loads `name` as `check` and `pull` do: an oci:// module is resolved with its registry
+/// (the deploy step), not taken from the cache as a run would.
+fn load_for_deploy(
+    loaded: &Loaded,
+    name: &str,
+    extra: &[(String, String)],
+) -> Result<(policy::spec::PolicySpec, policy::host::WasmPolicy)> {
+    #[allow(unused_mut)]
+    let mut spec = policy::spec::resolve(loaded, name, extra)?;
+    #[cfg(feature = "oci")]
+    if let policy::spec::Source::Oci(o) = &mut spec.source {
+        o.online = true;
+    }
+    let p = policy::host::WasmPolicy::load(&spec)?;
+    Ok((spec, p))
+}
+
 fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32> {
-    let (spec, mut p) = policy::load_now(loaded, name, extra)?;
+    let (spec, mut p) = load_for_deploy(loaded, name, extra)?;
     let info = p.info().clone();
     let l = p.limits().clone();
     println!("policy:    {}", spec.name);
@@ -57,6 +175,10 @@ fn check(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Result<i32>
             ""
         }
     );
+    #[cfg(feature = "oci")]
+    if let Some(o) = &info.oci {
+        oci::print_origin(o);
+    }
     println!(
         "compiled:  {}",
         match info.origin {
@@ -209,8 +331,34 @@ fn list(loaded: &Loaded) -> Result<i32> {
     }
     for n in names {
         println!("  {}", describe(&n));
+        if let Some(m) = policy::module_status(loaded, &n) {
+            println!("      {}", loads(&m));
+        }
     }
     Ok(0)
+}
+
+/// What a run of a policy loads now, in words (`policy list`).
+fn loads(m: &policy::ModuleStatus) -> String {
+    let sha = m
+        .sha256
+        .as_deref()
+        .unwrap_or("unknown (the file cannot be read)");
+    if !m.module.starts_with("oci://") {
+        return format!("loads {} (component {sha})", m.module);
+    }
+    match (&m.digest, m.resolved_at_ms) {
+        (Some(d), Some(at)) => format!(
+            "loads {d} (component {sha}), {}, resolved {} ago",
+            m.verified_by.as_deref().map_or_else(
+                || "not verified (no verify.keys)".to_string(),
+                |k| format!("verified by {k}")
+            ),
+            cachelock::output::age(cachelock::lock::now_ms().saturating_sub(at))
+        ),
+        _ => "not pulled here yet: the first contended run pulls it (or `cachelock policy pull`)"
+            .to_string(),
+    }
 }
 
 const SDK_SOURCE: &str = include_str!("../../policies/sdk/src/lib.rs");
@@ -226,6 +374,7 @@ const PY_README: &str = include_str!("../../policies/templates/python/README.md"
 const JS_POLICY: &str = include_str!("../../policies/templates/js/policy.js");
 const JS_PACKAGE: &str = include_str!("../../policies/templates/js/package.json");
 const JS_README: &str = include_str!("../../policies/templates/js/README.md");
+const TESTS: &str = include_str!("../../policies/templates/policy.test.yaml");
 const SCENARIO: &str = r#"# cachelock policy simulate --policy <the .wasm> --scenario scenario.yaml
 holders:
   - {id: nightly, release_at_ms: 5000}
@@ -274,7 +423,7 @@ fn new(name: &str, dir: Option<&Path>, lang: PolicyLang) -> Result<i32> {
     }
     let (build, wasm) = match lang {
         PolicyLang::Rust => (
-            "cargo build --release          # needs: rustup target add wasm32-wasip2".to_string(),
+            "cargo test && cargo build --release --target wasm32-wasip2   # needs: rustup target add wasm32-wasip2".to_string(),
             format!(
                 "target/wasm32-wasip2/release/{}.wasm",
                 name.replace('-', "_")
@@ -299,9 +448,15 @@ fn new(name: &str, dir: Option<&Path>, lang: PolicyLang) -> Result<i32> {
     println!("next:");
     println!("  cd {}", root.display());
     println!("  {build}");
-    println!("  cachelock policy check {wasm}");
+    println!("  cachelock policy test                 # policy.test.yaml against {wasm}");
     println!("  cachelock policy simulate --policy {wasm} --scenario scenario.yaml");
+    println!("  cachelock policy push {wasm} oci://REGISTRY/{name}:v1 --sign-key KEY");
     Ok(0)
+}
+
+/// The scaffold's `policy.test.yaml`, testing the component at `wasm`.
+fn tests(wasm: &str) -> String {
+    TESTS.replace("{{wasm}}", wasm)
 }
 
 fn fill(template: &str, name: &str) -> String {
@@ -317,6 +472,7 @@ pub fn scaffold_python(name: &str) -> Vec<(String, String)> {
         ("app.py".into(), fill(PY_APP, name)),
         ("wit/policy.wit".into(), WIT.into()),
         ("scenario.yaml".into(), SCENARIO.into()),
+        ("policy.test.yaml".into(), tests(&format!("{name}.wasm"))),
         ("README.md".into(), fill(PY_README, name)),
         (".gitignore".into(), "*.wasm\n__pycache__/\n".into()),
     ]
@@ -330,6 +486,7 @@ pub fn scaffold_js(name: &str) -> Vec<(String, String)> {
         ("package.json".into(), fill(JS_PACKAGE, name)),
         ("wit/policy.wit".into(), WIT.into()),
         ("scenario.yaml".into(), SCENARIO.into()),
+        ("policy.test.yaml".into(), tests(&format!("{name}.wasm"))),
         ("README.md".into(), fill(JS_README, name)),
         (".gitignore".into(), "*.wasm\nnode_modules/\n".into()),
     ]
@@ -371,10 +528,7 @@ debug = false
 "#
             ),
         ),
-        (
-            ".cargo/config.toml".into(),
-            "# Policies are WebAssembly components.\n[build]\ntarget = \"wasm32-wasip2\"\n".into(),
-        ),
+        ("policy.test.yaml".into(), tests(&format!("target/wasm32-wasip2/release/{crate_ident}.wasm"))),
         (".gitignore".into(), "/target\n".into()),
         (
             "sdk/Cargo.toml".into(),
@@ -424,6 +578,43 @@ impl Policy for {ty} {{
 }}
 
 export_policy!({ty});
+
+/// `cargo test` runs these natively (the decisions are plain Rust); `cachelock policy test`
+/// runs policy.test.yaml against the built component.
+#[cfg(test)]
+mod tests {{
+    use super::*;
+
+    fn ticket(id: &str, priority: i32, branch: &str) -> Ticket {{
+        Ticket {{
+            id: id.into(),
+            request: Request {{
+                lock: "build".into(),
+                mode: Mode::Exclusive,
+                priority,
+                labels: vec![("branch".into(), branch.into())],
+                host: "ci-1".into(),
+                pid: 1,
+                enqueued_at_ms: 0,
+                wait_limit_ms: None,
+            }},
+        }}
+    }}
+
+    #[test]
+    fn main_is_boosted_and_priority_still_counts() {{
+        let mut p = {ty}::configure(&Config::new(vec![("main_boost".into(), "100".into())])).unwrap();
+        assert_eq!(p.rank(&ticket("m", 0, "main"), 0), 100);
+        assert_eq!(p.rank(&ticket("f", 0, "feature"), 0), 0);
+        assert_eq!(p.rank(&ticket("u", 200, "feature"), 0), 200);
+    }}
+
+    #[test]
+    fn unknown_config_keys_are_refused() {{
+        let e = {ty}::configure(&Config::new(vec![("main_bost".into(), "1".into())])).err().unwrap();
+        assert!(e.contains("main_bost"), "{{e}}");
+    }}
+}}
 "#,
                 ty = camel(&crate_ident)
             ),
@@ -445,13 +636,16 @@ arrivals:
             format!(
                 "# {name}: a cachelock policy\n\n\
                  ```sh\n\
-                 cargo build --release                       # -> target/wasm32-wasip2/release/{crate_ident}.wasm\n\
-                 cachelock policy check target/wasm32-wasip2/release/{crate_ident}.wasm\n\
+                 cargo test                                  # unit tests of the decisions (native)\n\
+                 cargo build --release --target wasm32-wasip2   # -> target/wasm32-wasip2/release/{crate_ident}.wasm\n\
+                 cachelock policy test                       # policy.test.yaml against the component\n\
                  cachelock policy simulate --policy target/wasm32-wasip2/release/{crate_ident}.wasm --scenario scenario.yaml\n\
-                 cachelock run --policy target/wasm32-wasip2/release/{crate_ident}.wasm LOCK -- CMD   # try it once\n\
+                 cachelock policy push target/wasm32-wasip2/release/{crate_ident}.wasm oci://REGISTRY/{name}:v1 --sign-key cosign.key\n\
                  ```\n\n\
-                 Deploy: copy the .wasm next to the cachelock configuration and bind it:\n\n\
-                 ```yaml\npolicies:\n  {name}:\n    module: {crate_ident}.wasm\n    sha256: \"sha256:<sha256sum of the file>\"\n    config: {{main_boost: 100}}\nlocks:\n  - match: \"*\"\n    policy: {name}\n```\n"
+                 Deploy: bind the pushed reference in the cachelock configuration, then run\n\
+                 `cachelock policy check` (as root: it pulls, verifies and compiles every policy into the\n\
+                 host's cache):\n\n\
+                 ```yaml\npolicies:\n  {name}:\n    module: oci://REGISTRY/{name}:v1\n    config: {{main_boost: 100}}\nverify:\n  keys: [cosign.pub]\nlocks:\n  - match: \"*\"\n    policy: {name}\n```\n"
             ),
         ),
     ]

@@ -34,6 +34,7 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
     };
     let now = lock::now_ms();
     let mut locks = Vec::new();
+    let mut modules = std::collections::BTreeMap::new();
     for name in names {
         let settings = loaded.config.lock_settings(&name);
         let mut policy = cachelock::policy::for_lock(&loaded, &settings, None, &[]);
@@ -67,7 +68,13 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
             },
             Err(e) => return Err(e),
         };
-        locks.push(view(status, &settings.policy, now));
+        let module = modules
+            .entry(settings.policy.clone())
+            .or_insert_with(|| cachelock::policy::module_status(&loaded, &settings.policy))
+            .clone();
+        let mut v = view(status, &settings.policy, now);
+        v.policy_module = module;
+        locks.push(v);
     }
     let cache = args.cache_root.as_ref().map(|cache_root| {
         cachelock::dockerd::usage::status(cache_root, loaded.config.dockerd.cache_max_size)
@@ -107,6 +114,7 @@ fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
         name: s.name,
         generation: s.generation,
         policy: policy.to_string(),
+        policy_module: None,
         note: s.order_note,
         holders: s
             .holders

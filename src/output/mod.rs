@@ -52,6 +52,17 @@ pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// "3 min", "2 h 5 min", "4 d 1 h": an age for people.
+pub fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min", s / 60),
+        3600..=86_399 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -61,5 +72,12 @@ mod tests {
             super::escape("k=v\n  waiting: nobody\u{1b}[31m"),
             "k=v\\n  waiting: nobody\\u{1b}[31m"
         );
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(super::age(59_000), "59 s");
+        assert_eq!(super::age(7_500_000), "2 h 5 min");
+        assert_eq!(super::age(90_000_000), "1 d 1 h");
     }
 }

@@ -1,12 +1,14 @@
 //! Rendering of `cachelock status`: text for people, a stable JSON document for scripts.
 //!
-//! JSON: `{"lock_dir","lock_dir_note","locks":[{"name","generation","policy","note",
+//! JSON: `{"lock_dir","lock_dir_note","locks":[{"name","generation","policy","policy_module","note",
 //! "holders":[{ticket,host,pid,uid,mode,priority,labels,queue_key,slot,held_for_ms}],
 //! "waiters":[{position,ticket,host,pid,uid,mode,priority,labels,queue_key,rank,waited_ms}],
 //! "unreadable":[{ticket,owner_uid,reason}]}]}`; `labels` is an object, waiters are in serving
 //! order, `note` is null unless the order is not the policy's (e.g. its module is missing),
 //! `lock_dir_note` is null unless other users cannot share the directory (a private fallback).
-//! `uid` is the ticket file's owner, the one field a user cannot forge (host and pid are the
+//! `policy_module` is `{module, digest, sha256, verified_by, resolved_at_ms}`: the module as
+//! configured and what a run loads now (for an `oci://` module the manifest digest of its last
+//! good resolution, null until pulled). `uid` is the ticket file's owner, the one field a user cannot forge (host and pid are the
 //! ticket's own claims). Over etcd, tickets also carry `lease_left_ms` and holders `revision`
 //! (the holder key's create revision), and `lock_dir` is the store's URL. Text escapes control
 //! characters in everything other users wrote (tickets, labels, hosts, keys, reasons).
@@ -55,6 +57,9 @@ pub struct LockStatus {
     pub generation: u64,
     /// The policy ordering its waiters.
     pub policy: String,
+    /// Its module and the digest a run loads now (for `oci://`: the manifest digest, the
+    /// component's sha256, the key that verified it).
+    pub policy_module: Option<crate::policy::ModuleStatus>,
     /// Why the order shown is not the policy's (the policy cannot be loaded or faulted).
     pub note: Option<String>,
     /// Current holders.

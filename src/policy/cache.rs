@@ -94,7 +94,7 @@ impl CacheDirs {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_HOST_CACHE_DIR));
         let own = if let Some(p) = configured {
             Some(p.to_path_buf())
-        } else if trust::euid() == 0 {
+        } else if crate::sys::euid() == 0 {
             Some(host.clone())
         } else if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
             Some(PathBuf::from(x).join("cachelock"))
@@ -256,7 +256,11 @@ pub fn load(
 /// Opens `dir` if it passes the trust rules (creating it when it is ours to write); says why
 /// not once per directory and process.
 fn open_trusted(dir: &Path, create: bool) -> Option<TrustedDir> {
-    let mode = if trust::euid() == 0 { 0o755 } else { 0o700 };
+    let mode = if crate::sys::euid() == 0 {
+        0o755
+    } else {
+        0o700
+    };
     match trust::open_dir(dir, create, mode) {
         Ok(d) => Some(d),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -403,7 +407,7 @@ fn compile_into(
         .map_err(|e| io(format!("cannot lock {}", dir.path.join(key).display()), e))?;
     // Concurrent first runs wait here for the one compile (the loader thread blocks; the
     // waiter's bound is kept by `lazy`).
-    flock(&lock, libc::LOCK_EX).map_err(|e| io("cannot lock the cache entry".into(), e))?;
+    crate::sys::flock(&lock, true).map_err(|e| io("cannot lock the cache entry".into(), e))?;
     if let Some(c) = cached(tier.engine(), dir, key, true) {
         return Ok(c);
     }
@@ -420,7 +424,7 @@ fn compile_if_free(
 ) -> Result<(), LoadError> {
     let io = |e: std::io::Error| LoadError(CompileError::Io(e.to_string()));
     let lock = dir.lock_file(&format!("{key}.lock")).map_err(io)?;
-    if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+    if !crate::sys::try_flock(&lock, true).unwrap_or(false) {
         return Ok(());
     }
     if dir
@@ -459,23 +463,6 @@ fn refused_before(dir: &TrustedDir, key: &str, budget: &Budget) -> Result<(), Lo
     Ok(())
 }
 
-fn flock(f: &File, op: i32) -> std::io::Result<()> {
-    loop {
-        // SAFETY: valid descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-fn temp_name(key: &str, what: &str) -> String {
-    format!(".{key}.{what}.{}.tmp", std::process::id())
-}
-
 /// Compiles with the entry lock held, then writes the artifact and its digest.
 fn compile_locked(
     dir: &TrustedDir,
@@ -490,9 +477,9 @@ fn compile_locked(
             dir.path.display()
         )))
     };
-    remove_stale_temps(dir);
+    trust::remove_stale_temps(dir);
     let mode = entry_mode(dir);
-    let tmp = temp_name(key, "cwasm");
+    let tmp = trust::temp_name(key, "cwasm");
     let mut out = dir
         .create_new(&tmp, mode)
         .map_err(|e| io("cannot create a temp file", e))?;
@@ -570,7 +557,7 @@ fn produce(m: &Module, tier: Tier, budget: &Budget, out: &mut File) -> Result<()
 
 /// Mode of the files of a cache entry: readable by every user in root's host cache, by the
 /// owner only in a user's own.
-fn entry_mode(dir: &TrustedDir) -> u32 {
+pub fn entry_mode(dir: &TrustedDir) -> u32 {
     if dir.owner == 0 {
         0o644
     } else {
@@ -589,27 +576,13 @@ fn write_digest(
         Some(st) => format!("{digest}\n{st}"),
         None => digest.to_string(),
     };
-    write_small(dir, &format!("{key}.sha256"), &text, entry_mode(dir))
-}
-
-fn write_small(dir: &TrustedDir, name: &str, text: &str, mode: u32) -> std::io::Result<()> {
-    let tmp = temp_name(name, "w");
-    let r = (|| {
-        let mut f = dir.create_new(&tmp, mode)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        dir.rename(&tmp, name)
-    })();
-    if r.is_err() {
-        dir.remove(&tmp);
-    }
-    r
+    dir.write_atomic(&format!("{key}.sha256"), text.as_bytes(), entry_mode(dir))
 }
 
 fn remember_refusal(dir: &TrustedDir, key: &str, budget: &Budget, msg: &str) {
     let mode = entry_mode(dir);
     let text = format!("{}\n{}\n{msg}", budget.memory_bytes, budget.cpu_seconds);
-    if let Err(e) = write_small(dir, &format!("{key}.refused"), &text, mode) {
+    if let Err(e) = dir.write_atomic(&format!("{key}.refused"), text.as_bytes(), mode) {
         tracing::debug!("cannot remember the refusal in {}: {e}", dir.path.display());
     }
 }
@@ -621,26 +594,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// A process that exits mid-write (the background compile of a short run) leaves its temp
-/// file: remove those of dead processes, cheaply, while we are here.
-fn remove_stale_temps(dir: &TrustedDir) {
-    for name in dir.names() {
-        let Some(pid) = name
-            .strip_suffix(".tmp")
-            .and_then(|n| n.rsplit('.').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: kill with signal 0 only checks whether the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive {
-            dir.remove(&name);
-        }
-    }
 }
 
 #[cfg(test)]

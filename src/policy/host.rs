@@ -359,6 +359,11 @@ pub struct LoadInfo {
     pub origin: Origin,
     /// The component's exports (names).
     pub exports: Vec<String>,
+    /// The component's imports (names).
+    pub imports: Vec<String>,
+    /// For an `oci://` module: the manifest digest loaded, the key that verified it.
+    #[cfg(feature = "oci")]
+    pub oci: Option<super::oci::Origin>,
 }
 
 /// A loaded, configured policy instance.
@@ -385,8 +390,19 @@ impl WasmPolicy {
             format!("policy '{}' ({})", spec.name, spec.source)
         };
         let bad = |m: String| Error::config(format!("{who}: {m}"));
+        #[cfg(feature = "oci")]
+        let mut fetched = None;
         let (bytes, sha): (std::borrow::Cow<'static, [u8]>, String) = match &spec.source {
             Source::Builtin(b) => (b.bytes.into(), b.sha256.to_string()),
+            // Verified before anything is compiled (`oci::fetch`).
+            #[cfg(feature = "oci")]
+            Source::Oci(o) => {
+                let mut f = super::oci::fetch(o, &spec.cache, &who)?;
+                let bytes = std::mem::take(&mut f.bytes);
+                let sha = f.sha256.clone();
+                fetched = Some(f);
+                (bytes.into(), sha)
+            }
             Source::File(p) => {
                 let bytes = read_module(p).map_err(|e| {
                     bad(format!(
@@ -429,6 +445,10 @@ impl WasmPolicy {
             .exports(component.engine())
             .map(|(n, _)| n.to_string())
             .collect();
+        let imports = ty
+            .imports(component.engine())
+            .map(|(n, _)| n.to_string())
+            .collect();
         let mut p = WasmPolicy {
             name,
             component,
@@ -440,10 +460,19 @@ impl WasmPolicy {
                 size: bytes.len(),
                 origin,
                 exports,
+                imports,
+                #[cfg(feature = "oci")]
+                oci: None,
             },
             cut_said: false,
         };
         p.instantiate().map_err(bad)?;
+        // Compiled and configured: now it may become the last good resolution.
+        #[cfg(feature = "oci")]
+        if let (Source::Oci(o), Some(f)) = (&spec.source, fetched) {
+            super::oci::settle(o, &spec.cache, &f);
+            p.info.oci = Some(f.origin);
+        }
         Ok(p)
     }
 

@@ -146,7 +146,11 @@ impl LazyPolicy {
                 true
             }
             Some(Err(e)) => {
-                self.state = State::Failed(PolicyError::load(&self.spec.name, e.message));
+                let mut pe = PolicyError::load(&self.spec.name, e.message);
+                if e.kind != crate::error::Kind::Config {
+                    pe.kind = ErrorKind::Fetch(e.kind);
+                }
+                self.state = State::Failed(pe);
                 true
             }
             None => false,

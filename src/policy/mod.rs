@@ -19,10 +19,14 @@ pub mod input;
 pub mod lazy;
 pub mod limits;
 pub mod native;
+#[cfg(feature = "oci")]
+pub mod oci;
 pub mod scenario;
 pub mod simulate;
 #[cfg(feature = "wasm")]
 pub mod spec;
+#[cfg(feature = "wasm")]
+pub mod suite;
 #[cfg(feature = "wasm")]
 pub mod trust;
 pub mod types;
@@ -40,6 +44,9 @@ pub enum ErrorKind {
     /// A loaded policy trapped, ran out of fuel or time, or hit a limit in a decision (exit 70
     /// under `on_error: fail`).
     Fault,
+    /// An `oci://` module could not be fetched: a load error that ends as the registry answered
+    /// (unreachable with nothing cached: 69; credentials: 77; no such tag: 66).
+    Fetch(crate::error::Kind),
 }
 
 /// The ticket a `rank` call was ranking when it faulted, so that the owner of that ticket can
@@ -92,7 +99,7 @@ impl PolicyError {
 
     /// Whether this is a load failure (exit 78) rather than a fault of a loaded policy (70).
     pub fn is_load_error(&self) -> bool {
-        self.kind == ErrorKind::Load
+        matches!(self.kind, ErrorKind::Load | ErrorKind::Fetch(_))
     }
 }
 
@@ -100,7 +107,7 @@ impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             // The message of a load error already names the policy and its module.
-            ErrorKind::Load => write!(f, "{}", self.message)?,
+            ErrorKind::Load | ErrorKind::Fetch(_) => write!(f, "{}", self.message)?,
             ErrorKind::Fault => write!(f, "policy '{}': {}", self.policy, self.message)?,
         }
         if let Some(t) = &self.ticket {
@@ -125,6 +132,7 @@ impl From<PolicyError> for crate::error::Error {
     fn from(e: PolicyError) -> Self {
         match e.kind {
             ErrorKind::Load => crate::error::Error::config(e.to_string()),
+            ErrorKind::Fetch(kind) => crate::error::Error::new(kind, e.to_string()),
             ErrorKind::Fault => crate::error::Error::software(e.to_string()),
         }
     }
@@ -268,6 +276,66 @@ pub fn for_lock(
     Err(crate::error::Error::config(format!(
         "policy {name:?} needs the WebAssembly policy host, which this build of cachelock leaves out (cargo feature `wasm`)"
     )))
+}
+
+/// What a policy's module is and which digest a run would load now: what `policy list` and
+/// `status --json` show per lock. Read from the configuration and the local store only (no
+/// registry, no compile).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleStatus {
+    /// `builtin:NAME`, the `.wasm` file, or the `oci://` reference as configured.
+    pub module: String,
+    /// For `oci://`: the manifest digest of the last good resolution, what registries, `skopeo`
+    /// and pins name (null: never pulled here).
+    pub digest: Option<String>,
+    /// The component's own `sha256:<hex>` (null: the file is missing, or never pulled).
+    pub sha256: Option<String>,
+    /// For `oci://`: the key that verified it when it was pulled (null: none configured).
+    pub verified_by: Option<String>,
+    /// For `oci://`: when the reference was resolved (Unix ms).
+    pub resolved_at_ms: Option<u64>,
+}
+
+/// The [`ModuleStatus`] of policy `name`; `None` when the name does not resolve.
+#[cfg(feature = "wasm")]
+pub fn module_status(loaded: &crate::config::Loaded, name: &str) -> Option<ModuleStatus> {
+    let spec = spec::resolve(loaded, name, &[]).ok()?;
+    let mut st = ModuleStatus {
+        module: spec.source.to_string(),
+        digest: None,
+        sha256: None,
+        verified_by: None,
+        resolved_at_ms: None,
+    };
+    match &spec.source {
+        spec::Source::Builtin(b) => st.sha256 = Some(format!("sha256:{}", b.sha256)),
+        spec::Source::File(p) => {
+            st.sha256 = std::fs::File::open(p)
+                .ok()
+                .and_then(|f| {
+                    crate::sys::read_bounded(&f, compile::MAX_MODULE_BYTES as usize)
+                        .ok()
+                        .flatten()
+                })
+                .map(|b| format!("sha256:{}", cache::sha256_hex(&b)));
+        }
+        #[cfg(feature = "oci")]
+        spec::Source::Oci(o) => {
+            if let Some(p) = oci::describe(&o.reference, &spec.cache) {
+                st.digest = Some(p.digest);
+                st.sha256 = Some(p.component);
+                st.verified_by = p.verified_by;
+                st.resolved_at_ms = Some(p.resolved_at_ms);
+            }
+        }
+    }
+    Some(st)
+}
+
+/// Without the WebAssembly host only `builtin:default` exists (answered natively).
+#[cfg(not(feature = "wasm"))]
+pub fn module_status(_loaded: &crate::config::Loaded, _name: &str) -> Option<ModuleStatus> {
+    None
 }
 
 /// Loads `name` (as [`for_lock`] resolves it) at once: for `policy check`/`simulate` and for

@@ -71,7 +71,7 @@ struct Holding {
 }
 
 /// The engine's view of a simulated ticket (the simulation has no hosts or pids).
-fn ticket_data(t: &Ticket) -> TicketData {
+pub(crate) fn ticket_data(t: &Ticket) -> TicketData {
     TicketData {
         id: t.id.clone(),
         lock: t.request.lock.clone(),

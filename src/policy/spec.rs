@@ -17,6 +17,9 @@ pub enum Source {
     Builtin(Builtin),
     /// A `.wasm` component file.
     File(PathBuf),
+    /// A component in an OCI registry (`oci://...`), fetched from the trusted store or pulled.
+    #[cfg(feature = "oci")]
+    Oci(super::oci::OciSource),
 }
 
 impl fmt::Display for Source {
@@ -24,6 +27,8 @@ impl fmt::Display for Source {
         match self {
             Source::Builtin(b) => write!(f, "builtin:{}", b.name),
             Source::File(p) => write!(f, "{}", p.display()),
+            #[cfg(feature = "oci")]
+            Source::Oci(o) => write!(f, "{}", o.reference),
         }
     }
 }
@@ -51,7 +56,86 @@ pub struct PolicySpec {
 
 /// Whether a `--policy` value names a file rather than a configured policy.
 pub fn looks_like_file(v: &str) -> bool {
-    v.ends_with(".wasm") || v.contains('/')
+    !is_oci(v) && (v.ends_with(".wasm") || v.contains('/'))
+}
+
+/// Whether a module or `--policy` value is an `oci://` reference.
+pub fn is_oci(v: &str) -> bool {
+    v.starts_with("oci://")
+}
+
+/// The module `oci://...` with the configuration's registry settings and `keys` (the policy's
+/// `verify.keys`, else the file's).
+#[cfg(feature = "oci")]
+fn oci_source(
+    loaded: &Loaded,
+    module: &str,
+    verify: Option<&crate::config::VerifyConfig>,
+) -> std::result::Result<super::oci::OciSource, String> {
+    let cfg = &loaded.config;
+    let reference = super::oci::Reference::parse(module)?;
+    let keys = verify
+        .or(cfg.verify.as_ref())
+        .map(|v| v.keys.iter().map(|k| loaded.resolve_path(k)).collect())
+        .unwrap_or_default();
+    Ok(super::oci::OciSource {
+        reference,
+        keys,
+        registry: registry_settings(loaded),
+        online: false,
+    })
+}
+
+/// How the configuration says registries are reached.
+#[cfg(feature = "oci")]
+pub fn registry_settings(loaded: &Loaded) -> super::oci::registry::Settings {
+    let r = &loaded.config.registry;
+    super::oci::registry::Settings {
+        ca_file: r.ca_file.as_deref().map(|p| loaded.resolve_path(p)),
+        insecure: r.insecure.clone(),
+        timeout: std::time::Duration::from_secs(
+            r.timeout_seconds
+                .unwrap_or(super::oci::registry::DEFAULT_TIMEOUT_SECONDS),
+        ),
+    }
+}
+
+/// The `Source` of module `module` of a configured policy.
+fn module_source(loaded: &Loaded, name: &str, def: &crate::config::PolicyDef) -> Result<Source> {
+    if let Some(b) = def.module.strip_prefix("builtin:") {
+        return builtin_named(b)
+            .map(Source::Builtin)
+            .map_err(|e| Error::config(format!("policy '{name}': {}", e.message)));
+    }
+    if is_oci(&def.module) {
+        #[cfg(feature = "oci")]
+        return oci_source(loaded, &def.module, def.verify.as_ref())
+            .map(Source::Oci)
+            .map_err(|e| Error::config(format!("policy '{name}': {e}")));
+        #[cfg(not(feature = "oci"))]
+        return Err(no_oci(name));
+    }
+    Ok(Source::File(
+        loaded.resolve_path(std::path::Path::new(&def.module)),
+    ))
+}
+
+/// The `Source` of an `oci://` reference given as the policy (`--policy oci://...`).
+#[cfg_attr(not(feature = "oci"), allow(unused_variables))]
+fn oci_reference_source(loaded: &Loaded, reference: &str) -> Result<Source> {
+    #[cfg(feature = "oci")]
+    return oci_source(loaded, reference, None)
+        .map(Source::Oci)
+        .map_err(Error::config);
+    #[cfg(not(feature = "oci"))]
+    return Err(no_oci(reference));
+}
+
+#[cfg(not(feature = "oci"))]
+fn no_oci(name: &str) -> Error {
+    Error::config(format!(
+        "policy '{name}': oci:// modules need the OCI client, which this build of cachelock leaves out (cargo feature `oci`)"
+    ))
 }
 
 /// Resolves `name` — a configured policy, `builtin:NAME`, a built-in name, or a `.wasm` path
@@ -72,13 +156,7 @@ pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Resul
             budget: budget.clone(),
         }
     } else if let Some(def) = cfg.policy_def(name) {
-        let source = match def.module.strip_prefix("builtin:") {
-            Some(b) => Source::Builtin(
-                builtin_named(b)
-                    .map_err(|e| Error::config(format!("policy '{name}': {}", e.message)))?,
-            ),
-            None => Source::File(loaded.resolve_path(std::path::Path::new(&def.module))),
-        };
+        let source = module_source(loaded, name, &def)?;
         PolicySpec {
             name: name.to_string(),
             source,
@@ -87,6 +165,17 @@ pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Resul
             limits: Effective::from_config(&def.limits)
                 .map_err(|m| Error::config(format!("policy '{name}': {m}")))?,
             on_error: def.on_error,
+            cache: cache.clone(),
+            budget: budget.clone(),
+        }
+    } else if is_oci(name) {
+        PolicySpec {
+            name: name.to_string(),
+            source: oci_reference_source(loaded, name)?,
+            sha256: None,
+            config: Vec::new(),
+            limits: Effective::default(),
+            on_error: OnError::Fail,
             cache: cache.clone(),
             budget: budget.clone(),
         }
@@ -108,7 +197,7 @@ pub fn resolve(loaded: &Loaded, name: &str, extra: &[(String, String)]) -> Resul
         known.dedup();
         return Err(Error::config(format!(
             "no policy named {name:?}: use one of {} (defined under `policies:` or built in), \
-             builtin:NAME, or a path to a .wasm component",
+             builtin:NAME, a path to a .wasm component, or oci://HOST/REPO:TAG",
             known.join(", ")
         )));
     };

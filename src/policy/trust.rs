@@ -8,14 +8,14 @@
 //! entry. The cache directory itself must be owned by the caller or root and writable by nobody
 //! else. A file in it must be a regular file with one link, owned by the directory's owner and
 //! writable by nobody else, and is opened with `O_NOFOLLOW|O_NONBLOCK` relative to the
-//! directory's descriptor (no second path lookup).
+//! directory's descriptor (no second path lookup). Every system call goes through `crate::sys`.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+
+use crate::sys::{self, EntryKind, Open};
 
 /// A directory that passed the trust rules, held open.
 #[derive(Debug)]
@@ -27,36 +27,8 @@ pub struct TrustedDir {
     pub owner: u32,
 }
 
-/// The caller's effective uid.
-pub fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
-}
-
-fn cstr(name: &std::ffi::OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn openat(dir: i32, name: &std::ffi::OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    let c = cstr(name)?;
-    // SAFETY: a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn fstat(fd: i32) -> io::Result<libc::stat> {
-    // SAFETY: an all-zero stat is a valid out-buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and buffer.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
-}
+/// Most entries [`TrustedDir::names`] lists (a cache holds a few files per policy).
+const MAX_NAMES: usize = 65_536;
 
 fn untrusted(path: &Path, why: String) -> io::Error {
     io::Error::new(
@@ -68,47 +40,36 @@ fn untrusted(path: &Path, why: String) -> io::Error {
 /// Opens `path` as a trusted directory, creating the missing components (mode `mode`, owned by
 /// the caller) when `create` is set. Errors say which component broke which rule.
 pub fn open_dir(path: &Path, create: bool, mode: u32) -> io::Result<TrustedDir> {
-    let me = euid();
+    let me = sys::euid();
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir()?.join(path)
     };
-    let mut cur = openat(
-        libc::AT_FDCWD,
-        std::ffi::OsStr::new("/"),
-        libc::O_RDONLY | libc::O_DIRECTORY,
-        0,
-    )?;
-    let mut walked = PathBuf::from("/");
-    let comps: Vec<_> = abs
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            _ => None,
-        })
-        .collect();
     if abs.components().any(|c| c == Component::ParentDir) {
         return Err(untrusted(&abs, "`..` in the path".into()));
     }
+    let mut cur = sys::open_dir(Path::new("/"))?;
+    let mut walked = PathBuf::from("/");
+    let comps: Vec<&str> = abs
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(
+                n.to_str()
+                    .ok_or_else(|| untrusted(&abs, "a path component is not UTF-8".into())),
+            ),
+            _ => None,
+        })
+        .collect::<io::Result<_>>()?;
     for (i, name) in comps.iter().enumerate() {
         let last = i + 1 == comps.len();
         walked.push(name);
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-        let next = match openat(cur.as_raw_fd(), name, flags, 0) {
+        let next = match sys::open_dir_at(cur.as_fd(), name) {
             Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
-                let c = cstr(name)?;
-                // SAFETY: valid descriptor and name.
-                if unsafe { libc::mkdirat(cur.as_raw_fd(), c.as_ptr(), mode) } != 0 {
-                    let e = io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EEXIST) {
-                        return Err(e);
-                    }
-                }
-                openat(cur.as_raw_fd(), name, flags, 0)?
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                sys::ensure_dir_at(cur.as_fd(), name, mode)?.0
             }
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) => {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
                 return Err(untrusted(
                     &walked,
                     "it is a symlink or not a directory (compile caches are opened without following symlinks)".into(),
@@ -116,34 +77,28 @@ pub fn open_dir(path: &Path, create: bool, mode: u32) -> io::Result<TrustedDir> 
             }
             Err(e) => return Err(e),
         };
-        let st = fstat(next.as_raw_fd())?;
-        if st.st_uid != 0 && st.st_uid != me {
+        let st = sys::info(&next)?;
+        if st.uid != 0 && st.uid != me {
             return Err(untrusted(
                 &walked,
-                format!(
-                    "owned by uid {}, neither you (uid {me}) nor root",
-                    st.st_uid
-                ),
+                format!("owned by uid {}, neither you (uid {me}) nor root", st.uid),
             ));
         }
-        let writable_by_others = st.st_mode & 0o022 != 0;
-        let sticky = st.st_mode & libc::S_ISVTX != 0;
+        let writable_by_others = st.mode & 0o022 != 0;
+        let sticky = st.mode & 0o1000 != 0;
         if writable_by_others && (last || !sticky) {
             return Err(untrusted(
                 &walked,
-                format!(
-                    "mode {:04o} lets group or others write into it",
-                    st.st_mode & 0o7777
-                ),
+                format!("mode {:04o} lets group or others write into it", st.mode),
             ));
         }
         cur = next;
     }
-    let st = fstat(cur.as_raw_fd())?;
+    let owner = sys::info(&cur)?.uid;
     Ok(TrustedDir {
         fd: cur,
         path: abs,
-        owner: st.st_uid,
+        owner,
     })
 }
 
@@ -151,120 +106,128 @@ impl TrustedDir {
     /// Opens `name` in this directory for reading if it passes the file rules; `Ok(None)` when
     /// it does not exist.
     pub fn open_file(&self, name: &str) -> io::Result<Option<File>> {
-        let fd = match openat(
-            self.fd.as_raw_fd(),
-            std::ffi::OsStr::new(name),
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-            0,
-        ) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        let (file, st) = match sys::open_read_at(self.fd.as_fd(), name) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                return Err(untrusted(
+                    &self.path.join(name),
+                    "not a regular file".into(),
+                ))
+            }
             Err(e) => return Err(e),
         };
-        let st = fstat(fd.as_raw_fd())?;
         let path = self.path.join(name);
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        if st.kind != EntryKind::File {
             return Err(untrusted(&path, "not a regular file".into()));
         }
-        if st.st_uid != self.owner {
+        if st.uid != self.owner {
             return Err(untrusted(
                 &path,
                 format!(
                     "owned by uid {}, not by the directory's owner (uid {})",
-                    st.st_uid, self.owner
+                    st.uid, self.owner
                 ),
             ));
         }
-        if st.st_mode & 0o022 != 0 {
+        if st.mode & 0o022 != 0 {
             return Err(untrusted(
                 &path,
-                format!(
-                    "mode {:04o} lets group or others write it",
-                    st.st_mode & 0o7777
-                ),
+                format!("mode {:04o} lets group or others write it", st.mode),
             ));
         }
-        if st.st_nlink != 1 {
-            return Err(untrusted(&path, format!("{} hard links", st.st_nlink)));
+        if st.nlink != 1 {
+            return Err(untrusted(&path, format!("{} hard links", st.nlink)));
         }
-        Ok(Some(File::from(fd)))
+        Ok(Some(file))
     }
 
     /// Whether the caller can write here (it owns the directory).
     pub fn writable(&self) -> bool {
-        self.owner == euid()
+        self.owner == sys::euid()
     }
 
-    /// Creates a new file `name` (must not exist) with `mode`.
+    /// Creates a new file `name` (must not exist) with exactly `mode`.
     pub fn create_new(&self, name: &str, mode: u32) -> io::Result<File> {
-        let fd = openat(
-            self.fd.as_raw_fd(),
-            std::ffi::OsStr::new(name),
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-            mode,
-        )?;
-        // The umask may have taken bits away; set exactly what was asked.
-        // SAFETY: valid descriptor.
-        unsafe { libc::fchmod(fd.as_raw_fd(), mode) };
-        Ok(File::from(fd))
+        sys::create_new_at(self.fd.as_fd(), name, mode)
     }
 
     /// Opens (creating it if need be) the lock file `name`, for `flock`.
     pub fn lock_file(&self, name: &str) -> io::Result<File> {
-        let fd = openat(
-            self.fd.as_raw_fd(),
-            std::ffi::OsStr::new(name),
-            libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-            0o600,
-        )?;
-        Ok(File::from(fd))
+        sys::open_at(self.fd.as_fd(), name, Open::Create(0o600))
     }
 
-    /// Renames `from` to `to` inside this directory.
+    /// Renames `from` to `to` inside this directory (replacing `to`).
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let (f, t) = (cstr(from.as_ref())?, cstr(to.as_ref())?);
-        let d = self.fd.as_raw_fd();
-        // SAFETY: valid descriptors and names.
-        if unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        sys::rename_at(self.fd.as_fd(), from, self.fd.as_fd(), to)
     }
 
     /// Removes `name` (errors ignored: best effort).
     pub fn remove(&self, name: &str) {
-        if let Ok(c) = cstr(name.as_ref()) {
-            // SAFETY: valid descriptor and name.
-            unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) };
-        }
+        let _ = sys::unlink_at(self.fd.as_fd(), name);
     }
 
-    /// Names of the entries (for removing stale temp files).
+    /// Names of the entries (for removing stale temp files, and listing what is stored).
     pub fn names(&self) -> Vec<String> {
-        // Reading through /proc/self/fd keeps us on the descriptor we checked.
-        let p = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
-        std::fs::read_dir(p)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().to_str().map(String::from))
-                    .collect()
-            })
+        sys::list_dir(self.fd.as_fd(), MAX_NAMES)
+            .map(|(v, _)| v.into_iter().map(|(n, _)| n).collect())
             .unwrap_or_default()
+    }
+
+    /// Writes `name` whole: to a temp file of this process (mode `mode`), synced, then renamed
+    /// over `name`, so that a reader sees the old content or the new, never a part.
+    pub fn write_atomic(&self, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+        let tmp = temp_name(name, "w");
+        let r = (|| {
+            let mut f = self.create_new(&tmp, mode)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            self.rename(&tmp, name)
+        })();
+        if r.is_err() {
+            self.remove(&tmp);
+        }
+        r
     }
 }
 
-/// Reads at most `max` bytes of `f` (small side files: digests, refusal notes).
+/// The temp name of this process for `key` (`.KEY.WHAT.PID.tmp`): a process that dies
+/// mid-write leaves it, and the next writer removes those of dead processes
+/// ([`remove_stale_temps`]).
+pub fn temp_name(key: &str, what: &str) -> String {
+    format!(".{key}.{what}.{}.tmp", std::process::id())
+}
+
+/// Removes the temp files of dead processes in `dir` (cheaply, while we are writing there).
+pub fn remove_stale_temps(dir: &TrustedDir) {
+    for name in dir.names() {
+        let Some(pid) = name
+            .strip_suffix(".tmp")
+            .and_then(|n| n.rsplit('.').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !sys::process_exists(pid) {
+            dir.remove(&name);
+        }
+    }
+}
+
+/// Reads at most `max` bytes of `f` (small side files: digests, refusal notes, records).
 pub fn read_small(f: &mut File, max: usize) -> io::Result<String> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    f.take(max as u64 + 1).read_to_end(&mut buf)?;
-    if buf.len() > max {
-        return Err(io::Error::new(
+    let bytes = read_bytes(f, max)?;
+    String::from_utf8(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// Reads `f` whole from its start if it holds at most `max` bytes.
+pub fn read_bytes(f: &File, max: usize) -> io::Result<Vec<u8>> {
+    sys::read_bounded(f, max)?.ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             format!("larger than {max} bytes"),
-        ));
-    }
-    String::from_utf8(buf).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+        )
+    })
 }
 
 #[cfg(test)]
@@ -278,6 +241,10 @@ mod tests {
         let d = tmp.path().join("cache");
         let t = open_dir(&d, true, 0o700).unwrap();
         assert!(t.writable());
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
         std::fs::write(d.join("ok"), b"x").unwrap();
         std::fs::set_permissions(d.join("ok"), std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(t.open_file("ok").unwrap().is_some());
@@ -310,5 +277,18 @@ mod tests {
             .to_string()
             .contains("symlink"));
         assert!(open_dir(&l.join("sub"), true, 0o700).is_err());
+    }
+
+    #[test]
+    fn atomic_writes_have_the_exact_mode_and_leave_no_temp() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = open_dir(&tmp.path().join("c"), true, 0o700).unwrap();
+        t.write_atomic("rec", b"one", 0o644).unwrap();
+        t.write_atomic("rec", b"two", 0o644).unwrap();
+        let mut f = t.open_file("rec").unwrap().unwrap();
+        assert_eq!(read_small(&mut f, 16).unwrap(), "two");
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o7777, 0o644);
+        assert!(read_small(&mut f, 2).is_err());
+        assert_eq!(t.names(), vec!["rec".to_string()]);
     }
 }

@@ -18,6 +18,7 @@ mod engine_queue;
 mod etcd;
 mod policy_commands;
 mod policy_faults;
+mod policy_oci;
 mod policy_python;
 mod policy_runtime;
 mod policy_security;

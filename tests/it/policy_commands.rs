@@ -315,23 +315,44 @@ fn new_scaffolds_a_buildable_policy() {
     // Share the test programs' target directory so the SDK's dependencies are not rebuilt.
     let wasm = test_policy("test-loop");
     let target: PathBuf = wasm.ancestors().nth(3).unwrap().to_path_buf();
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k == "RUSTFLAGS" {
-            cargo.env_remove(k);
+    let cargo = || {
+        let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("CARGO_") && k != "CARGO_HOME" || k == "RUSTFLAGS" {
+                c.env_remove(k);
+            }
         }
-    }
-    let build = cargo
-        .args(["build", "--release", "--quiet"])
+        c
+    };
+    // The crate's own `target` is the shared one, so its test file finds the component where
+    // the README's build puts it.
+    std::os::unix::fs::symlink(&target, krate.join("target")).unwrap();
+    // `cargo test` works as generated: the decisions' unit tests run natively.
+    let unit = cargo()
+        .args(["test", "--quiet"])
         .current_dir(&krate)
-        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(unit.status.success(), "{}", text(&unit));
+    assert!(text(&unit).contains("2 passed"), "{}", text(&unit));
+    let build = cargo()
+        .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+        .current_dir(&krate)
         .output()
         .unwrap();
     assert!(build.status.success(), "{}", text(&build));
     let wasm = target.join("wasm32-wasip2/release/team_policy.wasm");
     let out = run(dir.path(), &["policy", "check", wasm.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The scaffold's table-driven tests pass against the component.
+    let tests = run(&krate, &["policy", "test"]);
+    assert_eq!(tests.status.code(), Some(0), "{}", text(&tests));
+    assert!(
+        text(&tests).contains("7 passed, 0 failed"),
+        "{}",
+        text(&tests)
+    );
     let scenario = krate.join("scenario.yaml");
     let v = simulate_file(dir.path(), wasm.to_str().unwrap(), &scenario);
     assert_eq!(served(&v), ["main", "pr-1", "pr-2"]);
@@ -370,7 +391,13 @@ fn new_scaffolds_python_and_js_policies() {
         "{t}"
     );
     let root = dir.path().join("py-team");
-    for f in ["app.py", "wit/policy.wit", "scenario.yaml", "README.md"] {
+    for f in [
+        "app.py",
+        "wit/policy.wit",
+        "scenario.yaml",
+        "policy.test.yaml",
+        "README.md",
+    ] {
         assert!(root.join(f).is_file(), "{f} missing");
     }
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
@@ -398,6 +425,13 @@ fn new_scaffolds_python_and_js_policies() {
         &root.join("scenario.yaml"),
     );
     assert_eq!(served(&v), ["main", "pr-1", "pr-2"]);
+    let tests = run(&root, &["policy", "test"]);
+    assert_eq!(tests.status.code(), Some(0), "{}", text(&tests));
+    assert!(
+        text(&tests).contains("7 passed, 0 failed"),
+        "{}",
+        text(&tests)
+    );
 
     let out = run(dir.path(), &["policy", "new", "js-team", "--lang", "js"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -433,6 +467,13 @@ fn new_scaffolds_python_and_js_policies() {
         &root.join("scenario.yaml"),
     );
     assert_eq!(served(&v), ["main", "pr-1", "pr-2"]);
+    let tests = run(&root, &["policy", "test"]);
+    assert_eq!(tests.status.code(), Some(0), "{}", text(&tests));
+    assert!(
+        text(&tests).contains("7 passed, 0 failed"),
+        "{}",
+        text(&tests)
+    );
     let bad = run(dir.path(), &["policy", "new", "x", "--lang", "cobol"]);
     assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
 }

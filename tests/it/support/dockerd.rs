@@ -286,80 +286,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Debian's `docker-registry` serving on a free loopback port with its own storage, started
-/// once per test binary; returns `127.0.0.1:PORT`. It gets a parent-death signal from a thread
-/// that lives as long as the process, so it ends with the test binary.
+/// Debian's `docker-registry` serving plain HTTP on a free loopback port with its own storage,
+/// started once per test binary ([`super::registry`]); returns `127.0.0.1:PORT`.
 pub fn registry() -> String {
-    static ADDR: OnceLock<String> = OnceLock::new();
-    ADDR.get_or_init(|| {
-        let bin = Path::new("/usr/bin/docker-registry");
-        assert!(
-            bin.exists(),
-            "/usr/bin/docker-registry is missing: install Debian's docker-registry (make setup)"
-        );
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("registry-{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-        std::thread::spawn(move || {
-            use std::os::unix::process::CommandExt;
-            let mut cmd = Command::new(bin);
-            cmd.arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            // SAFETY: prctl between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn();
-            let ok = child.is_ok();
-            tx.send(child.map(|c| c.id()).map_err(|e| e.to_string())).unwrap();
-            if ok {
-                // Keep the forking thread alive: the parent-death signal follows it.
-                loop {
-                    std::thread::park();
-                }
-            }
-        });
-        rx.recv().unwrap().expect("starting docker-registry");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
-                use std::io::Read;
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut b = String::new();
-                let _ = s.read_to_string(&mut b);
-                if b.starts_with("HTTP/1.0 200") || b.starts_with("HTTP/1.1 200") {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry never answered on {addr}: {}",
-                std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        addr
-    })
-    .clone()
+    static REGISTRY: OnceLock<super::registry::Registry> = OnceLock::new();
+    REGISTRY
+        .get_or_init(|| super::registry::Registry::start("images", false, false))
+        .addr
+        .clone()
 }
 
 /// Pushes the test image `bb:1` to the registry as each of `names` (`repo/name:tag`).

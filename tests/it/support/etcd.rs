@@ -70,7 +70,9 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     })
 }
 
-fn spawn_kept(mut cmd: Command) -> Child {
+/// Spawns `cmd` from the long-lived spawner thread with a parent-death signal: it dies with
+/// the test binary.
+pub fn spawn_kept(mut cmd: Command) -> Child {
     // SAFETY: prctl is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -88,7 +90,7 @@ fn spawn_kept(mut cmd: Command) -> Child {
     spawner().lock().unwrap().send((cmd, tx)).unwrap();
     rx.recv()
         .unwrap()
-        .expect("cannot start etcd: install Debian's etcd-server (make setup)")
+        .expect("cannot start a test service (etcd, docker-registry): make setup installs them")
 }
 
 /// A free loopback port (bound then released).
@@ -350,7 +352,9 @@ impl Cluster {
     }
 }
 
-fn make_certs(dir: &Path) -> Tls {
+/// A CA and a certificate it signed for 127.0.0.1 and localhost (server and client use),
+/// made with the openssl CLI in `dir`.
+pub fn make_certs(dir: &Path) -> Tls {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)

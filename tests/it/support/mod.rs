@@ -2,11 +2,13 @@
 //! ([`util`]), statistics ([`stats`], also used by the benchmarks), and the real-part fixtures
 //! of each area: the test policies ([`policy`]), dockerd ([`dockerd`]) and the chaos driver
 //! with its independent overlap detector ([`torture`]); several users sharing a lock
-//! directory, for the attack suite ([`users`]).
+//! directory, for the attack suite ([`users`]); OCI registries, plain or HTTPS with basic
+//! auth ([`registry`]).
 
 pub mod dockerd;
 pub mod etcd;
 pub mod policy;
+pub mod registry;
 pub mod stats;
 pub mod torture;
 pub mod users;
