@@ -1839,8 +1839,12 @@ kill $pid; wait $pid
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
         let same = |cell: Cell| -> Vec<Cell> {
+            let met = cell.met;
             let mut v = vec![cell];
-            v.extend((1..self.bins.len()).map(|_| Cell::text("(same library)".into())));
+            v.extend((1..self.bins.len()).map(|_| Cell {
+                met,
+                ..Cell::text("(same library)".into())
+            }));
             v
         };
         if found.is_empty() {
