@@ -55,7 +55,9 @@ setup:
 		npm install --global --no-audit --no-fund '@bytecodealliance/componentize-js@$(COMPONENTIZE_JS_VERSION)'; \
 	fi
 
-# The static binary the README installs in a buildkitd image.
+# The static binary the README installs in a buildkitd image: linked at a fixed address
+# (`.cargo/config.toml`) with mimalloc (src/main.rs), whose C code musl-gcc (musl-tools)
+# compiles.
 static: setup
 	cargo build --release --target $(MUSL) --bin cachelock
 	@echo "target/$(MUSL)/release/cachelock"

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, Linker, Resource, ResourceTable};
+use wasmtime::component::{Component, Func, Linker, Resource, ResourceTable, TypedFunc};
 use wasmtime::{Store, StoreContextMut, Trap};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -32,6 +32,9 @@ use bindings::cachelock::policy::types as wit;
 
 /// The world every policy must implement.
 pub const WORLD: &str = "cachelock:policy/policy@0.1.0";
+
+/// The exported interface of the queue decisions.
+const LOCK_POLICY: &str = "cachelock:policy/lock-policy@0.1.0";
 
 /// Store data: the WASI context, the limiter and the log capture of one policy instance.
 pub struct HostState {
@@ -280,10 +283,22 @@ fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
 /// deadline is a number of ticks (wasm code checks it at loop headers and function entries).
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Calls in progress; the ticker sleeps while there are none, so that a waiting process holding
-/// a loaded policy does not wake up a hundred times a second for nothing.
-static CALLS: (std::sync::Mutex<usize>, std::sync::Condvar) =
-    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+/// Calls in progress, and whether the ticker is parked. The ticker parks while there are none,
+/// so that a waiting process holding a loaded policy does not wake up a hundred times a second
+/// for nothing; a call wakes it only if it is parked (a wake-up is a system call, and a look at
+/// the queue makes one call per waiter).
+struct Calls {
+    running: usize,
+    parked: bool,
+}
+
+static CALLS: (std::sync::Mutex<Calls>, std::sync::Condvar) = (
+    std::sync::Mutex::new(Calls {
+        running: 0,
+        parked: false,
+    }),
+    std::sync::Condvar::new(),
+);
 
 /// Keeps the epoch ticking while it lives (one per call into the guest).
 struct Ticking;
@@ -291,16 +306,20 @@ struct Ticking;
 impl Ticking {
     fn start() -> Ticking {
         start_epoch_ticker();
-        let (n, cv) = &CALLS;
-        *n.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        cv.notify_all();
+        let (calls, cv) = &CALLS;
+        let mut c = calls.lock().unwrap_or_else(|p| p.into_inner());
+        c.running += 1;
+        if c.parked {
+            c.parked = false;
+            cv.notify_one();
+        }
         Ticking
     }
 }
 
 impl Drop for Ticking {
     fn drop(&mut self) {
-        *CALLS.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        CALLS.0.lock().unwrap_or_else(|p| p.into_inner()).running -= 1;
     }
 }
 
@@ -311,11 +330,13 @@ fn start_epoch_ticker() {
             .name("cachelock-policy-epoch".into())
             .spawn(|| loop {
                 {
-                    let (n, cv) = &CALLS;
-                    let mut n = n.lock().unwrap_or_else(|p| p.into_inner());
-                    while *n == 0 {
-                        n = cv.wait(n).unwrap_or_else(|p| p.into_inner());
+                    let (calls, cv) = &CALLS;
+                    let mut c = calls.lock().unwrap_or_else(|p| p.into_inner());
+                    while c.running == 0 {
+                        c.parked = true;
+                        c = cv.wait(c).unwrap_or_else(|p| p.into_inner());
                     }
+                    c.parked = false;
                 }
                 std::thread::sleep(EPOCH_TICK);
                 for engine in cache::engines() {
@@ -366,13 +387,79 @@ pub struct LoadInfo {
     pub oci: Option<super::oci::Origin>,
 }
 
+/// An instantiated policy: its store and its exports.
+struct Live {
+    store: Store<HostState>,
+    policy: bindings::Policy,
+    queue: QueueExports,
+}
+
+/// `rank` and `on-wait`, called with the engine's own [`Ticket`] and [`WaitState`] (whose
+/// canonical-ABI shape is derived in `types.rs`): the generated bindings take owned copies of
+/// every string, which a look at N waiters paid N times over on the host before wasmtime copied
+/// the same strings into the guest.
+struct QueueExports {
+    rank: Func,
+    on_wait: Func,
+}
+
+type RankFn<'a> = TypedFunc<(&'a Ticket, u64), (i64,)>;
+type OnWaitFn<'a> = TypedFunc<(&'a WaitState,), (WaitDecision,)>;
+
+impl QueueExports {
+    /// Finds both exports and checks their types against the host's (field names and types, as
+    /// for any typed call); a component built against another WIT fails here.
+    fn new(
+        store: &mut Store<HostState>,
+        instance: &wasmtime::component::Instance,
+    ) -> wasmtime::Result<Self> {
+        let mut func = |name: &str| -> wasmtime::Result<Func> {
+            let iface = instance
+                .get_export_index(&mut *store, None, LOCK_POLICY)
+                .ok_or_else(|| wasmtime::format_err!("no export `{LOCK_POLICY}`"))?;
+            let index = instance
+                .get_export_index(&mut *store, Some(&iface), name)
+                .ok_or_else(|| wasmtime::format_err!("no export `{LOCK_POLICY}#{name}`"))?;
+            instance
+                .get_func(&mut *store, index)
+                .ok_or_else(|| wasmtime::format_err!("`{LOCK_POLICY}#{name}` is not a function"))
+        };
+        let exports = QueueExports {
+            rank: func("rank")?,
+            on_wait: func("on-wait")?,
+        };
+        exports.rank.typed::<(&Ticket, u64), (i64,)>(&*store)?;
+        exports
+            .on_wait
+            .typed::<(&WaitState,), (WaitDecision,)>(&*store)?;
+        Ok(exports)
+    }
+
+    fn rank(&self, store: &mut Store<HostState>, t: &Ticket, now_ms: u64) -> wasmtime::Result<i64> {
+        // SAFETY: the function's type was checked against these types in `new` (a lifetime does
+        // not change a canonical-ABI type); bindgen's generated calls do the same.
+        let f = unsafe { RankFn::new_unchecked(self.rank) };
+        Ok(f.call(store, (t, now_ms))?.0)
+    }
+
+    fn on_wait(
+        &self,
+        store: &mut Store<HostState>,
+        state: &WaitState,
+    ) -> wasmtime::Result<WaitDecision> {
+        // SAFETY: as in `rank`.
+        let f = unsafe { OnWaitFn::new_unchecked(self.on_wait) };
+        Ok(f.call(store, (state,))?.0)
+    }
+}
+
 /// A loaded, configured policy instance.
 pub struct WasmPolicy {
     name: Arc<str>,
     component: Component,
     config: Vec<(String, String)>,
     limits: Effective,
-    instance: Option<(Store<HostState>, bindings::Policy)>,
+    instance: Option<Live>,
     info: LoadInfo,
     cut_said: bool,
 }
@@ -516,8 +603,14 @@ impl WasmPolicy {
                 .saturating_mul(limits::CONFIGURE_FUEL_FACTOR),
         )
         .map_err(|e| e.to_string())?;
-        let policy = bindings::Policy::instantiate(&mut store, &self.component, linker(&engine))
-            .map_err(|e| {
+        let exports = linker(&engine)
+            .instantiate(&mut store, &self.component)
+            .and_then(|instance| {
+                let policy = bindings::Policy::new(&mut store, &instance)?;
+                let queue = QueueExports::new(&mut store, &instance)?;
+                Ok((policy, queue))
+            });
+        let (policy, queue) = exports.map_err(|e| {
                 if store.data().limiter.memory_hit || store.data().limiter.table_hit {
                     format!("needs more memory or table space than its limits allow at start-up: {e:#}")
                 } else if let Some(import) = unsatisfied_import(&e).filter(|i| !i.starts_with("cachelock:policy/")) {
@@ -546,7 +639,11 @@ impl WasmPolicy {
             }
             Err(fault) => return Err(format!("configure failed: {fault}")),
         }
-        self.instance = Some((store, policy));
+        self.instance = Some(Live {
+            store,
+            policy,
+            queue,
+        });
         Ok(())
     }
 
@@ -555,7 +652,7 @@ impl WasmPolicy {
     fn call<R>(
         &mut self,
         what: &'static str,
-        f: impl FnOnce(&mut Store<HostState>, &bindings::Policy) -> wasmtime::Result<R>,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyError> {
         if self.instance.is_none() {
             self.instantiate().map_err(|m| {
@@ -564,12 +661,13 @@ impl WasmPolicy {
                 e
             })?;
         }
-        let (store, policy) = self.instance.as_mut().expect("instantiated above");
-        arm(store, self.limits.fuel, self.limits.time_ms)
+        let live = self.instance.as_mut().expect("instantiated above");
+        arm(&mut live.store, self.limits.fuel, self.limits.time_ms)
             .map_err(|e| PolicyError::fault(&self.name, e.to_string()))?;
         let ticking = Ticking::start();
-        let r = f(store, policy);
+        let r = f(live);
         drop(ticking);
+        let store = &mut live.store;
         let result = match r {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -674,17 +772,15 @@ impl Policy for WasmPolicy {
         if fitted.is_some() {
             self.said_cut();
         }
-        let t = to_wit_ticket(fitted.as_ref().unwrap_or(waiter));
-        self.call("rank", |s, p| {
-            p.cachelock_policy_lock_policy().call_rank(s, &t, now_ms)
-        })
-        .map_err(|mut e| {
-            e.ticket = Some(TicketRef {
-                id: waiter.id.clone(),
-                labels: waiter.request.labels.clone(),
-            });
-            e
-        })
+        let t = fitted.as_ref().unwrap_or(waiter);
+        self.call("rank", |l| l.queue.rank(&mut l.store, t, now_ms))
+            .map_err(|mut e| {
+                e.ticket = Some(TicketRef {
+                    id: waiter.id.clone(),
+                    labels: waiter.request.labels.clone(),
+                });
+                e
+            })
     }
 
     fn on_wait(&mut self, state: &WaitState) -> Result<WaitDecision, PolicyError> {
@@ -693,30 +789,16 @@ impl Policy for WasmPolicy {
             self.said_cut();
         }
         let state = fitted.as_ref().unwrap_or(state);
-        let st = wit::WaitState {
-            me: to_wit_ticket(&state.me),
-            holders: state.holders.iter().map(to_wit_ticket).collect(),
-            waiters: state.waiters.iter().map(to_wit_ticket).collect(),
-            waited_ms: state.waited_ms,
-            evaluations: state.evaluations,
-            now_ms: state.now_ms,
-        };
-        let d = self.call("on-wait", |s, p| {
-            p.cachelock_policy_lock_policy().call_on_wait(s, &st)
-        })?;
-        let d = match d {
-            wit::WaitDecision::KeepWaiting(ms) => WaitDecision::KeepWaiting(ms),
-            wit::WaitDecision::GiveUp(r) => WaitDecision::GiveUp(r),
-            wit::WaitDecision::FallBack(r) => WaitDecision::FallBack(r),
-        };
+        let d = self.call("on-wait", |l| l.queue.on_wait(&mut l.store, state))?;
         Ok(self.limits.sanitize_wait(d))
     }
 
     fn start_timeout_ms(&mut self, attempt: &StartAttempt) -> Result<u64, PolicyError> {
         let a = to_wit_attempt(attempt);
-        let ms = self.call("start-timeout-ms", |s, p| {
-            p.cachelock_policy_dockerd_policy()
-                .call_start_timeout_ms(s, &a)
+        let ms = self.call("start-timeout-ms", |l| {
+            l.policy
+                .cachelock_policy_dockerd_policy()
+                .call_start_timeout_ms(&mut l.store, &a)
         })?;
         Ok(limits::sanitize_start_timeout(ms))
     }
@@ -739,9 +821,10 @@ impl Policy for WasmPolicy {
             cut += 1;
         }
         let log_tail = &log_tail[cut..];
-        let d = self.call("on-start-failure", |s, p| {
-            p.cachelock_policy_dockerd_policy()
-                .call_on_start_failure(s, &a, f, log_tail)
+        let d = self.call("on-start-failure", |l| {
+            l.policy
+                .cachelock_policy_dockerd_policy()
+                .call_on_start_failure(&mut l.store, &a, f, log_tail)
         })?;
         Ok(limits::sanitize_retry(match d {
             wit::RetryDecision::RetryAfter(ms) => RetryDecision::RetryAfter(ms),
@@ -750,9 +833,10 @@ impl Policy for WasmPolicy {
     }
 
     fn stop_timeout_ms(&mut self, cache_id: Option<&str>) -> Result<u64, PolicyError> {
-        let ms = self.call("stop-timeout-ms", |s, p| {
-            p.cachelock_policy_dockerd_policy()
-                .call_stop_timeout_ms(s, cache_id)
+        let ms = self.call("stop-timeout-ms", |l| {
+            l.policy
+                .cachelock_policy_dockerd_policy()
+                .call_stop_timeout_ms(&mut l.store, cache_id)
         })?;
         Ok(limits::sanitize_stop_timeout(ms))
     }
@@ -767,26 +851,6 @@ impl From<wit::Level> for Level {
             wit::Level::Warn => Level::Warn,
             wit::Level::Error => Level::Error,
         }
-    }
-}
-
-fn to_wit_ticket(t: &Ticket) -> wit::Ticket {
-    let r = &t.request;
-    wit::Ticket {
-        id: t.id.clone(),
-        request: wit::Request {
-            lock: r.lock.clone(),
-            mode: match r.mode {
-                Mode::Exclusive => wit::Mode::Exclusive,
-                Mode::Shared => wit::Mode::Shared,
-            },
-            priority: r.priority,
-            labels: r.labels.clone(),
-            host: r.host.clone(),
-            pid: r.pid,
-            enqueued_at_ms: r.enqueued_at_ms,
-            wait_limit_ms: r.wait_limit_ms,
-        },
     }
 }
 
