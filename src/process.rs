@@ -150,7 +150,7 @@ impl Contained {
                 let writer = ours.try_clone().map_err(|e| {
                     Error::new(Kind::OsErr, format!("cannot duplicate a socket: {e}"))
                 })?;
-                lease.attach(writer);
+                guardian::link(&lease, writer);
                 Some((lease, ours))
             }
             None => None,
@@ -334,6 +334,16 @@ impl Signals {
         let timeout =
             (timeout_ms >= 0).then(|| std::time::Duration::from_millis(timeout_ms as u64));
         crate::sys::poll_readable(&[self.fd()], timeout);
+    }
+}
+
+impl crate::lock::Interrupt for Signals {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    fn take(&self) -> Option<i32> {
+        self.take_terminating()
     }
 }
 

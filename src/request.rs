@@ -62,6 +62,7 @@ impl LockRequest {
             key_grace_ms: loaded.config.queue_key_grace_ms(),
             conflict_exit_code: args.conflict_exit_code,
             progress_interval: (!args.quiet).then(|| progress_interval(&loaded)).flatten(),
+            observers: lock::Observers::new(),
         };
         lock::validate(&options)?;
         let (store, private_because) =
@@ -150,6 +151,7 @@ impl LockRequest {
             key_grace_ms: loaded.config.queue_key_grace_ms(),
             conflict_exit_code: cachelock::error::code::CONFLICT_DEFAULT,
             progress_interval: progress_interval(&loaded),
+            observers: lock::Observers::new(),
         };
         lock::validate(&options)?;
         let store = Store::Dir {

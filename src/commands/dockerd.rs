@@ -157,7 +157,7 @@ pub fn execute(args: DockerdArgs) -> Result<i32> {
         }
     }
     if let Some(Acquired::Held(g)) = acquired {
-        g.release()?;
+        g.release();
     }
     drop(host);
     result

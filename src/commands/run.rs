@@ -31,7 +31,7 @@ pub fn execute(args: RunArgs) -> Result<i32> {
                 .env("CACHELOCK_GENERATION", guard.generation().to_string())
                 .env("CACHELOCK_SLOT", guard.slot().to_string());
             let code = process::run_contained(&mut cmd, &guard.containment(), &signals)?;
-            guard.release()?;
+            guard.release();
             Ok(code)
         }
         Acquired::FellBack { reason } => {

@@ -62,6 +62,7 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
                 name: name.clone(),
                 generation: 0,
                 holders: Vec::new(),
+                notes: Default::default(),
                 waiters: Vec::new(),
                 order_note: Some(format!("cannot be read: {e}")),
                 unreadable: Vec::new(),
@@ -110,6 +111,11 @@ fn sharing_note(dir: &std::path::Path) -> Option<String> {
 }
 
 fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
+    let notes = &s.notes;
+    let ticket = |t: TicketData| {
+        let note = notes.get(t.id()).copied().unwrap_or_default();
+        ticket(t, note.lease_left_ms)
+    };
     LockView {
         name: s.name,
         generation: s.generation,
@@ -122,7 +128,7 @@ fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
             .map(|t| HolderStatus {
                 held_for_ms: t.acquired_at_ms.map(|a| now.saturating_sub(a)).unwrap_or(0),
                 slot: t.slot.unwrap_or(0),
-                revision: t.revision,
+                revision: notes.get(t.id()).and_then(|n| n.revision),
                 ticket: ticket(t),
             })
             .collect(),
@@ -132,7 +138,7 @@ fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
             .enumerate()
             .map(|(i, (t, rank))| WaiterStatus {
                 position: i + 1,
-                waited_ms: now.saturating_sub(t.enqueued_at_ms),
+                waited_ms: now.saturating_sub(t.request().enqueued_at_ms),
                 ticket: ticket(t),
                 rank,
             })
@@ -149,16 +155,17 @@ fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
     }
 }
 
-fn ticket(t: TicketData) -> TicketStatus {
+fn ticket(t: TicketData, lease_left_ms: Option<u64>) -> TicketStatus {
+    let r = t.ticket.request;
     TicketStatus {
-        ticket: t.id,
-        host: t.host,
-        pid: t.pid,
+        ticket: t.ticket.id,
+        host: r.host,
+        pid: r.pid,
         uid: t.uid,
-        mode: t.mode,
-        priority: t.priority,
-        labels: t.labels.into_iter().collect(),
+        mode: r.mode,
+        priority: r.priority,
+        labels: r.labels.into_iter().collect(),
         queue_key: t.queue_key,
-        lease_left_ms: t.lease_left_ms,
+        lease_left_ms,
     }
 }

@@ -1,15 +1,15 @@
-//! The seam between the engine and a lock store. The engine (`engine.rs`) owns the decisions —
-//! who is at the head, when to try, how long to wait, when to give up — and a backend owns the
-//! mechanics: publishing a ticket, listing the live ones, granting the lock atomically with its
-//! generation, waiting for a change, and saying how a command must run so the lock covers it.
+//! The seam between the engine and a lock store. The scheduler (`schedule.rs`) owns the
+//! decisions — who is at the head, when to try, how long to wait, when to give up — and a
+//! backend owns the mechanics: publishing a ticket, listing the live ones, granting the lock
+//! atomically with its generation, waiting for a change, and saying how a command must run so
+//! the lock covers it.
 //!
 //! Backends: [`super::flock`] (a directory: kernel flock for exclusion, ticket files for the
-//! queue). A lease-based store (etcd) plugs in here too: its tickets die with their lease, its
-//! grant is one transaction, and its held lock can be lost, which [`Containment`] expresses.
+//! queue), [`super::etcd`] (tickets die with their lease, the grant is one transaction, and a
+//! held lock can be lost, which [`Containment`] expresses) and [`super::memory`]. A new backend
+//! implements these traits and passes [`super::conformance`].
 
-use std::io::Write;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,30 +18,18 @@ use serde::{Deserialize, Serialize};
 
 use super::Options;
 use crate::error::Result;
-use crate::policy::{Mode, Request, Ticket};
+use crate::policy::{Request, Ticket};
 
-/// One live request (waiting or holding), as every backend stores it.
+/// One live request (waiting or holding), as every backend stores it: the ticket a policy
+/// sees (id and request, the WIT's `ticket`) and the store's state of it. Stored as one flat
+/// JSON object (a ticket file; an etcd value).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TicketData {
-    /// Ticket id: unique per lock; ties in rank and arrival go to the smallest.
-    pub id: String,
-    /// Lock name.
-    pub lock: String,
-    /// Exclusive or shared.
-    pub mode: Mode,
-    /// `--priority`.
-    pub priority: i32,
-    /// `--label`s in the order given.
-    pub labels: Vec<(String, String)>,
-    /// Host of the owner (for people only).
-    pub host: String,
-    /// PID of the owner (for people only).
-    pub pid: u32,
-    /// Arrival stamp (hybrid logical clock, strictly increasing per lock).
-    pub enqueued_at_ms: u64,
-    /// The caller's wait bound.
-    pub wait_limit_ms: Option<u64>,
+    /// Id and request: what policies rank and see.
+    #[serde(flatten)]
+    pub ticket: Ticket,
     /// `--queue-key`.
+    #[serde(default)]
     pub queue_key: Option<String>,
     /// Whether the owner holds the lock now.
     #[serde(default)]
@@ -55,13 +43,6 @@ pub struct TicketData {
     /// Generation (fencing token) of this acquisition.
     #[serde(default)]
     pub generation: Option<u64>,
-    /// A store's revision of the holder's grant (etcd: the holder key's create revision), as
-    /// read; never written into the ticket.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revision: Option<i64>,
-    /// Time left on the owner's lease (etcd), as `status` read it; never written.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease_left_ms: Option<u64>,
     /// The user owning the ticket, where the store vouches for it (a ticket file's owner):
     /// unlike `host` and `pid`, not the ticket's own claim, so never read from its content.
     #[serde(skip)]
@@ -69,22 +50,73 @@ pub struct TicketData {
 }
 
 impl TicketData {
-    /// The policy's view of this ticket.
-    pub fn to_ticket(&self) -> Ticket {
-        Ticket {
-            id: self.id.clone(),
-            request: Request {
-                lock: self.lock.clone(),
-                mode: self.mode,
-                priority: self.priority,
-                labels: self.labels.clone(),
-                host: self.host.clone(),
-                pid: self.pid,
-                enqueued_at_ms: self.enqueued_at_ms,
-                wait_limit_ms: self.wait_limit_ms,
+    /// A waiting ticket of the request `opts`, numbered `id` and stamped `enqueued_at_ms` by
+    /// the store, owned by process `pid` on `host`.
+    pub fn new(opts: &Options, id: String, enqueued_at_ms: u64, host: String, pid: u32) -> Self {
+        TicketData {
+            ticket: Ticket {
+                id,
+                request: Request {
+                    lock: opts.name.clone(),
+                    mode: opts.mode,
+                    priority: opts.priority,
+                    labels: opts.labels.clone(),
+                    host,
+                    pid,
+                    enqueued_at_ms,
+                    wait_limit_ms: opts.wait_limit_ms,
+                },
             },
+            queue_key: opts.queue_key.clone(),
+            holding: false,
+            slot: None,
+            acquired_at_ms: None,
+            generation: None,
+            uid: None,
         }
     }
+
+    /// The ticket id: unique per lock; ties in rank and arrival go to the smallest.
+    pub fn id(&self) -> &str {
+        &self.ticket.id
+    }
+
+    /// The request (lock, mode, priority, labels, host, pid, arrival, wait bound).
+    pub fn request(&self) -> &Request {
+        &self.ticket.request
+    }
+
+    /// Marks the ticket holding `slot` as acquisition `generation` at `now_ms`.
+    pub fn hold(&mut self, slot: u32, generation: u64, now_ms: u64) {
+        self.holding = true;
+        self.slot = Some(slot);
+        self.generation = Some(generation);
+        self.acquired_at_ms = Some(now_ms);
+    }
+}
+
+impl From<Ticket> for TicketData {
+    /// A waiting ticket as a store holds it, of a request as a policy sees it.
+    fn from(ticket: Ticket) -> Self {
+        TicketData {
+            ticket,
+            queue_key: None,
+            holding: false,
+            slot: None,
+            acquired_at_ms: None,
+            generation: None,
+            uid: None,
+        }
+    }
+}
+
+/// What a store says of a live ticket beyond its content (`status` shows it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreNote {
+    /// The store's revision of a holder's grant (etcd: the holder key's create revision).
+    pub revision: Option<i64>,
+    /// Time left on the owner's lease (etcd).
+    pub lease_left_ms: Option<u64>,
 }
 
 /// The live tickets of one lock as one scan saw them (one's own ticket excluded).
@@ -107,6 +139,8 @@ pub struct LockState {
     pub tickets: Snapshot,
     /// Live tickets that cannot be read or break the bounds (the engine ignores them).
     pub unreadable: Vec<Unreadable>,
+    /// What the store says of the live tickets beyond their content, by ticket id.
+    pub notes: std::collections::HashMap<String, StoreNote>,
 }
 
 /// A live ticket whose content cannot be used (garbage, oversized, not a regular file...):
@@ -200,18 +234,28 @@ pub trait Queued {
     /// Leaves the queue at once. `keep_place_for`: remember the arrival for the ticket's queue
     /// key this long, so that a retry with the same key keeps its place.
     fn leave(self: Box<Self>, keep_place_for: Option<Duration>);
+
+    /// Ends the request as the death of its process would: nothing is cleaned up, and the
+    /// store must find out by its own means (an unlocked ticket, an expired lease). For tests
+    /// of what others do about a dead waiter.
+    fn vanish(self: Box<Self>);
 }
 
 /// A held lock.
-pub trait Held {
+pub trait Held: Send {
     /// Our ticket, marked holding, with its slot and generation.
     fn ticket(&self) -> &TicketData;
 
     /// How a command must run so that the lock covers all of it.
     fn containment(&self) -> Containment;
 
-    /// Releases the lock and leaves the queue (which wakes the next waiter).
-    fn release(self: Box<Self>) -> Result<()>;
+    /// Releases the lock and leaves the queue (which wakes the next waiter). A release the
+    /// store does not confirm in time is left to the store (a lease expires by itself).
+    fn release(self: Box<Self>);
+
+    /// Ends the hold as the death of its process (and its command) would: nothing is cleaned
+    /// up (see [`Queued::vanish`]).
+    fn vanish(self: Box<Self>);
 }
 
 /// How the lock covers a command.
@@ -221,27 +265,72 @@ pub enum Containment {
     /// inherits them, so a SIGKILLed cachelock cannot free the lock while its command runs.
     Inherit(Vec<RawFd>),
     /// The lock lasts while a lease is renewed (etcd). The command cannot keep it alive, so it
-    /// runs under a guardian ([`crate::process`]) that stops its whole process tree when
-    /// cachelock dies or the lease's stop deadline passes without a renewal.
+    /// must run under something that stops its whole process tree when cachelock dies or the
+    /// lease's stop deadline passes without a renewal (the binary's guardian).
     Lease(Lease),
 }
 
 /// A held lease as the command's guardians see it: a deadline (`CLOCK_MONOTONIC`) by which the
 /// command must *start* stopping, which the backend moves forward at each confirmed renewal,
 /// and the grace between SIGTERM and SIGKILL. The backend chooses the deadline so that
-/// deadline + grace stays before the earliest moment the server may expire the lease.
-///
-/// Every guardian attached to the lease is sent each new deadline as 8 bytes (little-endian
-/// nanoseconds of `CLOCK_MONOTONIC`; 0: stop now) on its socket.
+/// deadline + grace stays before the earliest moment the server may expire the lease
+/// ([`LeaseRule`]). Whoever runs a command under the lease [`Lease::watch`]es it to learn
+/// each new deadline.
 #[derive(Clone)]
 pub struct Lease(Arc<LeaseShared>);
+
+/// Told each new stop deadline (0: stop now); returns false once it no longer listens.
+pub type DeadlineWatcher = Box<dyn FnMut(u64) -> bool + Send>;
 
 struct LeaseShared {
     lock: String,
     stop_at_ns: AtomicU64,
     grace: Duration,
     lost: AtomicBool,
-    links: Mutex<Vec<UnixStream>>,
+    watchers: Mutex<Vec<DeadlineWatcher>>,
+}
+
+/// How a lease of TTL `ttl` is used safely: renewed every tenth of it; after a renewal sent at
+/// `t` and confirmed, the command must start stopping by `t` + 3/5 of the TTL and is killed by
+/// `t` + 4/5, before the server can expire the lease (no earlier than `t` + TTL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRule {
+    /// The TTL, in whole seconds (what the server grants).
+    pub ttl: Duration,
+}
+
+impl LeaseRule {
+    /// The rule for a configured TTL, rounded up to whole seconds (at least one).
+    pub fn new(ttl: Duration) -> LeaseRule {
+        LeaseRule {
+            ttl: Duration::from_secs(ttl.as_secs_f64().ceil().max(1.0) as u64),
+        }
+    }
+
+    /// The TTL in seconds, as the server takes it.
+    pub fn ttl_secs(&self) -> i64 {
+        self.ttl.as_secs() as i64
+    }
+
+    /// How often to renew.
+    pub fn renew_every(&self) -> Duration {
+        (self.ttl / 10).max(Duration::from_millis(100))
+    }
+
+    /// The stop deadline after a renewal sent at `sent_ns` that left `left` on the lease.
+    pub fn stop_at(&self, sent_ns: u64, left: Duration) -> u64 {
+        sent_ns.saturating_add((left * 3 / 5).as_nanos() as u64)
+    }
+
+    /// SIGTERM-to-SIGKILL grace: the fifth of the TTL between the stop deadline and 4/5.
+    pub fn grace(&self) -> Duration {
+        self.ttl / 5
+    }
+
+    /// A lease of lock `lock` granted at `granted_ns`, under this rule.
+    pub fn lease(&self, lock: &str, granted_ns: u64) -> Lease {
+        Lease::new(lock, self.stop_at(granted_ns, self.ttl), self.grace())
+    }
 }
 
 impl std::fmt::Debug for Lease {
@@ -264,7 +353,7 @@ impl Lease {
             stop_at_ns: AtomicU64::new(stop_at_ns),
             grace,
             lost: AtomicBool::new(false),
-            links: Mutex::new(Vec::new()),
+            watchers: Mutex::new(Vec::new()),
         }))
     }
 
@@ -289,40 +378,35 @@ impl Lease {
     }
 
     /// A renewal was confirmed: moves the deadline forward (never back) and tells every
-    /// guardian. Ignored once lost.
+    /// watcher. Ignored once lost.
     pub fn extend(&self, stop_at_ns: u64) {
         if self.0.lost.load(Ordering::SeqCst) {
             return;
         }
         let old = self.0.stop_at_ns.fetch_max(stop_at_ns, Ordering::SeqCst);
         if stop_at_ns > old {
-            self.broadcast(stop_at_ns);
+            self.tell(stop_at_ns);
         }
     }
 
-    /// The lease is gone (expired, revoked, or not renewable in time): every guardian stops
-    /// its command now.
+    /// The lease is gone (expired, revoked, or not renewable in time): every watcher's
+    /// command stops now.
     pub fn lose(&self) {
         self.0.lost.store(true, Ordering::SeqCst);
         self.0.stop_at_ns.store(0, Ordering::SeqCst);
-        self.broadcast(0);
+        self.tell(0);
     }
 
-    /// Attaches a guardian's socket and sends it the current deadline.
-    pub fn attach(&self, link: UnixStream) {
-        let _ = link.set_nonblocking(true);
-        let now = self.stop_at_ns();
-        let mut links = self.0.links.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = (&link).write_all(&now.to_le_bytes());
-        links.push(link);
+    /// Adds a watcher and tells it the current deadline.
+    pub fn watch(&self, mut watcher: DeadlineWatcher) {
+        let mut watchers = self.0.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if watcher(self.stop_at_ns()) {
+            watchers.push(watcher);
+        }
     }
 
-    fn broadcast(&self, value: u64) {
-        let mut links = self.0.links.lock().unwrap_or_else(|e| e.into_inner());
-        // A guardian that is gone (EPIPE) is dropped from the list.
-        links.retain(|l| {
-            let mut w = l;
-            !matches!(w.write(&value.to_le_bytes()), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
-        });
+    fn tell(&self, value: u64) {
+        let mut watchers = self.0.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain_mut(|w| w(value));
     }
 }

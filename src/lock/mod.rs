@@ -1,34 +1,42 @@
 //! The lock engine: a fair ticket queue deciding who *tries*, a backend deciding who *holds*.
 //!
-//! A request flows [`acquire`] → [`engine`] (join the queue, rank it with the policy through
-//! [`order`], try when in the head set, otherwise ask the policy how long to wait) →
-//! [`backend::Backend`] (the mechanics of one store) → [`Guard`]. [`status`] reads the same queue
-//! in the same order without joining it. The engine knows nothing of the command line: callers
-//! build [`Options`] (the binary's `LockRequest` does, once, from flags, configuration and
+//! A request flows [`acquire`] → the engine (`engine.rs`: a driver of the [`schedule`]r, which
+//! takes every decision — join, rank through [`order`], try when in the head set, otherwise ask
+//! the policy how long to wait — as a state machine without I/O) → [`backend::Backend`] (the
+//! mechanics of one store) → [`Guard`]. What a request does is told as [`events`], which
+//! progress lines and any other observer consume. [`status`] reads the same queue in the same
+//! order without joining it. The engine knows nothing of the command line: callers build
+//! [`Options`] (the binary's `LockRequest` does, once, from flags, configuration and
 //! environment).
 //!
-//! Backends: [`flock`] (a lock directory, local or shared; the default) and [`etcd`] (an etcd v3
-//! cluster, for fleets without a shared filesystem; cargo feature `etcd`). Safety always comes
-//! from the backend's grant — the kernel's flock, or one store transaction — never from the
-//! queue or the policy.
+//! Backends: [`flock`] (a lock directory, local or shared; the default), [`etcd`] (an etcd v3
+//! cluster, for fleets without a shared filesystem; cargo feature `etcd`) and [`memory`] (one
+//! process's memory: tests and `policy simulate`). Each passes the property suite of
+//! [`conformance`]. Safety always comes from the backend's grant — the kernel's flock, or one
+//! store transaction — never from the queue or the policy.
 
 pub mod backend;
+pub mod conformance;
 mod engine;
 pub mod etcd;
+pub mod events;
 pub mod flock;
+pub mod memory;
 pub mod name;
 pub mod order;
+pub mod schedule;
 mod stall;
 
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use backend::{Backend, Containment, Lease, LockState, TicketData, Unreadable};
+pub use backend::{Backend, Containment, Lease, LockState, StoreNote, TicketData, Unreadable};
+pub use events::{Event, Now, Observer, Observers, Outcome};
 
 use crate::config::WaitMode;
 use crate::error::{Error, Result};
 use crate::policy::{Mode, Policy};
-use crate::process::Signals;
 
 /// What a request asks for. Built by the caller; the engine validates the name again before
 /// anything is opened.
@@ -58,6 +66,8 @@ pub struct Options {
     pub conflict_exit_code: i32,
     /// Progress line interval; `None` is quiet.
     pub progress_interval: Option<Duration>,
+    /// Who else watches the request (see [`events`]).
+    pub observers: Observers,
 }
 
 impl Options {
@@ -77,6 +87,7 @@ impl Options {
             key_grace_ms: 600_000,
             conflict_exit_code: crate::error::code::CONFLICT_DEFAULT,
             progress_interval: None,
+            observers: Observers::new(),
         }
     }
 }
@@ -187,6 +198,18 @@ pub enum Acquired {
 pub struct Guard {
     held: Option<Box<dyn backend::Held>>,
     waited: Duration,
+    /// What the final event needs, when someone observes the request.
+    record: Option<Box<Record>>,
+}
+
+/// A held request's record, kept for its final event.
+struct Record {
+    observers: Observers,
+    policy: String,
+    digest: Option<String>,
+    wait: schedule::Record,
+    origin: Instant,
+    acquired_at: Instant,
 }
 
 impl std::fmt::Debug for Guard {
@@ -200,12 +223,36 @@ impl std::fmt::Debug for Guard {
 }
 
 impl Guard {
+    fn new(
+        held: Box<dyn backend::Held>,
+        wait: &schedule::Record,
+        opts: &Options,
+        policy: &dyn Policy,
+        origin: Instant,
+    ) -> Guard {
+        let record = (!opts.observers.is_empty()).then(|| {
+            Box::new(Record {
+                observers: opts.observers.clone(),
+                policy: policy.name().to_string(),
+                digest: policy.digest().map(str::to_string),
+                wait: wait.clone(),
+                origin,
+                acquired_at: Instant::now(),
+            })
+        });
+        Guard {
+            held: Some(held),
+            waited: wait.waited,
+            record,
+        }
+    }
+
     fn data(&self) -> &TicketData {
         self.held.as_ref().expect("held until released").ticket()
     }
     /// This request's ticket id.
     pub fn ticket(&self) -> &str {
-        &self.data().id
+        self.data().id()
     }
     /// Fencing token: grows at every acquisition of this lock.
     pub fn generation(&self) -> u64 {
@@ -219,7 +266,7 @@ impl Guard {
     pub fn waited(&self) -> Duration {
         self.waited
     }
-    /// How a command must run so the lock covers it (see [`crate::process::run_contained`]).
+    /// How a command must run so the lock covers it.
     pub fn containment(&self) -> Containment {
         self.held
             .as_ref()
@@ -227,35 +274,71 @@ impl Guard {
             .containment()
     }
     /// Releases the lock and leaves the queue.
-    pub fn release(mut self) -> Result<()> {
-        match self.held.take() {
-            Some(h) => h.release(),
-            None => Ok(()),
+    pub fn release(mut self) {
+        self.release_now();
+    }
+
+    fn release_now(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        if let Some(r) = self.record.take() {
+            let lost = match held.containment() {
+                Containment::Lease(l) => l.is_lost(),
+                Containment::Inherit(_) => false,
+            };
+            let now = Instant::now();
+            let at = Now {
+                at: now.saturating_duration_since(r.origin),
+                wall_ms: now_ms(),
+            };
+            r.observers.event(
+                at,
+                &Event::Finished(events::Summary {
+                    ticket: held.ticket(),
+                    policy: &r.policy,
+                    digest: r.digest.as_deref(),
+                    outcome: if lost {
+                        Outcome::Lost
+                    } else {
+                        Outcome::Acquired
+                    },
+                    reason: None,
+                    waited: r.wait.waited,
+                    held: Some(now.saturating_duration_since(r.acquired_at)),
+                    position_at_arrival: r.wait.position_at_arrival,
+                    decisions: r.wait.decisions,
+                    last_decision: r.wait.last_decision.as_ref(),
+                }),
+            );
         }
+        held.release();
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(h) = self.held.take() {
-            if let Err(e) = h.release() {
-                tracing::warn!("releasing a lock: {e}");
-            }
-        }
+        self.release_now();
     }
 }
 
+/// What ends a wait from outside: a terminating signal (the binary's signal handlers), or a
+/// test's cancellation.
+pub trait Interrupt {
+    /// A descriptor that becomes readable when something may have arrived.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// The terminating signal received since the last call, if any (consumed).
+    fn take(&self) -> Option<i32>;
+}
+
 /// Joins the queue of `opts.name` in `backend` and waits per `policy`, bounded by the caller.
-/// A SIGINT/SIGTERM/SIGHUP seen on `signals` while waiting leaves the queue and returns
-/// `Kind::Signal(sig)`.
+/// A signal seen on `interrupt` while waiting leaves the queue and returns `Kind::Signal(sig)`.
 pub fn acquire(
     backend: &dyn Backend,
     opts: &Options,
     policy: &mut dyn Policy,
-    signals: &Signals,
+    interrupt: &dyn Interrupt,
 ) -> Result<Acquired> {
     validate(opts)?;
-    engine::run(backend, opts, policy, signals)
+    engine::run(backend, opts, policy, interrupt)
 }
 
 /// One lock as `status` shows it: holders, and waiters in serving order with their ranks.
@@ -267,6 +350,8 @@ pub struct LockStatus {
     pub generation: u64,
     /// Current holders, by ticket id.
     pub holders: Vec<TicketData>,
+    /// What the store says of tickets beyond their content, by ticket id.
+    pub notes: std::collections::HashMap<String, StoreNote>,
     /// Waiters in the order they will be served, with their ranks.
     pub waiters: Vec<(TicketData, i64)>,
     /// Why the order is the fallback order (rank = priority) rather than the policy's, if so.
@@ -285,6 +370,7 @@ pub fn status(backend: &dyn Backend, name: &str, policy: &mut dyn Policy) -> Res
         name: state.name,
         generation: state.generation,
         holders: state.tickets.holders,
+        notes: state.notes,
         waiters,
         order_note,
         unreadable: state.unreadable,

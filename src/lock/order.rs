@@ -12,13 +12,17 @@ use crate::policy::{Mode, Policy, PolicyError};
 /// The rank a ticket gets when the policy cannot rank it (documented: its priority, so the
 /// order is that of `builtin:default`).
 pub fn fallback_rank(t: &TicketData) -> i64 {
-    t.priority as i64
+    t.request().priority as i64
 }
 
 /// Sorts ranked waiters into serving order: rank descending, then arrival, then ticket id.
 pub fn sort(ranked: &mut [(TicketData, i64)]) {
     ranked.sort_by(|(a, ra), (b, rb)| {
-        (Reverse(*ra), a.enqueued_at_ms, &a.id).cmp(&(Reverse(*rb), b.enqueued_at_ms, &b.id))
+        (Reverse(*ra), a.request().enqueued_at_ms, &a.id()).cmp(&(
+            Reverse(*rb),
+            b.request().enqueued_at_ms,
+            &b.id(),
+        ))
     });
 }
 
@@ -38,17 +42,17 @@ pub fn order(
     }
     let mut ranked = Vec::with_capacity(waiters.len());
     for t in waiters {
-        let r = match policy.rank(&t.to_ticket(), now_ms) {
+        let r = match policy.rank(&t.ticket, now_ms) {
             Ok(r) => r,
-            Err(e) if t.id != me && !e.is_load_error() => {
+            Err(e) if t.id() != me && !e.is_load_error() => {
                 static SAID: AtomicBool = AtomicBool::new(false);
                 if !SAID.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "{e} (ranking ticket {} of {}:{}, labels {}); that ticket is ranked by its priority instead — its owner gets the error",
-                        crate::output::escape(&t.id),
-                        crate::output::escape(&t.host),
-                        t.pid,
-                        labels_text(&t.labels)
+                        crate::output::escape(t.id()),
+                        crate::output::escape(&t.request().host),
+                        t.request().pid,
+                        labels_text(&t.request().labels)
                     );
                 }
                 fallback_rank(&t)
@@ -70,7 +74,7 @@ pub fn rank_all(
 ) -> Result<Vec<(TicketData, i64)>, PolicyError> {
     let mut ranked = Vec::with_capacity(waiters.len());
     for t in waiters {
-        let r = policy.rank(&t.to_ticket(), now_ms)?;
+        let r = policy.rank(&t.ticket, now_ms)?;
         ranked.push((t, r));
     }
     sort(&mut ranked);
@@ -91,7 +95,7 @@ pub fn rank_for_status(
         let r = if note.as_ref().is_some_and(|(load, _)| *load) {
             fallback_rank(&t)
         } else {
-            match policy.rank(&t.to_ticket(), now_ms) {
+            match policy.rank(&t.ticket, now_ms) {
                 Ok(r) => r,
                 Err(e) => {
                     note.get_or_insert((e.is_load_error(), e.to_string()));
@@ -125,7 +129,7 @@ pub fn head_len(ordered: &[(TicketData, i64)], slots: u32) -> usize {
     let mut n = 0;
     let mut all_shared = true;
     for (t, _) in ordered {
-        let shared = t.mode == Mode::Shared;
+        let shared = t.request().mode == Mode::Shared;
         if n < slots as usize || (all_shared && shared) {
             n += 1;
             all_shared &= shared;
@@ -185,25 +189,10 @@ mod tests {
     use crate::policy::native::DefaultPolicy;
 
     pub(crate) fn t(id: &str, mode: Mode, priority: i32, at: u64) -> TicketData {
-        TicketData {
-            id: id.into(),
-            lock: "l".into(),
-            mode,
-            priority,
-            labels: vec![],
-            host: "h".into(),
-            pid: 1,
-            enqueued_at_ms: at,
-            wait_limit_ms: None,
-            queue_key: None,
-            holding: false,
-            slot: None,
-            acquired_at_ms: None,
-            generation: None,
-            revision: None,
-            lease_left_ms: None,
-            uid: None,
-        }
+        let mut o = crate::lock::Options::new("l");
+        o.mode = mode;
+        o.priority = priority;
+        TicketData::new(&o, id.into(), at, "h".into(), 1)
     }
 
     #[test]
@@ -215,7 +204,7 @@ mod tests {
             t("0", Mode::Exclusive, 0, 10),
         ];
         let o = order(w, "1", &mut DefaultPolicy, 0).unwrap();
-        let ids: Vec<&str> = o.iter().map(|(t, _)| t.id.as_str()).collect();
+        let ids: Vec<&str> = o.iter().map(|(t, _)| t.id()).collect();
         assert_eq!(ids, ["2", "0", "3", "1"]);
     }
 

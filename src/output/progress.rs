@@ -1,7 +1,7 @@
 //! The progress line of a waiting request (stderr): at the start of the wait, then every
 //! `progress_interval`; one line on success saying how long it waited (only if it waited).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What a progress line shows of one holder.
 #[derive(Debug, Clone)]
@@ -16,37 +16,42 @@ pub struct HolderView {
     pub held_for_ms: Option<u64>,
 }
 
-/// Progress reporting for one request; `interval: None` is quiet (`-q`).
+/// Progress lines of one request, timed by the clock of the events that drive them (see
+/// `lock::events`): at the start of the wait, then every `interval`.
 #[derive(Debug)]
 pub struct Progress {
     name: String,
-    interval: Option<Duration>,
-    next: Option<Instant>,
+    interval: Duration,
+    next: Option<Duration>,
     shown: bool,
 }
 
 impl Progress {
-    /// Reporting for lock `name`, every `interval` (None: never).
-    pub fn new(name: &str, interval: Option<Duration>) -> Self {
+    /// Reporting for lock `name`, every `interval` (at least 100 ms).
+    pub fn new(name: &str, interval: Duration) -> Self {
         Self {
             name: name.to_string(),
-            interval,
+            interval: interval.max(Duration::from_millis(100)),
             next: None,
             shown: false,
         }
     }
 
-    /// Called at each evaluation of a waiting request; prints when a line is due.
-    /// `position` is 1-based among waiters, `holders` as last scanned.
-    pub fn waiting(&mut self, holders: &[HolderView], position: usize, waiting: usize) {
-        let Some(interval) = self.interval else {
-            return;
-        };
-        let now = Instant::now();
-        if self.next.is_some_and(|n| now < n) {
-            return;
-        }
-        self.next = Some(now + interval.max(Duration::from_millis(100)));
+    /// Whether a line is due at `at`.
+    pub fn due(&self, at: Duration) -> bool {
+        self.next.is_none_or(|n| at >= n)
+    }
+
+    /// Prints a waiting line (`position` is 1-based among `waiting` waiters) and schedules
+    /// the next one.
+    pub fn waiting(
+        &mut self,
+        at: Duration,
+        holders: &[HolderView],
+        position: usize,
+        waiting: usize,
+    ) {
+        self.next = Some(at + self.interval);
         self.shown = true;
         eprintln!(
             "cachelock: waiting for lock {}: {}; position {position} of {waiting} waiting",
@@ -55,9 +60,9 @@ impl Progress {
         );
     }
 
-    /// Called once the lock is taken after `waited`; prints only if a waiting line was printed.
+    /// The lock is taken after `waited`; says so only if a waiting line was printed.
     pub fn acquired(&self, waited: Duration) {
-        if self.interval.is_some() && self.shown {
+        if self.shown {
             eprintln!(
                 "cachelock: acquired lock {} after waiting {:.1}s",
                 self.name,

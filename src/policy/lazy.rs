@@ -58,7 +58,7 @@ impl LazyPolicy {
         !matches!(self.state, State::Unloaded)
     }
 
-    fn start(&mut self) {
+    fn start(&mut self) -> Result<(), PolicyError> {
         if let State::Unloaded = self.state {
             let (tx, rx) = mpsc::channel();
             let spec = self.spec.clone();
@@ -67,12 +67,18 @@ impl LazyPolicy {
                 .spawn(move || {
                     let _ = tx.send(WasmPolicy::load(&spec));
                 })
-                .expect("the policy loader thread starts");
+                .map_err(|e| {
+                    PolicyError::fault(
+                        &self.spec.name,
+                        format!("cannot start a thread to load it: {e}"),
+                    )
+                })?;
             self.state = State::Loading {
                 rx,
                 since: Instant::now(),
             };
         }
+        Ok(())
     }
 
     /// Waits for the loader until `until` (or a terminating signal); returns whether it is done.
@@ -162,7 +168,7 @@ impl LazyPolicy {
     fn policy(&mut self) -> Result<Option<&mut WasmPolicy>, PolicyError> {
         match self.state {
             State::Unloaded => {
-                self.start();
+                self.start()?;
                 self.wait_until(None);
             }
             State::Loading { .. } => {
@@ -238,23 +244,31 @@ impl Policy for LazyPolicy {
         &self.spec.name
     }
 
-    fn ready(&mut self) -> Result<bool, PolicyError> {
+    fn ready(&mut self, until: Option<Instant>) -> Result<Readiness, PolicyError> {
         let waited = match self.state {
             State::Unloaded => {
-                self.start();
+                self.start()?;
                 true
             }
             State::Loading { .. } => false,
-            State::Ready(_) => return Ok(false),
+            State::Ready(_) => {
+                return Ok(Readiness {
+                    waited: false,
+                    loaded: true,
+                })
+            }
             State::Failed(ref e) => return Err(e.clone()),
         };
         let State::Loading { since, .. } = self.state else {
             unreachable!("started above")
         };
-        let bound = since + self.spec.budget.wait;
+        // The caller's deadline cuts the wait short: `-n` and `-w` hold while a policy
+        // compiles (the request is then decided by the fallback rules).
+        let own = since + self.spec.budget.wait;
+        let bound = until.map_or(own, |u| u.min(own));
         let before = Instant::now();
         let done = self.wait_until(Some(bound));
-        if !done && !self.said_compiling && Instant::now() >= bound {
+        if !done && !self.said_compiling && Instant::now() >= own {
             self.said_compiling = true;
             tracing::warn!(
                 "policy '{}' is still compiling after {} s (policy_compile.wait_seconds): \
@@ -266,7 +280,17 @@ impl Policy for LazyPolicy {
         if let State::Failed(e) = &self.state {
             return Err(e.clone());
         }
-        Ok(waited || before.elapsed() >= Duration::from_millis(1))
+        Ok(Readiness {
+            waited: waited || before.elapsed() >= Duration::from_millis(1),
+            loaded: done,
+        })
+    }
+
+    fn digest(&self) -> Option<&str> {
+        match &self.state {
+            State::Ready(p) => Some(&p.info().sha256),
+            _ => None,
+        }
     }
 
     fn rank(&mut self, waiter: &Ticket, now_ms: u64) -> Result<i64, PolicyError> {

@@ -138,21 +138,40 @@ impl From<PolicyError> for crate::error::Error {
     }
 }
 
+/// What [`Policy::ready`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// It waited (for a compile): snapshots taken before are stale.
+    pub waited: bool,
+    /// It is loaded (or known not to load): no need to ask again.
+    pub loaded: bool,
+}
+
 /// The decision seam between the host mechanics and a policy (see `wit/policy.wit` for the
 /// meaning of each call). Methods take `&mut self` because a WASM instance's store is mutable.
 pub trait Policy {
     /// Name used in messages and logs.
     fn name(&self) -> &str;
 
-    /// Loads the policy if it is not loaded yet, waiting for a compile in progress up to the
-    /// documented bound (`policy_compile.wait_seconds`). The engine calls it once it knows the
-    /// request is contended and before it ranks anyone; `Ok(true)` means it waited, so any queue
-    /// snapshot taken before the call is stale and must be taken again (no decision may rest on
-    /// a snapshot older than the policy call that ranked it). After the bound, the policy
-    /// answers by the fallback rules (rank = priority) until the compile ends, and says so once.
-    /// Policies that are always loaded keep the default.
-    fn ready(&mut self) -> Result<bool, PolicyError> {
-        Ok(false)
+    /// Loads the policy if it is not loaded yet, waiting for a compile in progress up to
+    /// `until` (the caller's deadline) and at most the documented bound
+    /// (`policy_compile.wait_seconds`). The engine calls it once it knows the request is
+    /// contended and before it ranks anyone. [`Readiness::waited`]: any queue snapshot taken
+    /// before the call is stale and must be taken again (no decision may rest on a snapshot
+    /// older than the policy call that ranked it). While it is not [`Readiness::loaded`], the
+    /// policy answers by the fallback rules (rank = priority), and says so once. Policies that
+    /// are always loaded keep the default.
+    fn ready(&mut self, until: Option<std::time::Instant>) -> Result<Readiness, PolicyError> {
+        let _ = until;
+        Ok(Readiness {
+            waited: false,
+            loaded: true,
+        })
+    }
+
+    /// The digest of the policy's module (`sha256:...`), once it is loaded.
+    fn digest(&self) -> Option<&str> {
+        None
     }
 
     /// Ordering key: among live waiters the highest rank goes next; ties go to the earliest

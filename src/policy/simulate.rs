@@ -1,21 +1,28 @@
-//! `policy simulate`: runs a [`Scenario`] through a policy in simulated time and records who
-//! is served when and every decision. Event-driven: time jumps to the next arrival, release or
-//! re-evaluation, so the result does not depend on a step size. The queue's rules are the
-//! engine's own (`lock::order`: order, head set, slot grants), not a copy.
+//! `policy simulate`: runs a [`Scenario`] in simulated time through the engine's own scheduler
+//! (`lock::schedule`) over the in-memory store (`lock::memory`), one scheduler per request, and
+//! records who is served when and every decision. What a simulation shows is what the engine
+//! does: the same looks at the queue, tries, decision reuse, stall passing and bounds. Time
+//! jumps to the next arrival, release or wake-up any scheduler asked for, so the result does
+//! not depend on a step size (unless the scenario sets one).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::scenario::Scenario;
 use super::*;
-use crate::lock::order::{self, Slots};
-use crate::lock::TicketData;
+use crate::lock::backend::{Held, Queued, TicketData, Wake, Watch};
+use crate::lock::events::{Event as LockEvent, Now, Observer, Outcome as Ending};
+use crate::lock::memory::{MemoryBackend, MemoryQueued};
+use crate::lock::schedule::{Action, Config, End, Input, Scheduler};
+use crate::lock::Options;
 
-/// Simulated Unix time of t=0 (any fixed value: policies see `now-ms` and `enqueued-at-ms`).
-pub const EPOCH_MS: u64 = 1_700_000_000_000;
-/// When a refused fall-back is evaluated again.
-pub const REFUSED_FALLBACK_RETRY_MS: u64 = 100;
-/// Bound on decisions, so that a scenario cannot run for ever.
+/// Bound on policy calls, so that a scenario cannot run for ever.
 pub const MAX_DECISIONS: usize = 200_000;
+/// Bound on scheduler steps at one moment (a scheduler that never waits would be a bug).
+const MAX_STEPS_AT_ONE_MOMENT: usize = 1_000_000;
 
 /// One thing that happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -24,7 +31,7 @@ pub struct Event {
     pub t_ms: u64,
     /// Ticket id.
     pub id: String,
-    /// `arrive`, `wait`, `serve`, `release`, `give-up`, `fall-back`.
+    /// `arrive`, `wait`, `pass`, `serve`, `release`, `give-up`, `fall-back`.
     pub kind: String,
     /// Details: the decision, the rank, the reason.
     pub detail: String,
@@ -57,65 +64,231 @@ pub struct Outcome {
     pub decisions: usize,
 }
 
-struct Waiter {
-    idx: usize,
-    ticket: Ticket,
-    next_eval: u64,
-    evaluations: u32,
+/// What a request is doing between moments.
+enum State {
+    Waiting {
+        until: Duration,
+        watch: Watched,
+    },
+    Holding {
+        held: Box<dyn Held>,
+        until: Option<Duration>,
+    },
+    Over,
 }
 
-struct Holding {
-    ticket: Ticket,
-    slot: u32,
-    release_at: Option<u64>,
+/// A `Watch` that outlives the step that asked for it.
+enum Watched {
+    Lock,
+    Ahead(Box<TicketData>),
 }
 
-/// The engine's view of a simulated ticket (the simulation has no hosts or pids).
-pub(crate) fn ticket_data(t: &Ticket) -> TicketData {
-    TicketData {
-        id: t.id.clone(),
-        lock: t.request.lock.clone(),
-        mode: t.request.mode,
-        priority: t.request.priority,
-        labels: t.request.labels.clone(),
-        host: t.request.host.clone(),
-        pid: t.request.pid,
-        enqueued_at_ms: t.request.enqueued_at_ms,
-        wait_limit_ms: t.request.wait_limit_ms,
-        queue_key: None,
-        holding: false,
-        slot: None,
-        acquired_at_ms: None,
-        generation: None,
-        revision: None,
-        lease_left_ms: None,
-        uid: None,
+impl Watched {
+    fn of(w: Watch<'_>) -> Watched {
+        match w {
+            Watch::Lock => Watched::Lock,
+            Watch::Ahead(t) => Watched::Ahead(Box::new(t.clone())),
+        }
     }
+
+    fn get(&self) -> Watch<'_> {
+        match self {
+            Watched::Lock => Watch::Lock,
+            Watched::Ahead(t) => Watch::Ahead(t),
+        }
+    }
+}
+
+/// One request of the scenario.
+struct Request {
+    /// Index in `scenario.arrivals`.
+    idx: usize,
+    queued: Option<MemoryQueued>,
+    sched: Scheduler,
+    state: State,
+}
+
+/// The policy, counting calls against [`MAX_DECISIONS`].
+struct Counted<'a> {
+    policy: &'a mut dyn Policy,
+    calls: usize,
+}
+
+impl Counted<'_> {
+    fn count(&mut self) -> Result<(), PolicyError> {
+        self.calls += 1;
+        if self.calls > MAX_DECISIONS {
+            return Err(PolicyError::fault(
+                self.policy.name(),
+                format!(
+                    "the simulation made more than {MAX_DECISIONS} decisions; shorten `until_ms`"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Policy for Counted<'_> {
+    fn name(&self) -> &str {
+        self.policy.name()
+    }
+    fn rank(&mut self, waiter: &Ticket, now_ms: u64) -> Result<i64, PolicyError> {
+        self.count()?;
+        self.policy.rank(waiter, now_ms)
+    }
+    fn on_wait(&mut self, state: &WaitState) -> Result<WaitDecision, PolicyError> {
+        self.count()?;
+        self.policy.on_wait(state)
+    }
+    fn start_timeout_ms(&mut self, attempt: &StartAttempt) -> Result<u64, PolicyError> {
+        self.policy.start_timeout_ms(attempt)
+    }
+    fn on_start_failure(
+        &mut self,
+        attempt: &StartAttempt,
+        failure: &StartFailure,
+        log_tail: &str,
+    ) -> Result<RetryDecision, PolicyError> {
+        self.policy.on_start_failure(attempt, failure, log_tail)
+    }
+    fn stop_timeout_ms(&mut self, cache_id: Option<&str>) -> Result<u64, PolicyError> {
+        self.policy.stop_timeout_ms(cache_id)
+    }
+}
+
+/// What the schedulers' events become in the simulation's record.
+struct Recorder {
+    events: Mutex<Vec<Event>>,
+    /// Each ticket's last rank, for the `serve` line.
+    ranks: Mutex<std::collections::HashMap<String, i64>>,
+    /// Whose scheduler is stepping (events of a wait carry no ticket of their own).
+    current: Mutex<String>,
+}
+
+impl Recorder {
+    fn push(&self, now: Now, id: &str, kind: &str, detail: String) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Event {
+                t_ms: now.at.as_millis() as u64,
+                id: id.to_string(),
+                kind: kind.to_string(),
+                detail,
+            });
+    }
+}
+
+impl Observer for Recorder {
+    fn event(&self, now: Now, event: &LockEvent<'_>) {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match event {
+            LockEvent::Arrived { ticket } => {
+                let r = ticket.request();
+                let detail = format!("priority {}, {:?}", r.priority, r.mode).to_lowercase();
+                self.push(now, ticket.id(), "arrive", detail);
+            }
+            LockEvent::Ranked { order, .. } => {
+                let mut ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
+                for (t, r) in order.iter() {
+                    ranks.insert(t.id().to_string(), *r);
+                }
+            }
+            LockEvent::Passed { tickets, free_for } => {
+                let ids: Vec<&str> = tickets.iter().map(|t| t.id()).collect();
+                let detail = format!(
+                    "passes {} (the lock was free for {:.3}s without them taking it)",
+                    ids.join(", "),
+                    free_for.as_secs_f64()
+                );
+                self.push(now, &current, "pass", detail);
+            }
+            LockEvent::Decided {
+                decision, refused, ..
+            } => {
+                let detail = match decision {
+                    WaitDecision::KeepWaiting(ms) => format!("keep-waiting {ms} ms"),
+                    WaitDecision::FallBack(reason) if *refused => format!(
+                        "fall-back refused (the lock does not allow it; `fallback: true` in the scenario): {reason}"
+                    ),
+                    // The end of the request records these.
+                    _ => return,
+                };
+                self.push(now, &current, "wait", detail);
+            }
+            LockEvent::Acquired { ticket, waited } => {
+                let rank = self
+                    .ranks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(ticket.id())
+                    .copied()
+                    .unwrap_or(0);
+                let detail = format!("rank {rank}, waited {} ms", waited.as_millis());
+                self.push(now, ticket.id(), "serve", detail);
+            }
+            LockEvent::Finished(s) => {
+                let kind = match s.outcome {
+                    Ending::FellBack => "fall-back",
+                    Ending::Conflict | Ending::Timeout | Ending::GaveUp => "give-up",
+                    _ => return,
+                };
+                let detail = s.reason.unwrap_or_default().to_string();
+                self.push(now, s.ticket.id(), kind, detail);
+            }
+            LockEvent::Tried { .. } | LockEvent::Waits { .. } => {}
+        }
+    }
+}
+
+/// The engine's options of one simulated request.
+fn options(scenario: &Scenario, a: &super::scenario::Arrival) -> Options {
+    let mut o = Options::new(&scenario.lock);
+    o.mode = a.mode;
+    o.priority = a.priority;
+    o.labels = labels(&a.labels);
+    o.wait_limit_ms = a.wait_limit_ms;
+    o.slots = scenario.slots;
+    o.fallback_allowed = scenario.fallback;
+    o
 }
 
 fn labels(m: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 /// Runs `scenario` through `policy`.
 pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, PolicyError> {
-    let mk = |id: &str, mode, priority, labels, at: u64, wait_limit_ms| Ticket {
-        id: id.to_string(),
-        request: Request {
-            lock: scenario.lock.clone(),
-            mode,
-            priority,
-            labels,
-            host: "simulated".into(),
-            pid: 0,
-            enqueued_at_ms: EPOCH_MS + at,
-            wait_limit_ms,
-        },
+    let start_ms = scenario.start_ms();
+    let clock = Arc::new(AtomicU64::new(start_ms));
+    let store = MemoryBackend::with_clock(clock.clone(), "simulated", 0);
+    let name = policy.name().to_string();
+    let fault = |e: crate::error::Error| PolicyError::fault(&name, e.message);
+    let mut policy = Counted { policy, calls: 0 };
+    let rec = Recorder {
+        events: Mutex::new(Vec::new()),
+        ranks: Mutex::new(Default::default()),
+        current: Mutex::new(String::new()),
     };
-    let mut slots = Slots::new(scenario.slots);
-    let mut holders: Vec<Holding> = Vec::new();
+    // Holders at t=0 take their slots directly (the grant rule decides whether they can).
+    let mut holders: Vec<(Box<dyn Held>, Option<Duration>)> = Vec::new();
     for h in &scenario.holders {
-        let slot = slots.take(h.mode).ok_or_else(|| {
+        let mut o = Options::new(&scenario.lock);
+        o.mode = h.mode;
+        o.priority = h.priority;
+        o.labels = labels(&h.labels);
+        o.slots = scenario.slots;
+        let mut q = store.enqueue_as(&o, Some(&h.id)).map_err(fault)?;
+        let held = q.try_acquire().map_err(fault)?.ok_or_else(|| {
             PolicyError::fault(
                 policy.name(),
                 format!(
@@ -124,213 +297,253 @@ pub fn run(policy: &mut dyn Policy, scenario: &Scenario) -> Result<Outcome, Poli
                 ),
             )
         })?;
-        holders.push(Holding {
-            ticket: mk(&h.id, h.mode, h.priority, labels(&h.labels), 0, None),
-            slot,
-            release_at: h.release_at_ms,
-        });
+        holders.push((held, h.release_at_ms.map(Duration::from_millis)));
     }
     let mut pending: Vec<usize> = (0..scenario.arrivals.len()).collect();
-    pending.sort_by_key(|&i| (scenario.arrivals[i].at_ms, i));
-    pending.reverse(); // pop() takes the earliest
-    let mut waiting: Vec<Waiter> = Vec::new();
+    pending.sort_by_key(|&i| std::cmp::Reverse((scenario.arrivals[i].at_ms, i)));
+    let mut requests: Vec<Request> = Vec::new();
     let mut fates: Vec<(String, Fate)> = scenario
         .arrivals
         .iter()
         .map(|a| (a.id.clone(), Fate::Waiting))
         .collect();
-    let mut out = Outcome {
-        events: Vec::new(),
-        served_order: Vec::new(),
-        fates: Vec::new(),
-        decisions: 0,
-    };
-    let ev = |out: &mut Outcome, t: u64, id: &str, kind: &str, detail: String| {
-        out.events.push(Event {
-            t_ms: t,
-            id: id.to_string(),
-            kind: kind.to_string(),
-            detail,
-        })
-    };
-    let mut t = 0u64;
+    let mut served_order = Vec::new();
+    let until = Duration::from_millis(scenario.until_ms);
+    let mut t = Duration::ZERO;
     loop {
+        clock.store(start_ms + ms(t), Ordering::SeqCst);
+        let now = Now {
+            at: t,
+            wall_ms: start_ms + ms(t),
+        };
         // Releases due now.
-        holders.retain(|h| match h.release_at {
-            Some(r) if r <= t => {
-                ev(&mut out, t, &h.ticket.id, "release", String::new());
-                slots.release(h.slot, h.ticket.request.mode);
-                false
+        let mut i = 0;
+        while i < holders.len() {
+            if holders[i].1.is_some_and(|r| r <= t) {
+                let (held, _) = holders.remove(i);
+                rec.push(now, held.ticket().id(), "release", String::new());
+                held.release();
+            } else {
+                i += 1;
             }
-            _ => true,
-        });
+        }
+        for r in &mut requests {
+            if let State::Holding { until: Some(u), .. } = &r.state {
+                if *u <= t {
+                    let State::Holding { held, .. } = std::mem::replace(&mut r.state, State::Over)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    rec.push(now, held.ticket().id(), "release", String::new());
+                    held.release();
+                }
+            }
+        }
         // Arrivals due now.
         while let Some(&i) = pending.last() {
             let a = &scenario.arrivals[i];
-            if a.at_ms > t {
+            if a.at_ms > ms(t) {
                 break;
             }
             pending.pop();
-            let ticket = mk(
-                &a.id,
-                a.mode,
-                a.priority,
-                labels(&a.labels),
-                a.at_ms,
-                a.wait_limit_ms,
+            let q = store
+                .enqueue_as(&options(scenario, a), Some(&a.id))
+                .map_err(fault)?;
+            *rec.current.lock().unwrap_or_else(|e| e.into_inner()) = a.id.clone();
+            let sched = Scheduler::new(
+                Config::from(&options(scenario, a)),
+                q.ticket().clone(),
+                now,
+                &rec,
             );
-            ev(
-                &mut out,
-                t,
-                &a.id,
-                "arrive",
-                format!("priority {}, {:?}", a.priority, a.mode).to_lowercase(),
-            );
-            waiting.push(Waiter {
+            requests.push(Request {
                 idx: i,
-                ticket,
-                next_eval: t,
-                evaluations: 0,
+                queued: Some(q),
+                sched,
+                state: State::Over,
             });
+            let r = requests.last_mut().expect("pushed above");
+            drive(
+                r,
+                Input::Start,
+                now,
+                &mut policy,
+                &rec,
+                scenario,
+                &mut fates,
+                &mut served_order,
+            )?;
         }
-        // The head set tries, as in the engine: each member takes the first slot the grant
-        // rule allows; whoever is served leaves the queue, which changes the head set.
+        // Every request woken by a change or by its timer, until none is.
+        let mut steps = 0;
         loop {
-            let now = EPOCH_MS + t;
-            let tickets: Vec<TicketData> = waiting.iter().map(|w| ticket_data(&w.ticket)).collect();
-            out.decisions += tickets.len();
-            let ordered = order::rank_all(tickets, policy, now)?;
-            let head = order::head_len(&ordered, scenario.slots);
-            let mut served_any = false;
-            for (t_data, rank) in &ordered[..head] {
-                let Some(slot) = slots.take(t_data.mode) else {
-                    continue;
+            let mut any = false;
+            for r in &mut requests {
+                let wake = match &r.state {
+                    State::Waiting { until, watch } => {
+                        let q = r.queued.as_mut().expect("queued while waiting");
+                        match q.pending(watch.get()) {
+                            Some(w) => Some(w),
+                            None if *until <= t => Some(Wake::Timeout),
+                            None => None,
+                        }
+                    }
+                    _ => None,
                 };
-                let pos = waiting
-                    .iter()
-                    .position(|w| w.ticket.id == t_data.id)
-                    .expect("ranked tickets are waiting");
-                let w = waiting.remove(pos);
-                let a = &scenario.arrivals[w.idx];
-                let waited = t - a.at_ms;
-                ev(
-                    &mut out,
-                    t,
-                    &w.ticket.id,
-                    "serve",
-                    format!("rank {rank}, waited {waited} ms"),
-                );
-                out.served_order.push(w.ticket.id.clone());
-                fates[w.idx].1 = Fate::Served {
-                    at_ms: t,
-                    waited_ms: waited,
-                };
-                holders.push(Holding {
-                    ticket: w.ticket,
-                    slot,
-                    release_at: Some(t + a.hold_ms),
-                });
-                served_any = true;
+                if let Some(w) = wake {
+                    any = true;
+                    drive(
+                        r,
+                        Input::Woke(w),
+                        now,
+                        &mut policy,
+                        &rec,
+                        scenario,
+                        &mut fates,
+                        &mut served_order,
+                    )?;
+                }
             }
-            if !served_any || waiting.is_empty() {
+            steps += 1;
+            if !any {
                 break;
             }
-        }
-        // Evaluations due now (every new arrival that could not take the lock at once, and
-        // every waiter whose interval ran out).
-        let mut i = 0;
-        while i < waiting.len() {
-            if waiting[i].next_eval > t {
-                i += 1;
-                continue;
-            }
-            let w = &waiting[i];
-            let a = &scenario.arrivals[w.idx];
-            let waited = t - a.at_ms;
-            let others: Vec<Ticket> = waiting
-                .iter()
-                .filter(|o| o.ticket.id != w.ticket.id)
-                .map(|o| o.ticket.clone())
-                .collect();
-            let state = WaitState {
-                me: w.ticket.clone(),
-                holders: holders.iter().map(|h| h.ticket.clone()).collect(),
-                waiters: others,
-                waited_ms: waited,
-                evaluations: w.evaluations,
-                now_ms: EPOCH_MS + t,
-            };
-            out.decisions += 1;
-            if out.decisions > MAX_DECISIONS {
+            if steps > MAX_STEPS_AT_ONE_MOMENT {
                 return Err(PolicyError::fault(
                     policy.name(),
-                    format!("the simulation made more than {MAX_DECISIONS} decisions; shorten `until_ms`"),
+                    format!("the simulation made no progress at {} ms", ms(t)),
                 ));
             }
-            let decision = policy.on_wait(&state)?;
-            let id = w.ticket.id.clone();
-            // The caller's bound caps whatever the policy says (as the engine does).
-            let over_limit = a.wait_limit_ms.is_some_and(|l| waited >= l);
-            match decision {
-                WaitDecision::KeepWaiting(_) | WaitDecision::FallBack(_) if over_limit => {
-                    let reason = format!("waited {waited} ms, the caller's limit");
-                    ev(&mut out, t, &id, "give-up", reason.clone());
-                    fates[w.idx].1 = Fate::GaveUp { at_ms: t, reason };
-                    waiting.remove(i);
-                    continue;
-                }
-                WaitDecision::KeepWaiting(ms) => {
-                    let mut next = t + ms.max(1);
-                    if let Some(l) = a.wait_limit_ms {
-                        next = next.min(a.at_ms + l);
-                    }
-                    ev(&mut out, t, &id, "wait", format!("keep-waiting {ms} ms"));
-                    let w = &mut waiting[i];
-                    w.next_eval = next;
-                    w.evaluations += 1;
-                }
-                WaitDecision::GiveUp(reason) => {
-                    ev(&mut out, t, &id, "give-up", reason.clone());
-                    fates[w.idx].1 = Fate::GaveUp { at_ms: t, reason };
-                    waiting.remove(i);
-                    continue;
-                }
-                WaitDecision::FallBack(reason) if scenario.fallback => {
-                    ev(&mut out, t, &id, "fall-back", reason.clone());
-                    fates[w.idx].1 = Fate::FellBack { at_ms: t, reason };
-                    waiting.remove(i);
-                    continue;
-                }
-                WaitDecision::FallBack(reason) => {
-                    ev(&mut out, t, &id, "wait", format!("fall-back refused (the lock does not allow it; `fallback: true` in the scenario): {reason}"));
-                    let w = &mut waiting[i];
-                    w.next_eval = t + REFUSED_FALLBACK_RETRY_MS;
-                    w.evaluations += 1;
-                }
-            }
-            i += 1;
         }
-        // Next moment something happens.
-        let next = [
-            pending.last().map(|&i| scenario.arrivals[i].at_ms),
-            holders.iter().filter_map(|h| h.release_at).min(),
-            waiting.iter().map(|w| w.next_eval).min(),
-        ]
-        .into_iter()
-        .flatten()
-        .filter(|&n| n > t)
-        .min()
-        .map(|n| match scenario.step_ms {
-            0 => n,
-            step => n.div_ceil(step).saturating_mul(step),
-        });
+        // The next moment something happens.
+        let next = pending
+            .last()
+            .map(|&i| Duration::from_millis(scenario.arrivals[i].at_ms))
+            .into_iter()
+            .chain(holders.iter().filter_map(|(_, r)| *r))
+            .chain(requests.iter().filter_map(|r| match &r.state {
+                State::Waiting { until, .. } => Some(*until),
+                State::Holding { until, .. } => *until,
+                State::Over => None,
+            }))
+            .filter(|n| *n > t)
+            .min()
+            .map(|n| match scenario.step_ms {
+                0 => n,
+                step => Duration::from_millis(ms(n).div_ceil(step).saturating_mul(step)),
+            });
         match next {
-            Some(n) if n <= scenario.until_ms => t = n,
+            Some(n) if n <= until => t = n,
             _ => break,
         }
     }
-    out.fates = fates;
-    Ok(out)
+    let mut events = rec.events.into_inner().unwrap_or_else(|e| e.into_inner());
+    events.sort_by_key(|e| e.t_ms);
+    Ok(Outcome {
+        events,
+        served_order,
+        fates,
+        decisions: policy.calls,
+    })
+}
+
+/// Carries out one request's actions at `now` until it waits or is over.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    r: &mut Request,
+    input: Input<'static>,
+    now: Now,
+    policy: &mut dyn Policy,
+    rec: &Recorder,
+    scenario: &Scenario,
+    fates: &mut [(String, Fate)],
+    served_order: &mut Vec<String>,
+) -> Result<(), PolicyError> {
+    let a = &scenario.arrivals[r.idx];
+    *rec.current.lock().unwrap_or_else(|e| e.into_inner()) = a.id.clone();
+    let name = policy.name().to_string();
+    let fault = |e: crate::error::Error| PolicyError::fault(&name, e.message);
+    let mut held: Option<Box<dyn Held>> = None;
+    let mut answer = Answer::First(input);
+    loop {
+        let input = match answer {
+            Answer::First(i) => i,
+            Answer::Scanned(snapshot, listed) => Input::Scanned { snapshot, listed },
+            Answer::Ready(r) => Input::PolicyReady(r),
+            Answer::Tried => Input::Tried(held.as_deref().map(|h| h.ticket())),
+        };
+        let action = r.sched.step(now, input, policy, rec)?;
+        let q = r.queued.as_mut().expect("queued while scheduling");
+        answer = match action {
+            Action::Scan { listing } => {
+                let (snapshot, listed) = if listing {
+                    q.rescan()
+                } else {
+                    q.scan().map(|s| (s, false))
+                }
+                .map_err(fault)?;
+                Answer::Scanned(snapshot, listed)
+            }
+            // The policy was loaded before the simulation began.
+            Action::LoadPolicy { .. } => Answer::Ready(policy.ready(None)?),
+            Action::Try => {
+                held = q.try_acquire().map_err(fault)?;
+                Answer::Tried
+            }
+            Action::Wait { until, watch } => {
+                r.state = State::Waiting {
+                    until,
+                    watch: Watched::of(watch),
+                };
+                return Ok(());
+            }
+            Action::Done(end) => {
+                let at_ms = ms(now.at);
+                match end {
+                    End::Acquired => {
+                        let held = held.take().expect("a granted lock is held");
+                        served_order.push(a.id.clone());
+                        fates[r.idx].1 = Fate::Served {
+                            at_ms,
+                            waited_ms: at_ms.saturating_sub(a.at_ms),
+                        };
+                        // The held lock owns the ticket now.
+                        drop(r.queued.take());
+                        r.state = State::Holding {
+                            held,
+                            until: Some(now.at + Duration::from_millis(a.hold_ms)),
+                        };
+                    }
+                    End::GaveUp { message, .. } => {
+                        fates[r.idx].1 = Fate::GaveUp {
+                            at_ms,
+                            reason: message,
+                        };
+                        if let Some(q) = r.queued.take() {
+                            Box::new(q).leave(None);
+                        }
+                        r.state = State::Over;
+                    }
+                    End::FellBack { reason } => {
+                        fates[r.idx].1 = Fate::FellBack { at_ms, reason };
+                        if let Some(q) = r.queued.take() {
+                            Box::new(q).leave(None);
+                        }
+                        r.state = State::Over;
+                    }
+                }
+                return Ok(());
+            }
+        };
+    }
+}
+
+/// What an action returned, kept until the next step.
+enum Answer<'a> {
+    First(Input<'a>),
+    Scanned(crate::lock::backend::Snapshot, bool),
+    Ready(Readiness),
+    Tried,
 }
 
 /// Human-readable rendering: one line per event, then the order served and each fate.

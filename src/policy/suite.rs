@@ -408,13 +408,11 @@ fn call(
             .map_err(err);
     }
     let _ = suite;
-    let tickets: Vec<_> = queue(c, lock, now)
-        .iter()
-        .map(super::simulate::ticket_data)
-        .collect();
+    let tickets: Vec<crate::lock::TicketData> =
+        queue(c, lock, now).into_iter().map(Into::into).collect();
     let ranked = crate::lock::order::rank_all(tickets, policy, now).map_err(err)?;
     Ok(Actual::Ranked(
-        ranked.into_iter().map(|(t, r)| (t.id, r)).collect(),
+        ranked.into_iter().map(|(t, r)| (t.ticket.id, r)).collect(),
     ))
 }
 

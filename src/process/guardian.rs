@@ -17,9 +17,9 @@
 //! flock(1); it applies the same signal rule as cachelock: terminal-generated signals are not
 //! forwarded (the command got them), sent ones are.
 //!
-//! Wire format: cachelock → guardian, 8-byte little-endian `CLOCK_MONOTONIC` nanoseconds (see
-//! [`crate::lock::backend::Lease`]); guardian → cachelock, one line: `exit N`, `lost`, or
-//! `spawn ERRNO` (the command could not be started).
+//! Wire format: cachelock → guardian, 8-byte little-endian `CLOCK_MONOTONIC` nanoseconds, the
+//! lease's stop deadline ([`link`]; 0: stop now); guardian → cachelock, one line: `exit N`,
+//! `lost`, or `spawn ERRNO` (the command could not be started).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use super::{exit_code, spawn, Origin, Signals};
 use crate::error::code;
+use crate::lock::Lease;
 use crate::sys;
 
 /// The first argument that makes cachelock's binary a guardian (`cachelock __cachelock-guardian
@@ -61,6 +62,16 @@ pub(super) fn command(program: &OsStr, fd: RawFd, grace: Duration) -> Command {
         .arg("--")
         .arg(program);
     cmd
+}
+
+/// Sends every stop deadline of `lease` to a guardian over `link` (non-blocking: a guardian that
+/// is gone is dropped from the lease's watchers).
+pub(super) fn link(lease: &Lease, link: UnixStream) {
+    let _ = link.set_nonblocking(true);
+    lease.watch(Box::new(move |deadline| {
+        let mut w = &link;
+        !matches!(w.write(&deadline.to_le_bytes()), Err(e) if e.kind() != io::ErrorKind::WouldBlock)
+    }));
 }
 
 /// What the guardian reported, read by cachelock once it exited.

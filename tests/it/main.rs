@@ -5,6 +5,7 @@
 mod support;
 
 mod buildkitd_image;
+mod conformance;
 mod deb;
 mod dockerd_bad_input;
 mod dockerd_beyond;

@@ -362,7 +362,7 @@ fn rank_faults_name_the_ticket_and_big_queues_are_fitted() {
     let settings = l.config.lock_settings("l");
     let py = python_policy().display().to_string();
     let mut p = policy::for_lock(&l, &settings, Some(&py), &[]).unwrap();
-    p.ready().unwrap();
+    p.ready(None).unwrap();
     let bad = ticket("0000000042", 0, 5, &[("trap", "yes"), ("team", "infra")]);
     let e = p.rank(&bad, 10).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Fault);
@@ -399,11 +399,11 @@ fn past_the_wait_bound_ranks_fall_back_to_priority_until_compiled() {
     let mut p = policy::for_lock(&l, &settings, Some(&py), &[]).unwrap();
     let t = ticket("a", 2, 5, &[("rank", "40")]);
     // An empty cache: the compile takes seconds; the bound is 0 s.
-    p.ready().unwrap();
+    p.ready(None).unwrap();
     assert_eq!(p.rank(&t, 10).unwrap(), 2, "fallback: rank = priority");
     let start = Instant::now();
     loop {
-        p.ready().unwrap();
+        p.ready(None).unwrap();
         if p.rank(&t, 10).unwrap() == 42 {
             break;
         }

@@ -18,7 +18,8 @@ use super::client::{lease_gone, Conn};
 use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{
-    Backend, Containment, Held, Lease, LockState, Queued, Snapshot, TicketData, Wake, Watch,
+    Backend, Containment, Held, Lease, LeaseRule, LockState, Queued, Snapshot, StoreNote,
+    TicketData, Wake, Watch,
 };
 use crate::lock::order::Slots;
 use crate::lock::{name, now_ms, Options};
@@ -123,14 +124,32 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("encodes")
 }
 
+/// A waiting ticket as read, with the lease it lives on.
+#[derive(Debug)]
+struct Waiting {
+    ticket: TicketData,
+    lease: i64,
+}
+
+/// A holder key as read: its ticket, lease, slot and mode (from the key), and the revision of
+/// the grant that created it.
+#[derive(Debug)]
+struct Holding {
+    ticket: TicketData,
+    lease: i64,
+    slot: u32,
+    mode: Mode,
+    revision: i64,
+}
+
 /// The parsed keys of one lock.
 #[derive(Debug, Default)]
 struct Read_ {
     meta: Option<(Meta, i64)>,
     generation: u64,
     gen_rev: i64,
-    waiters: Vec<(TicketData, i64)>,
-    holders: Vec<(TicketData, i64, u32, Mode)>,
+    waiters: Vec<Waiting>,
+    holders: Vec<Holding>,
     revision: i64,
 }
 
@@ -155,8 +174,11 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
                 .unwrap_or(0);
             r.gen_rev = kv.mod_revision();
         } else if rest.starts_with("q/") {
-            if let Some(t) = ticket_of(kv) {
-                r.waiters.push((t, kv.lease()));
+            if let Some(ticket) = ticket_of(kv) {
+                r.waiters.push(Waiting {
+                    ticket,
+                    lease: kv.lease(),
+                });
             }
         } else if let Some(h) = rest.strip_prefix("h/") {
             let mut parts = h.split('/');
@@ -166,9 +188,14 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
                 Some("s") => Some(Mode::Shared),
                 _ => None,
             };
-            if let (Some(slot), Some(mode), Some(mut t)) = (slot, mode, ticket_of(kv)) {
-                t.revision = Some(kv.create_revision());
-                r.holders.push((t, kv.lease(), slot, mode));
+            if let (Some(slot), Some(mode), Some(ticket)) = (slot, mode, ticket_of(kv)) {
+                r.holders.push(Holding {
+                    ticket,
+                    lease: kv.lease(),
+                    slot,
+                    mode,
+                    revision: kv.create_revision(),
+                });
             }
         }
     }
@@ -188,8 +215,8 @@ impl EtcdBackend {
         })
     }
 
-    fn ttl_secs(&self) -> i64 {
-        self.conn.store.lease_ttl.as_secs_f64().ceil().max(1.0) as i64
+    fn rule(&self) -> LeaseRule {
+        LeaseRule::new(self.conn.store.lease_ttl)
     }
 
     /// Reads every key of one lock.
@@ -220,25 +247,37 @@ async fn grant_lease(conn: &Conn, ttl: i64) -> Result<i64> {
     Ok(r.id())
 }
 
-/// Revokes a lease, retried across endpoints until confirmed (a lease already gone counts).
-async fn revoke_lease(conn: &Conn, id: i64) -> Result<()> {
-    let r = conn
-        .call("a lease revoke", |mut c| async move {
-            match c.lease_revoke(id).await {
-                Ok(_) => Ok(()),
-                Err(e) if lease_gone(&e) => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
-        .await;
-    r
+/// Revokes a lease (a lease already gone counts): retried across endpoints until confirmed
+/// when `patient`, else one attempt within one request timeout (a drop on an error path must
+/// not hang; the lease expires by itself within its TTL).
+async fn revoke_lease(conn: &Conn, id: i64, patient: bool) -> Result<()> {
+    let revoke = |mut c: etcd_client::Client| async move {
+        match c.lease_revoke(id).await {
+            Ok(_) => Ok(()),
+            Err(e) if lease_gone(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    };
+    if patient {
+        return conn.call("a lease revoke", revoke).await;
+    }
+    let once = async {
+        match conn.current_client().await {
+            Ok((_, c)) => revoke(c).await.map_err(|e| e.to_string()),
+            Err(_) => Err("no endpoint".to_string()),
+        }
+    };
+    match tokio::time::timeout(conn.store.request_timeout, once).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(conn.unavailable("a lease revoke", &why)),
+        Err(_) => Err(conn.unavailable("a lease revoke", "no answer")),
+    }
 }
 
-/// Keeps lease `id` alive every tenth of `ttl`; each confirmed renewal moves `lease`'s stop
-/// deadline to 3/5 of the TTL after the renewal was *sent* (SIGKILL by 4/5, the server's expiry
-/// no earlier than the full TTL). A lease found gone is lost at once.
-async fn keep_alive(conn: Arc<Conn>, id: i64, ttl: Duration, lease: Lease) {
-    let period = (ttl / 10).max(Duration::from_millis(100));
+/// Keeps lease `id` alive as `rule` says; each confirmed renewal moves `lease`'s stop deadline
+/// (counted from when the renewal was *sent*). A lease found gone is lost at once.
+async fn keep_alive(conn: Arc<Conn>, id: i64, rule: LeaseRule, lease: Lease) {
+    let period = rule.renew_every();
     let mut stream: Option<(
         usize,
         etcd_client::LeaseKeeper,
@@ -266,15 +305,14 @@ async fn keep_alive(conn: Arc<Conn>, id: i64, ttl: Duration, lease: Lease) {
                     // Opening the stream sends a first renewal (and fails if the lease is gone).
                     let (k, s) = c.lease_keep_alive(id).await?;
                     stream = Some((i, k, s));
-                    Ok(ttl.as_secs() as i64)
+                    Ok(rule.ttl_secs())
                 }
             }
         })
         .await;
         match outcome {
             Ok(Ok(left)) if left > 0 => {
-                let stop = sent + (left as u64) * 600_000_000;
-                lease.extend(stop);
+                lease.extend(rule.stop_at(sent, Duration::from_secs(left as u64)));
             }
             Ok(Ok(_)) => {
                 tracing::warn!("lease of lock {} expired on the server", lease.lock());
@@ -382,17 +420,15 @@ async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
 impl Backend for EtcdBackend {
     fn enqueue(&self, opts: &Options) -> Result<Box<dyn Queued>> {
         let keys = Keys::new(&self.conn.store.prefix, &opts.name);
-        let ttl = self.ttl_secs();
-        let lease_id = self.conn.block_on(grant_lease(&self.conn, ttl))?;
-        let granted_at = sys::monotonic_ns();
-        let ttl_d = Duration::from_secs(ttl as u64);
-        let lease = Lease::new(&opts.name, granted_at + ttl as u64 * 600_000_000, ttl_d / 5);
-        let keeper = self.conn.spawn(keep_alive(
-            self.conn.clone(),
-            lease_id,
-            ttl_d,
-            lease.clone(),
-        ));
+        let rule = self.rule();
+        let sent = sys::monotonic_ns();
+        let lease_id = self
+            .conn
+            .block_on(grant_lease(&self.conn, rule.ttl_secs()))?;
+        let lease = rule.lease(&opts.name, sent);
+        let keeper = self
+            .conn
+            .spawn(keep_alive(self.conn.clone(), lease_id, rule, lease.clone()));
         let mut q = EtcdQueued {
             conn: self.conn.clone(),
             keys,
@@ -400,28 +436,9 @@ impl Backend for EtcdBackend {
             lease_id: Some(lease_id),
             lease,
             keeper: Some(keeper),
-            data: TicketData {
-                id: String::new(),
-                lock: opts.name.clone(),
-                mode: opts.mode,
-                priority: opts.priority,
-                labels: opts.labels.clone(),
-                host: sys::hostname(),
-                pid: std::process::id(),
-                enqueued_at_ms: 0,
-                wait_limit_ms: opts.wait_limit_ms,
-                queue_key: opts.queue_key.clone(),
-                holding: false,
-                slot: None,
-                acquired_at_ms: None,
-                generation: None,
-                revision: None,
-                lease_left_ms: None,
-                // etcd vouches for no local user: the ticket's host and pid are its claims.
-                uid: None,
-            },
+            // etcd vouches for no local user: the ticket's host and pid are its claims.
+            data: TicketData::new(opts, String::new(), 0, sys::hostname(), std::process::id()),
             revision: 0,
-            gen: (0, 0),
             watch: None,
         };
         let conn = self.conn.clone();
@@ -460,8 +477,8 @@ impl Backend for EtcdBackend {
             let mut leases: Vec<i64> = r
                 .waiters
                 .iter()
-                .map(|(_, l)| *l)
-                .chain(r.holders.iter().map(|(_, l, _, _)| *l))
+                .map(|w| w.lease)
+                .chain(r.holders.iter().map(|h| h.lease))
                 .collect();
             leases.sort();
             leases.dedup();
@@ -478,20 +495,30 @@ impl Backend for EtcdBackend {
                 }
             }
             let mut tickets = Snapshot::default();
-            for (mut t, l, _, _) in r.holders {
-                t.lease_left_ms = left.get(&l).copied();
-                tickets.holders.push(t);
+            let mut notes = std::collections::HashMap::new();
+            for h in r.holders {
+                let note = StoreNote {
+                    revision: Some(h.revision),
+                    lease_left_ms: left.get(&h.lease).copied(),
+                };
+                notes.insert(h.ticket.id().to_string(), note);
+                tickets.holders.push(h.ticket);
             }
-            for (mut t, l) in r.waiters {
-                t.lease_left_ms = left.get(&l).copied();
-                tickets.waiters.push(t);
+            for w in r.waiters {
+                let note = StoreNote {
+                    revision: None,
+                    lease_left_ms: left.get(&w.lease).copied(),
+                };
+                notes.insert(w.ticket.id().to_string(), note);
+                tickets.waiters.push(w.ticket);
             }
-            tickets.holders.sort_by(|a, b| a.id.cmp(&b.id));
+            tickets.holders.sort_by(|a, b| a.id().cmp(b.id()));
             Ok(LockState {
                 name: lock.to_string(),
                 generation: r.generation,
                 tickets,
                 unreadable: Vec::new(),
+                notes,
             })
         })
     }
@@ -513,8 +540,6 @@ struct EtcdQueued {
     data: TicketData,
     /// Store revision of the last read (the watch starts after it).
     revision: i64,
-    /// Generation and its key's mod revision, as last read.
-    gen: (u64, i64),
     watch: Option<(UnixStream, tokio::task::JoinHandle<()>)>,
 }
 
@@ -531,8 +556,8 @@ impl EtcdQueued {
         for attempt in 0.. {
             let read = read_lock(&self.conn, &self.keys).await?;
             if attempt > 0 {
-                if let Some((t, _)) = read.waiters.iter().find(|(_, l)| *l == lease_id) {
-                    self.data = t.clone();
+                if let Some(w) = read.waiters.iter().find(|w| w.lease == lease_id) {
+                    self.data = w.ticket.clone();
                     self.revision = read.revision;
                     return Ok(());
                 }
@@ -554,8 +579,8 @@ impl EtcdQueued {
                 }
             };
             let mut data = self.data.clone();
-            data.id = format!("{:012}", meta.next_ticket);
-            data.enqueued_at_ms = at;
+            data.ticket.id = format!("{:012}", meta.next_ticket);
+            data.ticket.request.enqueued_at_ms = at;
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     self.keys.meta(),
@@ -565,11 +590,11 @@ impl EtcdQueued {
                 .and_then([
                     TxnOp::put(self.keys.meta(), encode(&next), None),
                     TxnOp::put(
-                        self.keys.ticket(&data.id),
+                        self.keys.ticket(data.id()),
                         encode(&data),
                         Some(PutOptions::new().with_lease(lease_id)),
                     ),
-                    TxnOp::put(self.keys.name(&data.lock), "", None),
+                    TxnOp::put(self.keys.name(&data.request().lock), "", None),
                 ]);
             let resp = self
                 .conn
@@ -591,7 +616,7 @@ impl EtcdQueued {
             Kind::Unavailable,
             format!(
                 "could not join the queue of lock {}: too many concurrent arrivals",
-                self.data.lock
+                self.data.request().lock
             ),
         ))
     }
@@ -619,27 +644,23 @@ impl EtcdQueued {
     async fn rejoin(&mut self) -> Result<()> {
         tracing::warn!(
             "lock {}: our ticket {} expired with its lease; joining the queue again at the same place",
-            self.data.lock,
-            self.data.id
+            self.data.request().lock,
+            self.data.id()
         );
         if let Some(k) = self.keeper.take() {
             k.abort();
         }
-        let ttl = self.conn.store.lease_ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let id = grant_lease(&self.conn, ttl).await?;
-        let ttl_d = Duration::from_secs(ttl as u64);
-        self.lease = Lease::new(
-            &self.data.lock,
-            sys::monotonic_ns() + ttl as u64 * 600_000_000,
-            ttl_d / 5,
-        );
+        let rule = LeaseRule::new(self.conn.store.lease_ttl);
+        let sent = sys::monotonic_ns();
+        let id = grant_lease(&self.conn, rule.ttl_secs()).await?;
+        self.lease = rule.lease(&self.data.request().lock, sent);
         self.lease_id = Some(id);
         self.keeper =
             Some(
                 self.conn
-                    .spawn(keep_alive(self.conn.clone(), id, ttl_d, self.lease.clone())),
+                    .spawn(keep_alive(self.conn.clone(), id, rule, self.lease.clone())),
             );
-        let key = self.keys.ticket(&self.data.id);
+        let key = self.keys.ticket(self.data.id());
         let val = encode(&self.data);
         self.conn
             .call("joining the queue again", |mut c| {
@@ -661,7 +682,7 @@ impl EtcdQueued {
             let look = Txn::new().and_then([
                 TxnOp::get(self.keys.holders(), Some(prefix_get(MAX_KEYS))),
                 TxnOp::get(self.keys.gen(), None),
-                TxnOp::get(self.keys.ticket(&self.data.id), None),
+                TxnOp::get(self.keys.ticket(self.data.id()), None),
             ]);
             let resp = self
                 .conn
@@ -684,38 +705,35 @@ impl EtcdQueued {
             }
             let read = parse(&self.keys, &kvs, rev);
             // An earlier grant whose answer was lost: the holder key is already ours.
-            if let Some((t, _, _, _)) = read.holders.iter().find(|(_, l, _, _)| *l == lease_id) {
-                return Ok(Some(self.held(t.clone())));
+            if let Some(h) = read.holders.iter().find(|h| h.lease == lease_id) {
+                return Ok(Some(self.held(h.ticket.clone())));
             }
             if !ticket_present {
                 self.rejoin().await?;
                 continue;
             }
             let mut slots = Slots::new(self.slots);
-            for (_, _, slot, mode) in &read.holders {
-                slots.hold(*slot, *mode);
+            for h in &read.holders {
+                slots.hold(h.slot, h.mode);
             }
-            let Some(slot) = slots.take(self.data.mode) else {
+            let Some(slot) = slots.take(self.data.request().mode) else {
                 return Ok(None);
             };
             let mut mine = self.data.clone();
-            mine.holding = true;
-            mine.slot = Some(slot);
-            mine.generation = Some(read.generation + 1);
-            mine.acquired_at_ms = Some(now_ms());
-            let busy = match self.data.mode {
+            mine.hold(slot, read.generation + 1, now_ms());
+            let busy = match self.data.request().mode {
                 Mode::Exclusive => self.keys.slot(slot),
                 Mode::Shared => self.keys.slot_exclusive(slot),
             };
             let end = range_end(&busy);
             let mut ops = vec![
                 TxnOp::put(
-                    self.keys.holder(slot, self.data.mode, &mine.id),
+                    self.keys.holder(slot, self.data.request().mode, mine.id()),
                     encode(&mine),
                     Some(PutOptions::new().with_lease(lease_id)),
                 ),
                 TxnOp::put(self.keys.gen(), (read.generation + 1).to_string(), None),
-                TxnOp::delete(self.keys.ticket(&mine.id), None),
+                TxnOp::delete(self.keys.ticket(mine.id()), None),
             ];
             if let Some(k) = &mine.queue_key {
                 ops.push(TxnOp::delete(self.keys.key_record(k), None));
@@ -724,7 +742,7 @@ impl EtcdQueued {
                 .when([
                     Compare::version(busy, CompareOp::Equal, 0).with_range(end),
                     Compare::mod_revision(self.keys.gen(), CompareOp::Equal, read.gen_rev),
-                    Compare::version(self.keys.ticket(&mine.id), CompareOp::Greater, 0),
+                    Compare::version(self.keys.ticket(mine.id()), CompareOp::Greater, 0),
                 ])
                 .and_then(ops);
             let resp = self
@@ -735,7 +753,6 @@ impl EtcdQueued {
                 })
                 .await?;
             if resp.succeeded() {
-                mine.revision = resp.header().map(|h| h.revision());
                 return Ok(Some(self.held(mine)));
             }
         }
@@ -756,19 +773,24 @@ impl EtcdQueued {
         })
     }
 
-    /// Leaves the queue: revokes the lease (the ticket goes with it).
-    fn revoke(&mut self) {
+    /// Stops the background tasks; returns the lease, if still ours.
+    fn stop(&mut self) -> Option<i64> {
         if let Some((_, task)) = self.watch.take() {
             task.abort();
         }
         if let Some(k) = self.keeper.take() {
             k.abort();
         }
-        if let Some(id) = self.lease_id.take() {
-            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id)) {
+        self.lease_id.take()
+    }
+
+    /// Leaves the queue: revokes the lease (the ticket goes with it), see [`revoke_lease`].
+    fn revoke(&mut self, patient: bool) {
+        if let Some(id) = self.stop() {
+            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id, patient)) {
                 tracing::warn!(
                     "could not leave the queue of lock {} ({e}); the ticket disappears when its lease expires",
-                    self.data.lock
+                    self.data.request().lock
                 );
             }
         }
@@ -784,21 +806,24 @@ impl Queued for EtcdQueued {
         let conn = self.conn.clone();
         let read = conn.block_on(read_lock(&conn, &self.keys))?;
         self.revision = read.revision;
-        self.gen = (read.generation, read.gen_rev);
         let lease_id = self.lease_id();
         let mut snap = Snapshot::default();
         let mut mine = false;
-        for (t, l) in read.waiters {
-            if t.id == self.data.id && l == lease_id {
+        for Waiting {
+            ticket: t,
+            lease: l,
+        } in read.waiters
+        {
+            if t.id() == self.data.id() && l == lease_id {
                 mine = true;
-            } else if t.id != self.data.id {
+            } else if t.id() != self.data.id() {
                 snap.waiters.push(t);
             }
         }
-        for (t, _, _, _) in read.holders {
-            snap.holders.push(t);
+        for h in read.holders {
+            snap.holders.push(h.ticket);
         }
-        snap.holders.sort_by(|a, b| a.id.cmp(&b.id));
+        snap.holders.sort_by(|a, b| a.id().cmp(b.id()));
         if !mine {
             conn.block_on(self.rejoin())?;
         }
@@ -864,7 +889,7 @@ impl Queued for EtcdQueued {
         if let (Some(key), Some(grace)) = (self.data.queue_key.clone(), keep_place_for) {
             let rec = KeyRecord {
                 key: key.clone(),
-                enqueued_at_ms: self.data.enqueued_at_ms,
+                enqueued_at_ms: self.data.request().enqueued_at_ms,
             };
             let k = self.keys.key_record(&key);
             let ttl = grace.as_secs_f64().ceil().max(1.0) as i64;
@@ -881,13 +906,18 @@ impl Queued for EtcdQueued {
                 tracing::warn!("could not remember queue key {key:?}: {e}");
             }
         }
-        self.revoke();
+        self.revoke(true);
+    }
+
+    fn vanish(mut self: Box<Self>) {
+        // Nobody renews the lease: the ticket goes when it expires.
+        self.stop();
     }
 }
 
 impl Drop for EtcdQueued {
     fn drop(&mut self) {
-        self.revoke();
+        self.revoke(false);
     }
 }
 
@@ -909,25 +939,30 @@ impl Held for EtcdHeld {
         Containment::Lease(self.lease.clone())
     }
 
-    fn release(mut self: Box<Self>) -> Result<()> {
-        self.release_now();
-        Ok(())
+    fn release(mut self: Box<Self>) {
+        self.release_now(true);
+    }
+
+    fn vanish(mut self: Box<Self>) {
+        if let Some(k) = self.keeper.take() {
+            k.abort();
+        }
+        self.lease_id = None;
     }
 }
 
 impl EtcdHeld {
     /// Stops renewing and revokes the lease (the holder key goes with it, which wakes the next
-    /// waiter); retried across endpoints until confirmed or the bound passes (then the lease
-    /// expires by itself within its TTL).
-    fn release_now(&mut self) {
+    /// waiter), see [`revoke_lease`]; unconfirmed, the lease expires by itself within its TTL.
+    fn release_now(&mut self, patient: bool) {
         if let Some(k) = self.keeper.take() {
             k.abort();
         }
         if let Some(id) = self.lease_id.take() {
-            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id)) {
+            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id, patient)) {
                 tracing::warn!(
                     "could not release lock {} ({e}); it is freed when its lease expires (at most {:.0}s)",
-                    self.data.lock,
+                    self.data.request().lock,
                     self.conn.store.lease_ttl.as_secs_f64()
                 );
             }
@@ -937,6 +972,6 @@ impl EtcdHeld {
 
 impl Drop for EtcdHeld {
     fn drop(&mut self) {
-        self.release_now();
+        self.release_now(false);
     }
 }

@@ -105,9 +105,26 @@ impl Conn {
         }))
     }
 
-    /// Runs `f` to completion on the runtime (from a thread outside it).
-    pub(super) fn block_on<F: Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+    /// Runs `f` to completion on the runtime. Called from inside a runtime of the caller's own
+    /// (a library user dropping a guard in async code), which must not be blocked on from
+    /// its own thread, it runs on a thread of its own meanwhile.
+    pub(super) fn block_on<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        T: Send,
+        E: Send + From<Error>,
+        F: Future<Output = std::result::Result<T, E>> + Send,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.rt.block_on(f);
+        }
+        std::thread::scope(|s| {
+            let t = std::thread::Builder::new()
+                .name("cachelock-etcd-call".into())
+                .spawn_scoped(s, || self.rt.block_on(f))
+                .map_err(|e| Error::new(Kind::OsErr, format!("cannot start a thread: {e}")))
+                .map_err(E::from)?;
+            t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
     }
 
     /// Spawns a background task (keep-alives, watches).

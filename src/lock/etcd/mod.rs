@@ -206,6 +206,16 @@ pub struct ProbeFailure {
     pub message: String,
 }
 
+impl From<crate::error::Error> for ProbeFailure {
+    /// A failure on this side (a thread that cannot start).
+    fn from(e: crate::error::Error) -> Self {
+        ProbeFailure {
+            kind: ProbeFailureKind::Other,
+            message: e.message,
+        }
+    }
+}
+
 /// Kinds of [`ProbeFailure`], each with its own fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeFailureKind {

@@ -26,10 +26,10 @@ fn entry(slot: u32, id: &str) -> String {
 /// Publishes `own` as a holder of `slot` (call under `meta.lock`, after marking it holding).
 pub fn add(files: &LockFiles, own: &OwnTicket, slot: u32) -> Result<()> {
     let held = files.need(&files.held, "held")?;
-    let name = entry(slot, &own.data.id);
+    let name = entry(slot, own.data.id());
     // A leftover of an earlier holder with our id (the counters were reset) goes first.
     let _ = sys::unlink_at(held, &name);
-    sys::link_at(files.queue.as_fd(), &own.data.id, held, &name).map_err(|e| {
+    sys::link_at(files.queue.as_fd(), own.data.id(), held, &name).map_err(|e| {
         crate::error::Error::io(
             format!(
                 "cannot record the holder in {}",
@@ -100,7 +100,7 @@ pub fn check(files: &LockFiles, slot: u32, mode: Mode, granted: (u64, u64)) -> R
         if entry_slot != slot || found.conflict.is_some() {
             continue;
         }
-        if mode == Mode::Shared && d.mode == Mode::Shared {
+        if mode == Mode::Shared && d.request().mode == Mode::Shared {
             continue;
         }
         if t.lock_file == Some([granted.0, granted.1]) {

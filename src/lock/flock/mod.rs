@@ -87,25 +87,14 @@ impl Backend for FlockBackend {
         let mut attempts = 0;
         let own = loop {
             let (n, at) = meta::enqueue(&files, now_ms(), opts.queue_key.as_deref(), at_least)?;
-            let data = TicketData {
-                id: ticket::ticket_id(n),
-                lock: opts.name.clone(),
-                mode: opts.mode,
-                priority: opts.priority,
-                labels: opts.labels.clone(),
-                host: sys::hostname(),
-                pid: std::process::id(),
-                enqueued_at_ms: at,
-                wait_limit_ms: opts.wait_limit_ms,
-                queue_key: opts.queue_key.clone(),
-                holding: false,
-                slot: None,
-                acquired_at_ms: None,
-                generation: None,
-                uid: Some(sys::euid()),
-                revision: None,
-                lease_left_ms: None,
-            };
+            let mut data = TicketData::new(
+                opts,
+                ticket::ticket_id(n),
+                at,
+                sys::hostname(),
+                std::process::id(),
+            );
+            data.uid = Some(sys::euid());
             // A taken number means the counters went back (a lowered or lost counters file):
             // never replace that ticket, take a higher number.
             match OwnTicket::create(&files, data, !network)? {
@@ -173,6 +162,7 @@ impl Backend for FlockBackend {
             generation: meta::read(&files).generation,
             tickets,
             unreadable,
+            notes: Default::default(),
         })
     }
 
@@ -197,7 +187,7 @@ fn scan(
             snap.waiters.push(t.data);
         }
     }
-    snap.holders.sort_by(|a, b| a.id.cmp(&b.id));
+    snap.holders.sort_by(|a, b| a.id().cmp(b.id()));
     Ok((snap, unreadable))
 }
 
@@ -284,13 +274,13 @@ impl Queued for FlockQueued {
     }
 
     fn scan(&mut self) -> Result<Snapshot> {
-        let me = self.own().data.id.clone();
+        let me = self.own().data.id().to_string();
         let (snap, _) = scan(&self.files, Some(&me), Some(&mut self.cache))?;
         self.seen = snap
             .holders
             .iter()
             .chain(&snap.waiters)
-            .map(|t| t.id.clone())
+            .map(|t| t.id().to_string())
             .chain([me])
             .collect();
         self.seen.sort();
@@ -308,12 +298,12 @@ impl Queued for FlockQueued {
             return Ok((self.scan()?, false));
         };
         let names = list_names(&self.files);
-        let me = self.own().data.id.clone();
+        let me = self.own().data.id().to_string();
         let mut known: std::collections::HashMap<String, TicketData> = last
             .holders
             .into_iter()
             .chain(last.waiters)
-            .map(|t| (t.id.clone(), t))
+            .map(|t| (t.id().to_string(), t))
             .collect();
         let mut snap = Snapshot::default();
         for name in &names {
@@ -347,7 +337,7 @@ impl Queued for FlockQueued {
     fn try_acquire(&mut self) -> Result<Option<Box<dyn Held>>> {
         // Only the head set tries, and it does not wait behind anyone.
         self.cancel_wait();
-        let exclusive = self.own().data.mode == Mode::Exclusive;
+        let exclusive = self.own().data.request().mode == Mode::Exclusive;
         for slot in 0..self.slot_files.len() {
             let name = slot_file(slot as u32);
             // Twice: once more if the file we hold a descriptor of was replaced meanwhile.
@@ -385,7 +375,7 @@ impl Queued for FlockQueued {
     ) -> Result<Wake> {
         if self.kernel_waits {
             match watch {
-                Watch::Ahead(t) if self.unchained.as_deref() != Some(t.id.as_str()) => {
+                Watch::Ahead(t) if self.unchained.as_deref() != Some(t.id()) => {
                     if let Some(wake) = self.wait_behind(t, until, signal_fd)? {
                         return Ok(wake);
                     }
@@ -414,7 +404,7 @@ impl Queued for FlockQueued {
             if let Err(e) = meta::remember_key(
                 &self.files,
                 key,
-                own.data.enqueued_at_ms,
+                own.data.request().enqueued_at_ms,
                 now_ms(),
                 grace_ms,
             ) {
@@ -422,6 +412,13 @@ impl Queued for FlockQueued {
             }
         }
         own.remove();
+    }
+
+    fn vanish(mut self: Box<Self>) {
+        self.cancel_wait();
+        if let Some(own) = self.own.take() {
+            own.abandon();
+        }
     }
 }
 
@@ -434,29 +431,29 @@ impl FlockQueued {
         until: Option<Instant>,
         signal_fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Option<Wake>> {
-        if self.blocked.as_ref().is_some_and(|b| b.ahead != ahead.id) {
+        if self.blocked.as_ref().is_some_and(|b| b.ahead != ahead.id()) {
             self.cancel_wait();
         }
         if self.blocked.is_none() {
-            let Ok((file, _)) = sys::open_read_at(self.files.queue.as_fd(), &ahead.id) else {
+            let Ok((file, _)) = sys::open_read_at(self.files.queue.as_fd(), ahead.id()) else {
                 // Gone since the scan.
                 return Ok(Some(Wake::Changed));
             };
             if !sys::ofd_locked_exclusively(&file).unwrap_or(false) {
                 // No waiting lock: it has taken the lock or left since the scan (look again),
                 // or it is an older cachelock's (watch the queue instead).
-                self.cache.forget(&ahead.id);
+                self.cache.forget(ahead.id());
                 let fresh = match ticket::probe(
                     self.files.queue.as_fd(),
-                    &ahead.id,
-                    &ahead.id,
+                    ahead.id(),
+                    ahead.id(),
                     &self.files.name,
                 ) {
                     ticket::Probe::Alive(Ok(t)) => !t.data.holding,
                     _ => false,
                 };
                 if fresh {
-                    self.unchained = Some(ahead.id.clone());
+                    self.unchained = Some(ahead.id().to_string());
                     return Ok(None);
                 }
                 return Ok(Some(Wake::Changed));
@@ -464,7 +461,7 @@ impl FlockQueued {
             let call = sys::Interruptible::start(move || sys::ofd_lock_wait(&file, false))
                 .map_err(|e| Error::new(Kind::OsErr, format!("cannot start a thread: {e}")))?;
             self.blocked = Some(Blocked {
-                ahead: ahead.id.clone(),
+                ahead: ahead.id().to_string(),
                 call,
             });
         }
@@ -475,7 +472,7 @@ impl FlockQueued {
                 Seen::Other => {
                     // Taken, left or died: its content may have changed (holding).
                     self.blocked = None;
-                    self.cache.forget(&ahead.id);
+                    self.cache.forget(ahead.id());
                     Wake::Changed
                 }
                 // A queue watch left from an earlier place in the queue: not ours to act on.
@@ -511,7 +508,7 @@ impl FlockQueued {
             .id();
         let files = self.files.clone();
         let mut own = self.own.take().expect("own ticket");
-        let mode = own.data.mode;
+        let mode = own.data.request().mode;
         let key = own.data.queue_key.clone();
         let mut conflict = None;
         let generation = meta::acquired(
@@ -564,9 +561,9 @@ fn warn_replaced(files: &LockFiles, slot: u32, other: &TicketData) {
         tracing::warn!(
             "{} is not the file that ticket {} ({}:{}) holds: the lock file was removed or renamed while held; waiting for that holder to finish",
             files.path(&slot_file(slot)).display(),
-            crate::output::escape(&other.id),
-            crate::output::escape(&other.host),
-            other.pid
+            crate::output::escape(other.id()),
+            crate::output::escape(&other.request().host),
+            other.request().pid
         );
     }
 }
@@ -603,9 +600,16 @@ impl Held for FlockHeld {
         )
     }
 
-    fn release(mut self: Box<Self>) -> Result<()> {
+    fn release(mut self: Box<Self>) {
         self.release_now();
-        Ok(())
+    }
+
+    fn vanish(mut self: Box<Self>) {
+        // Descriptors closed, files left: what a SIGKILL leaves (the kernel frees the lock).
+        drop(self.lock.take());
+        if let Some(own) = self.own.take() {
+            own.abandon();
+        }
     }
 }
 
@@ -614,7 +618,7 @@ impl FlockHeld {
     /// still runs keeps the lock), then removes the ticket, which wakes the next waiter.
     fn release_now(&mut self) {
         if let Some(own) = self.own.as_ref() {
-            held::remove(&self.files, self.slot, &own.data.id);
+            held::remove(&self.files, self.slot, own.data.id());
         }
         drop(self.lock.take());
         if let Some(own) = self.own.take() {

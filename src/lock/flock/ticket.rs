@@ -88,7 +88,7 @@ impl OwnTicket {
         waiting_lock: bool,
     ) -> Result<Option<OwnTicket>> {
         let tmp_dir = files.need(&files.tmp, "tmp")?;
-        let (name, file) = new_tmp_file(files, tmp_dir, &data.id)?;
+        let (name, file) = new_tmp_file(files, tmp_dir, data.id())?;
         let cleanup = || {
             let _ = sys::unlink_at(tmp_dir, &name);
         };
@@ -121,7 +121,7 @@ impl OwnTicket {
             t.file = None;
             return Err(e);
         }
-        let published = sys::link_at(tmp_dir, &name, files.queue.as_fd(), &t.data.id);
+        let published = sys::link_at(tmp_dir, &name, files.queue.as_fd(), t.data.id());
         cleanup();
         match published {
             Ok(()) => Ok(Some(t)),
@@ -134,7 +134,7 @@ impl OwnTicket {
                 Err(Error::io(
                     format!(
                         "cannot publish ticket {}",
-                        files.path("queue").join(&t.data.id).display()
+                        files.path("queue").join(t.data.id()).display()
                     ),
                     e,
                 ))
@@ -165,7 +165,7 @@ impl OwnTicket {
             Error::io(
                 format!(
                     "cannot write ticket {}",
-                    self.files.path("queue").join(&self.data.id).display()
+                    self.files.path("queue").join(self.data.id()).display()
                 ),
                 e,
             )
@@ -206,9 +206,15 @@ impl OwnTicket {
         self.remove_inner();
     }
 
+    /// Closes the ticket without removing it, as its owner's death would: it stays in
+    /// `queue/`, unlocked, until a scan removes it.
+    pub fn abandon(mut self) {
+        drop(self.file.take());
+    }
+
     fn remove_inner(&mut self) {
         if let Some(f) = self.file.take() {
-            let _ = sys::unlink_at(self.files.queue.as_fd(), &self.data.id);
+            let _ = sys::unlink_at(self.files.queue.as_fd(), self.data.id());
             drop(f);
         }
     }
@@ -396,16 +402,23 @@ fn read_ticket(file: &File, id: &str, lock: &str) -> std::result::Result<Box<Fil
 /// to its own name, so that nobody downstream (ranking, policies, status) sees more.
 pub fn check(t: FileTicket, name: &str, lock: &str) -> std::result::Result<FileTicket, String> {
     let d = &t.data;
-    if d.id != name {
-        return Err(format!("its id {:?} is not its file name", cut(&d.id)));
+    if d.id() != name {
+        return Err(format!("its id {:?} is not its file name", cut(d.id())));
     }
-    if d.lock != lock {
-        return Err(format!("it names another lock, {:?}", cut(&d.lock)));
+    if d.request().lock != lock {
+        return Err(format!(
+            "it names another lock, {:?}",
+            cut(&d.request().lock)
+        ));
     }
-    if d.labels.len() > MAX_LABELS {
-        return Err(format!("{} labels (at most {MAX_LABELS})", d.labels.len()));
+    if d.request().labels.len() > MAX_LABELS {
+        return Err(format!(
+            "{} labels (at most {MAX_LABELS})",
+            d.request().labels.len()
+        ));
     }
-    if d.labels
+    if d.request()
+        .labels
         .iter()
         .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE)
     {
@@ -419,7 +432,7 @@ pub fn check(t: FileTicket, name: &str, lock: &str) -> std::result::Result<FileT
     {
         return Err(format!("a queue key longer than {MAX_QUEUE_KEY} bytes"));
     }
-    if d.host.len() > MAX_HOST {
+    if d.request().host.len() > MAX_HOST {
         return Err(format!("a host name longer than {MAX_HOST} bytes"));
     }
     Ok(t)
@@ -527,33 +540,26 @@ mod tests {
     #[test]
     fn the_largest_valid_ticket_fits_the_read_bound() {
         let control = "\u{1}";
-        let data = TicketData {
-            id: ticket_id(u64::MAX),
-            lock: "l".repeat(crate::lock::name::MAX_LEN),
-            mode: crate::policy::Mode::Exclusive,
-            priority: i32::MIN,
-            labels: (0..MAX_LABELS)
-                .map(|_| {
-                    (
-                        control.repeat(MAX_LABEL_KEY),
-                        control.repeat(MAX_LABEL_VALUE),
-                    )
-                })
-                .collect(),
-            host: control.repeat(MAX_HOST),
-            pid: u32::MAX,
-            enqueued_at_ms: u64::MAX,
-            wait_limit_ms: Some(u64::MAX),
-            queue_key: Some(control.repeat(MAX_QUEUE_KEY)),
-            holding: true,
-            slot: Some(u32::MAX),
-            acquired_at_ms: Some(u64::MAX),
-            // Read from a store, never written into a ticket file.
-            revision: None,
-            lease_left_ms: None,
-            generation: Some(u64::MAX),
-            uid: None,
-        };
+        let mut o = crate::lock::Options::new(&"l".repeat(crate::lock::name::MAX_LEN));
+        o.priority = i32::MIN;
+        o.labels = (0..MAX_LABELS)
+            .map(|_| {
+                (
+                    control.repeat(MAX_LABEL_KEY),
+                    control.repeat(MAX_LABEL_VALUE),
+                )
+            })
+            .collect();
+        o.wait_limit_ms = Some(u64::MAX);
+        o.queue_key = Some(control.repeat(MAX_QUEUE_KEY));
+        let mut data = TicketData::new(
+            &o,
+            ticket_id(u64::MAX),
+            u64::MAX,
+            control.repeat(MAX_HOST),
+            u32::MAX,
+        );
+        data.hold(u32::MAX, u64::MAX, u64::MAX);
         let text = serde_json::to_vec(&FileTicketRef {
             data: &data,
             lock_file: Some([u64::MAX, u64::MAX]),
@@ -565,7 +571,6 @@ mod tests {
             text.len()
         );
         let back: FileTicket = serde_json::from_slice(&text).unwrap();
-        let name = data.id.clone();
-        assert!(check(back, &name, &data.lock).is_ok());
+        assert!(check(back, data.id(), &data.request().lock).is_ok());
     }
 }
