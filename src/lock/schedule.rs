@@ -724,3 +724,390 @@ fn queue_print(holders: &[TicketData], ordered: &[(TicketData, i64)]) -> u64 {
     }
     h.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::events::Event;
+    use crate::policy::native::DefaultPolicy;
+    use crate::policy::{RetryDecision, StartAttempt, StartFailure, Ticket};
+    use std::sync::Mutex;
+
+    /// Ranks by priority; `on-wait` answers `decide`; counts calls.
+    struct Scripted<F: FnMut(&WaitState) -> WaitDecision> {
+        decide: F,
+        ranks: u32,
+        waits: u32,
+    }
+
+    fn scripted<F: FnMut(&WaitState) -> WaitDecision>(decide: F) -> Scripted<F> {
+        Scripted {
+            decide,
+            ranks: 0,
+            waits: 0,
+        }
+    }
+
+    impl<F: FnMut(&WaitState) -> WaitDecision> Policy for Scripted<F> {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn rank(&mut self, t: &Ticket, _: u64) -> Result<i64, PolicyError> {
+            self.ranks += 1;
+            Ok(t.request.priority as i64)
+        }
+        fn on_wait(&mut self, s: &WaitState) -> Result<WaitDecision, PolicyError> {
+            self.waits += 1;
+            Ok((self.decide)(s))
+        }
+        fn start_timeout_ms(&mut self, _: &StartAttempt) -> Result<u64, PolicyError> {
+            unreachable!()
+        }
+        fn on_start_failure(
+            &mut self,
+            _: &StartAttempt,
+            _: &StartFailure,
+            _: &str,
+        ) -> Result<RetryDecision, PolicyError> {
+            unreachable!()
+        }
+        fn stop_timeout_ms(&mut self, _: Option<&str>) -> Result<u64, PolicyError> {
+            unreachable!()
+        }
+    }
+
+    /// The events seen, as short strings.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(Duration, String)>>);
+
+    impl Observer for Seen {
+        fn event(&self, now: Now, e: &Event<'_>) {
+            let s = match e {
+                Event::Arrived { .. } => "arrived".to_string(),
+                Event::Ranked { position, .. } => format!("ranked {}", position.position),
+                Event::Passed { tickets, .. } => {
+                    let ids: Vec<&str> = tickets.iter().map(|t| t.id()).collect();
+                    format!("passed {}", ids.join(","))
+                }
+                Event::Tried { granted } => format!("tried {granted}"),
+                Event::Decided { refused, .. } => format!("decided refused={refused}"),
+                Event::Waits { .. } => "waits".to_string(),
+                Event::Acquired { .. } => "acquired".to_string(),
+                Event::Finished(s) => format!("finished {}", s.outcome.as_str()),
+            };
+            self.0.lock().unwrap().push((now.at, s));
+        }
+    }
+
+    impl Seen {
+        fn has(&self, what: &str) -> Vec<Duration> {
+            let v = self.0.lock().unwrap();
+            v.iter()
+                .filter(|(_, s)| s == what)
+                .map(|(t, _)| *t)
+                .collect()
+        }
+    }
+
+    fn at(ms: u64) -> Now {
+        Now {
+            at: Duration::from_millis(ms),
+            wall_ms: 1_000_000 + ms,
+        }
+    }
+
+    fn ticket(id: &str, at_ms: u64, opts: &Options) -> TicketData {
+        TicketData::new(opts, id.into(), at_ms, "h".into(), 1)
+    }
+
+    fn snap(holders: &[TicketData], waiters: &[TicketData]) -> Snapshot {
+        Snapshot {
+            holders: holders.to_vec(),
+            waiters: waiters.to_vec(),
+        }
+    }
+
+    /// A request `me` (arrived at 0) and what it asks for first.
+    fn start(opts: &Options, obs: &Seen) -> Scheduler {
+        Scheduler::new(
+            Config::from(opts),
+            ticket("me", 1_000_100, opts),
+            at(0),
+            obs,
+        )
+    }
+
+    fn held(opts: &Options) -> TicketData {
+        let mut t = ticket("me", 1_000_100, opts);
+        t.hold(0, 1, 1_000_000);
+        t
+    }
+
+    #[test]
+    fn an_uncontended_request_never_calls_the_policy() {
+        let opts = Options::new("l");
+        let obs = Seen::default();
+        let mut s = start(&opts, &obs);
+        let mut p = scripted(|_| unreachable!());
+        assert!(matches!(
+            s.step(at(0), Input::Start, &mut p, &obs).unwrap(),
+            Action::Scan { listing: false }
+        ));
+        let a = s.step(
+            at(0),
+            Input::Scanned {
+                snapshot: snap(&[], &[]),
+                listed: false,
+            },
+            &mut p,
+            &obs,
+        );
+        assert!(matches!(a.unwrap(), Action::Try));
+        let me = held(&opts);
+        let a = s
+            .step(at(1), Input::Tried(Some(&me)), &mut p, &obs)
+            .unwrap();
+        assert!(matches!(a, Action::Done(End::Acquired)));
+        assert_eq!((p.ranks, p.waits), (0, 0));
+    }
+
+    #[test]
+    fn nonblock_behind_a_holder_tries_once_and_loads_nothing() {
+        let mut opts = Options::new("l");
+        opts.wait_limit_ms = Some(0);
+        let obs = Seen::default();
+        let mut s = start(&opts, &obs);
+        let mut p = scripted(|_| unreachable!());
+        s.step(at(0), Input::Start, &mut p, &obs).unwrap();
+        let h = ticket("h", 1_000_000, &opts);
+        let a = s
+            .step(
+                at(0),
+                Input::Scanned {
+                    snapshot: snap(&[h], &[]),
+                    listed: false,
+                },
+                &mut p,
+                &obs,
+            )
+            .unwrap();
+        assert!(matches!(a, Action::Try));
+        match s.step(at(0), Input::Tried(None), &mut p, &obs).unwrap() {
+            Action::Done(End::GaveUp {
+                outcome: Outcome::Conflict,
+                message,
+            }) => {
+                assert!(message.contains("held by h:1"), "{message}")
+            }
+            a => panic!("{a:?}"),
+        }
+        assert_eq!(obs.has("finished conflict").len(), 1);
+    }
+
+    #[test]
+    fn a_compiling_policy_is_waited_for_no_longer_than_the_callers_bound() {
+        for (limit, until) in [(Some(0), Some(0)), (Some(1000), Some(1000)), (None, None)] {
+            let mut opts = Options::new("l");
+            opts.wait_limit_ms = limit;
+            let obs = Seen::default();
+            let mut s = start(&opts, &obs);
+            let mut p = DefaultPolicy;
+            s.step(at(0), Input::Start, &mut p, &obs).unwrap();
+            let w = ticket("w", 1_000_000, &opts);
+            let a = s
+                .step(
+                    at(0),
+                    Input::Scanned {
+                        snapshot: snap(&[], &[w]),
+                        listed: false,
+                    },
+                    &mut p,
+                    &obs,
+                )
+                .unwrap();
+            match a {
+                Action::LoadPolicy { until: u } => {
+                    assert_eq!(u, until.map(Duration::from_millis), "{limit:?}")
+                }
+                a => panic!("{a:?}"),
+            }
+        }
+    }
+
+    /// Walks a waiting request through timer wake-ups until `stop` is seen, answering each
+    /// look with `snapshot`; returns the time reached.
+    fn run_until(
+        s: &mut Scheduler,
+        p: &mut dyn Policy,
+        obs: &Seen,
+        snapshot: &Snapshot,
+        mut t: u64,
+        stop: impl Fn(&Action<'_>) -> bool,
+    ) -> u64 {
+        let mut input = Input::Scanned {
+            snapshot: snapshot.clone(),
+            listed: false,
+        };
+        for _ in 0..10_000 {
+            let a = s.step(at(t), input, p, obs).unwrap();
+            if stop(&a) {
+                return t;
+            }
+            input = match a {
+                Action::Scan { .. } => Input::Scanned {
+                    snapshot: snapshot.clone(),
+                    listed: false,
+                },
+                Action::LoadPolicy { .. } => Input::PolicyReady(Readiness {
+                    waited: false,
+                    loaded: true,
+                }),
+                Action::Try => Input::Tried(None),
+                Action::Wait { until, .. } => {
+                    t = until.as_millis() as u64;
+                    Input::Woke(Wake::Timeout)
+                }
+                Action::Done(e) => panic!("done: {e:?}"),
+            };
+        }
+        panic!("no end")
+    }
+
+    #[test]
+    fn any_number_of_stalled_heads_is_passed_one_after_another() {
+        let opts = Options::new("l");
+        let obs = Seen::default();
+        let mut s = start(&opts, &obs);
+        let mut p = DefaultPolicy;
+        s.step(at(0), Input::Start, &mut p, &obs).unwrap();
+        let stalled = snap(
+            &[],
+            &[
+                ticket("s1", 1_000_000, &opts),
+                ticket("s2", 1_000_050, &opts),
+            ],
+        );
+        let t = run_until(&mut s, &mut p, &obs, &stalled, 0, |a| {
+            matches!(a, Action::Try)
+        });
+        let p1 = obs.has("passed s1");
+        let p2 = obs.has("passed s2");
+        assert_eq!((p1.len(), p2.len()), (1, 1));
+        // Each head gets the grace as the head; then we are first and try.
+        assert!(
+            p1[0] >= stall::GRACE && p2[0] >= p1[0] + stall::GRACE,
+            "{p1:?} {p2:?}"
+        );
+        assert_eq!(Duration::from_millis(t), p2[0]);
+    }
+
+    #[test]
+    fn decisions_stand_until_the_queue_changes_or_their_interval_passes() {
+        let opts = Options::new("l");
+        let obs = Seen::default();
+        let mut s = start(&opts, &obs);
+        let mut p = scripted(|_| WaitDecision::KeepWaiting(1000));
+        s.step(at(0), Input::Start, &mut p, &obs).unwrap();
+        let h = ticket("h", 1_000_000, &opts);
+        let q = snap(std::slice::from_ref(&h), &[]);
+        let look = |s: &mut Scheduler, p: &mut dyn Policy, t, q: &Snapshot| {
+            let a = s
+                .step(
+                    at(t),
+                    Input::Scanned {
+                        snapshot: q.clone(),
+                        listed: false,
+                    },
+                    p,
+                    &obs,
+                )
+                .unwrap();
+            let a = match a {
+                Action::LoadPolicy { .. } => s
+                    .step(
+                        at(t),
+                        Input::PolicyReady(Readiness {
+                            waited: false,
+                            loaded: true,
+                        }),
+                        p,
+                        &obs,
+                    )
+                    .unwrap(),
+                a => a,
+            };
+            assert!(matches!(a, Action::Try), "{a:?}");
+            match s.step(at(t), Input::Tried(None), p, &obs).unwrap() {
+                Action::Wait { until, .. } => until,
+                a => panic!("{a:?}"),
+            }
+        };
+        assert_eq!(look(&mut s, &mut p, 0, &q), Duration::from_millis(1000));
+        assert_eq!(p.waits, 1);
+        // Woken by a change that changed nothing we rank: the decision stands.
+        assert!(matches!(
+            s.step(at(300), Input::Woke(Wake::Changed), &mut p, &obs)
+                .unwrap(),
+            Action::Scan { listing: false }
+        ));
+        assert_eq!(look(&mut s, &mut p, 300, &q), Duration::from_millis(1000));
+        assert_eq!(p.waits, 1);
+        // A new waiter: asked again.
+        let w = ticket("w", 1_000_200, &opts);
+        assert!(matches!(
+            s.step(at(400), Input::Woke(Wake::Changed), &mut p, &obs)
+                .unwrap(),
+            Action::Scan { .. }
+        ));
+        look(&mut s, &mut p, 400, &snap(&[h], &[w]));
+        assert_eq!(p.waits, 2);
+    }
+
+    #[test]
+    fn a_release_at_the_head_is_tried_before_looking() {
+        let opts = Options::new("l");
+        let obs = Seen::default();
+        let mut s = start(&opts, &obs);
+        let mut p = DefaultPolicy;
+        s.step(at(0), Input::Start, &mut p, &obs).unwrap();
+        let q = snap(&[ticket("h", 1_000_000, &opts)], &[]);
+        run_until(&mut s, &mut p, &obs, &q, 0, |a| {
+            matches!(a, Action::Wait { .. })
+        });
+        assert!(matches!(
+            s.step(at(5), Input::Woke(Wake::Removed), &mut p, &obs)
+                .unwrap(),
+            Action::Try
+        ));
+        let me = held(&opts);
+        assert!(matches!(
+            s.step(at(5), Input::Tried(Some(&me)), &mut p, &obs)
+                .unwrap(),
+            Action::Done(End::Acquired)
+        ));
+    }
+
+    #[test]
+    fn a_refused_fall_back_is_asked_again_and_the_deadline_still_holds() {
+        let mut opts = Options::new("l");
+        opts.wait_limit_ms = Some(1000);
+        let obs = Seen::default();
+        let mut s = start(&opts, &obs);
+        let mut p = scripted(|_| WaitDecision::FallBack("no".into()));
+        s.step(at(0), Input::Start, &mut p, &obs).unwrap();
+        let q = snap(&[ticket("h", 1_000_000, &opts)], &[]);
+        let t = run_until(&mut s, &mut p, &obs, &q, 0, |a| {
+            matches!(
+                a,
+                Action::Done(End::GaveUp {
+                    outcome: Outcome::Timeout,
+                    ..
+                })
+            )
+        });
+        assert_eq!(t, 1000);
+        let refused = obs.has("decided refused=true");
+        assert!(refused.len() >= 4, "{refused:?}");
+        assert_eq!(obs.has("finished timeout").len(), 1);
+    }
+}

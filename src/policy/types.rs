@@ -68,7 +68,9 @@ pub struct Request {
 pub struct Ticket {
     /// Ticket id, unique per lock; ties in rank and arrival go to the smallest.
     pub id: String,
-    /// The request behind it.
+    /// The request behind it (its fields sit beside `id` when serialized: a store's ticket is
+    /// one flat object).
+    #[serde(flatten)]
     pub request: Request,
 }
 

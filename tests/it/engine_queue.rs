@@ -573,3 +573,28 @@ fn lock_stays_held_while_an_inherited_descriptor_lives() {
         (next.start - bg.end) * 1000.0
     );
 }
+
+/// A fall-back the lock's rule does not allow is said once (issue 18, item 11), however often
+/// the policy asks for it while the request waits on to its `-w` bound.
+#[test]
+fn a_refused_fall_back_is_said_once() {
+    let env = Env::new();
+    let mut holder = hold_until(&env, "refuse", "go");
+    let o = env.run(&[
+        "-w",
+        "2",
+        "--policy",
+        "builtin:deadline",
+        "--policy-config",
+        "fallback_after=0.1s",
+        "refuse",
+        "--",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    assert_eq!(err.matches("asked to fall back").count(), 1, "{err}");
+    std::fs::write(env.path("go"), "").unwrap();
+    assert_eq!(holder.wait(), 0);
+}

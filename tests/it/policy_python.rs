@@ -414,3 +414,54 @@ fn past_the_wait_bound_ranks_fall_back_to_priority_until_compiled() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `-n` and `-w` hold while the policy compiles (issue 19, defect 1): with an empty cache and
+/// a waiter in the queue (so the policy is needed to rank), a `-n` and a `-w 1` request give
+/// up (exit 1) before the compile of the Python policy — seconds of CPU — has produced code.
+#[test]
+fn nonblock_and_wait_limit_hold_while_the_policy_compiles() {
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = isolated_config(dir, "");
+    let py = python_policy();
+    let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&py).unwrap()));
+    let holder = Holder::start(dir, &cfg);
+    let mut waiter = Command::new(BIN)
+        .args(["run", "-q", "--lock-dir"])
+        .arg(dir.join("locks"))
+        .args(["--policy", "builtin:default", "l", "true"])
+        .env("CACHELOCK_CONFIG", &cfg)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(|| queued(dir) == 2, "the waiter to queue");
+    for flags in [&["-n"][..], &["-w", "1"]] {
+        let out = Command::new(BIN)
+            .args(["run", "-q", "--lock-dir"])
+            .arg(dir.join("locks"))
+            .args(flags)
+            .arg("--policy")
+            .arg(&py)
+            .args(["l", "true"])
+            .env("CACHELOCK_CONFIG", &cfg)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {t}");
+        let compiled: Vec<String> = std::fs::read_dir(dir.join("cache"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&sha) && n.ends_with(".cwasm"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            compiled.is_empty(),
+            "{flags:?} waited for the compile: {compiled:?}"
+        );
+    }
+    holder.release();
+    assert!(waiter.wait().unwrap().success());
+}

@@ -470,6 +470,107 @@ fn a_head_that_never_takes_a_free_lock_blocks_nobody() {
     assert_eq!(p.wait(), 0, "{}", p.stderr());
 }
 
+/// Round 2, item 6. Any number of heads that never take a free lock are passed, one after
+/// another: two SIGSTOPped waiters, and five live tickets planted by another user at the head;
+/// and a planted ticket replaced by a new one every 1.5 s does not restart the grace. In each
+/// case a `-w 30` run behind them is served.
+#[test]
+fn any_number_of_stalled_or_replaced_heads_is_passed() {
+    let sh = Shared::new();
+    let (a, b) = (alice(), bob());
+    let log = sh.log("m.log");
+    let go = sh.path("m.go");
+    let mut h = holder(&sh, a, "M", &log, "holder", &go);
+    wait_until("alice holds", || started(&go).exists());
+    let mut stopped = Vec::new();
+    for (i, u) in [a, b].into_iter().enumerate() {
+        stopped.push(holder(&sh, u, "M", &log, &format!("stopped{i}"), &go));
+        wait_until("a waiter queues", || sh.tickets("M").len() == i + 2);
+    }
+    for p in &stopped {
+        p.signal(libc::SIGSTOP);
+    }
+    let mut next = sh.spawn(sh.cl(Some(b), &["run", "-q", "-w", "30", "M", "--", "true"]));
+    wait_until("bob's run queues", || sh.tickets("M").len() == 4);
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(h.wait(), 0);
+    assert_eq!(
+        next.wait(),
+        0,
+        "served behind two stopped waiters: {}",
+        next.stderr()
+    );
+    for mut p in stopped {
+        p.signal(libc::SIGCONT);
+        assert_eq!(p.wait(), 0);
+    }
+    assert!(overlaps(&read_log(&log)).is_empty());
+
+    // Five live tickets planted at the head by bob.
+    let o = sh.run(Some(b), &["run", "F", "--", "true"]);
+    assert!(o.status.success());
+    let mut names = Vec::new();
+    for i in 0..5 {
+        let id = format!("00000099999{i}");
+        std::fs::write(
+            sh.path(&format!("forged{i}")),
+            forged_ticket(&id, "F", i32::MAX as i64, "h", false),
+        )
+        .unwrap();
+        let o = shell(
+            &sh,
+            b,
+            &format!(
+                "cp {} F.lock/queue/{id}",
+                sh.path(&format!("forged{i}")).display()
+            ),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        names.push(format!("F.lock/queue/{id}"));
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _forger = keep_locked(&sh, b, &names);
+    let o = sh.run(Some(a), &["run", "-q", "-w", "30", "F", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // One planted ticket, replaced by a fresh one every 1.5 s: each is live (locked before it
+    // is linked into the queue), ranked first, and gone before 2 s.
+    let o = sh.run(Some(b), &["run", "R", "--", "true"]);
+    assert!(o.status.success());
+    std::fs::write(
+        sh.path("forged-r"),
+        forged_ticket("ID", "R", i32::MAX as i64, "h", false),
+    )
+    .unwrap();
+    let replaced = sh.path("replaced");
+    let script = format!(
+        r#"i=0; old=; while :; do
+             id=$(printf '0000009%05d' $i); t={tmp}/plant.$i
+             sed "s/"ID"/"$id"/" {forged} > $t
+             ( exec 3<$t; flock -x 3; ln $t R.lock/queue/$id; exec sleep 600 ) & pid=$!
+             while [ ! -e R.lock/queue/$id ]; do read -t 0.01 <> {fifo}; done
+             if [ -n "$old" ]; then kill $oldpid; rm -f R.lock/queue/$old; fi
+             echo $id >> {replaced}
+             old=$id; oldpid=$pid; i=$((i+1)); read -t 1.5 <> {fifo}
+           done"#,
+        tmp = sh.path("tmp").display(),
+        forged = sh.path("forged-r").display(),
+        fifo = sh.path("fifo").display(),
+        replaced = replaced.display(),
+    );
+    let mut c = sh.as_user(Some(b), "bash");
+    c.args(["-c", &script]).current_dir(&sh.lock_dir);
+    let _planter = sh.spawn(c);
+    wait_until("the first planted ticket", || replaced.exists());
+    let o = sh.run(Some(a), &["run", "-q", "-w", "30", "R", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let planted = std::fs::read_to_string(&replaced).unwrap();
+    assert!(
+        planted.lines().count() >= 2,
+        "the planted ticket was replaced meanwhile: {planted}"
+    );
+}
+
 /// Items 7, 8 and 14 (garbage). Planted live tickets that are a 2 GiB sparse file, a 200 KB
 /// document, a label beyond the bounds, or garbage are never read whole, never reach a policy,
 /// and cannot hide: `status` lists each as unreadable with its owner. A contended request (the

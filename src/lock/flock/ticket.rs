@@ -537,6 +537,30 @@ pub fn sweep_tmp(files: &LockFiles) {
 mod tests {
     use super::*;
 
+    /// The ticket file format (2, as format 1 wrote it) is one flat JSON object.
+    #[test]
+    fn a_ticket_file_is_one_flat_object() {
+        let mut o = crate::lock::Options::new("l");
+        o.labels = vec![("k".into(), "v".into())];
+        o.queue_key = Some("job".into());
+        let mut data = TicketData::new(&o, ticket_id(7), 1000, "h".into(), 42);
+        data.hold(1, 9, 2000);
+        let text = serde_json::to_value(FileTicketRef {
+            data: &data,
+            lock_file: Some([3, 4]),
+        })
+        .unwrap();
+        let want = serde_json::json!({
+            "id": "000000000007", "lock": "l", "mode": "exclusive", "priority": 0,
+            "labels": [["k", "v"]], "host": "h", "pid": 42, "enqueued_at_ms": 1000,
+            "wait_limit_ms": null, "queue_key": "job", "holding": true, "slot": 1,
+            "acquired_at_ms": 2000, "generation": 9, "lock_file": [3, 4]
+        });
+        assert_eq!(text, want);
+        let back: FileTicket = serde_json::from_value(want).unwrap();
+        assert_eq!(back.data, data);
+    }
+
     #[test]
     fn the_largest_valid_ticket_fits_the_read_bound() {
         let control = "\u{1}";
