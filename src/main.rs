@@ -6,6 +6,7 @@ mod commands;
 mod request;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::Path;
 
 use clap::Parser;
@@ -60,6 +61,14 @@ fn run() -> i32 {
         }
     };
     cachelock::output::init_logging(cli.verbose);
+    // What only prints ends quietly when its reader goes (`cachelock status | head`), as cat
+    // does; what runs a command under a lock must outlive a closed pipe, to release the lock.
+    if matches!(
+        cli.command,
+        Command::Status(_) | Command::Policy(_) | Command::Completions { .. } | Command::Man
+    ) {
+        cachelock::sys::default_sigpipe();
+    }
     let result = match cli.command {
         Command::Run(a) => commands::run::execute(a),
         Command::Status(a) => commands::status::execute(a),
@@ -73,7 +82,8 @@ fn run() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cachelock: {e}");
+            // Not eprintln!, which panics when stderr is gone.
+            let _ = writeln!(std::io::stderr(), "cachelock: {e}");
             e.exit_code()
         }
     }

@@ -11,11 +11,15 @@
 //! deadline passes. [`Contained`] builds either kind of command, for `run` and for the dockerd
 //! session alike.
 //!
-//! **Signals, as under flock(1).** The command runs in cachelock's process group, so a Ctrl-C
-//! typed at the terminal, and terminal input, reach it directly. cachelock forwards only what
-//! the command would not receive itself: SIGINT, SIGTERM and SIGHUP *sent to cachelock* (by
-//! `kill`, a CI runner's timeout...), never the terminal-generated ones, which the command
-//! already got (a second SIGINT makes tools such as terraform force-quit).
+//! **Signals: each exactly once.** The command runs as a job of its own ([`Contained::job`]): in
+//! a new process group, which is made the terminal's foreground group when cachelock's is (as
+//! a shell runs a job). So a Ctrl-C typed at the terminal, and terminal input, reach the
+//! command (and not cachelock), while a signal sent to cachelock — alone, or to its whole
+//! process group as a CI runner cancelling a job does (`kill -INT -- -PGID`) — reaches
+//! cachelock only, which forwards SIGINT, SIGTERM and SIGHUP to the command once (a second
+//! SIGINT makes tools such as terraform force-quit). A job stopped at the terminal (Ctrl-Z)
+//! stops cachelock too, and continues with it. When cachelock cannot tell a terminal's signal
+//! from a sent one — a command sharing its group — only sent ones are forwarded.
 
 pub mod guardian;
 
@@ -31,6 +35,7 @@ use std::sync::Arc;
 use crate::error::{code, Error, Kind, Result};
 use crate::lock::backend::Lease;
 use crate::lock::Containment;
+use crate::sys::{self, ChildState};
 
 /// Signals that end a wait cleanly and are forwarded to a running command when sent to
 /// cachelock.
@@ -53,9 +58,9 @@ pub fn spawn(cmd: &mut Command, inherit: &[RawFd], pdeathsig: i32) -> io::Result
     child
 }
 
-/// Runs `cmd` so that the lock behind `containment` covers it, forwarding signals per the
-/// module's rule; returns the exit code cachelock reports (the command's, or 128+N). Under a
-/// lease, a lost lock is `Kind::LockLost` (exit 75) once the command's tree is gone.
+/// Runs `cmd` so that the lock behind `containment` covers it, as a job of its own (see the
+/// module's signal rule); returns the exit code cachelock reports (the command's, or 128+N).
+/// Under a lease, a lost lock is `Kind::LockLost` (exit 75) once the command's tree is gone.
 pub fn run_contained(
     cmd: &mut Command,
     containment: &Containment,
@@ -63,13 +68,19 @@ pub fn run_contained(
 ) -> Result<i32> {
     let program = cmd.get_program().to_owned();
     let mut running = match containment {
-        Containment::Inherit(fds) => Running {
-            child: spawn(cmd, fds, libc::SIGTERM).map_err(|e| spawn_error(&program, e))?,
-            program,
-            guardian: None,
-        },
+        Containment::Inherit(fds) => {
+            let job = JobPlan::prepare(cmd);
+            let child = spawn(cmd, fds, libc::SIGTERM).map_err(|e| spawn_error(&program, e))?;
+            Running {
+                job: Some(job.started(&child)),
+                child,
+                program,
+                guardian: None,
+            }
+        }
         Containment::Lease(_) => {
             let mut c = Contained::new(containment, &program)?;
+            c.job();
             let inner = c.command();
             inner.args(cmd.get_args());
             for (k, v) in cmd.get_envs() {
@@ -84,9 +95,57 @@ pub fn run_contained(
             c.spawn(libc::SIGTERM)?
         }
     };
-    let status = wait_forwarding(&mut running.child, signals)
+    let status = running
+        .wait(signals)
         .map_err(|e| Error::new(Kind::OsErr, format!("cannot wait for the command: {e}")))?;
     running.finish(status)
+}
+
+/// A job about to start: its own process group, and the terminal if cachelock has it.
+struct JobPlan {
+    tty: Option<std::os::fd::OwnedFd>,
+}
+
+impl JobPlan {
+    /// Puts `cmd` in a new process group, made the terminal's foreground group by the child
+    /// itself before it execs (so that nothing it reads or is sent at the terminal goes
+    /// elsewhere even for an instant) when cachelock is in the foreground.
+    fn prepare(cmd: &mut Command) -> JobPlan {
+        cmd.process_group(0);
+        let tty = sys::foreground_terminal();
+        if let Some(t) = &tty {
+            let fd = t.as_raw_fd();
+            // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+            // calls (signal mask, tcsetpgrp) on a descriptor the parent keeps open.
+            unsafe {
+                cmd.pre_exec(move || sys::set_foreground(fd, 0));
+            }
+        }
+        JobPlan { tty }
+    }
+
+    /// The job of `child` (its process group is its pid).
+    fn started(self, child: &Child) -> Job {
+        Job {
+            pgid: child.id() as i32,
+            tty: self.tty,
+        }
+    }
+}
+
+/// A command running as a job of its own; the terminal, if it was given it, is taken back
+/// when this ends.
+struct Job {
+    pgid: i32,
+    tty: Option<std::os::fd::OwnedFd>,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tty {
+            let _ = sys::set_foreground(t.as_raw_fd(), sys::process_group());
+        }
+    }
 }
 
 /// A command being prepared to run under a held lock: directly with the lock's descriptors
@@ -98,6 +157,7 @@ pub struct Contained {
     program: OsString,
     inherit: Vec<RawFd>,
     link: Option<(Lease, UnixStream, UnixStream)>,
+    job: bool,
 }
 
 impl Contained {
@@ -110,6 +170,7 @@ impl Contained {
                 program,
                 inherit: fds.clone(),
                 link: None,
+                job: false,
             }),
             Containment::Lease(lease) => {
                 if lease.is_lost() {
@@ -123,9 +184,18 @@ impl Contained {
                     program,
                     inherit: vec![theirs.as_raw_fd()],
                     link: Some((lease.clone(), ours, theirs)),
+                    job: false,
                 })
             }
         }
+    }
+
+    /// Runs it as a job of its own: a new process group (the guardian's, under a lease, which
+    /// the command shares), made the terminal's foreground group when cachelock's is, so that
+    /// every signal reaches the command once (see the module's signal rule). For the user's
+    /// command; not for a daemon of cachelock's own.
+    pub fn job(&mut self) {
+        self.job = true;
     }
 
     /// Another descriptor the command (or its guardian, and through it the command) inherits.
@@ -142,8 +212,10 @@ impl Contained {
     /// death from its socket instead). A failure to start is 126/127.
     pub fn spawn(mut self, pdeathsig: i32) -> Result<Running> {
         let sig = if self.link.is_some() { 0 } else { pdeathsig };
+        let job = self.job.then(|| JobPlan::prepare(&mut self.cmd));
         let child =
             spawn(&mut self.cmd, &self.inherit, sig).map_err(|e| spawn_error(&self.program, e))?;
+        let job = job.map(|j| j.started(&child));
         let guardian = match self.link.take() {
             Some((lease, ours, theirs)) => {
                 drop(theirs);
@@ -159,6 +231,7 @@ impl Contained {
             child,
             program: self.program,
             guardian,
+            job,
         })
     }
 }
@@ -170,9 +243,57 @@ pub struct Running {
     pub child: Child,
     program: OsString,
     guardian: Option<(Lease, UnixStream)>,
+    job: Option<Job>,
 }
 
 impl Running {
+    /// Waits for the command, forwarding SIGINT, SIGTERM and SIGHUP that reach cachelock meanwhile
+    /// (see the module's signal rule); a job stopped at the terminal stops cachelock with it.
+    pub fn wait(&mut self, signals: &Signals) -> io::Result<ExitStatus> {
+        let pid = self.child.id() as i32;
+        loop {
+            for (sig, origin) in signals.take() {
+                // A job of its own got nothing that reached cachelock (a terminal signals its
+                // own foreground group); a command in cachelock's group got the terminal's.
+                if self.job.is_some() || origin == Origin::Sent {
+                    // A failure (already gone) is harmless.
+                    let _ = sys::kill(pid, sig);
+                }
+            }
+            match sys::child_state(pid)? {
+                ChildState::Ended(status) => {
+                    // The terminal goes back to cachelock's group.
+                    self.job = None;
+                    return Ok(ExitStatus::from_raw(status));
+                }
+                ChildState::Stopped(_) => self.suspend(),
+                ChildState::Running => {}
+            }
+            // SIGCHLD wakes us; the timeout only guards against a lost wake-up.
+            signals.wait(1000);
+        }
+    }
+
+    /// The job at the terminal stopped (Ctrl-Z): as a shell's job, cachelock stops too (its
+    /// own shell sees the job stopped), then gives the job the terminal again if continued in
+    /// the foreground, and continues it.
+    fn suspend(&mut self) {
+        let Some(Job {
+            pgid,
+            tty: Some(tty),
+        }) = &self.job
+        else {
+            return;
+        };
+        let fd = tty.as_raw_fd();
+        let _ = sys::set_foreground(fd, sys::process_group());
+        let _ = sys::kill(std::process::id() as i32, libc::SIGSTOP);
+        if sys::foreground_terminal().is_some() {
+            let _ = sys::set_foreground(fd, *pgid);
+        }
+        let _ = sys::kill(-*pgid, libc::SIGCONT);
+    }
+
     /// The exit code cachelock reports for a command that ended with `status`: its own code
     /// (128+N for signal N), 126/127 when it could not be started, `Kind::LockLost` when the
     /// guardian stopped it because the lease was lost.
@@ -352,24 +473,6 @@ impl Drop for Signals {
         for id in self.ids.drain(..) {
             signal_hook_registry::unregister(id);
         }
-    }
-}
-
-/// Waits for `child`, forwarding to it every terminating signal *sent* to cachelock meanwhile
-/// (terminal-generated ones already reached it). Returns the child's status.
-pub fn wait_forwarding(child: &mut Child, signals: &Signals) -> io::Result<ExitStatus> {
-    loop {
-        for (sig, origin) in signals.take() {
-            if origin == Origin::Sent {
-                // A failure (already gone) is harmless.
-                let _ = crate::sys::kill(child.id() as i32, sig);
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        // SIGCHLD wakes us; the timeout only guards against a lost wake-up.
-        signals.wait(1000);
     }
 }
 

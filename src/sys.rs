@@ -1029,6 +1029,90 @@ pub fn reap_any() -> Option<(i32, i32)> {
     (pid > 0).then_some((pid, status))
 }
 
+/// The controlling terminal, opened, when this process's group is its foreground group (a
+/// shell's foreground job): what a job of our own may be given. `None` without a terminal, or
+/// in the background.
+pub fn foreground_terminal() -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let tty = rustix::fs::open(
+        "/dev/tty",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .ok()?;
+    // SAFETY: tcgetpgrp(3) on a descriptor we own; no memory preconditions.
+    let fg = unsafe { libc::tcgetpgrp(std::os::fd::AsRawFd::as_raw_fd(&tty)) };
+    (fg > 0 && fg == process_group()).then_some(tty)
+}
+
+/// Restores SIGPIPE's default action (the Rust runtime ignores it): a write to a pipe nobody
+/// reads then ends the process quietly instead of failing.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with a standard disposition; no handler runs in our address space.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// This process's group.
+pub fn process_group() -> i32 {
+    // SAFETY: getpgrp(2) cannot fail and has no preconditions.
+    unsafe { libc::getpgrp() }
+}
+
+/// Makes `pgid` (0: the caller's own process) the foreground group of terminal `tty`, with
+/// SIGTTOU blocked meanwhile so that a process outside the foreground may do it, as a shell
+/// does. Async-signal-safe: also for a child between fork and exec.
+pub fn set_foreground(tty: RawFd, pgid: i32) -> io::Result<()> {
+    // SAFETY: signal-set and mask calls on local sigset_t values, tcsetpgrp(3) on a descriptor
+    // the caller keeps open; all async-signal-safe, none keeps a pointer.
+    unsafe {
+        let pgid = if pgid == 0 { libc::getpid() } else { pgid };
+        let mut block: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, libc::SIGTTOU);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
+        let r = libc::tcsetpgrp(tty, pgid);
+        let e = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
+/// What became of a child, without reaping one that still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildState {
+    /// It ended; the raw wait status (`ExitStatus::from_raw`).
+    Ended(i32),
+    /// A signal stopped it (SIGTSTP, SIGSTOP, SIGTTIN, SIGTTOU).
+    Stopped(i32),
+    /// It runs.
+    Running,
+}
+
+/// Looks at child `pid`: reaps it if it ended, reports it if it stopped.
+pub fn child_state(pid: i32) -> io::Result<ChildState> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into our integer.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::WUNTRACED) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(ChildState::Running)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(match r {
+        0 => ChildState::Running,
+        _ if libc::WIFSTOPPED(status) => ChildState::Stopped(libc::WSTOPSIG(status)),
+        _ => ChildState::Ended(status),
+    })
+}
+
 /// For a forked child before exec: moves it into a new network namespace.
 pub fn new_network_namespace() -> io::Result<()> {
     // SAFETY: only NEWNET is unshared (the hazard of unshare is FILES, unused here).

@@ -1,6 +1,7 @@
 //! `cachelock run`: take the lock, run the command so that the lock covers it, release, exit
 //! with the command's code.
 
+use std::io::Write;
 use std::process::Command;
 
 use cachelock::error::{Error, Result};
@@ -35,7 +36,8 @@ pub fn execute(args: RunArgs) -> Result<i32> {
             Ok(code)
         }
         Acquired::FellBack { reason } => {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "cachelock: running without lock {} (the policy fell back: {reason})",
                 args.name
             );

@@ -151,6 +151,7 @@ fn run_command(plan: &Plan, daemon: &Daemon, signals: &Signals) -> Result<i32> {
         None => crate::lock::Containment::Inherit(Vec::new()),
     };
     let mut contained = process::Contained::new(&containment, program)?;
+    contained.job();
     let c = contained.command();
     c.args(&plan.command[1..])
         .env("DOCKER_HOST", daemon.docker_host())
@@ -164,7 +165,8 @@ fn run_command(plan: &Plan, daemon: &Daemon, signals: &Signals) -> Result<i32> {
         c.env(k, v);
     }
     let mut running = contained.spawn(libc::SIGTERM)?;
-    let status = process::wait_forwarding(&mut running.child, signals)
+    let status = running
+        .wait(signals)
         .map_err(|e| Error::io("waiting for the command", e))?;
     running.finish(status)
 }

@@ -1,6 +1,7 @@
 //! The progress line of a waiting request (stderr): at the start of the wait, then every
 //! `progress_interval`; one line on success saying how long it waited (only if it waited).
 
+use std::io::Write;
 use std::time::Duration;
 
 /// What a progress line shows of one holder.
@@ -53,7 +54,9 @@ impl Progress {
     ) {
         self.next = Some(at + self.interval);
         self.shown = true;
-        eprintln!(
+        // A closed stderr must not end a waiting request: nothing is said then.
+        let _ = writeln!(
+            std::io::stderr(),
             "cachelock: waiting for lock {}: {}; position {position} of {waiting} waiting",
             self.name,
             describe_holders(holders)
@@ -63,7 +66,8 @@ impl Progress {
     /// The lock is taken after `waited`; says so only if a waiting line was printed.
     pub fn acquired(&self, waited: Duration) {
         if self.shown {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "cachelock: acquired lock {} after waiting {:.1}s",
                 self.name,
                 waited.as_secs_f64()

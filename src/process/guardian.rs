@@ -12,10 +12,11 @@
 //! - a deadline of 0 arrives (the lease is known to be gone: SIGKILL at once).
 //!
 //! When the command exits by itself, processes it left behind are stopped the same way (the
-//! lock no longer covers them), and the guardian reports `exit N`. The guardian stays in
-//! cachelock's process group, so Ctrl-C and terminal input reach the command as under
-//! flock(1); it applies the same signal rule as cachelock: terminal-generated signals are not
-//! forwarded (the command got them), sent ones are.
+//! lock no longer covers them), and the guardian reports `exit N`. The guardian and the command
+//! share one process group — the job's, when cachelock runs the command as a job of its own
+//! ([`super::Contained::job`]) — so Ctrl-C and terminal input reach the command directly; the
+//! guardian forwards to the command only signals *sent* to it (cachelock forwards what reaches
+//! it there), never terminal-generated ones, which the command got already.
 //!
 //! Wire format: cachelock → guardian, 8-byte little-endian `CLOCK_MONOTONIC` nanoseconds, the
 //! lease's stop deadline ([`link`]; 0: stop now); guardian → cachelock, one line: `exit N`,

@@ -286,6 +286,96 @@ fn ctrl_c_reaches_the_command_once() {
     assert!(env.tickets("ctrlc").is_empty());
 }
 
+/// A signal sent to cachelock's whole process group — what a CI runner does to cancel a job
+/// (`kill -INT -- -PGID`) — reaches the command exactly once (issue 19, defect 10): the command
+/// runs in a process group of its own, so only cachelock gets it, and forwards it once. Six
+/// times over: a second copy used to arrive in about half the runs.
+#[test]
+fn a_signal_to_the_whole_process_group_reaches_the_command_once() {
+    let env = Env::new();
+    for i in 0..6 {
+        let log = env.path(&format!("group{i}.log"));
+        let script = format!(
+            "trap 'echo INT >> {log}' INT; trap 'echo TERM >> {log}; exit 3' TERM; \
+             echo ready >> {log}; while :; do read -t 0.02 <> {fifo}; done",
+            log = log.display(),
+            fifo = env.path("fifo").display()
+        );
+        // In a process group of its own, as a CI runner starts a job.
+        let mut p = env.spawn(&["run", "-q", "grp", "--", "bash", "-c", &script]);
+        assert_eq!(wait_for_lines(&log, 1), ["ready"]);
+        p.signal_group(libc::SIGINT);
+        assert_eq!(wait_for_lines(&log, 2), ["ready", "INT"]);
+        // A forwarded second copy of the SIGINT would come before this SIGTERM's.
+        p.signal(libc::SIGTERM);
+        assert_eq!(p.wait(), 3);
+        assert_eq!(
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .collect::<Vec<_>>(),
+            ["ready", "INT", "TERM"],
+            "run {i}: the group's SIGINT once, then the forwarded SIGTERM"
+        );
+    }
+    assert!(env.tickets("grp").is_empty());
+}
+
+/// The state letter of process `pid` (`T` when stopped).
+fn proc_state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .unwrap_or('?')
+}
+
+/// Ctrl-Z at a terminal stops the command and cachelock with it, as a shell's job; continued,
+/// the command has the terminal again (a Ctrl-C reaches it) and cachelock ends with its code.
+#[test]
+fn ctrl_z_stops_the_job_and_a_continue_gives_it_the_terminal_again() {
+    let env = Env::new();
+    let log = env.path("tstp.log");
+    let script = format!(
+        "trap 'echo INT >> {log}; exit 4' INT; echo $$ >> {log}; \
+         while :; do read -t 0.02 <> {fifo}; done",
+        log = log.display(),
+        fifo = env.path("fifo").display()
+    );
+    let mut term = Terminal::open();
+    let mut p = term.spawn(
+        env.cmd()
+            .args(["run", "-q", "tstp", "--", "bash", "-c", &script]),
+    );
+    let command: i32 = wait_for_lines(&log, 1)[0].parse().unwrap();
+    term.type_char(0x1a);
+    let stopped = |pid: i32| {
+        let t0 = std::time::Instant::now();
+        while proc_state(pid) != 'T' {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{pid} never stopped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    stopped(command);
+    stopped(p.pid());
+    // What a shell's `fg` sends.
+    p.signal_group(libc::SIGCONT);
+    let t0 = std::time::Instant::now();
+    while proc_state(command) == 'T' {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the command was not continued"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    term.type_ctrl_c();
+    assert_eq!(p.wait(), 4);
+    assert_eq!(wait_for_lines(&log, 2)[1], "INT");
+    assert!(env.tickets("tstp").is_empty());
+}
+
 #[test]
 fn progress_lines_name_holder_and_position() {
     let env = Env::with_config("progress_interval: 0.2\n");
@@ -385,4 +475,64 @@ fn status_text_and_json() {
     let doc = env.status_json(Some("st"));
     assert!(doc["locks"][0]["holders"].as_array().unwrap().is_empty());
     assert!(doc["locks"][0]["waiters"].as_array().unwrap().is_empty());
+}
+
+/// Every command that prints ends quietly when its reader is gone (`cachelock ... | head`):
+/// killed by SIGPIPE or done, never a panic or an error message (issue 19, defect 9).
+#[test]
+fn every_printing_command_ends_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    assert!(env.run(&["quiet", "--", "true"]).status.success());
+    let scenario = env.path("s.yaml");
+    let mut text = String::from("arrivals:\n");
+    for i in 0..50 {
+        text.push_str(&format!("  - {{id: a{i}, at_ms: {i}, hold_ms: 10}}\n"));
+    }
+    std::fs::write(&scenario, text).unwrap();
+    let scenario = scenario.display().to_string();
+    let commands: [&[&str]; 8] = [
+        &["status"],
+        &["status", "--json"],
+        &["policy", "list"],
+        &["policy", "check", "builtin:default"],
+        &[
+            "policy",
+            "simulate",
+            "--policy",
+            "builtin:default",
+            "--scenario",
+            &scenario,
+        ],
+        &[
+            "policy",
+            "simulate",
+            "--json",
+            "--policy",
+            "builtin:default",
+            "--scenario",
+            &scenario,
+        ],
+        &["completions", "bash"],
+        &["man"],
+    ];
+    for args in commands {
+        let mut child = env
+            .cmd()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let quiet = out.status.success() || out.status.signal() == Some(libc::SIGPIPE);
+        assert!(
+            quiet && out.stderr.is_empty(),
+            "{args:?}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

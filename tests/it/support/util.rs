@@ -389,8 +389,13 @@ impl Terminal {
 
     /// Types Ctrl-C: the line discipline sends SIGINT to the foreground process group.
     pub fn type_ctrl_c(&mut self) {
+        self.type_char(0x03);
+    }
+
+    /// Types one character (0x1a, Ctrl-Z: SIGTSTP to the foreground process group).
+    pub fn type_char(&mut self, c: u8) {
         use std::io::Write;
-        self.master.write_all(&[0x03]).unwrap();
+        self.master.write_all(&[c]).unwrap();
     }
 }
 
