@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -311,14 +311,6 @@ fn regular(f: File) -> io::Result<File> {
     }
 }
 
-/// Whether `f` is still the file at `path` (same device and inode, the path not a symlink).
-pub fn is_same_file(f: &File, path: &Path) -> bool {
-    match (f.metadata(), std::fs::symlink_metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
 // ---- A lock directory shared with other users: everything relative to opened directories ----
 //
 // A lock's state lives in directories that other users may write. Each directory is opened once
@@ -567,9 +559,24 @@ impl FileInfo {
 
     /// Identity, size and modification time: what changes when a file is replaced or
     /// rewritten (a cache of its content is valid while this stays the same).
-    pub fn version(&self) -> (u64, u64, u64, i64, i64) {
-        (self.dev, self.ino, self.size, self.mtime, self.mtime_nsec)
+    pub fn version(&self) -> FileVersion {
+        FileVersion {
+            id: self.id(),
+            size: self.size,
+            mtime: (self.mtime, self.mtime_nsec),
+        }
     }
+}
+
+/// What changes when a file is replaced or rewritten ([`FileInfo::version`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileVersion {
+    /// Device and inode.
+    pub id: (u64, u64),
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time: seconds and nanoseconds.
+    pub mtime: (i64, i64),
 }
 
 /// [`FileInfo`] of an open file or directory.
@@ -1045,6 +1052,33 @@ pub fn foreground_terminal() -> Option<OwnedFd> {
     (fg > 0 && fg == process_group()).then_some(tty)
 }
 
+/// An anonymous in-memory file (close-on-exec), named `name` for `/proc/PID/fd` readers.
+pub fn memfd(name: &std::ffi::CStr) -> io::Result<File> {
+    use rustix::fs::MemfdFlags;
+    Ok(File::from(rustix::fs::memfd_create(
+        name,
+        MemfdFlags::CLOEXEC,
+    )?))
+}
+
+/// An in-memory file holding `bytes`, positioned at its start, and sealed: nobody holding it
+/// (or a copy of its descriptor) can write, grow or shrink it, or remove the seals.
+pub fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<File> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    use std::io::{Seek, Write};
+    let mut f = File::from(rustix::fs::memfd_create(
+        name,
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?);
+    f.write_all(bytes)?;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    rustix::fs::fcntl_add_seals(
+        &f,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    Ok(f)
+}
+
 /// Restores SIGPIPE's default action (the Rust runtime ignores it): a write to a pipe nobody
 /// reads then ends the process quietly instead of failing.
 pub fn default_sigpipe() {
@@ -1153,6 +1187,19 @@ pub fn prepare_child(fds: &[RawFd], sig: i32, parent: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sealed_memfd_cannot_change() {
+        use std::io::{Read, Write};
+        let mut f = sealed_memfd(c"test", b"module").unwrap();
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "module");
+        assert!(f.write_all(b"x").is_err());
+        assert!(f.set_len(0).is_err());
+        let seals = rustix::fs::fcntl_get_seals(&f).unwrap();
+        assert!(seals.contains(rustix::fs::SealFlags::SEAL));
+    }
 
     #[test]
     fn flock_conflicts_between_descriptions() {

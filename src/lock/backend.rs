@@ -200,7 +200,7 @@ pub trait Backend {
 }
 
 /// A request in a queue: its ticket is published and kept alive until it is left or held.
-pub trait Queued {
+pub trait Queued: Send {
     /// Our own ticket.
     fn ticket(&self) -> &TicketData;
 

@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -322,27 +321,15 @@ pub fn in_child(
     }
 }
 
-/// A sealed in-memory file holding `bytes` (the child's stdin).
+/// An in-memory file holding `bytes` and sealed (no write, grow or shrink can change it): the
+/// child's stdin is exactly the module that was checked.
 fn memfd(bytes: &[u8]) -> io::Result<File> {
-    let name = c"cachelock-policy-module";
-    // SAFETY: a valid name; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let mut f = unsafe { File::from_raw_fd(fd) };
-    f.write_all(bytes)?;
-    // SAFETY: valid descriptor.
-    if unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_SET) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(f)
+    crate::sys::sealed_memfd(c"cachelock-policy-module", bytes)
 }
 
 /// An anonymous in-memory file for an artifact that is not cached (no trusted writable cache).
 pub fn anonymous_output() -> io::Result<File> {
-    memfd(&[])
+    crate::sys::memfd(c"cachelock-policy-code")
 }
 
 /// The child's side (`cachelock policy compile-child`): module on stdin, artifact on stdout.

@@ -304,8 +304,8 @@ static CALLS: (std::sync::Mutex<Calls>, std::sync::Condvar) = (
 struct Ticking;
 
 impl Ticking {
-    fn start() -> Ticking {
-        start_epoch_ticker();
+    fn start() -> Result<Ticking, String> {
+        start_epoch_ticker()?;
         let (calls, cv) = &CALLS;
         let mut c = calls.lock().unwrap_or_else(|p| p.into_inner());
         c.running += 1;
@@ -313,7 +313,7 @@ impl Ticking {
             c.parked = false;
             cv.notify_one();
         }
-        Ticking
+        Ok(Ticking)
     }
 }
 
@@ -323,28 +323,35 @@ impl Drop for Ticking {
     }
 }
 
-fn start_epoch_ticker() {
-    static TICKER: OnceLock<()> = OnceLock::new();
-    TICKER.get_or_init(|| {
-        std::thread::Builder::new()
-            .name("cachelock-policy-epoch".into())
-            .spawn(|| loop {
-                {
-                    let (calls, cv) = &CALLS;
-                    let mut c = calls.lock().unwrap_or_else(|p| p.into_inner());
-                    while c.running == 0 {
-                        c.parked = true;
-                        c = cv.wait(c).unwrap_or_else(|p| p.into_inner());
+/// Starts the thread that advances the epochs (once per process); without it no call could be
+/// bounded in time, so a failure to start it fails the call.
+fn start_epoch_ticker() -> Result<(), String> {
+    static TICKER: OnceLock<Result<(), String>> = OnceLock::new();
+    TICKER
+        .get_or_init(|| {
+            std::thread::Builder::new()
+                .name("cachelock-policy-epoch".into())
+                .spawn(|| loop {
+                    {
+                        let (calls, cv) = &CALLS;
+                        let mut c = calls.lock().unwrap_or_else(|p| p.into_inner());
+                        while c.running == 0 {
+                            c.parked = true;
+                            c = cv.wait(c).unwrap_or_else(|p| p.into_inner());
+                        }
+                        c.parked = false;
                     }
-                    c.parked = false;
-                }
-                std::thread::sleep(EPOCH_TICK);
-                for engine in cache::engines() {
-                    engine.increment_epoch();
-                }
-            })
-            .expect("the epoch thread starts");
-    });
+                    std::thread::sleep(EPOCH_TICK);
+                    for engine in cache::engines() {
+                        engine.increment_epoch();
+                    }
+                })
+                .map(drop)
+                .map_err(|e| {
+                    format!("cannot start the thread that bounds policy calls in time: {e}")
+                })
+        })
+        .clone()
 }
 
 /// Arms the per-call bounds: fuel, and a wall-clock deadline `time_ms` from now.
@@ -589,7 +596,7 @@ impl WasmPolicy {
     /// A fresh instance, configured. Used at load and after a fault (a trapped instance cannot
     /// be entered again).
     fn instantiate(&mut self) -> Result<(), String> {
-        let _ticking = Ticking::start();
+        let _ticking = Ticking::start()?;
         let engine = self.component.engine().clone();
         let mut store = Store::new(&engine, HostState::new(self.name.clone(), &self.limits));
         store.limiter(|s| &mut s.limiter);
@@ -664,7 +671,7 @@ impl WasmPolicy {
         let live = self.instance.as_mut().expect("instantiated above");
         arm(&mut live.store, self.limits.fuel, self.limits.time_ms)
             .map_err(|e| PolicyError::fault(&self.name, e.to_string()))?;
-        let ticking = Ticking::start();
+        let ticking = Ticking::start().map_err(|m| PolicyError::fault(&self.name, m))?;
         let r = f(live);
         drop(ticking);
         let store = &mut live.store;

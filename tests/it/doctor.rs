@@ -391,7 +391,7 @@ fn a_cache_root_without_dockerd_is_an_error_and_without_a_cache_root_a_warning()
 #[test]
 fn an_unreachable_etcd_is_an_error_and_a_reachable_one_answers_in_time() {
     let h = Host::new("etcd:\n  request_timeout: 0.5\n");
-    let port = crate::support::dockerd::free_port();
+    let port = crate::support::util::free_port();
     let o = h.doctor(&["--backend", &format!("etcd://127.0.0.1:{port}/doc")]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     line(

@@ -598,3 +598,115 @@ fn a_refused_fall_back_is_said_once() {
     std::fs::write(env.path("go"), "").unwrap();
     assert_eq!(holder.wait(), 0);
 }
+
+/// `policy simulate` replays a trace recorded from real processes — arrivals with their
+/// priorities and bounds (their tickets' arrival stamps), holds (the sections' logged lengths),
+/// the holder's release — and serves the same requests in the same order, with the same
+/// give-ups (issue 19): both run the same scheduler.
+#[test]
+fn simulate_replays_a_trace_of_real_processes() {
+    let env = Env::new();
+    let log = env.path("order.log");
+    let mut holder = hold_until(&env, "replay", "go");
+    let ticket = |id: &str| -> serde_json::Value {
+        let f = env.lock_dir.join(format!("replay.lock/queue/{id}"));
+        serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap()
+    };
+    let first = env.tickets("replay")[0].clone();
+    let t0 = ticket(&first)["enqueued_at_ms"].as_u64().unwrap();
+    // (tag, priority, -w): c gives up while the lock is held.
+    let plan = [
+        ("a", 0, None),
+        ("b", 3, None),
+        ("c", 0, Some("0.4")),
+        ("d", 5, None),
+        ("e", 1, None),
+        ("f", 0, None),
+    ];
+    let mut procs = Vec::new();
+    let mut arrivals = Vec::new();
+    for (i, (tag, prio, wait)) in plan.iter().enumerate() {
+        let mut args: Vec<String> = vec!["run".into(), "-q".into(), "-p".into(), prio.to_string()];
+        if let Some(w) = wait {
+            args.extend(["-w".into(), w.to_string()]);
+        }
+        args.extend(["replay".into(), "--".into()]);
+        args.extend(env.section(&log, tag, 0.05));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        procs.push(env.spawn(&refs));
+        env.wait_tickets("replay", i + 2);
+        let mine = env.tickets("replay").into_iter().max().unwrap();
+        arrivals.push((
+            tag,
+            *prio,
+            *wait,
+            ticket(&mine)["enqueued_at_ms"].as_u64().unwrap(),
+        ));
+    }
+    // c's bound passes while the lock is held; then the holder releases.
+    assert_eq!(procs[2].wait(), 1);
+    std::fs::write(env.path("go"), "").unwrap();
+    assert_eq!(holder.wait(), 0);
+    let released = now_s();
+    for (i, p) in procs.iter_mut().enumerate() {
+        if i != 2 {
+            assert_eq!(p.wait(), 0);
+        }
+    }
+    let sections = read_log(&log);
+    let real: Vec<String> = sections.iter().map(|s| s.tag.clone()).collect();
+    assert_eq!(real, ["d", "b", "e", "a", "f"]);
+
+    // The trace as a scenario, on the real clock.
+    let mut yaml = format!(
+        "lock: replay\nstart: {t0}\nholders:\n  - {{id: holder, release_at_ms: {}}}\narrivals:\n",
+        (released * 1000.0) as u64 - t0
+    );
+    for (tag, prio, wait, at) in &arrivals {
+        let hold = sections
+            .iter()
+            .find(|s| s.tag == **tag)
+            .map_or(0, |s| ((s.end - s.start) * 1000.0) as u64);
+        let limit = wait
+            .map(|w| {
+                format!(
+                    ", wait_limit_ms: {}",
+                    (w.parse::<f64>().unwrap() * 1000.0) as u64
+                )
+            })
+            .unwrap_or_default();
+        yaml.push_str(&format!(
+            "  - {{id: {tag}, at_ms: {}, priority: {prio}, hold_ms: {hold}{limit}}}\n",
+            at - t0
+        ));
+    }
+    std::fs::write(env.path("trace.yaml"), &yaml).unwrap();
+    let out = env
+        .cmd()
+        .args([
+            "policy",
+            "simulate",
+            "--json",
+            "--policy",
+            "builtin:default",
+            "--scenario",
+        ])
+        .arg(env.path("trace.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["served_order"], serde_json::json!(real), "{yaml}\n{v}");
+    let gave_up: Vec<&str> = v["fates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f[1].get("gave-up").is_some())
+        .map(|f| f[0].as_str().unwrap())
+        .collect();
+    assert_eq!(gave_up, ["c"], "{v}");
+}

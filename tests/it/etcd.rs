@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::etcd::*;
-use crate::support::util::{wait_for_lines, Env, Proc, Terminal};
+use crate::support::util::{free_port, wait_for_lines, Env, Proc, Terminal};
 
 /// Runs `workers` loops of `cachelock run -q LOCK -- section` until `stop` is set or each did
 /// `rounds` (if given); returns every exit code.
@@ -649,4 +649,66 @@ fn lost_lease_stops_the_command_and_exits_75() {
 
 fn now_s() -> f64 {
     crate::support::util::now_s()
+}
+
+/// The store of a 1-member cluster `c` under a fresh prefix, with short deadlines and a retry
+/// bound of `unavailable`.
+fn library_store(c: &Cluster, unavailable: Duration) -> cachelock::lock::etcd::EtcdStore {
+    use std::sync::atomic::AtomicUsize;
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let prefix = format!(
+        "lib{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut store = cachelock::lock::etcd::EtcdStore::from_url(&c.url(&prefix)).unwrap();
+    store.lease_ttl = Duration::from_secs(2);
+    store.request_timeout = Duration::from_millis(300);
+    store.unavailable_timeout = unavailable;
+    store
+}
+
+/// A library user who takes and drops an etcd lock inside a tokio runtime of their own gets no
+/// panic (issue 19, defect 7): the backend's calls run on a thread of their own there.
+#[test]
+fn a_lock_taken_and_dropped_inside_a_callers_runtime() {
+    use cachelock::lock::{self, Acquired, Options};
+    let store = library_store(shared(), Duration::from_secs(8));
+    let backend = cachelock::lock::etcd::EtcdBackend::connect(&store).unwrap();
+    let signals = cachelock::process::Signals::install().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let generation = rt.block_on(async {
+        let mut policy = cachelock::policy::native::DefaultPolicy;
+        match lock::acquire(&backend, &Options::new("rt"), &mut policy, &signals).unwrap() {
+            Acquired::Held(g) => g.generation(),
+            Acquired::FellBack { .. } => unreachable!(),
+        }
+    });
+    assert_eq!(generation, 1);
+    let state = rt.block_on(async { cachelock::lock::Backend::state(&backend, "rt").unwrap() });
+    assert!(state.tickets.holders.is_empty() && state.tickets.waiters.is_empty());
+}
+
+/// Dropping a request whose cluster is gone does not wait for the whole retry bound (issue 19,
+/// defect 7): one attempt, then the lease expires by itself. Here the bound is 10 minutes; a
+/// drop that waited for it would hold the test past its 60 s watchdog.
+#[test]
+fn a_drop_does_not_wait_for_a_cluster_that_is_gone() {
+    let c = Cluster::start("drop", 1, false);
+    c.wait_healthy();
+    let store = library_store(&c, Duration::from_secs(600));
+    let backend = cachelock::lock::etcd::EtcdBackend::connect(&store).unwrap();
+    let queued =
+        cachelock::lock::Backend::enqueue(&backend, &cachelock::lock::Options::new("d")).unwrap();
+    c.kill(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(queued);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the drop returned");
 }

@@ -156,12 +156,12 @@ impl Backend for FlockBackend {
                 ..Default::default()
             });
         };
-        let (tickets, unreadable) = scan(&files, None, None)?;
+        let queue = ticket::scan_queue(&files, None, None)?;
         Ok(LockState {
             name: lock.to_string(),
             generation: meta::read(&files).generation,
-            tickets,
-            unreadable,
+            tickets: snapshot(queue.live),
+            unreadable: queue.unreadable,
             notes: Default::default(),
         })
     }
@@ -171,14 +171,8 @@ impl Backend for FlockBackend {
     }
 }
 
-/// The live tickets of `queue/`, except `skip` (one's own: probing it would drop one's own
-/// lock on NFS). Dead tickets are removed where permitted; unreadable live ones are apart.
-fn scan(
-    files: &LockFiles,
-    skip: Option<&str>,
-    cache: Option<&mut TicketCache>,
-) -> Result<(Snapshot, Vec<super::backend::Unreadable>)> {
-    let (live, unreadable) = ticket::scan_queue(files, skip, cache)?;
+/// Live tickets as holders (by id) and waiters.
+fn snapshot(live: Vec<ticket::FileTicket>) -> Snapshot {
     let mut snap = Snapshot::default();
     for t in live {
         if t.data.holding {
@@ -188,7 +182,7 @@ fn scan(
         }
     }
     snap.holders.sort_by(|a, b| a.id().cmp(b.id()));
-    Ok((snap, unreadable))
+    snap
 }
 
 /// The highest ticket number in `queue/` (to recover from counters that went back).
@@ -275,7 +269,9 @@ impl Queued for FlockQueued {
 
     fn scan(&mut self) -> Result<Snapshot> {
         let me = self.own().data.id().to_string();
-        let (snap, _) = scan(&self.files, Some(&me), Some(&mut self.cache))?;
+        // Never one's own ticket: probing it would drop one's own lock on NFS.
+        let snap =
+            snapshot(ticket::scan_queue(&self.files, Some(&me), Some(&mut self.cache))?.live);
         self.seen = snap
             .holders
             .iter()

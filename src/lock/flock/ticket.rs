@@ -289,11 +289,9 @@ pub struct TicketCache {
     entries: HashMap<String, Cached>,
 }
 
-type Version = (u64, u64, u64, i64, i64);
-
 #[derive(Debug)]
 struct Cached {
-    version: Version,
+    version: sys::FileVersion,
     content: std::result::Result<Box<FileTicket>, String>,
     /// Seen by the latest scan (entries that were not are dropped after it).
     seen: bool,
@@ -442,13 +440,22 @@ fn cut(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
+/// What one scan of `queue/` found alive.
+#[derive(Debug, Default)]
+pub struct Queue {
+    /// Live tickets that can be read.
+    pub live: Vec<FileTicket>,
+    /// Live tickets that cannot (shown by `status`, ignored by waiters).
+    pub unreadable: Vec<Unreadable>,
+}
+
 /// The live tickets of `queue/`, probed, except `skip` (one's own); dead ones are removed
-/// where permitted. Unreadable live ones are returned apart.
+/// where permitted.
 pub fn scan_queue(
     files: &LockFiles,
     skip: Option<&str>,
     mut cache: Option<&mut TicketCache>,
-) -> Result<(Vec<FileTicket>, Vec<Unreadable>)> {
+) -> Result<Queue> {
     let dir = files.queue.as_fd();
     let (entries, more) = sys::list_dir(dir, MAX_ENTRIES).map_err(|e| {
         Error::new(
@@ -484,7 +491,7 @@ pub fn scan_queue(
     if let Some(c) = cache {
         c.end_scan();
     }
-    Ok((live, unreadable))
+    Ok(Queue { live, unreadable })
 }
 
 /// Says once per process that a directory of a lock holds more entries than are read.

@@ -277,15 +277,6 @@ pub fn host_paths() -> std::sync::MutexGuard<'static, ()> {
     M.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A free TCP port on loopback (bound, then released for the server to take).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Debian's `docker-registry` serving plain HTTP on a free loopback port with its own storage,
 /// started once per test binary ([`super::registry`]); returns `127.0.0.1:PORT`.
 pub fn registry() -> String {

@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::util::{bin, Env};
+use super::util::{bin, free_port, Env};
 
 /// Password of `root` on the [`secure`] cluster.
 pub const ROOT_PASSWORD: &str = "cachelock-test-pw";
@@ -91,15 +91,6 @@ pub fn spawn_kept(mut cmd: Command) -> Child {
     rx.recv()
         .unwrap()
         .expect("cannot start a test service (etcd, docker-registry): make setup installs them")
-}
-
-/// A free loopback port (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn base_dir() -> PathBuf {

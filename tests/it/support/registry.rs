@@ -13,7 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::etcd::{free_port, make_certs, spawn_kept, Tls};
+use super::etcd::{make_certs, spawn_kept, Tls};
+use super::util::free_port;
 
 /// User and password of the registries started with basic auth.
 pub const USER: &str = "ci-bot";

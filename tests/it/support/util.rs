@@ -418,3 +418,97 @@ pub fn static_binary() -> PathBuf {
             )
         })
 }
+
+/// A loopback TCP port for a server a test starts (etcd, a registry), never handed out twice:
+/// taken below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), where
+/// the kernel never picks a port for another socket; reserved for the life of this process by
+/// a lock file that other test processes respect; and checked free by binding it. (Binding
+/// port 0 and closing it left the port to whoever came next, this same function included.)
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::Mutex;
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("cachelock-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Processes start at different places, and each moves on from where it was.
+    let _ = NEXT.compare_exchange(
+        0,
+        FIRST + (std::process::id() % 1000) as u16 * 10,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in FIRST..LAST {
+        let mut port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if !(FIRST..LAST).contains(&port) {
+            let _ = NEXT.compare_exchange(port + 1, FIRST + 1, Ordering::SeqCst, Ordering::SeqCst);
+            port = FIRST;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        // SAFETY: flock(2) on a descriptor we own.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap().push(f);
+        return port;
+    }
+    panic!("no free port between {FIRST} and {LAST}");
+}
+
+/// Ports are never handed out twice (not even by two test processes), and never from the
+/// range the kernel hands to other sockets.
+#[test]
+fn free_ports_are_never_handed_out_twice() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let mine: Vec<u16> = (0..200).map(|_| free_port()).collect();
+    let other = Command::new(std::env::current_exe().unwrap())
+        .args(["support::util::tests_child_ports", "--exact", "--nocapture"])
+        .env("CACHELOCK_PORTS_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&other.stdout);
+    let theirs: Vec<u16> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("port "))
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(theirs.len(), 200, "{text}");
+    let mut all: Vec<u16> = mine.iter().chain(&theirs).copied().collect();
+    assert!(all.iter().all(|p| *p < ephemeral), "{all:?}");
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 400, "a port handed out twice");
+}
+
+/// 200 ports, distinct; also the other test process of [`free_ports_are_never_handed_out_twice`]
+/// (then it prints them).
+#[test]
+fn tests_child_ports() {
+    let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+    let mut distinct = ports.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), ports.len());
+    if std::env::var_os("CACHELOCK_PORTS_CHILD").is_some() {
+        for p in ports {
+            println!("port {p}");
+        }
+    }
+}
