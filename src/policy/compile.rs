@@ -22,6 +22,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use wasmtime::{Config, Engine, Strategy};
+
 use crate::config::CompileBudget;
 
 /// Default address-space budget of a compile, MiB.
@@ -132,12 +134,46 @@ impl Tier {
     }
 
     /// The engine of this tier.
-    pub fn engine(self) -> &'static wasmtime::Engine {
+    pub fn engine(self) -> &'static Engine {
         match self {
-            Tier::Quick => super::cache::quick_engine(),
-            Tier::Optimized => super::cache::engine(),
+            Tier::Quick => quick_engine(),
+            Tier::Optimized => engine(),
         }
     }
+}
+
+/// The engine of optimized code (Cranelift, fuel metering and epoch interruption on): what a
+/// warm process runs.
+pub fn engine() -> &'static Engine {
+    OPTIMIZED.get_or_init(|| make_engine(Strategy::Cranelift))
+}
+
+static OPTIMIZED: OnceLock<Engine> = OnceLock::new();
+static QUICK: OnceLock<Engine> = OnceLock::new();
+
+/// The engines created so far (a warm process never creates the quick one).
+pub fn engines() -> impl Iterator<Item = &'static Engine> {
+    [OPTIMIZED.get(), QUICK.get()].into_iter().flatten()
+}
+
+/// The engine of quickly compiled code (Winch, wasmtime's baseline compiler, ~5× faster to
+/// compile, ~1.5× slower to run): used only until the optimized code is in the cache.
+pub fn quick_engine() -> &'static Engine {
+    QUICK.get_or_init(|| make_engine(Strategy::Winch))
+}
+
+fn make_engine(strategy: Strategy) -> Engine {
+    let mut c = Config::new();
+    c.consume_fuel(true)
+        .epoch_interruption(true)
+        // No unwind tables for the system unwinder: wasmtime walks wasm frames itself and stops
+        // a host panic at the boundary, so only a debugger or profiler would read them, while
+        // every process that loads a policy registered them — on musl one libunwind call per
+        // function, and as many again, each a scan of all the others, when it dropped them
+        // (9% of a contended run's instructions with `builtin:priority`).
+        .native_unwind_info(false)
+        .strategy(strategy);
+    Engine::new(&c).expect("wasmtime engine configuration is valid")
 }
 
 /// Why a compile produced nothing.

@@ -215,7 +215,7 @@ const WASI_IO_POLL: &str = "wasi:io/poll@0.2.12";
 fn linker(engine: &wasmtime::Engine) -> &'static Linker<HostState> {
     static OPTIMIZED: OnceLock<Linker<HostState>> = OnceLock::new();
     static QUICK: OnceLock<Linker<HostState>> = OnceLock::new();
-    let cell = if wasmtime::Engine::same(engine, cache::engine()) {
+    let cell = if wasmtime::Engine::same(engine, super::compile::engine()) {
         &OPTIMIZED
     } else {
         &QUICK
@@ -342,7 +342,7 @@ fn start_epoch_ticker() -> Result<(), String> {
                         c.parked = false;
                     }
                     std::thread::sleep(EPOCH_TICK);
-                    for engine in cache::engines() {
+                    for engine in super::compile::engines() {
                         engine.increment_epoch();
                     }
                 })
