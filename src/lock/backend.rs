@@ -410,3 +410,31 @@ impl Lease {
         watchers.retain_mut(|w| w(value));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One rule for an etcd lease: whole seconds, renewed ten times per TTL, the command
+    /// stopped at 3/5 and killed at 4/5 of the TTL after the last renewal was sent — before the
+    /// server can expire the lease.
+    #[test]
+    fn a_lease_stops_its_command_before_the_server_can_expire_it() {
+        for (asked, secs) in [(0.2, 1), (1.0, 1), (2.5, 3), (10.0, 10)] {
+            let r = LeaseRule::new(Duration::from_secs_f64(asked));
+            assert_eq!(
+                (r.ttl, r.ttl_secs()),
+                (Duration::from_secs(secs), secs as i64)
+            );
+            let ttl_ns = r.ttl.as_nanos() as u64;
+            let sent = 1_000_000_000;
+            let stop = r.stop_at(sent, r.ttl);
+            assert_eq!(stop - sent, ttl_ns * 3 / 5);
+            let kill = stop + r.grace().as_nanos() as u64;
+            assert_eq!(kill - sent, ttl_ns * 4 / 5);
+            assert!(kill < sent + ttl_ns);
+            assert!(r.renew_every() <= r.ttl / 10 || r.renew_every() == Duration::from_millis(100));
+            assert_eq!(r.lease("l", sent).stop_at_ns(), stop);
+        }
+    }
+}

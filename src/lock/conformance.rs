@@ -115,13 +115,13 @@ macro_rules! conformance_suite {
 
 /// Nothing interrupts a test's request: a socket nobody writes to (the other end is kept
 /// open, else the socket would read as closed, that is readable).
-struct Never {
+pub(crate) struct Never {
     read: std::os::unix::net::UnixStream,
     _write: std::os::unix::net::UnixStream,
 }
 
 impl Never {
-    fn new() -> Never {
+    pub(crate) fn new() -> Never {
         let (read, _write) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
         Never { read, _write }
     }

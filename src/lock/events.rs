@@ -209,9 +209,79 @@ impl Observer for Both<'_> {
     }
 }
 
-/// Nobody listens.
-pub struct Nobody;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::conformance::Never;
+    use crate::lock::memory::MemoryBackend;
+    use crate::lock::{acquire, Acquired, Options};
+    use crate::policy::native::DefaultPolicy;
+    use std::sync::Mutex;
 
-impl Observer for Nobody {
-    fn event(&self, _: Now, _: &Event<'_>) {}
+    /// The kinds of the events seen, and each final summary's outcome, waited/held, place and
+    /// decisions.
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+
+    impl Observer for Log {
+        fn event(&self, _: Now, e: &Event<'_>) {
+            let s = match e {
+                Event::Arrived { .. } => "arrived".into(),
+                Event::Ranked { .. } => "ranked".into(),
+                Event::Passed { .. } => "passed".into(),
+                Event::Tried { granted } => format!("tried {granted}"),
+                Event::Decided { .. } => "decided".into(),
+                Event::Waits { .. } => "waits".into(),
+                Event::Acquired { ticket, .. } => {
+                    format!("acquired {}", ticket.generation.unwrap())
+                }
+                Event::Finished(s) => format!(
+                    "finished {} held={} at={:?} decisions={} last={}",
+                    s.outcome.as_str(),
+                    s.held.is_some(),
+                    s.position_at_arrival.map(|p| (p.position, p.of)),
+                    s.decisions,
+                    s.last_decision.is_some()
+                ),
+            };
+            self.0.lock().unwrap().push(s);
+        }
+    }
+
+    fn run(store: &MemoryBackend, opts: &Options) -> crate::error::Result<Acquired> {
+        acquire(store, opts, &mut DefaultPolicy, &Never::new())
+    }
+
+    #[test]
+    fn every_request_ends_with_one_summary() {
+        let store = MemoryBackend::new();
+        let log = Arc::new(Log::default());
+        let mut opts = Options::new("l");
+        opts.observers.push(log.clone());
+        let Ok(Acquired::Held(g)) = run(&store, &opts) else {
+            panic!()
+        };
+        opts.wait_limit_ms = Some(0);
+        assert!(run(&store, &opts).is_err());
+        opts.wait_limit_ms = Some(30);
+        assert!(run(&store, &opts).is_err());
+        assert!(store.take_away("l", g.ticket()));
+        g.release();
+        let seen = log.0.lock().unwrap().clone();
+        let finished: Vec<&String> = seen.iter().filter(|s| s.starts_with("finished")).collect();
+        assert_eq!(
+            finished,
+            [
+                "finished conflict held=false at=Some((1, 1)) decisions=0 last=false",
+                "finished timeout held=false at=Some((1, 1)) decisions=1 last=true",
+                "finished lost held=true at=Some((1, 1)) decisions=0 last=false",
+            ],
+            "{seen:?}"
+        );
+        assert_eq!(
+            seen[..4],
+            ["arrived", "ranked", "tried true", "acquired 1"],
+            "{seen:?}"
+        );
+    }
 }

@@ -232,11 +232,6 @@ impl Scheduler {
         }
     }
 
-    /// Our ticket.
-    pub fn ticket(&self) -> &TicketData {
-        &self.me
-    }
-
     /// What the wait amounted to (for the record of a held request).
     pub fn record(&self) -> &Record {
         &self.record
