@@ -436,8 +436,12 @@ impl Backend for EtcdBackend {
             lease_id: Some(lease_id),
             lease,
             keeper: Some(keeper),
-            // etcd vouches for no local user: the ticket's host and pid are its claims.
-            data: TicketData::new(opts, String::new(), 0, sys::hostname(), std::process::id()),
+            data: TicketData {
+                // Our own user, for our record; etcd vouches for no local user, so others'
+                // tickets carry none (their host and pid are their claims).
+                uid: Some(sys::euid()),
+                ..TicketData::new(opts, String::new(), 0, sys::hostname(), std::process::id())
+            },
             revision: 0,
             watch: None,
         };
