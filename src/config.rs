@@ -403,7 +403,7 @@ impl Config {
         for (name, def) in &self.policies {
             if def.module.starts_with("oci://") {
                 #[cfg(feature = "oci")]
-                crate::policy::oci::Reference::parse(&def.module)
+                crate::policy::oci::reference::Reference::parse(&def.module)
                     .map_err(|e| format!("key `policies.{name}.module`: {e}"))?;
             } else if def.verify.is_some() {
                 return Err(format!(

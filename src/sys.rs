@@ -1079,6 +1079,14 @@ pub fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<File> {
     Ok(f)
 }
 
+/// Wall clock in Unix milliseconds (0 before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Restores SIGPIPE's default action (the Rust runtime ignores it): a write to a pipe nobody
 /// reads then ends the process quietly instead of failing.
 pub fn default_sigpipe() {

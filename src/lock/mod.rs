@@ -29,8 +29,10 @@ mod stall;
 
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+/// Wall clock in Unix milliseconds (arrival stamps, ages).
+pub use crate::sys::now_ms;
 pub use backend::{Backend, Containment, Lease, LockState, StoreNote, TicketData, Unreadable};
 pub use events::{Event, Now, Observer, Observers, Outcome};
 
@@ -375,12 +377,4 @@ pub fn status(backend: &dyn Backend, name: &str, policy: &mut dyn Policy) -> Res
         order_note,
         unreadable: state.unreadable,
     })
-}
-
-/// Wall clock in Unix milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -30,8 +30,7 @@ mod bindings {
 
 use bindings::cachelock::policy::types as wit;
 
-/// The world every policy must implement.
-pub const WORLD: &str = "cachelock:policy/policy@0.1.0";
+pub use super::types::WORLD;
 
 /// The exported interface of the queue decisions.
 const LOCK_POLICY: &str = "cachelock:policy/lock-policy@0.1.0";

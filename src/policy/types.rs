@@ -9,6 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The world every policy must implement.
+pub const WORLD: &str = "cachelock:policy/policy@0.1.0";
+
 /// How a lock is requested.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[cfg_attr(

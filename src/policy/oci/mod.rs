@@ -207,7 +207,7 @@ pub fn build_artifact(
         component: Some(ComponentInfo {
             exports: exports.to_vec(),
             imports: imports.to_vec(),
-            target: Some(crate::policy::host::WORLD.to_string()),
+            target: Some(crate::policy::types::WORLD.to_string()),
         }),
     };
     let config = serde_json::to_vec(&config).expect("the config serializes");
@@ -243,7 +243,7 @@ fn created_secs() -> u64 {
     std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| crate::lock::now_ms() / 1000)
+        .unwrap_or_else(|| crate::sys::now_ms() / 1000)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of Unix seconds.
@@ -407,7 +407,7 @@ pub fn fetch(src: &OciSource, dirs: &CacheDirs, who: &str) -> Result<Fetched, Er
                 "{}; keeping the cached {} (resolved and verified {} ago)",
                 e.message,
                 f.origin.digest,
-                crate::output::age(crate::lock::now_ms().saturating_sub(f.origin.resolved_at_ms))
+                crate::output::age(crate::sys::now_ms().saturating_sub(f.origin.resolved_at_ms))
             );
             Ok(f)
         }
@@ -542,7 +542,7 @@ fn pull(
             reference: r.at(&digest),
             digest,
             verified_by,
-            resolved_at_ms: crate::lock::now_ms(),
+            resolved_at_ms: crate::sys::now_ms(),
             cached: false,
         },
     })
