@@ -599,6 +599,8 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
 /// Disk usage of the entry `name` of `dir` (allocated blocks; each hard-linked inode once),
 /// walked relative to directory descriptors without following links or entering other
 /// filesystems, looking at no more than `max_entries` entries (the count stops there).
+// The stat field types differ between targets.
+#[allow(clippy::unnecessary_cast)]
 pub fn disk_usage_at(dir: BorrowedFd<'_>, name: &str, max_entries: usize) -> u64 {
     use rustix::fs::{AtFlags, Mode, OFlags};
     let Ok(top) = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
