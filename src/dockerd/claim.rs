@@ -36,6 +36,22 @@ fn open(path: &Path) -> std::io::Result<File> {
     crate::sys::open_in_shared_dir(path, crate::sys::Open::Create(0o644))
 }
 
+/// Creates `dir` if missing and checks that nobody but the caller or root can change it: root
+/// writes a shared log there and dockerd creates, chowns and chmods a socket there, by path.
+fn trusted_dir(dir: &Path) -> bool {
+    let _ = std::fs::create_dir_all(dir);
+    match super::root::check_trusted_path(dir) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(
+                "{} is not used for dockerd's shared paths: {why}",
+                dir.display()
+            );
+            false
+        }
+    }
+}
+
 fn try_lock(f: &File) -> bool {
     crate::sys::try_flock(f, true).unwrap_or(false)
 }
@@ -46,7 +62,7 @@ fn try_lock(f: &File) -> bool {
 pub fn socket(sock: &Path) -> Option<Claim> {
     let dir = sock.parent()?;
     let name = sock.file_name()?.to_string_lossy();
-    if std::fs::create_dir_all(dir).is_err() {
+    if !trusted_dir(dir) {
         return None;
     }
     let file = open(&dir.join(format!(".{name}.cachelock"))).ok()?;
@@ -70,8 +86,8 @@ pub fn socket(sock: &Path) -> Option<Claim> {
 /// Claims the log file `path` (opened, not truncated) when no other wrapper writes to it; the
 /// caller truncates it once claimed. `None` when it is in use or cannot be opened.
 pub fn log(path: &Path) -> Option<Claim> {
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+    if !trusted_dir(path.parent()?) {
+        return None;
     }
     let file = open(path).ok()?;
     try_lock(&file).then(|| Claim {
@@ -107,9 +123,14 @@ impl HostPaths {
         self.log.iter().chain(&self.socket).map(Claim::fd).collect()
     }
 
-    /// The log path for the dockerd spec.
-    pub fn log_path(&self) -> Option<PathBuf> {
-        self.log.as_ref().map(|c| c.path.clone())
+    /// The claimed log for the dockerd spec: its path, and the open file dockerd writes to
+    /// (never opened again by path).
+    pub fn log(&self) -> Option<super::daemon::LogFile> {
+        let c = self.log.as_ref()?;
+        Some(super::daemon::LogFile {
+            path: c.path.clone(),
+            file: std::sync::Arc::new(c.file.try_clone().ok()?),
+        })
     }
 
     /// The extra sockets for the dockerd spec.
