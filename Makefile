@@ -12,9 +12,10 @@ BUILD_PACKAGES := protobuf-compiler libprotobuf-dev
 # Debian packages the tests use: dockerd and busybox-static (test images without a registry),
 # the registry and docker-compose of the Earthly drop-in tests, musl-tools for the static build,
 # etcd 3.4 and etcdctl (the etcd backend's clusters), openssl (their self-signed certificates),
-# and for the attack suite useradd (passwd) and setpriv, unshare, flock (util-linux).
+# and for the attack suite useradd (passwd), setpriv, unshare, flock (util-linux) and inotifywait
+# (inotify-tools: an attacker that acts on the instant a file is touched).
 TEST_PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools \
-	etcd-server etcd-client openssl passwd util-linux
+	etcd-server etcd-client openssl passwd util-linux inotify-tools
 # Policy compilers the tests use: componentize-py and componentize-js (the Python and
 # JavaScript policy tests; the versions `cachelock policy new --lang python|js` names).
 COMPONENTIZE_PY_VERSION = 0.25.1

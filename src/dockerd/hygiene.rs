@@ -282,13 +282,10 @@ pub fn open_loadable(path: &Path) -> Result<std::fs::File> {
             format!("cannot read image tarball {}: {why}", path.display()),
         )
     };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| bad(e.to_string()))?;
-    let t = f.metadata().map_err(|e| bad(e.to_string()))?.file_type();
-    if !t.is_file() {
+    let kind = |t: std::fs::FileType| {
+        if t.is_file() {
+            return Ok(());
+        }
         let what = if t.is_fifo() {
             "a FIFO"
         } else if t.is_dir() {
@@ -298,10 +295,23 @@ pub fn open_loadable(path: &Path) -> Result<std::fs::File> {
         } else {
             "a device"
         };
-        return Err(bad(format!(
+        Err(bad(format!(
             "it is {what}, not a regular file; save the image to a file (`docker save -o FILE`) and give that"
-        )));
-    }
+        )))
+    };
+    // Looked at before it is opened (a FIFO is never opened at all), then opened without
+    // blocking and looked at again (it may have been swapped meanwhile).
+    kind(
+        std::fs::metadata(path)
+            .map_err(|e| bad(e.to_string()))?
+            .file_type(),
+    )?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    kind(f.metadata().map_err(|e| bad(e.to_string()))?.file_type())?;
     sys::set_blocking(&f).map_err(|e| bad(e.to_string()))?;
     Ok(f)
 }
