@@ -703,6 +703,8 @@ pub struct FileInfo {
     pub mtime: i64,
     /// Nanoseconds of the last modification.
     pub mtime_nsec: i64,
+    /// Hard links.
+    pub nlink: u64,
 }
 
 impl FileInfo {
@@ -724,6 +726,7 @@ impl FileInfo {
             size: st.st_size as u64,
             mtime: st.st_mtime as i64,
             mtime_nsec: st.st_mtime_nsec as i64,
+            nlink: st.st_nlink as u64,
         }
     }
 

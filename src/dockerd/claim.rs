@@ -36,8 +36,8 @@ fn open(path: &Path) -> std::io::Result<File> {
     crate::sys::open_in_shared_dir(path, crate::sys::Open::Create(0o644))
 }
 
-/// Creates `dir` if missing and checks that nobody but the caller or root can change it: root
-/// writes a shared log there and dockerd creates, chowns and chmods a socket there, by path.
+/// Creates `dir` if missing and checks that nobody but the caller or root can change it:
+/// dockerd creates, chowns and chmods its socket there, by path.
 fn trusted_dir(dir: &Path) -> bool {
     let _ = std::fs::create_dir_all(dir);
     match super::root::check_trusted_path(dir) {
@@ -86,10 +86,23 @@ pub fn socket(sock: &Path) -> Option<Claim> {
 /// Claims the log file `path` (opened, not truncated) when no other wrapper writes to it; the
 /// caller truncates it once claimed. `None` when it is in use or cannot be opened.
 pub fn log(path: &Path) -> Option<Claim> {
-    if !trusted_dir(path.parent()?) {
-        return None;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
     }
+    // Opened without following a link and written only through this descriptor; a file that
+    // another user put there (or a hard link of another file) is not ours to write or truncate.
     let file = open(path).ok()?;
+    let me = crate::sys::euid();
+    match crate::sys::info(&file) {
+        Ok(i) if (i.uid == 0 || i.uid == me) && i.nlink == 1 => {}
+        _ => {
+            tracing::warn!(
+                "{} is not used as dockerd's log: it is another user's file or has other names",
+                path.display()
+            );
+            return None;
+        }
+    }
     try_lock(&file).then(|| Claim {
         path: path.to_path_buf(),
         file,
@@ -169,6 +182,15 @@ mod tests {
         let c = log(&p).unwrap();
         assert!(log(&p).is_none());
         drop(c);
+        assert!(log(&p).is_some());
+        // Another name of the file (a hard link), or a link: not claimed.
+        let other = t.path().join("log/other");
+        std::fs::hard_link(&p, &other).unwrap();
+        assert!(log(&p).is_none());
+        std::fs::remove_file(&other).unwrap();
+        let link = t.path().join("log/link.log");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(log(&link).is_none());
         assert!(log(&p).is_some());
     }
 }

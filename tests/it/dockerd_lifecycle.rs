@@ -160,9 +160,22 @@ fn sigkill_of_wrapper_leaves_no_dockerd_and_next_run_starts_cleanly() {
         ],
         "docker run --rm bb:1 echo second-run-ok",
     )));
-    let queue = env.lock_dir.join("crash.lock/queue");
+    // The second run waits in the queue (its live ticket: the killed run's is still there).
+    let second_pid = second.0.as_ref().unwrap().id() as u64;
     let t = Instant::now();
-    while std::fs::read_dir(&queue).map(|d| d.count()).unwrap_or(0) == 0 {
+    loop {
+        let o = env
+            .cmd()
+            .args(["status", "--json", "crash"])
+            .output()
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let waiting = doc["locks"][0]["waiters"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["pid"].as_u64() == Some(second_pid)));
+        if waiting {
+            break;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the second run never queued"
