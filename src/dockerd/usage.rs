@@ -105,8 +105,7 @@ fn units(cache: &CacheRoot, layout: &Layout) -> Vec<Unit> {
         let unit = match layout {
             Layout::Earthly => {
                 let lock = Path::new(&name).join(super::earthly::LOCK_FILE);
-                let is_file = sys::info_at(cache.fd(), lock.to_str().unwrap_or_default())
-                    .is_ok_and(|i| i.kind == EntryKind::File);
+                let is_file = info(cache, &lock).is_some_and(|i| i.kind == EntryKind::File);
                 if !is_file {
                     // Not a cached root (an uncached root holds only per-run private roots).
                     continue;
@@ -151,10 +150,16 @@ fn units(cache: &CacheRoot, layout: &Layout) -> Vec<Unit> {
     out
 }
 
-/// Modification time (ms) of `rel` below the cache root, not following a link; 0 if missing.
+/// What `rel` below the cache root is, reached without following a link anywhere.
+fn info(cache: &CacheRoot, rel: &Path) -> Option<sys::FileInfo> {
+    let (parent, name) = (rel.parent()?, rel.file_name()?.to_str()?);
+    let dir = cache.subdir(parent, false).ok()??;
+    sys::info_at(dir.as_fd(), name).ok()
+}
+
+/// Modification time (ms) of `rel` below the cache root; 0 if missing.
 fn mtime_ms(cache: &CacheRoot, rel: &Path) -> u64 {
-    rel.to_str()
-        .and_then(|r| sys::info_at(cache.fd(), r).ok())
+    info(cache, rel)
         .map(|i| (i.mtime.max(0) as u64) * 1000 + (i.mtime_nsec.max(0) as u64) / 1_000_000)
         .unwrap_or(0)
 }
