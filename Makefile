@@ -16,9 +16,11 @@ BUILD_PACKAGES := protobuf-compiler libprotobuf-dev
 # policy registries' basic auth), skopeo (an independent OCI client reading pushed policies),
 # for the attack suite useradd (passwd) and setpriv, unshare, flock (util-linux); for the
 # Debian package's tests mmdebstrap (a clean root from Debian packages) and lintian; bindfs
-# (a FUSE mount: the lock directory on a filesystem inotify cannot watch, for `doctor`).
+# (a FUSE mount: the lock directory on a filesystem inotify cannot watch, for `doctor`);
+# inotifywait (inotify-tools: an attacker that acts on the instant a file is touched).
 TEST_PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools \
-	etcd-server etcd-client openssl apache2-utils skopeo passwd util-linux mmdebstrap lintian bindfs
+	etcd-server etcd-client openssl apache2-utils skopeo passwd util-linux mmdebstrap lintian bindfs \
+	inotify-tools
 # Policy compilers the tests use: componentize-py and componentize-js (the Python and
 # JavaScript policy tests; the versions `cachelock policy new --lang python|js` names).
 COMPONENTIZE_PY_VERSION = 0.25.1

@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 pub const SYSTEM_CONFIG: &str = "/etc/cachelock/config.yaml";
 /// The default lock directory, shared by every user of the host (see [`default_lock_dir`]).
 pub const SYSTEM_LOCK_DIR: &str = "/var/lib/cachelock";
-/// Default dockerd cache root.
-pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/cachelock/dind";
+/// Default dockerd cache root: root's own directory, outside the world-writable lock directory
+/// (where another user could create it first; see `dockerd::root`).
+pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/cachelock-dind";
 /// Most slots a lock may have (each is a lock file, or a data root for dockerd).
 pub const MAX_SLOTS: u32 = 256;
 /// Name of the policy used by locks that no rule binds.

@@ -445,19 +445,57 @@ pub fn create_new_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<F
 /// The entries of `dir` (without `.` and `..`), at most `max` of them; the flag says whether
 /// more were left unread. Names that are not UTF-8 are skipped (cachelock never makes them).
 pub fn list_dir(dir: BorrowedFd<'_>, max: usize) -> io::Result<(Vec<(String, EntryKind)>, bool)> {
+    let l = list_dir_valid(dir, max, max, |_| true)?;
+    Ok((l.entries, l.overflow))
+}
+
+/// What a bounded listing of a directory that other users can fill found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Entries whose names passed the caller's test, in directory order.
+    pub entries: Vec<(String, EntryKind)>,
+    /// Names looked at and passed over (not UTF-8, or not a name the caller can use).
+    pub passed_over: usize,
+    /// The listing stopped at a bound: more than `max` usable names, or more than `scan_max`
+    /// names in all. The caller must not act as if it had seen everything.
+    pub overflow: bool,
+}
+
+/// Lists `dir`, keeping the entries whose names `usable` accepts (at most `max`), and looking at
+/// no more than `scan_max` names in all: names that cannot be valid cost one directory read and
+/// nothing else, so a flood of them cannot hide a valid one within the bound, and beyond the
+/// bound the caller is told (`overflow`) instead of seeing part of the directory as the whole.
+pub fn list_dir_valid(
+    dir: BorrowedFd<'_>,
+    max: usize,
+    scan_max: usize,
+    usable: impl Fn(&str) -> bool,
+) -> io::Result<Listing> {
     use rustix::fs::FileType;
     let mut d = rustix::fs::Dir::read_from(dir)?;
-    let mut out = Vec::new();
+    let mut out = Listing::default();
+    let mut seen = 0usize;
     while let Some(e) = d.read() {
         let e = e?;
-        let Ok(name) = e.file_name().to_str() else {
-            continue;
-        };
-        if name == "." || name == ".." {
+        let raw = e.file_name().to_bytes();
+        if raw == b"." || raw == b".." {
             continue;
         }
-        if out.len() == max {
-            return Ok((out, true));
+        if seen == scan_max {
+            out.overflow = true;
+            break;
+        }
+        seen += 1;
+        let name = match std::str::from_utf8(raw) {
+            Ok(n) if usable(n) => n,
+            _ => {
+                out.passed_over += 1;
+                continue;
+            }
+        };
+        if out.entries.len() == max {
+            out.overflow = true;
+            break;
         }
         let kind = match e.file_type() {
             FileType::RegularFile => EntryKind::File,
@@ -465,9 +503,141 @@ pub fn list_dir(dir: BorrowedFd<'_>, max: usize) -> io::Result<(Vec<(String, Ent
             FileType::Symlink => EntryKind::Symlink,
             _ => EntryKind::Other,
         };
-        out.push((name.to_string(), kind));
+        out.entries.push((name.to_string(), kind));
     }
-    Ok((out, false))
+    Ok(out)
+}
+
+/// Removes the entry `name` of `dir` and, if it is a directory, everything below it, never
+/// following a symbolic link (a link is removed as a link) and never entering another
+/// filesystem (a mount point left inside fails the removal with `ResourceBusy`). Every step is
+/// relative to an open directory descriptor, so renaming a directory or swapping it for a link
+/// while the walk runs cannot send it anywhere else. A missing entry is not an error.
+pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    use rustix::fs::{AtFlags, Dir, Mode, OFlags};
+    use std::ffi::{CStr, CString};
+    let flags =
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    // Opens `child` of `parent` as a directory, or removes it as the entry it is (a file, a
+    // link, a FIFO...): `Ok(None)` then.
+    let open_or_unlink = |parent: BorrowedFd<'_>, child: &CStr| -> io::Result<Option<OwnedFd>> {
+        match rustix::fs::openat(parent, child, flags, Mode::empty()) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                match rustix::fs::unlinkat(parent, child, AtFlags::empty()) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    let top_name = CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let Some(top) = open_or_unlink(dir, &top_name)? else {
+        return Ok(());
+    };
+    let dev = rustix::fs::fstat(&top)?.st_dev;
+    // Depth first, one open directory per level (as deep as the tree, like `rm -r`), each with
+    // the name it has in the level above.
+    let mut stack: Vec<(Dir, CString)> = vec![(Dir::new(top)?, top_name)];
+    while let Some((mut level, level_name)) = stack.pop() {
+        let mut descend = None;
+        while let Some(e) = level.read() {
+            let e = e?;
+            let child = e.file_name();
+            if child.to_bytes() == b"." || child.to_bytes() == b".." {
+                continue;
+            }
+            if let Some(sub) = open_or_unlink(level.fd()?, child)? {
+                if rustix::fs::fstat(&sub)?.st_dev != dev {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        format!(
+                            "{} is a mount point",
+                            String::from_utf8_lossy(child.to_bytes())
+                        ),
+                    ));
+                }
+                descend = Some((Dir::new(sub)?, child.to_owned()));
+                break;
+            }
+        }
+        match descend {
+            Some(child) => {
+                // Back to this level once the child is gone: what is left is read again.
+                level.rewind();
+                stack.push((level, level_name));
+                stack.push(child);
+            }
+            None => {
+                // Empty: removed from the level above (from `dir` at the top).
+                let removed = match stack.last() {
+                    Some((parent, _)) => {
+                        rustix::fs::unlinkat(parent.fd()?, &level_name, AtFlags::REMOVEDIR)
+                    }
+                    None => rustix::fs::unlinkat(dir, &level_name, AtFlags::REMOVEDIR),
+                };
+                match removed {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Disk usage of the entry `name` of `dir` (allocated blocks; each hard-linked inode once),
+/// walked relative to directory descriptors without following links or entering other
+/// filesystems, looking at no more than `max_entries` entries (the count stops there).
+// The stat field types differ between targets.
+#[allow(clippy::unnecessary_cast)]
+pub fn disk_usage_at(dir: BorrowedFd<'_>, name: &str, max_entries: usize) -> u64 {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let Ok(top) = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+        return 0;
+    };
+    let mut total = top.st_blocks as u64 * 512;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
+        return total;
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![fd];
+    let mut budget = max_entries;
+    while let Some(d) = stack.pop() {
+        let Ok(mut entries) = rustix::fs::Dir::read_from(&d) else {
+            continue;
+        };
+        while let Some(Ok(e)) = entries.read() {
+            let n = e.file_name();
+            if n.to_bytes() == b"." || n.to_bytes() == b".." {
+                continue;
+            }
+            if budget == 0 {
+                return total;
+            }
+            budget -= 1;
+            let Ok(st) = rustix::fs::statat(&d, n, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            if st.st_dev != top.st_dev {
+                continue;
+            }
+            let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir();
+            if st.st_nlink > 1 && !is_dir && !seen.insert(st.st_ino as u64) {
+                continue;
+            }
+            total += st.st_blocks as u64 * 512;
+            if is_dir {
+                if let Ok(sub) = rustix::fs::openat(&d, n, flags, Mode::empty()) {
+                    stack.push(sub);
+                }
+            }
+        }
+    }
+    total
 }
 
 /// Removes the entry `name` of `dir` (not a directory).
@@ -1162,9 +1332,20 @@ pub fn new_network_namespace() -> io::Result<()> {
         .map_err(Into::into)
 }
 
-/// Detaches the mount at `path` (`umount2(MNT_DETACH)`).
+/// Detaches the mount at `path` (`umount2(MNT_DETACH|UMOUNT_NOFOLLOW)`: a symbolic link in
+/// its place is not followed to another mount).
 pub fn detach_mount(path: &Path) -> io::Result<()> {
-    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(Into::into)
+    use rustix::mount::UnmountFlags;
+    rustix::mount::unmount(path, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW).map_err(Into::into)
+}
+
+/// 64 unpredictable bits (from the operating system's random source, through std's hash
+/// keys), for names another user must not be able to guess and plant in advance.
+pub fn unpredictable() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(monotonic_ns());
+    h.finish()
 }
 
 /// For a forked child before exec: keeps `fds` open across exec, asks for `sig` when the
@@ -1270,6 +1451,47 @@ mod tests {
         let e = open_in_shared_dir(&link, Open::Create(0o644)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
         assert!(!tmp.path().join("target").exists());
+    }
+
+    #[test]
+    fn tree_removal_follows_no_link_and_listings_are_bounded_not_blind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "x").unwrap();
+        let t = tmp.path().join("t");
+        std::fs::create_dir_all(t.join("a/b/c")).unwrap();
+        std::fs::write(t.join("a/b/c/f"), "x").unwrap();
+        std::fs::write(t.join("a/g"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, t.join("a/b/link")).unwrap();
+        std::os::unix::fs::symlink(&outside, t.join("link")).unwrap();
+        let c = std::ffi::CString::new(t.join("a/fifo").to_str().unwrap()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let root = open_dir(tmp.path()).unwrap();
+        assert!(disk_usage_at(root.as_fd(), "t", 1 << 20) > 0);
+        remove_tree_at(root.as_fd(), "t").unwrap();
+        assert!(!t.exists());
+        assert!(outside.join("keep").exists(), "a link was followed");
+        // A link in place of the tree itself is removed as a link.
+        std::os::unix::fs::symlink(&outside, tmp.path().join("l")).unwrap();
+        remove_tree_at(root.as_fd(), "l").unwrap();
+        assert!(outside.join("keep").exists());
+        remove_tree_at(root.as_fd(), "missing").unwrap();
+
+        // Junk names cost nothing but the read; past a bound the caller is told.
+        for i in 0..50 {
+            std::fs::write(outside.join(format!("junk{i}")), "").unwrap();
+        }
+        std::fs::write(outside.join("000000000001"), "").unwrap();
+        let d = open_dir(&outside).unwrap();
+        let digits = |n: &str| n.bytes().all(|b| b.is_ascii_digit());
+        let l = list_dir_valid(d.as_fd(), 1, 100, digits).unwrap();
+        assert_eq!(l.entries.len(), 1);
+        assert_eq!((l.passed_over, l.overflow), (51, false));
+        assert!(list_dir_valid(d.as_fd(), 1, 10, digits).unwrap().overflow);
+        assert!(list_dir_valid(d.as_fd(), 0, 100, digits).unwrap().overflow);
+        assert_ne!(unpredictable(), unpredictable());
     }
 
     #[test]

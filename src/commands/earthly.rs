@@ -1,8 +1,8 @@
 //! `cachelock earthly` (also argv[0] `dockerd-wrapper.sh`): Earthly's and EarthBuild's
-//! `dockerd-wrapper.sh` contracts (parsed by `cachelock::dockerd::earthly`) run on the same
-//! machinery as `cachelock dockerd`.
+//! `dockerd-wrapper.sh` contracts (parsed by `cachelock::dockerd::earthly`) run by
+//! [`cachelock::dockerd::job`], as `cachelock dockerd` is.
 //!
-//! A cached root is locked in two steps by [`lock::take`] (the one place that takes locks):
+//! The cache root is the data root's parent. A cached root is locked in two steps by the job:
 //! cachelock's fair queue in `<data-root>/.cachelock` (priorities, labels, bounds, slots,
 //! fall-back, progress and `status` as `cachelock run`, options from `CACHELOCK_*` variables
 //! since Earthly passes no flags), then a flock on `<data-root>/.earthly-docker-lock`, the file
@@ -10,14 +10,12 @@
 //! run gets a private folder inside the data root, removed afterwards.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use cachelock::config::Loaded;
 use cachelock::dockerd::earthly::{self, ComposeConfig, Execute, Invocation, Trace, Vars};
 use cachelock::dockerd::hygiene::Docker;
-use cachelock::dockerd::{
-    claim, daemon_json, flock, hygiene, network, private, root, session, setup, usage,
-};
+use cachelock::dockerd::job::{self, CacheLock, Job, RootKind};
+use cachelock::dockerd::{daemon_json, network, root, setup};
 use cachelock::error::{Error, Kind, Result};
 use cachelock::process::Signals;
 
@@ -104,10 +102,6 @@ fn compose_config(loaded: &Loaded, c: &ComposeConfig) -> Result<i32> {
         host: env("DOCKER_HOST").unwrap_or_default(),
     };
     let cli = docker.compose_cli()?;
-    let out_path = Path::new(c.contract.compose_config_path());
-    let dir = out_path.parent().unwrap_or(Path::new("/tmp"));
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::cant_create(format!("cannot create {}: {e}", dir.display())))?;
     let out = docker
         .compose_command(&cli, &c.files)
         .arg("config")
@@ -122,17 +116,9 @@ fn compose_config(loaded: &Loaded, c: &ComposeConfig) -> Result<i32> {
             ),
         ));
     }
-    std::fs::write(out_path, &out.stdout)
-        .map_err(|e| Error::io(format!("writing {}", out_path.display()), e))?;
+    // A fixed path under /tmp: written only into a directory of our own, never through a link.
+    root::write_in_own_dir(Path::new(c.contract.compose_config_path()), &out.stdout)?;
     Ok(0)
-}
-
-/// Where a run's dockerd puts its data, and what keeps it.
-enum RunRoot {
-    /// The cached root (slot 0) or one of its slot roots, locked.
-    Cached(PathBuf, Option<lock::Held>),
-    /// A private root (uncached run, or a fall-back), removed afterwards.
-    Private(private::PrivateRoot),
 }
 
 fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result<i32> {
@@ -143,10 +129,19 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
     // holds Earthly's flock (EarthBuild's re-exec under flock(1)) is trusted: taking our queue
     // then waiting for its flock could deadlock with another drop-in.
     let take_lock = e.cached && !e.flock_acquired;
-    let lock_name = e
+    let name = e
         .data_root
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "the data root {} has no name of its own; give a directory such as /var/earthly/dind/cache_x",
+                e.data_root.display()
+            ))
+        })?;
+    let lock_name = Some(name.clone())
         .filter(|n| cachelock::lock::name::validate(n).is_ok())
         .unwrap_or_else(|| earthly::FALLBACK_LOCK_NAME.to_string());
     let request = take_lock
@@ -165,25 +160,9 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
         e.contract.daemon_json(&vars.registry()),
     );
     daemon_json::dedup_arrays(&mut resolved.daemon_json);
-    hygiene::check_loadable(&e.load_files)?;
-    if e.compose.is_some() {
-        // Fail before anything is locked or started.
-        Docker {
-            cli: resolved.docker_cli.clone(),
-            host: String::new(),
-        }
-        .compose_cli()?;
-    }
-    resolved.check_run_dir()?;
-    let data_root = e.data_root.clone();
-    let parent = data_root.parent().unwrap_or(Path::new("/")).to_path_buf();
-    if std::fs::symlink_metadata(&data_root).is_err() {
-        root::check_cache_root(&parent)?;
-    }
-    root::create_dir(&data_root)?;
     trace.step(format_args!(
         "data root {} (cached: {}, contract: {:?})",
-        data_root.display(),
+        e.data_root.display(),
         e.cached,
         e.contract
     ));
@@ -192,150 +171,42 @@ fn execute_cmd(loaded: &Loaded, e: Execute, vars: &Vars, trace: Trace) -> Result
     }
     wsl_iptables(trace);
     let signals = Signals::install()?;
-    let short = session::short_id();
-
-    let settings = loaded.config.lock_settings(&lock_name);
     let mut policy = match &request {
         Some(r) => r.policy()?,
-        None => cachelock::policy::for_lock(loaded, &settings, None, &[])?,
+        None => cachelock::policy::for_lock(
+            loaded,
+            &loaded.config.lock_settings(&lock_name),
+            None,
+            &[],
+        )?,
     };
-
-    let run_root = take_root(&e, request.as_ref(), policy.as_mut(), &signals, trace)?;
-    let (dockerd_root, cached, mut inherit, slot) = match &run_root {
-        RunRoot::Cached(r, h) => (
-            r.clone(),
-            true,
-            h.as_ref().map(lock::Held::fds).unwrap_or_default(),
-            h.as_ref().map(|h| h.slot),
-        ),
-        RunRoot::Private(p) => (p.path.clone(), false, vec![p.fd()], None),
+    let root = match request {
+        Some(r) => RootKind::Locked {
+            name: name.clone(),
+            lock: Box::new(CacheLock {
+                store: r.store,
+                options: r.options,
+                earthly_flock: true,
+            }),
+        },
+        None if e.cached => RootKind::Unlocked { name: name.clone() },
+        // Earthly's `mktemp -d` inside the root: two runs of one target share the root.
+        None => RootKind::Fresh {
+            dir: PathBuf::from(&name),
+        },
     };
-    root::create_dir(&dockerd_root)?;
-
-    // Earthly's log and socket paths, when no other daemon on this host has them.
-    let host = claim::HostPaths::claim(
-        resolved.log_file.as_deref(),
-        resolved.default_socket.as_deref(),
-    );
-    inherit.extend(host.fds());
-    for (want, got) in [
-        (&resolved.log_file, host.log_path()),
-        (&resolved.default_socket, host.sockets().pop()),
-    ] {
-        match (want, got) {
-            (Some(w), None) => trace.step(format_args!(
-                "{} is in use by another daemon; this dockerd keeps its own",
-                w.display()
-            )),
-            (_, Some(g)) => trace.step(format_args!("dockerd uses {}", g.display())),
-            _ => {}
-        }
-    }
-    let spec = resolved.spec(
-        dockerd_root.clone(),
-        &short,
-        inherit,
-        cached.then(|| lock_name.clone()),
-        host.log_path(),
-        host.sockets(),
-    );
-    let mut env = earthly::command_env(&data_root, e.compose.is_some());
-    if let Some(s) = slot {
-        env.push(("CACHELOCK_DOCKERD_SLOT".to_string(), s.to_string()));
-    }
-    let plan = session::Plan {
-        spec,
-        docker_cli: resolved.docker_cli.clone(),
-        cached_prefix: cached.then(|| resolved.prefix.clone()),
-        wipe_after: false,
-        keep_inst_dir: false,
+    let job = Job {
+        resolved,
+        cache_root: e.data_root.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        root,
         loads: e.load_files,
         registry_loads: e.registry,
-        compose: e.compose,
+        compose: e.compose.clone(),
         command: e.command,
-        env,
-        stop_grace_cap: resolved.stop_grace_cap,
+        env: earthly::command_env(&e.data_root, e.compose.is_some()),
+        trace,
     };
-    trace.step(format_args!(
-        "starting dockerd on {}",
-        dockerd_root.display()
-    ));
-    let result = session::run(&plan, policy.as_mut(), &signals);
-    match run_root {
-        RunRoot::Private(p) => {
-            let path = p.path.clone();
-            if let Err(err) = p.remove() {
-                eprintln!("cachelock: could not remove {}: {err}", path.display());
-            }
-        }
-        RunRoot::Cached(_, held) => {
-            if let Some(cap) = resolved.cache_max_size {
-                // Still holding the root: it is measured, never evicted.
-                usage::report(
-                    &parent,
-                    &usage::Layout::Earthly,
-                    cap,
-                    data_root
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                        .as_str(),
-                );
-            }
-            drop(held);
-        }
-    }
-    drop(host);
-    result
-}
-
-/// Chooses and takes the run's data root: a slot of the cached root through [`lock::take`], a
-/// private root beside the cached roots on fall-back, the cached root as is when the caller
-/// holds Earthly's lock, or a private folder inside an uncached root.
-fn take_root(
-    e: &Execute,
-    request: Option<&LockRequest>,
-    policy: &mut dyn cachelock::policy::Policy,
-    signals: &Signals,
-    trace: Trace,
-) -> Result<RunRoot> {
-    let data_root = &e.data_root;
-    let parent = data_root.parent().unwrap_or(Path::new("/"));
-    let short = session::short_id();
-    Ok(match request {
-        Some(r) => {
-            let slots = r.options.slots;
-            trace.step(format_args!(
-                "locking {}: queue {} in {}, then {} ({slots} slot(s), priority {})",
-                data_root.display(),
-                r.options.name,
-                earthly::QUEUE_DIR,
-                earthly::LOCK_FILE,
-                r.options.priority
-            ));
-            match lock::take(data_root, r, policy, signals)? {
-                lock::Taken::Held(h) => {
-                    let root = usage::earthly_slot_root(data_root, h.slot);
-                    trace.step(format_args!(
-                        "slot {} of {slots}: {}",
-                        h.slot,
-                        root.display()
-                    ));
-                    RunRoot::Cached(root, Some(h))
-                }
-                lock::Taken::FellBack(reason) => {
-                    eprintln!(
-                        "cachelock: running on a fresh private data root instead of the cache {}: {reason}",
-                        data_root.display()
-                    );
-                    RunRoot::Private(private::create(&parent.join(earthly::PRIVATE_DIR), &short)?)
-                }
-            }
-        }
-        None if e.cached => RunRoot::Cached(data_root.clone(), None),
-        // Earthly's `mktemp -d` inside the root: two runs of one target share the root.
-        None => RunRoot::Private(private::create(data_root, &short)?),
-    })
+    job::run(job, policy.as_mut(), &signals)
 }
 
 /// Earthly's WSL switch to iptables-legacy (networking fails with iptables-nft there).
@@ -355,86 +226,5 @@ fn wsl_iptables(trace: Trace) {
         ),
         Ok(false) => trace.step(format_args!("WSL with {}", version.trim())),
         Err(e) => tracing::warn!("{e}"),
-    }
-}
-
-/// The cached root's two locks: cachelock's queue, then Earthly's flock. [`take`] is the one
-/// function that takes them.
-mod lock {
-    use super::*;
-    use cachelock::lock::{Acquired, Containment, Guard};
-    use cachelock::policy::Policy;
-
-    /// Both locks of a cached root; released when dropped (the flock first, then the queue).
-    #[derive(Debug)]
-    pub struct Held {
-        /// The slot held (0: the cached root itself).
-        pub slot: u32,
-        earthly: flock::Held,
-        guard: Guard,
-    }
-
-    impl Held {
-        /// The kernel-locked descriptors dockerd inherits, so that both locks stay held as long
-        /// as any dockerd on the root lives.
-        pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
-            use std::os::fd::AsRawFd;
-            // The drop-in's lock store is always a lock directory (flock).
-            let mut fds = match self.guard.containment() {
-                Containment::Inherit(fds) => fds,
-                Containment::Lease(_) => Vec::new(),
-            };
-            fds.push(self.earthly.file.as_raw_fd());
-            fds
-        }
-    }
-
-    /// The outcome of waiting for a cached root.
-    #[derive(Debug)]
-    pub enum Taken {
-        /// A slot of the root, locked.
-        Held(Held),
-        /// The lock rule allows fall-back and the policy chose it: run on a private root.
-        FellBack(String),
-    }
-
-    /// Takes cached root `data_root` for `request` (its queue lives in
-    /// `<data_root>/.cachelock`): waits in the queue (policy, bounds, slots and progress as
-    /// `cachelock run`), then takes `<data_root>/.earthly-docker-lock` within what is left of
-    /// the bound: exclusively with one slot (as Earthly's wrapper), shared with several, so
-    /// that every slot holder keeps Earthly's own wrapper (which takes it exclusively) off the
-    /// root.
-    pub fn take(
-        data_root: &Path,
-        request: &LockRequest,
-        policy: &mut dyn Policy,
-        signals: &Signals,
-    ) -> Result<Taken> {
-        let guard = match request.acquire(policy, signals)? {
-            Acquired::Held(g) => g,
-            Acquired::FellBack { reason } => return Ok(Taken::FellBack(reason)),
-        };
-        let opts = &request.options;
-        let file = data_root.join(earthly::LOCK_FILE);
-        let left = opts
-            .wait_limit_ms
-            .map(|ms| Duration::from_millis(ms).saturating_sub(guard.waited()));
-        let earthly = flock::acquire_any(
-            std::slice::from_ref(&file),
-            opts.slots > 1,
-            left,
-            opts.conflict_exit_code,
-            signals,
-            opts.progress_interval,
-            &format!(
-                "{} (held outside cachelock, e.g. by Earthly's own wrapper)",
-                file.display()
-            ),
-        )?;
-        Ok(Taken::Held(Held {
-            slot: guard.slot(),
-            earthly,
-            guard,
-        }))
     }
 }

@@ -36,6 +36,22 @@ fn open(path: &Path) -> std::io::Result<File> {
     crate::sys::open_in_shared_dir(path, crate::sys::Open::Create(0o644))
 }
 
+/// Creates `dir` if missing and checks that nobody but the caller or root can change it:
+/// dockerd creates, chowns and chmods its socket there, by path.
+fn trusted_dir(dir: &Path) -> bool {
+    let _ = std::fs::create_dir_all(dir);
+    match super::root::check_trusted_path(dir) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(
+                "{} is not used for dockerd's shared paths: {why}",
+                dir.display()
+            );
+            false
+        }
+    }
+}
+
 fn try_lock(f: &File) -> bool {
     crate::sys::try_flock(f, true).unwrap_or(false)
 }
@@ -46,7 +62,7 @@ fn try_lock(f: &File) -> bool {
 pub fn socket(sock: &Path) -> Option<Claim> {
     let dir = sock.parent()?;
     let name = sock.file_name()?.to_string_lossy();
-    if std::fs::create_dir_all(dir).is_err() {
+    if !trusted_dir(dir) {
         return None;
     }
     let file = open(&dir.join(format!(".{name}.cachelock"))).ok()?;
@@ -73,7 +89,20 @@ pub fn log(path: &Path) -> Option<Claim> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
+    // Opened without following a link and written only through this descriptor; a file that
+    // another user put there (or a hard link of another file) is not ours to write or truncate.
     let file = open(path).ok()?;
+    let me = crate::sys::euid();
+    match crate::sys::info(&file) {
+        Ok(i) if (i.uid == 0 || i.uid == me) && i.nlink == 1 => {}
+        _ => {
+            tracing::warn!(
+                "{} is not used as dockerd's log: it is another user's file or has other names",
+                path.display()
+            );
+            return None;
+        }
+    }
     try_lock(&file).then(|| Claim {
         path: path.to_path_buf(),
         file,
@@ -107,9 +136,14 @@ impl HostPaths {
         self.log.iter().chain(&self.socket).map(Claim::fd).collect()
     }
 
-    /// The log path for the dockerd spec.
-    pub fn log_path(&self) -> Option<PathBuf> {
-        self.log.as_ref().map(|c| c.path.clone())
+    /// The claimed log for the dockerd spec: its path, and the open file dockerd writes to
+    /// (never opened again by path).
+    pub fn log(&self) -> Option<super::daemon::LogFile> {
+        let c = self.log.as_ref()?;
+        Some(super::daemon::LogFile {
+            path: c.path.clone(),
+            file: std::sync::Arc::new(c.file.try_clone().ok()?),
+        })
     }
 
     /// The extra sockets for the dockerd spec.
@@ -148,6 +182,15 @@ mod tests {
         let c = log(&p).unwrap();
         assert!(log(&p).is_none());
         drop(c);
+        assert!(log(&p).is_some());
+        // Another name of the file (a hard link), or a link: not claimed.
+        let other = t.path().join("log/other");
+        std::fs::hard_link(&p, &other).unwrap();
+        assert!(log(&p).is_none());
+        std::fs::remove_file(&other).unwrap();
+        let link = t.path().join("log/link.log");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(log(&link).is_none());
         assert!(log(&p).is_some());
     }
 }

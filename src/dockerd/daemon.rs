@@ -49,9 +49,19 @@ pub struct Spec {
     pub cache_id: Option<String>,
     /// Where dockerd's output goes (default `<inst_dir>/dockerd.log`); a shared path such as
     /// `/var/log/docker.log` only once claimed (see [`super::claim`]).
-    pub log_file: Option<PathBuf>,
+    pub log_file: Option<LogFile>,
     /// More unix sockets to listen on (the claimed `/var/run/docker.sock` of the drop-in).
     pub extra_sockets: Vec<PathBuf>,
+}
+
+/// A claimed log file: written through the descriptor the claim opened (without following a
+/// link), never reopened by path.
+#[derive(Debug, Clone)]
+pub struct LogFile {
+    /// Its path (for messages and reading it back).
+    pub path: PathBuf,
+    /// The open file.
+    pub file: std::sync::Arc<std::fs::File>,
 }
 
 impl Spec {
@@ -62,7 +72,8 @@ impl Spec {
     /// dockerd's log file.
     pub fn log(&self) -> PathBuf {
         self.log_file
-            .clone()
+            .as_ref()
+            .map(|l| l.path.clone())
             .unwrap_or_else(|| self.inst_dir.join("dockerd.log"))
     }
     fn exec_root(&self) -> PathBuf {
@@ -244,8 +255,11 @@ impl Daemon {
             serde_json::to_vec_pretty(&spec.daemon_json).unwrap_or_default(),
         )
         .map_err(|e| Error::io(format!("writing {}", spec.config_file().display()), e))?;
-        let log = std::fs::File::create(spec.log())
-            .map_err(|e| Error::io(format!("creating {}", spec.log().display()), e))?;
+        let log = match &spec.log_file {
+            Some(l) => l.file.try_clone(),
+            None => std::fs::File::create(spec.log()),
+        }
+        .map_err(|e| Error::io(format!("creating {}", spec.log().display()), e))?;
         let log2 = log.try_clone().map_err(|e| Error::io("dockerd log", e))?;
         let marker = Marker::create(&spec.inst_dir.join("tree"))
             .map_err(|e| Error::io("creating the process-tree marker", e))?;

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 
 use super::earthly::{RegistryLoad, COMPOSE_ENV};
 use crate::error::{Error, Kind, Result};
+use crate::sys;
 
 /// Registry pulls running at once.
 pub const PARALLEL_PULLS: usize = 8;
@@ -156,11 +157,37 @@ impl Docker {
         }
     }
 
-    /// Loads image tarballs (`docker load -i`).
+    /// Loads image tarballs (`docker load`, each opened here as [`open_loadable`] does and
+    /// given as its standard input: a file swapped for a FIFO since the check blocks nothing).
     pub fn load_files(&self, files: &[PathBuf]) -> Result<()> {
         for f in files {
-            let out = self.run([OsStr::new("load"), OsStr::new("-i"), f.as_os_str()])?;
-            tracing::info!("{}: {}", f.display(), out.trim());
+            let input = open_loadable(f)?;
+            let out = self
+                .command()
+                .arg("load")
+                .stdin(input)
+                .output()
+                .map_err(|e| {
+                    Error::new(
+                        Kind::Unavailable,
+                        format!("cannot run the docker CLI {}: {e}", self.cli.display()),
+                    )
+                })?;
+            if !out.status.success() {
+                return Err(Error::new(
+                    Kind::Unavailable,
+                    format!(
+                        "`docker load` of {} failed: {}",
+                        f.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                ));
+            }
+            tracing::info!(
+                "{}: {}",
+                f.display(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
         }
         Ok(())
     }
@@ -239,20 +266,54 @@ impl Docker {
 /// Checks that every tarball can be read, before anything is started (exit 66).
 pub fn check_loadable(files: &[PathBuf]) -> Result<()> {
     for f in files {
-        if let Err(e) = std::fs::File::open(f).and_then(|h| {
-            if h.metadata()?.is_dir() {
-                Err(std::io::Error::other("is a directory"))
-            } else {
-                Ok(())
-            }
-        }) {
-            return Err(Error::new(
-                Kind::NoInput,
-                format!("cannot read image tarball {}: {e}", f.display()),
-            ));
-        }
+        open_loadable(f)?;
     }
     Ok(())
+}
+
+/// Opens image tarball `path` for reading, without blocking: anything but a regular file (a
+/// FIFO, which would block the open until a writer came, a device, a directory) is refused
+/// (exit 66) saying what it is.
+pub fn open_loadable(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let bad = |why: String| {
+        Error::new(
+            Kind::NoInput,
+            format!("cannot read image tarball {}: {why}", path.display()),
+        )
+    };
+    let kind = |t: std::fs::FileType| {
+        if t.is_file() {
+            return Ok(());
+        }
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        Err(bad(format!(
+            "it is {what}, not a regular file; save the image to a file (`docker save -o FILE`) and give that"
+        )))
+    };
+    // Looked at before it is opened (a FIFO is never opened at all), then opened without
+    // blocking and looked at again (it may have been swapped meanwhile).
+    kind(
+        std::fs::metadata(path)
+            .map_err(|e| bad(e.to_string()))?
+            .file_type(),
+    )?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    kind(f.metadata().map_err(|e| bad(e.to_string()))?.file_type())?;
+    sys::set_blocking(&f).map_err(|e| bad(e.to_string()))?;
+    Ok(f)
 }
 
 /// How to run compose: `docker compose` (the plugin) or `docker-compose`.

@@ -9,10 +9,12 @@
 //! string prefix of another's (dockerd's mount clean-up matches mounts by string prefix).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use super::root::CacheRoot;
 use crate::error::{Error, Result};
+use crate::sys::{self, Open};
 
 const PREFIX: &str = "cachelock-";
 const LOCK_SUFFIX: &str = ".lock";
@@ -23,41 +25,54 @@ const LOCK_SUFFIX: &str = ".lock";
 pub struct PrivateRoot {
     /// The data root.
     pub path: PathBuf,
+    /// The directory holding it and its claim, open.
+    dir: OwnedFd,
+    name: String,
     claim: File,
-    claim_path: PathBuf,
     removed: bool,
 }
 
 fn try_lock(f: &File) -> bool {
-    crate::sys::try_flock(f, true).unwrap_or(false)
+    sys::try_flock(f, true).unwrap_or(false)
 }
 
-fn open_claim(path: &Path) -> std::io::Result<File> {
-    crate::sys::open_in_shared_dir(path, crate::sys::Open::Create(0o644))
+fn open_claim(dir: std::os::fd::BorrowedFd<'_>, name: &str) -> std::io::Result<File> {
+    sys::open_at(dir, name, Open::Create(0o644))
 }
 
-/// Claims and creates a fresh private root in `dir` (created if missing), after removing the
-/// private roots of dead runs there.
-pub fn create(dir: &Path, short_id: &str) -> Result<PrivateRoot> {
-    super::root::create_dir(dir)?;
-    sweep(dir);
-    let path = dir.join(format!("{PREFIX}{short_id}"));
-    let claim_path = dir.join(format!("{PREFIX}{short_id}{LOCK_SUFFIX}"));
-    let claim = open_claim(&claim_path)
-        .map_err(|e| Error::io(format!("creating {}", claim_path.display()), e))?;
+/// Claims and creates a fresh private root in the directory `rel` under the cache root
+/// (created if missing), after removing the private roots of dead runs there.
+pub fn create(cache: &CacheRoot, rel: &Path, short_id: &str) -> Result<PrivateRoot> {
+    let dir = cache.subdir(rel, true)?.expect("created when missing");
+    let dir_path = cache.path().join(rel);
+    sweep(dir.as_fd(), &dir_path);
+    let name = format!("{PREFIX}{short_id}");
+    let claim_name = format!("{name}{LOCK_SUFFIX}");
+    let claim = open_claim(dir.as_fd(), &claim_name).map_err(|e| {
+        Error::io(
+            format!("creating {}", dir_path.join(&claim_name).display()),
+            e,
+        )
+    })?;
     if !try_lock(&claim) {
         return Err(Error::software(format!(
             "{} is claimed by another run (instance ids collided); retry",
-            claim_path.display()
+            dir_path.join(&claim_name).display()
         )));
     }
+    let path = dir_path.join(&name);
     // Whatever a dead run of the same id left is not ours to reuse.
-    let _ = super::root::wipe(&path);
-    super::root::create_dir(&path)?;
+    super::root::unmount_under(&path);
+    sys::remove_tree_at(dir.as_fd(), &name)
+        .and_then(|()| sys::ensure_dir_at(dir.as_fd(), &name, 0o755).map(|_| ()))
+        .map_err(|e| {
+            Error::cant_create(format!("cannot create data root {}: {e}", path.display()))
+        })?;
     Ok(PrivateRoot {
         path,
+        dir,
+        name,
         claim,
-        claim_path,
         removed: false,
     })
 }
@@ -71,44 +86,48 @@ impl PrivateRoot {
     /// Wipes the root (after detaching mounts) and removes the claim file.
     pub fn remove(mut self) -> std::io::Result<()> {
         self.removed = true;
-        let r = super::root::wipe(&self.path);
-        let _ = std::fs::remove_file(&self.claim_path);
-        r
+        self.wipe()
+    }
+
+    fn wipe(&self) -> std::io::Result<()> {
+        super::root::unmount_under(&self.path);
+        sys::remove_tree_at(self.dir.as_fd(), &self.name)?;
+        let _ = sys::unlink_at(self.dir.as_fd(), &format!("{}{LOCK_SUFFIX}", self.name));
+        Ok(())
     }
 }
 
 impl Drop for PrivateRoot {
     fn drop(&mut self) {
-        if !self.removed && super::root::wipe(&self.path).is_ok() {
-            let _ = std::fs::remove_file(&self.claim_path);
+        if !self.removed {
+            let _ = self.wipe();
         }
     }
 }
 
-/// Removes private roots in `dir` whose claim nobody holds (their run died), and claim files
-/// left without a root.
-pub fn sweep(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// Removes the private roots in `dir` (at `path`) whose claim nobody holds (their run died),
+/// and claim files left without a root.
+fn sweep(dir: std::os::fd::BorrowedFd<'_>, path: &Path) {
+    let Ok(listing) = sys::list_dir_valid(dir, 1024, 64 * 1024, |n| {
+        n.strip_prefix(PREFIX)
+            .and_then(|n| n.strip_suffix(LOCK_SUFFIX))
+            .is_some_and(|id| id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+    }) else {
         return;
     };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(id) = name
-            .strip_prefix(PREFIX)
-            .and_then(|n| n.strip_suffix(LOCK_SUFFIX))
-        else {
-            continue;
-        };
-        let claim_path = e.path();
-        let Ok(claim) = open_claim(&claim_path) else {
+    for (claim_name, _) in listing.entries {
+        let Ok(claim) = open_claim(dir, &claim_name) else {
             continue;
         };
         if try_lock(&claim) {
-            let root = dir.join(format!("{PREFIX}{id}"));
-            tracing::debug!("removing {} left by a run that died", root.display());
-            if super::root::wipe(&root).is_ok() {
-                let _ = std::fs::remove_file(&claim_path);
+            let name = claim_name.strip_suffix(LOCK_SUFFIX).expect("filtered");
+            tracing::debug!(
+                "removing {} left by a run that died",
+                path.join(name).display()
+            );
+            super::root::unmount_under(&path.join(name));
+            if sys::remove_tree_at(dir, name).is_ok() {
+                let _ = sys::unlink_at(dir, &claim_name);
             }
         }
     }
@@ -121,18 +140,21 @@ mod tests {
     #[test]
     fn a_dead_runs_root_is_swept_a_live_one_is_not() {
         let t = tempfile::tempdir().unwrap();
-        let live = create(t.path(), "aaaaaaaa").unwrap();
+        let cache = CacheRoot::open(t.path()).unwrap();
+        let here = Path::new("d");
+        let live = create(&cache, here, "aaaaaaaa").unwrap();
         std::fs::write(live.path.join("f"), "x").unwrap();
         // What a run that died leaves: its folder and an unlocked claim file.
-        let dead_path = t.path().join("cachelock-bbbbbbbb");
+        let d = t.path().join("d");
+        let dead_path = d.join("cachelock-bbbbbbbb");
         std::fs::create_dir_all(dead_path.join("overlay2")).unwrap();
-        std::fs::write(t.path().join("cachelock-bbbbbbbb.lock"), "").unwrap();
-        let third = create(t.path(), "cccccccc").unwrap();
+        std::fs::write(d.join("cachelock-bbbbbbbb.lock"), "").unwrap();
+        let third = create(&cache, here, "cccccccc").unwrap();
         assert!(!dead_path.exists(), "dead root swept");
-        assert!(!t.path().join("cachelock-bbbbbbbb.lock").exists());
+        assert!(!d.join("cachelock-bbbbbbbb.lock").exists());
         assert!(live.path.join("f").exists(), "live root kept");
         assert!(
-            create(t.path(), "aaaaaaaa").is_err(),
+            create(&cache, here, "aaaaaaaa").is_err(),
             "a claimed id is refused"
         );
         let p = live.path.clone();
@@ -140,6 +162,6 @@ mod tests {
         // An error path drops the root: removed as well.
         drop(third);
         assert!(!p.exists());
-        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
     }
 }

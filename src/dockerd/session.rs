@@ -1,6 +1,6 @@
-//! The whole run shared by `cachelock dockerd` and `cachelock earthly execute`, once the data
-//! root is chosen (and locked): start dockerd, hygiene and loads, compose up, the command,
-//! compose down, stop dockerd, wipe the root when it is not cached.
+//! A run once its data root is chosen and locked (see [`super::job`]): start dockerd, hygiene
+//! and loads, compose up, the command, compose down, stop dockerd and remove its instance
+//! directory.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -24,10 +24,6 @@ pub struct Plan {
     pub docker_cli: PathBuf,
     /// Hygiene prefix when the root is cached; `None` for a fresh root.
     pub cached_prefix: Option<String>,
-    /// Wipe the data root after the run (fresh and fall-back roots).
-    pub wipe_after: bool,
-    /// Remove the instance directory (log included) after the run.
-    pub keep_inst_dir: bool,
     /// Image tarballs to load.
     pub loads: Vec<PathBuf>,
     /// Registry pulls (Earthly's embedded registry).
@@ -42,17 +38,10 @@ pub struct Plan {
     pub stop_grace_cap: Option<Duration>,
 }
 
-/// Runs the plan and returns the command's exit code. dockerd is stopped (and a fresh root
-/// wiped) on every path, including errors and signals.
+/// Runs the plan and returns the command's exit code. dockerd is stopped on every path,
+/// including errors and signals.
 pub fn run(plan: &Plan, policy: &mut dyn Policy, signals: &Signals) -> Result<i32> {
-    let start = Daemon::start(plan.spec.clone(), policy, signals);
-    let daemon = match start {
-        Ok(d) => d,
-        Err(e) => {
-            cleanup_root(plan);
-            return Err(e);
-        }
-    };
+    let daemon = Daemon::start(plan.spec.clone(), policy, signals)?;
     let docker = Docker {
         cli: plan.docker_cli.clone(),
         host: daemon.docker_host(),
@@ -82,25 +71,11 @@ pub fn run(plan: &Plan, policy: &mut dyn Policy, signals: &Signals) -> Result<i3
             grace.as_secs_f64()
         );
     }
-    if !plan.keep_inst_dir {
-        let _ = super::root::wipe(&inst);
-    }
-    cleanup_root(plan);
+    let _ = super::root::wipe(&inst);
     // A lost lease stopped dockerd and the command: that, not what failed after it, is the news.
     match &plan.spec.lease {
         Some(l) if l.is_lost() => Err(process::lock_lost(l)),
         _ => result,
-    }
-}
-
-fn cleanup_root(plan: &Plan) {
-    if plan.wipe_after {
-        if let Err(e) = super::root::wipe(&plan.spec.data_root) {
-            eprintln!(
-                "cachelock: could not wipe data root {}: {e}",
-                plan.spec.data_root.display()
-            );
-        }
     }
 }
 

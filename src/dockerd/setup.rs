@@ -186,7 +186,7 @@ impl Resolved {
         short_id: &str,
         inherit: Vec<std::os::fd::RawFd>,
         cache_id: Option<String>,
-        log_file: Option<PathBuf>,
+        log_file: Option<daemon::LogFile>,
         extra_sockets: Vec<PathBuf>,
     ) -> daemon::Spec {
         daemon::Spec {
@@ -206,7 +206,10 @@ impl Resolved {
         }
     }
 
-    /// Checks that the run directory can hold instance sockets (path length) and is usable.
+    /// Checks that the run directory can hold instance sockets (path length) and is root's
+    /// own ground: dockerd writes its pidfile, sockets and exec root there as root, by path,
+    /// so only the caller or root may be able to change it (see
+    /// [`super::root::check_trusted_path`]; exit 73 otherwise).
     pub fn check_run_dir(&self) -> Result<()> {
         // <run_dir>/<8 hex>/x/containerd/containerd.sock must fit a unix socket path (107).
         let longest =
@@ -220,13 +223,19 @@ impl Resolved {
         std::fs::create_dir_all(&self.run_dir).map_err(|e| {
             Error::cant_create(format!("cannot create {}: {e}", self.run_dir.display()))
         })?;
-        sweep_run_dir(&self.run_dir);
-        Ok(())
+        super::root::check_trusted_path(&self.run_dir).map_err(|why| {
+            Error::cant_create(format!(
+                "`dockerd.run_dir` {} cannot be used: {why}; root runs dockerd there: give a directory that you or root own and nobody else can write",
+                self.run_dir.display()
+            ))
+        })
     }
 }
 
 /// Removes instance directories left by crashed runs: those whose process-tree marker no
-/// process holds any more (a live instance's cachelock and dockerd tree keep it open).
+/// process holds any more (a live instance's cachelock and dockerd tree keep it open). A
+/// killed run's tree may still be exiting: a run on the same cached root sweeps after taking
+/// its lock, which that tree held until its last process was gone.
 pub fn sweep_run_dir(run_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return;

@@ -8,67 +8,53 @@
 //! on the kernel lock of is never touched. Lock files and queue directories stay (a waiter may
 //! have them open); the next run of an evicted root starts cold. The accounting lives in
 //! `<cache root>/.cachelock-usage.json` (sizes, last use, the last evictions), which
-//! `cachelock status --cache-root DIR` shows with who holds what.
+//! `cachelock status --cache-root DIR` shows with who holds what. Everything is reached
+//! relative to the cache root's descriptor, following no link (see [`super::root`]).
 //!
-//! Two layouts share the code: `cachelock dockerd` (`<cache root>/<id>` and `<id>/slot-K`, locked
-//! by the lock directory's `<id>.lock/lock[.K]`) and the Earthly drop-in (`<parent>/<dind id>`
-//! with `.earthly-docker-lock`, plus slot roots under `<parent>/.cachelock-slots/<dind id>/`).
+//! Both front ends lay roots out alike ([`super::root::slot_root`]) and differ in their locks:
+//! `cachelock dockerd` locks `<id>` in a lock directory (`<id>.lock/lock[.K]`), the Earthly
+//! drop-in `<dind id>/.earthly-docker-lock` (which every slot holder takes shared).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::root::{CacheRoot, SLOTS_DIR};
 use crate::error::{Error, Result};
 use crate::lock::flock::dir::LockDir;
 use crate::lock::now_ms;
-use crate::sys::{self, Open};
+use crate::sys::{self, EntryKind, Open};
 
 /// The accounting file under a cache root.
 pub const STATE_FILE: &str = ".cachelock-usage.json";
 const STATE_LOCK: &str = ".cachelock-usage.lock";
-/// Where the drop-in keeps the extra slot roots of a cached root (outside it: see
-/// [`earthly_slot_root`]).
-pub const SLOTS_DIR: &str = ".cachelock-slots";
+/// Largest accounting file read.
+const MAX_STATE_BYTES: usize = 1 << 20;
 /// Evictions remembered in the state file.
 const EVICTIONS_KEPT: usize = 20;
+/// Most cached roots accounted under one cache root.
+const MAX_ROOTS: usize = 4096;
 
-/// How cached roots are laid out and locked under a cache root.
+/// How cached roots are locked under a cache root.
 #[derive(Debug, Clone)]
 pub enum Layout {
-    /// `cachelock dockerd`: `<cache root>/<id>[/slot-K]`, locks in this lock directory.
+    /// `cachelock dockerd`: locks in this lock directory.
     Dockerd {
         /// The lock directory the runs use.
         lock_dir: PathBuf,
     },
-    /// The drop-in: `<parent>/<dind id>` with `.earthly-docker-lock` in it.
+    /// The drop-in: `<dind id>/.earthly-docker-lock`.
     Earthly,
 }
 
-/// The data root of slot `k` of an Earthly cached root: slot 0 is the root itself (the warm
-/// root Earthly's own wrapper uses); slot K is `<parent>/.cachelock-slots/<name>/<K>/root`. Not
-/// inside the root and not a sibling sharing its name as a prefix: dockerd's mount clean-up
-/// unmounts `overlay2/<id>/merged` under any path that *starts with* its data root's text.
-pub fn earthly_slot_root(data_root: &Path, k: u32) -> PathBuf {
-    if k == 0 {
-        return data_root.to_path_buf();
-    }
-    let parent = data_root.parent().unwrap_or(Path::new("/"));
-    let name = data_root.file_name().unwrap_or_default();
-    parent
-        .join(SLOTS_DIR)
-        .join(name)
-        .join(k.to_string())
-        .join("root")
-}
-
-/// What to empty when a unit is evicted.
+/// What to empty when a unit is evicted (relative to the cache root).
 #[derive(Debug, Clone)]
 enum Target {
     /// Remove the directory's entries except these names.
-    Contents(PathBuf, Vec<String>),
+    Contents(PathBuf, Vec<&'static str>),
     /// Remove the directory.
     Whole(PathBuf),
 }
@@ -77,57 +63,65 @@ enum Target {
 #[derive(Debug, Clone)]
 struct Unit {
     name: String,
-    /// Data roots (for the last-use signals).
+    /// Data roots, relative to the cache root (for the last-use signals and the size).
     roots: Vec<PathBuf>,
-    /// Lock files that must all be free.
+    /// Lock files that must all be free (absolute: the lock directory's may be elsewhere).
     locks: Vec<PathBuf>,
     targets: Vec<Target>,
 }
 
-fn subdirs(dir: &Path) -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .filter_map(|e| Some((e.file_name().to_str()?.to_string(), e.path())))
-                .collect()
-        })
-        .unwrap_or_default();
+/// The sub-directories of `rel` under the cache root (not following links), sorted.
+fn subdirs(cache: &CacheRoot, rel: &Path) -> Vec<String> {
+    let Ok(Some(dir)) = cache.subdir(rel, false) else {
+        return Vec::new();
+    };
+    let Ok(listing) = sys::list_dir_valid(dir.as_fd(), MAX_ROOTS, 64 * 1024, |_| true) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = listing
+        .entries
+        .into_iter()
+        .filter(|(_, k)| *k == EntryKind::Dir)
+        .map(|(n, _)| n)
+        .collect();
     out.sort();
     out
 }
 
-fn units(cache_root: &Path, layout: &Layout) -> Vec<Unit> {
+fn units(cache: &CacheRoot, layout: &Layout) -> Vec<Unit> {
     let mut out = Vec::new();
-    for (name, dir) in subdirs(cache_root) {
+    for name in subdirs(cache, Path::new("")) {
         if name.starts_with('.') {
             continue;
         }
-        match layout {
+        let slot_dirs: Vec<(u32, PathBuf)> = subdirs(cache, &Path::new(SLOTS_DIR).join(&name))
+            .into_iter()
+            .filter_map(|k| Some((k.parse::<u32>().ok().filter(|k| *k > 0)?, k)))
+            .map(|(k, d)| (k, Path::new(SLOTS_DIR).join(&name).join(d).join("root")))
+            .collect();
+        let mut roots = vec![PathBuf::from(&name)];
+        roots.extend(slot_dirs.iter().map(|(_, d)| d.clone()));
+        let whole_slots = Target::Whole(Path::new(SLOTS_DIR).join(&name));
+        let unit = match layout {
             Layout::Earthly => {
-                let lock = dir.join(super::earthly::LOCK_FILE);
-                if !lock.is_file() {
+                let lock = Path::new(&name).join(super::earthly::LOCK_FILE);
+                let is_file = info(cache, &lock).is_some_and(|i| i.kind == EntryKind::File);
+                if !is_file {
                     // Not a cached root (an uncached root holds only per-run private roots).
                     continue;
                 }
-                let slots = cache_root.join(SLOTS_DIR).join(&name);
-                let mut roots = vec![dir.clone()];
-                roots.extend(subdirs(&slots).into_iter().map(|(_, d)| d.join("root")));
-                out.push(Unit {
-                    name,
+                Unit {
                     roots,
-                    locks: vec![lock],
+                    locks: vec![cache.path().join(lock)],
                     targets: vec![
                         Target::Contents(
-                            dir,
-                            vec![
-                                super::earthly::LOCK_FILE.to_string(),
-                                super::earthly::QUEUE_DIR.to_string(),
-                            ],
+                            PathBuf::from(&name),
+                            vec![super::earthly::LOCK_FILE, super::earthly::QUEUE_DIR],
                         ),
-                        Target::Whole(slots),
+                        whole_slots,
                     ],
-                });
+                    name,
+                }
             }
             Layout::Dockerd { lock_dir } => {
                 if crate::lock::name::validate(&name).is_err() {
@@ -138,86 +132,56 @@ fn units(cache_root: &Path, layout: &Layout) -> Vec<Unit> {
                     // Never locked through this lock directory: not ours to judge.
                     continue;
                 }
-                let slot_dirs: Vec<(u32, PathBuf)> = subdirs(&dir)
-                    .into_iter()
-                    .filter_map(|(n, d)| Some((n.strip_prefix("slot-")?.parse().ok()?, d)))
-                    .filter(|(k, _)| *k > 0)
-                    .collect();
-                let mut roots = vec![dir.clone(), dir.join("slot-0")];
                 let mut locks = vec![paths.slot_file(0)];
-                let mut targets = vec![Target::Contents(
-                    dir.clone(),
-                    slot_dirs.iter().map(|(k, _)| format!("slot-{k}")).collect(),
-                )];
-                for (k, d) in slot_dirs {
-                    roots.push(d.clone());
-                    locks.push(paths.slot_file(k));
-                    targets.push(Target::Whole(d));
-                }
-                out.push(Unit {
-                    name,
+                locks.extend(slot_dirs.iter().map(|(k, _)| paths.slot_file(*k)));
+                Unit {
                     roots,
                     locks,
-                    targets,
-                });
+                    targets: vec![
+                        Target::Contents(PathBuf::from(&name), Vec::new()),
+                        whole_slots,
+                    ],
+                    name,
+                }
             }
-        }
+        };
+        out.push(unit);
     }
     out
 }
 
-fn mtime_ms(p: &Path) -> u64 {
-    std::fs::metadata(p)
-        .map(|m| (m.mtime().max(0) as u64) * 1000 + (m.mtime_nsec().max(0) as u64) / 1_000_000)
+/// What `rel` below the cache root is, reached without following a link anywhere.
+fn info(cache: &CacheRoot, rel: &Path) -> Option<sys::FileInfo> {
+    let (parent, name) = (rel.parent()?, rel.file_name()?.to_str()?);
+    let dir = cache.subdir(parent, false).ok()??;
+    sys::info_at(dir.as_fd(), name).ok()
+}
+
+/// Modification time (ms) of `rel` below the cache root; 0 if missing.
+fn mtime_ms(cache: &CacheRoot, rel: &Path) -> u64 {
+    info(cache, rel)
+        .map(|i| (i.mtime.max(0) as u64) * 1000 + (i.mtime_nsec.max(0) as u64) / 1_000_000)
         .unwrap_or(0)
 }
 
 /// When a root was last used, from what dockerd rewrites during any run (cachelock's or
 /// Earthly's own wrapper's): the image store's `repositories.json` (hygiene re-tags every run),
 /// `containers/`, `volumes/`, the root itself.
-fn last_used_signal(roots: &[PathBuf]) -> u64 {
+fn last_used_signal(cache: &CacheRoot, roots: &[PathBuf]) -> u64 {
     let mut best = 0;
     for r in roots {
         best = best
-            .max(mtime_ms(r))
-            .max(mtime_ms(&r.join("containers")))
-            .max(mtime_ms(&r.join("volumes")));
-        for (_, d) in subdirs(&r.join("image")) {
-            best = best.max(mtime_ms(&d.join("repositories.json")));
+            .max(mtime_ms(cache, r))
+            .max(mtime_ms(cache, &r.join("containers")))
+            .max(mtime_ms(cache, &r.join("volumes")));
+        for d in subdirs(cache, &r.join("image")) {
+            best = best.max(mtime_ms(
+                cache,
+                &r.join("image").join(d).join("repositories.json"),
+            ));
         }
     }
     best
-}
-
-/// Disk usage of `path` (allocated blocks; each hard-linked inode once; other filesystems not
-/// entered).
-pub fn disk_usage(path: &Path) -> u64 {
-    let Ok(top) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let dev = top.dev();
-    let mut seen: HashSet<(u64, u64)> = HashSet::new();
-    let mut total = top.blocks() * 512;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.dev() != dev {
-                continue;
-            }
-            if m.nlink() > 1 && !m.is_dir() && !seen.insert((m.dev(), m.ino())) {
-                continue;
-            }
-            total += m.blocks() * 512;
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    total
 }
 
 /// One root's accounting.
@@ -260,40 +224,58 @@ pub struct State {
     pub evictions: Vec<Eviction>,
 }
 
-/// Reads the state (a missing or unreadable file is an empty state); reads at most 1 MiB.
-pub fn read_state(cache_root: &Path) -> State {
-    use std::io::Read;
-    let mut text = String::new();
-    if let Ok(f) = File::open(cache_root.join(STATE_FILE)) {
-        let _ = f.take(1 << 20).read_to_string(&mut text);
+/// Reads the state from the cache root open on `dir` (a missing, unreadable or oversized file
+/// is an empty state): not following a link, not blocking on a FIFO, at most 1 MiB.
+fn read_state_at(dir: BorrowedFd<'_>) -> State {
+    sys::open_read_at(dir, STATE_FILE)
+        .ok()
+        .and_then(|(f, _)| sys::read_bounded(&f, MAX_STATE_BYTES).ok().flatten())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Writes the state: a fresh file with an unpredictable name (`O_EXCL`), renamed over the old
+/// one, both relative to the cache root's descriptor.
+fn write_state(cache: &CacheRoot, state: &State) -> Result<()> {
+    use std::io::Write;
+    let path = cache.path().join(STATE_FILE);
+    let fail = |e| Error::io(format!("writing {}", path.display()), e);
+    let tmp = format!("{STATE_FILE}.{:016x}", sys::unpredictable());
+    let mut f = sys::create_new_at(cache.fd(), &tmp, 0o644).map_err(fail)?;
+    let written = f
+        .write_all(&serde_json::to_vec_pretty(state).unwrap_or_default())
+        .and_then(|()| sys::rename_at(cache.fd(), &tmp, cache.fd(), STATE_FILE));
+    if written.is_err() {
+        let _ = sys::unlink_at(cache.fd(), &tmp);
     }
-    serde_json::from_str(&text).unwrap_or_default()
+    written.map_err(fail)
 }
 
-fn write_state(cache_root: &Path, state: &State) -> Result<()> {
-    let tmp = cache_root.join(format!("{STATE_FILE}.{}", std::process::id()));
-    let path = cache_root.join(STATE_FILE);
-    std::fs::write(&tmp, serde_json::to_vec_pretty(state).unwrap_or_default())
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
-}
-
-fn open_lock(path: &Path, create: bool) -> Option<File> {
+/// Opens a root's lock file to try it: one under the cache root relative to its descriptor,
+/// one in a lock directory as every lock file there is opened (`O_NOFOLLOW|O_NONBLOCK`).
+fn open_lock(cache: &CacheRoot, path: &Path, create: bool) -> Option<File> {
     let how = if create {
         Open::Create(0o666)
     } else {
         Open::Existing
     };
-    sys::open_in_shared_dir(path, how).ok()
+    match path.strip_prefix(cache.path()) {
+        Ok(rel) => {
+            let (parent, name) = (rel.parent()?, rel.file_name()?.to_str()?);
+            let dir = cache.subdir(parent, false).ok()??;
+            sys::open_at(dir.as_fd(), name, how).ok()
+        }
+        Err(_) => sys::open_in_shared_dir(path, how).ok(),
+    }
 }
 
 /// Takes every lock of a unit without waiting; `None` if any is held (or cannot be opened).
-fn take_all(unit: &Unit) -> Option<Vec<File>> {
+fn take_all(cache: &CacheRoot, unit: &Unit) -> Option<Vec<File>> {
     let mut held = Vec::new();
     for (i, p) in unit.locks.iter().enumerate() {
         // A slot lock file that does not exist yet is created, so that a run starting on that
         // slot meanwhile waits for it (the first lock of a unit always exists).
-        let f = open_lock(p, i > 0)?;
+        let f = open_lock(cache, p, i > 0)?;
         if !sys::try_flock(&f, true).unwrap_or(false) {
             return None;
         }
@@ -302,14 +284,11 @@ fn take_all(unit: &Unit) -> Option<Vec<File>> {
     Some(held)
 }
 
-fn empty(targets: &[Target]) -> std::io::Result<()> {
+fn empty(cache: &CacheRoot, targets: &[Target]) -> Result<()> {
     for t in targets {
         match t {
-            Target::Contents(d, keep) => {
-                let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
-                super::root::wipe_contents(d, &keep)?
-            }
-            Target::Whole(d) => super::root::wipe(d)?,
+            Target::Contents(d, keep) => cache.empty(d, keep)?,
+            Target::Whole(d) => cache.remove(d)?,
         }
     }
     Ok(())
@@ -354,30 +333,26 @@ pub fn choose(
     out
 }
 
-/// Measures `own` (the caller holds it), accounts every cached root under `cache_root`, and
+/// Measures `own` (the caller holds it), accounts every cached root under the cache root, and
 /// evicts unheld roots, least recently used first, while the total exceeds `cap`. Serialised
 /// with other accountings by a flock on `<cache root>/.cachelock-usage.lock`.
 pub fn account_and_evict(
-    cache_root: &Path,
+    cache: &CacheRoot,
     layout: &Layout,
     cap: u64,
     own: &str,
 ) -> Result<Report> {
-    let lock_path = cache_root.join(STATE_LOCK);
-    let guard = open_lock(&lock_path, true).ok_or_else(|| {
-        Error::io(
-            format!("opening {}", lock_path.display()),
-            std::io::Error::last_os_error(),
-        )
-    })?;
+    let lock_path = cache.path().join(STATE_LOCK);
+    let guard = sys::open_at(cache.fd(), STATE_LOCK, Open::Create(0o644))
+        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
     sys::flock(&guard, true)
         .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
-    let mut state = read_state(cache_root);
+    let mut state = read_state_at(cache.fd());
     let now = now_ms();
-    let units = units(cache_root, layout);
+    let units = units(cache, layout);
     let mut records = BTreeMap::new();
     for u in &units {
-        let signal = last_used_signal(&u.roots);
+        let signal = last_used_signal(cache, &u.roots);
         let old = state.roots.get(&u.name).cloned().unwrap_or_default();
         let last_used = if u.name == own {
             now
@@ -392,14 +367,8 @@ pub fn account_and_evict(
                 ..old
             }
         } else {
-            let bytes = u
-                .roots
-                .iter()
-                .filter(|r| u.roots.iter().all(|o| o == *r || !r.starts_with(o)))
-                .map(|r| disk_usage(r))
-                .sum();
             RootRecord {
-                bytes,
+                bytes: u.roots.iter().map(|r| cache.usage(r)).sum(),
                 measured_ms: now,
                 last_used_ms: last_used,
                 locks: u.locks.clone(),
@@ -428,12 +397,12 @@ pub fn account_and_evict(
                 break;
             }
             let unit = units.iter().find(|u| u.name == name).expect("unit");
-            let Some(held) = take_all(unit) else {
+            let Some(held) = take_all(cache, unit) else {
                 report.held_over_cap.push(name);
                 continue;
             };
             let rec = records[&name].clone();
-            let result = empty(&unit.targets);
+            let result = empty(cache, &unit.targets);
             drop(held);
             if let Err(e) = result {
                 tracing::warn!("could not evict cached data root {name}: {e}");
@@ -463,16 +432,17 @@ pub fn account_and_evict(
     state.evictions.extend(report.evicted.iter().cloned());
     let excess = state.evictions.len().saturating_sub(EVICTIONS_KEPT);
     state.evictions.drain(..excess);
-    write_state(cache_root, &state)?;
+    write_state(cache, &state)?;
     drop(guard);
     Ok(report)
 }
 
-/// Accounts the cached roots under `cache_root` against `cap` and evicts; prints what it
+/// Accounts the cached roots under the cache root against `cap` and evicts; prints what it
 /// evicted and whether held roots keep the total over the cap. Failures are warnings: the
 /// command's result stands.
-pub fn report(cache_root: &Path, layout: &Layout, cap: u64, own: &str) {
-    match account_and_evict(cache_root, layout, cap, own) {
+pub fn report(cache: &CacheRoot, layout: &Layout, cap: u64, own: &str) {
+    let cache_root = cache.path();
+    match account_and_evict(cache, layout, cap, own) {
         Ok(r) => {
             for ev in &r.evicted {
                 eprintln!(
@@ -545,11 +515,8 @@ fn locked_inodes() -> HashSet<(u32, u32, u64)> {
 /// not a lock, so `status` never gets in a run's way; holders on other hosts are not seen).
 pub fn held(locks: &[PathBuf], locked: &HashSet<(u32, u32, u64)>) -> bool {
     locks.iter().any(|p| {
-        std::fs::metadata(p)
-            .map(|m| {
-                let dev = m.dev();
-                locked.contains(&(libc::major(dev), libc::minor(dev), m.ino()))
-            })
+        sys::info_path(p)
+            .map(|i| locked.contains(&(libc::major(i.dev), libc::minor(i.dev), i.ino)))
             .unwrap_or(false)
     })
 }
@@ -582,9 +549,12 @@ pub struct CacheStatus {
     pub evictions: Vec<Eviction>,
 }
 
-/// The accounting of `cache_root` as last written, with who holds what now.
+/// The accounting of `cache_root` as last written, with who holds what now (read without
+/// following a link or blocking; nothing is created).
 pub fn status(cache_root: &Path, configured_cap: Option<u64>) -> CacheStatus {
-    let state = read_state(cache_root);
+    let state = CacheRoot::open_to_read(cache_root)
+        .map(|d| read_state_at(d.as_fd()))
+        .unwrap_or_default();
     let locked = locked_inodes();
     let mut roots: Vec<RootStatus> = state
         .roots
@@ -630,31 +600,7 @@ mod tests {
     }
 
     #[test]
-    fn slot_roots_are_never_prefixed_by_another_root() {
-        let r = Path::new("/var/earthly/dind/cache_x");
-        assert_eq!(earthly_slot_root(r, 0), r);
-        let s1 = earthly_slot_root(r, 1);
-        let s10 = earthly_slot_root(r, 10);
-        assert_eq!(
-            s1,
-            Path::new("/var/earthly/dind/.cachelock-slots/cache_x/1/root")
-        );
-        for (a, b) in [(r, &s1), (&s1, &s10), (&s10, &s1)] {
-            assert!(
-                !b.to_str().unwrap().starts_with(a.to_str().unwrap()),
-                "{a:?} prefixes {b:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn disk_usage_counts_blocks_and_hard_links_once() {
-        let t = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(t.path().join("a/b")).unwrap();
-        std::fs::write(t.path().join("a/b/f"), vec![1u8; 64 * 1024]).unwrap();
-        std::fs::hard_link(t.path().join("a/b/f"), t.path().join("a/g")).unwrap();
-        let n = disk_usage(t.path());
-        assert!((64 * 1024..2 * 64 * 1024).contains(&n), "{n}");
+    fn human_sizes() {
         assert_eq!(human(3 << 20), "3.0 MiB");
         assert_eq!(human(12), "12 B");
     }
@@ -676,7 +622,16 @@ mod tests {
         std::fs::create_dir_all(t.path().join("uncached/cachelock-12345678")).unwrap();
         let held = File::open(a.join(super::super::earthly::LOCK_FILE)).unwrap();
         assert!(crate::sys::try_flock(&held, false).unwrap());
-        let r = account_and_evict(t.path(), &Layout::Earthly, 1, "cache_own").unwrap();
+        // A slot root of cache_b: evicted with it.
+        let slot = t.path().join(".cachelock-slots/cache_b/1/root");
+        std::fs::create_dir_all(&slot).unwrap();
+        std::fs::write(slot.join("blob"), vec![0u8; 64 * 1024]).unwrap();
+        // A link planted where a root's entry is: removed as a link, never followed.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("precious"), "x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), b.join("link")).unwrap();
+        let cache = CacheRoot::open(t.path()).unwrap();
+        let r = account_and_evict(&cache, &Layout::Earthly, 1, "cache_own").unwrap();
         assert_eq!(r.roots, 3);
         assert_eq!(
             r.evicted
@@ -689,6 +644,8 @@ mod tests {
         assert!(a.join("blob").exists() && own.join("blob").exists());
         assert!(!b.join("blob").exists());
         assert!(b.join(super::super::earthly::LOCK_FILE).exists());
+        assert!(!t.path().join(".cachelock-slots/cache_b").exists());
+        assert!(outside.path().join("precious").exists());
         let s = status(t.path(), None);
         assert_eq!(s.cap_bytes, Some(1));
         assert_eq!(s.evictions.len(), 1);

@@ -211,11 +211,20 @@ pub fn render_text(doc: &StatusDoc) -> String {
                 .owner_uid
                 .map(|uid| format!(" (owner uid {uid})"))
                 .unwrap_or_default();
-            out.push_str(&format!(
-                "  unreadable ticket {}{owner}: {}; ignored by waiters\n",
-                escape(&u.ticket),
-                escape(&u.reason)
-            ));
+            // A ticket, or a part of the lock's state that could not be read in full.
+            if u.ticket.bytes().all(|b| b.is_ascii_digit()) {
+                out.push_str(&format!(
+                    "  unreadable ticket {}{owner}: {}; ignored by waiters\n",
+                    escape(&u.ticket),
+                    escape(&u.reason)
+                ));
+            } else {
+                out.push_str(&format!(
+                    "  not read in full: {}{owner}: {}\n",
+                    escape(&u.ticket),
+                    escape(&u.reason)
+                ));
+            }
         }
     }
     if let Some(c) = &doc.cache {

@@ -4,7 +4,8 @@
 //!
 //! The sandbox: WASI p2 with no preopened directories, no environment, no arguments, no
 //! sockets or name lookup, stdin closed; stdout, stderr and `host.log` go to tracing, tagged with
-//! the policy name and capped per call.
+//! the policy name, capped per call, and bounded per process ([`Shown`]): a policy is another
+//! team's code, and a waiter calls it again and again.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -46,6 +47,8 @@ pub struct HostState {
     log_dropped: u64,
     stdout: CappedSink,
     stderr: CappedSink,
+    /// What of this policy's output has been shown (shared by its successive instances).
+    shown: Arc<Mutex<Shown>>,
     /// When the current call must end (epoch interruption in wasm code, a timeout in WASI
     /// waits: a sleeping policy is woken and stopped).
     deadline: Instant,
@@ -78,7 +81,62 @@ impl bindings::cachelock::policy::host::Host for HostState {
             message
         };
         self.log_left = self.log_left.saturating_sub(len);
-        emit(&self.policy, level.into(), "log", &text);
+        let level = lock(&self.shown).level_for(&self.policy, level.into(), &text, false);
+        emit(&self.policy, level, "log", &text);
+    }
+}
+
+fn lock(m: &Mutex<Shown>) -> std::sync::MutexGuard<'_, Shown> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Most bytes of a policy's output shown per process at its own level; the rest goes to the
+/// debug log (`-v`). A waiter asks its policy again at every look at the queue, so a policy
+/// printing on every call would otherwise write without bound, `-q` or not.
+const SHOWN_BYTES: usize = 16 * 1024;
+/// Distinct lines remembered to show each only once.
+const SHOWN_LINES: usize = 4096;
+
+/// What of one policy's output this process has shown: each distinct line once, at most
+/// [`SHOWN_BYTES`] in all, and what a faulting call printed (a panic message) only for the
+/// first faulting call — cachelock's own warning about the fault is given once too. The rest
+/// is logged at debug level.
+#[derive(Debug, Default)]
+struct Shown {
+    bytes: usize,
+    lines: std::collections::HashSet<u64>,
+    faulted: bool,
+    said_full: bool,
+    said_dropped: bool,
+}
+
+impl Shown {
+    /// The level `text` is logged at: its own, or debug when it was shown already, the budget
+    /// is spent, or it comes from a call that faulted again (`repeat_fault`).
+    fn level_for(&mut self, policy: &str, level: Level, text: &str, repeat_fault: bool) -> Level {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        if repeat_fault {
+            return Level::Debug;
+        }
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(text);
+        if self.lines.contains(&h) {
+            return Level::Debug;
+        }
+        if self.lines.len() < SHOWN_LINES {
+            self.lines.insert(h);
+        }
+        if self.bytes + text.len() > SHOWN_BYTES {
+            if !std::mem::replace(&mut self.said_full, true) {
+                tracing::warn!(
+                    policy,
+                    "this policy has printed more than {} KiB; the rest of its output is logged at debug level (-v)",
+                    SHOWN_BYTES / 1024
+                );
+            }
+            return Level::Debug;
+        }
+        self.bytes += text.len();
+        level
     }
 }
 
@@ -96,7 +154,7 @@ fn emit(policy: &str, level: Level, stream: &str, text: &str) {
 }
 
 impl HostState {
-    fn new(policy: Arc<str>, limits: &Effective) -> Self {
+    fn new(policy: Arc<str>, limits: &Effective, shown: Arc<Mutex<Shown>>) -> Self {
         let stdout = CappedSink::new(limits.log_bytes as usize);
         let stderr = CappedSink::new(limits.log_bytes as usize);
         let wasi = WasiCtxBuilder::new()
@@ -116,13 +174,18 @@ impl HostState {
             log_dropped: 0,
             stdout,
             stderr,
+            shown,
             deadline: Instant::now(),
             timed_out: false,
         }
     }
 
-    /// Sends what the call printed to tracing and resets the per-call budgets.
-    fn flush_logs(&mut self) {
+    /// Sends what the call printed to tracing (see [`Shown`]; `faulted`: the call faulted) and
+    /// resets the per-call budgets.
+    fn flush_logs(&mut self, faulted: bool) {
+        let mut shown = lock(&self.shown);
+        let repeat_fault = faulted && shown.faulted;
+        shown.faulted |= faulted;
         for (sink, stream, level) in [
             (&self.stdout, "stdout", Level::Info),
             (&self.stderr, "stderr", Level::Warn),
@@ -130,17 +193,29 @@ impl HostState {
             let (text, dropped) = sink.take();
             if !text.is_empty() {
                 for line in String::from_utf8_lossy(&text).lines() {
+                    let level = shown.level_for(&self.policy, level, line, repeat_fault);
                     emit(&self.policy, level, stream, line);
                 }
             }
             self.log_dropped += dropped;
         }
         if self.log_dropped > 0 {
-            tracing::warn!(
-                policy = &*self.policy,
-                "dropped {} bytes of policy output (limits.log_bytes = {} per call)",
+            let first = !std::mem::replace(&mut shown.said_dropped, true);
+            let text = format!(
+                "dropped {} bytes of policy output (limits.log_bytes = {} per call{})",
                 self.log_dropped,
-                self.log_budget
+                self.log_budget,
+                if first {
+                    "; later drops are logged at debug level"
+                } else {
+                    ""
+                }
+            );
+            emit(
+                &self.policy,
+                if first { Level::Warn } else { Level::Debug },
+                "host",
+                &text,
             );
         }
         self.log_dropped = 0;
@@ -468,6 +543,7 @@ pub struct WasmPolicy {
     instance: Option<Live>,
     info: LoadInfo,
     cut_said: bool,
+    shown: Arc<Mutex<Shown>>,
 }
 
 impl WasmPolicy {
@@ -558,6 +634,7 @@ impl WasmPolicy {
                 oci: None,
             },
             cut_said: false,
+            shown: Default::default(),
         };
         p.instantiate().map_err(bad)?;
         // Compiled and configured: now it may become the last good resolution.
@@ -597,7 +674,10 @@ impl WasmPolicy {
     fn instantiate(&mut self) -> Result<(), String> {
         let _ticking = Ticking::start()?;
         let engine = self.component.engine().clone();
-        let mut store = Store::new(&engine, HostState::new(self.name.clone(), &self.limits));
+        let mut store = Store::new(
+            &engine,
+            HostState::new(self.name.clone(), &self.limits, self.shown.clone()),
+        );
         store.limiter(|s| &mut s.limiter);
         arm(
             &mut store,
@@ -634,7 +714,7 @@ impl WasmPolicy {
         let r = policy.call_configure(&mut store, &self.config);
         // Described before the logs are flushed (that resets what the call hit).
         let r = r.map_err(|e| describe_fault(&store, &self.limits, &e));
-        store.data_mut().flush_logs();
+        store.data_mut().flush_logs(r.is_err());
         match r {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => {
@@ -685,7 +765,7 @@ impl WasmPolicy {
                 Err(err)
             }
         };
-        store.data_mut().flush_logs();
+        store.data_mut().flush_logs(result.is_err());
         if result.is_err() {
             self.instance = None;
         }

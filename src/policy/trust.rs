@@ -102,6 +102,12 @@ pub fn open_dir(path: &Path, create: bool, mode: u32) -> io::Result<TrustedDir> 
     })
 }
 
+impl std::os::fd::AsFd for TrustedDir {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
+    }
+}
+
 impl TrustedDir {
     /// Opens `name` in this directory for reading if it passes the file rules; `Ok(None)` when
     /// it does not exist.

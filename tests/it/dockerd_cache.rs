@@ -147,14 +147,15 @@ fn slots_run_in_parallel_each_on_its_own_root_with_containers() {
     let mut slots = vec![r[0][2].clone(), r[1][2].clone()];
     slots.sort();
     assert_eq!(slots, vec!["0", "1"]);
+    // Slot 0 is the cached root itself, the others live beside it (never inside).
     for row in &r {
-        assert_eq!(
-            row[3],
-            env.cache_root
-                .join(format!("par/slot-{}", row[2]))
-                .display()
-                .to_string()
-        );
+        let want = match row[2].as_str() {
+            "0" => env.cache_root.join("par"),
+            k => env
+                .cache_root
+                .join(format!(".cachelock-slots/par/{k}/root")),
+        };
+        assert_eq!(row[3], want.display().to_string());
     }
     env.assert_clean();
 }
@@ -215,7 +216,7 @@ fn fall_back_runs_uncached_on_a_fresh_root_while_the_cache_is_busy() {
     let fb_end: u128 = lines.next().unwrap().trim().parse().unwrap();
     let fresh = std::path::Path::new(first[0]);
     assert!(
-        fresh.starts_with(env.cache_root.join(".ephemeral")),
+        fresh.starts_with(env.cache_root.join(".cachelock-private")),
         "{}",
         text(&o)
     );

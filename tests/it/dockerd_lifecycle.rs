@@ -75,6 +75,50 @@ fn sigterm_is_forwarded_then_dockerd_stops_then_lock_released() {
     assert!(env.lock_free("sig"));
 }
 
+/// The descriptors of `pid` open on files whose paths end with each of `ends`, duplicated
+/// into this process (`pidfd_getfd`: as root), in that order.
+fn steal_fds(pid: i32, ends: &[&str]) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain system calls on integers; results are checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut out = Vec::new();
+    for end in ends {
+        let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .find(|e| {
+                std::fs::read_link(e.path())
+                    .map(|t| t.to_string_lossy().ends_with(end))
+                    .unwrap_or(false)
+            })
+            .unwrap_or_else(|| panic!("dockerd {pid} has no descriptor on *{end}"))
+            .file_name()
+            .to_string_lossy()
+            .parse::<i32>()
+            .unwrap();
+        // SAFETY: as above.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+        assert!(dup >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor of ours.
+        out.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) });
+    }
+    // SAFETY: ours.
+    unsafe { libc::close(pidfd) };
+    out
+}
+
+/// A SIGKILLed wrapper's dockerd stops by itself (parent-death signal), and the next run on
+/// the same cache id starts cleanly and sweeps the dead run's instance directory. That sweep
+/// used to run before the next run took the cache id's lock, so a straggler of the killed tree
+/// still exiting (holding the tree marker, and the lock) made it keep the directory (a
+/// fresh-clone CI failure). Here the straggler is played deterministically: this test holds
+/// copies of the dead dockerd's lock and marker descriptors until the next run waits in the
+/// queue; the next run may only sweep, and run, once they are gone.
 #[test]
 fn sigkill_of_wrapper_leaves_no_dockerd_and_next_run_starts_cleanly() {
     let env = Env::new("");
@@ -94,28 +138,53 @@ fn sigkill_of_wrapper_leaves_no_dockerd_and_next_run_starts_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let root = env.cache_root.join("crash");
-    assert_eq!(env.dockerds_on(&root).len(), 1);
+    let dockerd = env.dockerds_on(&root);
+    assert_eq!(dockerd.len(), 1);
+    let straggler = steal_fds(dockerd[0], &["/tree", "crash.lock/lock"]);
     let _ = k.0.as_mut().unwrap().kill();
     let _ = k.0.as_mut().unwrap().wait();
-    let killed = Instant::now();
     // The parent-death signal stops dockerd (and its container) on its own.
     let left = env.wait_clean(Duration::from_secs(30));
     assert!(
         left.is_empty(),
         "still running 30 s after SIGKILL: {left:?}"
     );
-    eprintln!("tree gone {:?} after SIGKILL", killed.elapsed());
-    let o = env.dockerd(
+    let mut second = Killer(Some(env.spawn_dockerd(
         &[
             "--cache-id",
             "crash",
             "--load",
             tar.to_str().unwrap(),
             "-w",
-            "10",
+            "60",
         ],
         "docker run --rm bb:1 echo second-run-ok",
-    );
+    )));
+    // The second run waits in the queue (its live ticket: the killed run's is still there).
+    let second_pid = second.0.as_ref().unwrap().id() as u64;
+    let t = Instant::now();
+    loop {
+        let o = env
+            .cmd()
+            .args(["status", "--json", "crash"])
+            .output()
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let waiting = doc["locks"][0]["waiters"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["pid"].as_u64() == Some(second_pid)));
+        if waiting {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the second run never queued"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The straggler exits.
+    drop(straggler);
+    let o = second.0.take().unwrap().wait_with_output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("second-run-ok"));
     // The crashed run's instance directory (pidfile, socket, log) was swept by the second.
@@ -124,24 +193,69 @@ fn sigkill_of_wrapper_leaves_no_dockerd_and_next_run_starts_cleanly() {
     env.assert_clean();
 }
 
+/// The stop grace is honoured: a dockerd that takes its time to stop after SIGTERM is waited
+/// for (here until the test lets it go), not killed.
+#[test]
+fn stop_grace_is_waited_out() {
+    let env = Env::new(&format!(
+        "  binary: {}\n  stop_grace_max: 600",
+        fixture("stop-on-release.sh").display()
+    ));
+    let state = env.path("state");
+    let release = env.path("state.release");
+    let c = std::ffi::CString::new(release.to_str().unwrap()).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut k = Killer(Some(
+        env.cmd()
+            .env("FAKE_DOCKERD_STATE", &state)
+            .args(["dockerd", "--cache-id", "grace", "--", "true"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let term = env.path("state.term");
+    let t = Instant::now();
+    while !term.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no SIGTERM to dockerd"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        k.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "cachelock returned while dockerd was stopping"
+    );
+    assert!(
+        !env.lock_free("grace"),
+        "the lock was released while dockerd was stopping"
+    );
+    // Opening the FIFO for writing meets the fixture's read: dockerd may stop now.
+    std::fs::write(&release, "go\n").unwrap();
+    let o = k.0.take().unwrap().wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("did not stop"),
+        "{}",
+        text(&o)
+    );
+    assert!(env.lock_free("grace"));
+    env.assert_clean();
+}
+
+/// Past the grace, the whole tree is killed and the lock released.
 #[test]
 fn stop_grace_then_kill() {
     let env = Env::new(&format!(
-        "  binary: {}\n  stop_grace_max: 1.5",
+        "  binary: {}\n  stop_grace_max: 0.2",
         fixture("hang-on-stop.sh").display()
     ));
-    let t = Instant::now();
-    let o = env.dockerd(&["--cache-id", "hang"], "date +%s%N");
-    let total = t.elapsed();
+    let o = env.dockerd(&["--cache-id", "hang"], "true");
     assert!(o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("did not stop within 1.5s"), "{err}");
-    let cmd_end_ns: u128 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
-    let stop = (now_ns() - cmd_end_ns) as f64 / 1e9 - (t.elapsed() - total).as_secs_f64();
-    assert!(
-        (1.4..6.0).contains(&stop),
-        "stop took {stop:.2}s, expected the 1.5 s grace plus the kill"
-    );
+    assert!(err.contains("did not stop within 0.2s"), "{err}");
     assert!(env.processes().is_empty(), "{:?}", env.processes());
     assert!(env.lock_free("hang"));
 }
@@ -169,7 +283,6 @@ fn containerd_timeout_line_is_retried_per_policy() {
         fixture("containerd-timeout.sh").display()
     ));
     let state = env.path("attempts");
-    let t = Instant::now();
     let o = env
         .cmd()
         .env("FAKE_DOCKERD_STATE", &state)
@@ -185,9 +298,11 @@ fn containerd_timeout_line_is_retried_per_policy() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "2");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("attempt 1 failed"), "{err}");
     // The default policy waits 5 s before the retry.
-    assert!(t.elapsed() >= Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        err.contains("attempt 1 failed") && err.contains("retrying in 5000 ms"),
+        "{err}"
+    );
     env.assert_clean();
 }
 

@@ -3,7 +3,7 @@
 //! victim) and `cl-bob` (the attacker) run through `setpriv` — and shows that it fails.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -960,4 +960,633 @@ fn corrupt_counters_never_repeat_a_generation_or_replace_a_ticket() {
     std::fs::write(&go, "").unwrap();
     assert_eq!(w.wait(), 0);
     drop(h);
+}
+
+// ---- Round 2 (issue 18): root writing outside the cache, holders beside holders, one user's
+// files stopping the others. The dockerd attacks run the real dockerd (as root: the runs the
+// attacker targets).
+
+/// A root-only directory `name` holding `secret` (what the attacker wants root to destroy).
+fn root_only(sh: &Shared, name: &str) -> std::path::PathBuf {
+    let d = sh.path(name);
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(d.join("secret"), "root's\n").unwrap();
+    d
+}
+
+/// Makes `p` (a file or link the test planted for the attacker) the attacker's own.
+fn give(p: &Path, u: &User) {
+    std::os::unix::fs::lchown(p, Some(u.uid), Some(u.gid)).unwrap();
+}
+
+/// Item 1. bob made the cache root first — the default used to be inside the world-writable
+/// lock directory — and planted links where root's `cachelock dockerd` writes its usage
+/// accounting (`.cachelock-usage.json.<pid>`, for every pid root's run may get): root used to
+/// overwrite a root-only file through them. A cache root must now be root's (or the caller's)
+/// and nobody else's, on a path nobody else can change, or it is refused before anything is
+/// written (exit 73, saying how to fix it); the same for the drop-in's data roots.
+#[test]
+fn root_writes_nothing_through_a_cache_root_another_user_controls() {
+    use crate::support::dockerd::Env as Dockerd;
+    let sh = Shared::new();
+    let b = bob();
+    let env = Dockerd::new("  cache_max_size: 1K");
+    let victim = root_only(&sh, "root-only").join("secret");
+    let o = shell(
+        &sh,
+        b,
+        "mkdir -m 777 bobs-cache && mkdir -m 755 bobs-parent",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cache = sh.path("bobs-cache");
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for k in 1..4000 {
+        let pid = (last + k) % max;
+        let link = cache.join(format!(".cachelock-usage.json.{pid}"));
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        give(&link, b);
+    }
+    // A root-owned cache root on a path bob can change (its parent is bob's).
+    let inner = sh.path("bobs-parent/cache");
+    std::fs::create_dir(&inner).unwrap();
+    for root in [&cache, &inner] {
+        let o = env
+            .cmd()
+            .args(["dockerd", "--cache-root", root.to_str().unwrap()])
+            .args(["--cache-id", "x", "--", "true"])
+            .output()
+            .unwrap();
+        let e = stderr(&o);
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            "root's\n",
+            "root wrote through bob's link: {e}"
+        );
+        assert_eq!(o.status.code(), Some(73), "{}: {e}", root.display());
+        assert!(
+            e.contains(&format!("uid {}", b.uid)) && e.contains("nobody else can write"),
+            "{e}"
+        );
+        env.assert_clean();
+    }
+    // The drop-in: a data root whose parent bob controls.
+    let o = env
+        .cmd()
+        .args(["earthly", "execute", "true"])
+        .env(
+            "EARTHLY_DOCKERD_DATA_ROOT",
+            sh.path("bobs-cache/cache_x").to_str().unwrap(),
+        )
+        .env("EARTHLY_DOCKERD_CACHE_DATA", "true")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(73), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's\n");
+    env.assert_clean();
+}
+
+/// Item 1, the race. bob controls the cache root and watches a cached root of his with
+/// inotify; the moment root's eviction removes its first entry, he swaps the directory for a
+/// link to a root-only directory. The removal used to go on by path, through the link,
+/// deleting root's files of the names bob listed. Now the cache root is refused before any
+/// eviction, and every removal below an accepted one goes by descriptor, following no link
+/// (the unit tests of `dockerd::root` and `dockerd::usage` play the link there).
+#[test]
+fn an_eviction_race_removes_nothing_outside_the_cache_root() {
+    use crate::support::dockerd::Env as Dockerd;
+    let sh = Shared::new();
+    let b = bob();
+    let env = Dockerd::new("  cache_max_size: 1K");
+    let victim = root_only(&sh, "root-only");
+    // bob's cache root, a cached root of his that root's runs would evict (it has a lock in
+    // the lock directory), thousands of files to remove, and the names of root's files.
+    let o = shell(&sh, b, "mkdir -m 777 evict evict/bobs");
+    assert!(o.status.success(), "{}", stderr(&o));
+    for i in 0..3000 {
+        let f = sh.path(&format!("evict/bobs/junk{i}"));
+        std::fs::write(&f, vec![0u8; 4096]).unwrap();
+        give(&f, b);
+    }
+    std::fs::write(sh.path("evict/bobs/secret"), "bob's\n").unwrap();
+    give(&sh.path("evict/bobs/secret"), b);
+    let o = env
+        .cmd()
+        .args(["run", "bobs", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ready = sh.path("watching");
+    let swapped = sh.path("swapped");
+    let mut attacker = sh.as_user(Some(b), "sh");
+    attacker
+        .arg("-c")
+        .arg(format!(
+            "inotifywait -e delete --format x evict/bobs 2>{ready} | {{ read x; mv evict/bobs evict/bobs.old && ln -s {victim} evict/bobs && echo > {swapped}; }}",
+            ready = ready.display(),
+            victim = victim.display(),
+            swapped = swapped.display()
+        ))
+        .current_dir(sh.path(""));
+    let _attacker = sh.spawn(attacker);
+    wait_until("bob watches", || {
+        std::fs::read_to_string(&ready).is_ok_and(|t| t.contains("Watches established"))
+    });
+    let o = env
+        .cmd()
+        .args([
+            "dockerd",
+            "--cache-root",
+            sh.path("evict").to_str().unwrap(),
+        ])
+        .args(["--cache-id", "own", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(victim.join("secret"))
+            .ok()
+            .as_deref(),
+        Some("root's\n"),
+        "root's file was removed through bob's link (swapped: {})",
+        swapped.exists()
+    );
+    assert_eq!(o.status.code(), Some(73), "{}", stderr(&o));
+    env.assert_clean();
+}
+
+/// The config file of a lock `name` with `slots` slots, in the shared directory.
+fn slots_config(sh: &Shared, name: &str, slots: u32) -> String {
+    let p = sh.path(&format!("{name}.yaml"));
+    std::fs::write(
+        &p,
+        format!("locks:\n  - match: '{name}'\n    slots: {slots}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    p.display().to_string()
+}
+
+/// Files named like holders' entries of slot 1 (`1.<ticket id>`), plus as many other names,
+/// planted in `dir` as `u`'s: two for each number of `range`.
+fn flood(dir: &Path, u: &User, range: std::ops::Range<usize>) {
+    for i in range {
+        for name in [
+            format!("1.{:015}", 900_000_000_000_000 + i),
+            format!("junk{i}"),
+        ] {
+            let f = dir.join(name);
+            std::fs::write(&f, "").unwrap();
+            give(&f, u);
+        }
+    }
+}
+
+/// Item 2. The `held/` index was read only to its first 1 024 entries: bob floods it, removes
+/// (or had pre-created) a slot file of a lock with two slots, and a third process gets in
+/// beside the two holders. Now names that cannot be a holder's entry cost nothing, entries
+/// that are not a published ticket are not holders, and past the bounds the grant is refused
+/// (exit 74) naming whose files flood it: never granted blind.
+#[test]
+fn a_flooded_held_index_lets_no_third_holder_into_two_slots() {
+    let sh = Shared::new();
+    let (a, b) = (alice(), bob());
+    let cfg = slots_config(&sh, "S", 2);
+    // bob uses the lock first, and pre-creates the second slot's file: both are his.
+    let o = sh.run(Some(b), &["run", "--config", &cfg, "S", "--", "true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = shell(&sh, b, "install -m 666 /dev/null S.lock/lock.1");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = sh.log("s.log");
+    let go = sh.path("s.go");
+    let mut holders = Vec::new();
+    for tag in ["a0", "a1"] {
+        let mut args: Vec<String> = ["run", "-q", "--config", &cfg, "S", "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(sh.section_until(&log, tag, &go));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        holders.push(sh.spawn(sh.cl(Some(a), &refs)));
+        wait_until("alice holds", || {
+            std::fs::read_dir(sh.lock_dir.join("S.lock/held"))
+                .map(|d| d.count() == holders.len())
+                .unwrap_or(false)
+        });
+    }
+    let held = sh.lock_dir.join("S.lock/held");
+    let ran = sh.path("third");
+    // 20 000 names (holders were read to the first 1 024), then 68 000 (past the bound).
+    for (range, code) in [(0..10_000, 1), (10_000..34_000, 74)] {
+        let n = range.end * 2;
+        flood(&held, b, range);
+        let o = shell(&sh, b, "rm -f S.lock/lock.1");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = sh.run(
+            Some(b),
+            &[
+                "run",
+                "-n",
+                "--config",
+                &cfg,
+                "S",
+                "--",
+                "touch",
+                ran.to_str().unwrap(),
+            ],
+        );
+        let e = stderr(&o);
+        assert!(
+            !ran.exists(),
+            "a third holder ran beside two ({n} names): {e}"
+        );
+        assert_eq!(o.status.code(), Some(code), "{n} names: {e}");
+        if code == 74 {
+            assert!(
+                e.contains("cannot see every holder") && e.contains(&format!("uid {}", b.uid)),
+                "{e}"
+            );
+        }
+    }
+    std::fs::write(&go, "").unwrap();
+    for mut h in holders {
+        assert_eq!(h.wait(), 0, "{}", h.stderr());
+    }
+    assert!(
+        overlaps(&read_log(&log)).len() <= 1,
+        "two slots, two holders"
+    );
+}
+
+/// Items 2 and 9: names another user plants in advance — the holder entries of alice's next
+/// tickets (ticket ids are predictable), every name alice's counters file may take — used to
+/// stop her (exit 74). They are passed over for names nobody can guess.
+#[test]
+fn planted_names_stop_no_other_users_request() {
+    let sh = Shared::new();
+    let (a, b) = (alice(), bob());
+    let o = sh.run(Some(b), &["run", "P", "--", "true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut plant = String::from("cd P.lock && ");
+    for id in 1..40 {
+        plant.push_str(&format!("touch held/0.{id:012} && "));
+    }
+    plant.push_str(&format!("touch meta.d/{}.json", a.uid));
+    for k in 1..8 {
+        plant.push_str(&format!(" meta.d/{}.{k}.json", a.uid));
+    }
+    let o = shell(&sh, b, &plant);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let gens = sh.log("p.gens");
+    let show = format!("echo $CACHELOCK_GENERATION >> {}", gens.display());
+    for _ in 0..3 {
+        let o = sh.run(Some(a), &["run", "-q", "P", "--", "sh", "-c", &show]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let g: Vec<u64> = std::fs::read_to_string(&gens)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(g.windows(2).all(|w| w[1] > w[0]), "generations {g:?}");
+}
+
+/// Item 9. One counters file of bob's at 2^64-1 (his own `meta.d/<uid>.json`, or the shared
+/// `meta.json`) exhausted everyone's counters: alice and root failed with exit 74. A counter
+/// is now taken as at most one increment per microsecond since 1970, so nobody is stopped and
+/// generations still only grow.
+#[test]
+fn another_users_exhausted_counters_stop_nobody() {
+    let sh = Shared::new();
+    let (a, b) = (alice(), bob());
+    let gens = sh.log("x.gens");
+    let show = format!("echo $CACHELOCK_GENERATION >> {}", gens.display());
+    let o = sh.run(Some(b), &["run", "X", "--", "sh", "-c", &show]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let max = u64::MAX;
+    for plant in [
+        format!(
+            "printf '{{\"next_ticket\":{max},\"generation\":{max}}}' > X.lock/meta.d/{}.json",
+            b.uid
+        ),
+        format!("printf '{{\"next_ticket\":{max},\"generation\":{max}}}' > X.lock/meta.json"),
+    ] {
+        let o = shell(&sh, b, &plant);
+        assert!(o.status.success(), "{plant}: {}", stderr(&o));
+        for user in [Some(a), None] {
+            let o = sh.run(user, &["run", "X", "--", "sh", "-c", &show]);
+            assert!(o.status.success(), "{plant}: {}", stderr(&o));
+        }
+    }
+    let g: Vec<u64> = std::fs::read_to_string(&gens)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(g.len(), 5);
+    assert!(g.windows(2).all(|w| w[1] > w[0]), "generations {g:?}");
+}
+
+/// Item 7. bob holds the `meta.lock` of 20 locks: `status` waited 2 s for each (40 s here,
+/// hours with many locks) and said nothing. It now waits 2 s in all and names each lock whose
+/// counters it read without the lock.
+#[test]
+fn status_is_bounded_in_total_and_names_what_it_could_not_read() {
+    let sh = Shared::new();
+    let b = bob();
+    let names: Vec<String> = (0..20).map(|i| format!("M{i}")).collect();
+    for n in &names {
+        let o = sh.run(Some(b), &["run", n, "--", "true"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let files: Vec<String> = names
+        .iter()
+        .map(|n| format!("{n}.lock/meta.lock"))
+        .collect();
+    let refs: Vec<&str> = files.iter().map(String::as_str).collect();
+    let _bob = keep_locked(&sh, b, &refs);
+    let o = sh.run(None, &["status", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let locks = doc["locks"].as_array().unwrap();
+    assert_eq!(locks.len(), 20, "{doc}");
+    for l in locks {
+        let u = l["unreadable"].as_array().unwrap();
+        assert!(
+            u.iter()
+                .any(|u| u["ticket"] == "meta.lock" && u["owner_uid"] == b.uid),
+            "{l}"
+        );
+    }
+}
+
+/// Item 10. A FIFO given as an image to load (`--load`, `EARTHLY_DOCKER_LOAD_FILES`) blocked
+/// the run for ever in `open`, before any lock was taken. It is refused at once (exit 66),
+/// saying what it is, without being opened for reading (the guard below would meet a reader).
+#[test]
+fn a_fifo_as_an_image_to_load_is_refused_without_blocking() {
+    use crate::support::dockerd::Env as Dockerd;
+    let env = Dockerd::new("");
+    let fifo = env.path("image.tar");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+    // If cachelock opens the FIFO for reading, this writer meets it and lets it go on (the
+    // test then fails instead of hanging).
+    let f2 = fifo.clone();
+    let guard = std::thread::spawn(move || {
+        let _ = std::fs::OpenOptions::new().write(true).open(&f2);
+    });
+    let dockerd = env
+        .cmd()
+        .args([
+            "dockerd",
+            "--cache-id",
+            "f",
+            "--load",
+            fifo.to_str().unwrap(),
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let earthly = env
+        .cmd()
+        .args(["earthly", "execute", "true"])
+        .env("EARTHLY_DOCKERD_DATA_ROOT", env.path("dind/cache_f"))
+        .env("EARTHLY_DOCKERD_CACHE_DATA", "true")
+        .env("EARTHLY_DOCKER_LOAD_FILES", &fifo)
+        .output()
+        .unwrap();
+    let met = guard.is_finished();
+    // Let the guard go: a reader of our own.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    guard.join().unwrap();
+    assert!(!met, "cachelock opened the FIFO for reading");
+    for o in [dockerd, earthly] {
+        assert_eq!(o.status.code(), Some(66), "{}", stderr(&o));
+        assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+    }
+    assert!(env.lock_free("f"));
+    env.assert_clean();
+}
+
+/// Item 3. Earthly's `get-compose-config` writes a fixed path under `/tmp`: bob made
+/// `/tmp/earthly` first and put a link to a root-only file at `compose-config.yml`, and root
+/// overwrote that file. The file is now written only into a directory the writer (or root)
+/// owns and nobody else can write, through a fresh file renamed into place (a link there is
+/// replaced, never followed); a directory that is taken is refused (exit 73) saying so. Each
+/// run sees a private `/tmp` of the test's (a mount namespace).
+#[test]
+fn get_compose_config_writes_through_no_link_into_no_other_users_directory() {
+    let sh = Shared::new();
+    let b = bob();
+    let tmp = sh.path("private-tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // Root's file, and its path as the runs (in the private /tmp) see it.
+    let victim = root_only(&sh, "private-tmp/root-only").join("secret");
+    let seen = "/tmp/root-only/secret";
+    std::fs::write(
+        tmp.join("compose.yml"),
+        "services:\n  svc:\n    image: bb:1\n",
+    )
+    .unwrap();
+    let in_private_tmp = |cmd: &mut Command| {
+        let src = std::ffi::CString::new(tmp.to_str().unwrap()).unwrap();
+        // SAFETY: only async-signal-safe system calls on values prepared before the fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        c"none".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(
+                        src.as_ptr(),
+                        c"/tmp".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    };
+    let get = || {
+        let mut c = Command::new(bin());
+        c.args(["earthly", "get-compose-config"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CACHELOCK_CONFIG", "/dev/null")
+            .env("EARTHLY_COMPOSE_FILES", "/tmp/compose.yml");
+        in_private_tmp(&mut c);
+        c.output().unwrap()
+    };
+    // bob's directory, with his link where root writes.
+    let o = shell(
+        &sh,
+        b,
+        &format!(
+            "mkdir -m 755 private-tmp/earthly && ln -s {seen} private-tmp/earthly/compose-config.yml"
+        ),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = get();
+    assert_eq!(o.status.code(), Some(73), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("uid {}", b.uid)) && stderr(&o).contains("remove it"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's\n");
+    // Root's own directory with a link planted in it (it was writable by others): refused
+    // too; once it is root's alone, the link is replaced, never followed.
+    std::fs::remove_dir_all(tmp.join("earthly")).unwrap();
+    std::fs::create_dir(tmp.join("earthly")).unwrap();
+    std::fs::set_permissions(tmp.join("earthly"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let link = tmp.join("earthly/compose-config.yml");
+    std::os::unix::fs::symlink(seen, &link).unwrap();
+    give(&link, b);
+    let o = get();
+    assert_eq!(o.status.code(), Some(73), "{}", stderr(&o));
+    std::fs::set_permissions(tmp.join("earthly"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = get();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's\n");
+    let written = std::fs::read_to_string(&link).unwrap();
+    assert!(written.contains("svc"), "{written}");
+    assert!(!std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+/// Item 11. bob planted files where alice's `-k` records its place (the key record's name is
+/// predictable from her uid and the key, often a CI job id): her give-up could not be
+/// remembered and her retry went to the back. A name another user took is passed over.
+#[test]
+fn a_planted_key_record_cannot_take_a_retrys_place() {
+    use sha2::Digest;
+    let sh = Shared::new();
+    let (a, b) = (alice(), bob());
+    let o = sh.run(Some(b), &["run", "K", "--", "true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record = format!("{}.{:x}", a.uid, sha2::Sha256::digest(b"job-7"));
+    let o = shell(
+        &sh,
+        b,
+        &format!("cd K.lock/keys && echo '{{}}' > {record} && mkdir {record}.tmp"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = sh.log("k.log");
+    let go = sh.path("k.go");
+    let h = holder(&sh, b, "K", &log, "holder", &go);
+    wait_until("bob holds", || started(&go).exists());
+    // alice gives up (keeping her place), bob queues, alice retries with the same key.
+    let o = sh.run(
+        Some(a),
+        &["run", "-q", "-w", "0.05", "-k", "job-7", "K", "--", "true"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("could not remember"), "{}", stderr(&o));
+    let _w = holder(&sh, b, "K", &log, "later", &go);
+    wait_until("bob waits", || sh.tickets("K").len() == 2);
+    let mut args: Vec<String> = ["run", "-q", "-k", "job-7", "K", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(sh.section_until(&log, "retry", &go));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _retry = sh.spawn(sh.cl(Some(a), &refs));
+    wait_until("alice waits again", || sh.tickets("K").len() == 3);
+    let o = sh.run(Some(a), &["status", "--json", "K"]);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let first = &doc["locks"][0]["waiters"][0];
+    assert_eq!(first["uid"], a.uid, "the retry lost its place: {doc}");
+    drop(h);
+}
+
+/// A lock held by `holder` with a waiter using `policy` (a test component) behind it, `-q`;
+/// `churn` requests come and go meanwhile (each a change of the queue the waiter looks at and
+/// asks its policy about); then the holder leaves. Returns the waiter's stderr.
+fn waiter_behind(config: &str, churn: usize) -> String {
+    let env = crate::support::util::Env::with_config(config);
+    let log = env.path("w.log");
+    let go = env.path("w.go");
+    std::fs::write(&log, "").unwrap();
+    let mut holder = env.spawn(&[
+        "run",
+        "-q",
+        "W",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.01; done",
+            go.display()
+        ),
+    ]);
+    wait_until("the holder holds", || env.path("w.go.started").exists());
+    let mut waiter = env.spawn(&["run", "-q", "--policy", "p", "W", "--", "true"]);
+    // Read as it comes, so that a flood cannot fill the pipe and stop the waiter.
+    let mut pipe = waiter.0.as_mut().unwrap().stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut s);
+        s
+    });
+    env.wait_tickets("W", 2);
+    for _ in 0..churn {
+        let o = env.run(&["-n", "-q", "W", "--", "true"]);
+        assert_eq!(o.status.code(), Some(1));
+    }
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(holder.wait(), 0);
+    let code = waiter.wait();
+    let err = reader.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    err
+}
+
+/// Item 11. A policy (another team's code) printing 1 MiB per call flooded stderr with every
+/// evaluation, `-q` or not (~150 KB/s per waiter), and a trapping policy's own panic text was
+/// repeated at every evaluation under `on_error: default` although cachelock's own warning is
+/// given once. A policy's output is now shown once per distinct line, 16 KiB in all per
+/// process, and a repeated fault's output is logged at debug level.
+#[test]
+fn a_policys_output_cannot_flood_a_quiet_waiters_stderr() {
+    use crate::support::policy::test_policy;
+    let absurd = format!(
+        "policies:\n  p:\n    module: {}\n    config: {{mode: chatty}}\n    limits: {{min_interval_ms: 5, max_interval_ms: 50}}\n",
+        test_policy("test-absurd").display()
+    );
+    let err = waiter_behind(&absurd, 40);
+    assert!(err.len() < 24 * 1024, "{} bytes of stderr", err.len());
+    assert_eq!(err.matches("dropped").count(), 1, "{err}");
+    let trap = format!(
+        "policies:\n  p:\n    module: {}\n    on_error: default\n",
+        test_policy("test-trap").display()
+    );
+    let err = waiter_behind(&trap, 20);
+    assert_eq!(err.matches("on-wait traps on purpose").count(), 1, "{err}");
+    assert_eq!(err.matches("about to trap").count(), 1, "{err}");
 }

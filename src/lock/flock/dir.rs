@@ -30,9 +30,15 @@ pub const DEFAULT_FILE_MODE: u32 = 0o666;
 pub const DEFAULT_DIR_MODE: u32 = 0o1777;
 
 /// Most entries read from one of a lock's directories at a time. A lock with more live
-/// requests than this is not a build cache's; past it, the rest is ignored (with a warning)
-/// rather than letting a flood of planted files make every scan unbounded.
+/// requests than this is not a build cache's; past it, a scan of the queue ignores the rest
+/// (with a warning, and `status` says so), while the indexes that prove who holds what or
+/// what the counters are (`held/`, `meta.d/`) refuse rather than act on part of them.
 pub const MAX_ENTRIES: usize = 1024;
+
+/// Most names looked at in one listing of a lock's directory. Names that cannot be a valid
+/// entry cost only the directory read up to this bound, so planted junk cannot push a valid
+/// entry out of [`MAX_ENTRIES`].
+pub const MAX_SCANNED: usize = 64 * 1024;
 
 /// The sticky bit.
 const STICKY: u32 = 0o1000;

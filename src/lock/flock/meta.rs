@@ -13,17 +13,24 @@
 //! for it). A corrupt, oversized, planted or lowered file of one user therefore cannot make a
 //! generation repeat, or a ticket number be reused, for anyone else. Ticket ids are published
 //! with a hard link, which never replaces a live ticket even if a number is reused.
+//!
+//! **Nor can one user's files stop the others.** A counter is taken as at most one increment
+//! per microsecond since 1970 ([`plausible`]): a planted 2^64-1 no longer exhausts everyone's
+//! counters, and the counters still only grow. Only a file named after its owner's uid counts
+//! (a file planted under another user's name is passed over, and that user takes another
+//! name), at most [`PER_USER`] files per user are read (more fail only their owner), and names
+//! that cannot be counters files cost nothing but the directory read.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::dir::{owner_only, LockFiles, MAX_ENTRIES};
+use super::dir::{owner_only, LockFiles, MAX_SCANNED};
 use crate::error::{Error, Kind, Result};
 use crate::sys::{self, EntryKind, LockWait, Open};
 
@@ -41,8 +48,49 @@ pub const MAX_CLOCK_LEAD_MS: u64 = 10 * 60 * 1000;
 /// How long a request waits for `meta.lock` (held for microseconds normally) before it fails,
 /// saying who may be holding it.
 const META_LOCK_PATIENCE: Duration = Duration::from_secs(30);
-/// How long `status` waits for `meta.lock` before reading without it.
-const STATUS_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Most counters files of one user read (its own names: `<uid>.json`, `<uid>.1.json` ...
+/// `<uid>.7.json`, and one with an unpredictable suffix when all of those are taken).
+pub const PER_USER: usize = 8;
+
+/// The most a counter can be now: one increment per microsecond since 1970, more than any
+/// lock ever counts. A larger value (planted) is taken as this bound, so that it can neither
+/// exhaust the counters of everyone who reads it nor make them go back: every count after it
+/// is still larger, because a grant takes more than a microsecond and the bound grows by one
+/// each microsecond. (Hosts whose clocks disagree by more than the time between two grants
+/// can, after such a plant, see a generation again: the warning names it.)
+pub fn plausible(v: u64) -> u64 {
+    let bound = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    if v > bound {
+        warn_once_implausible(v);
+    }
+    v.min(bound)
+}
+
+fn warn_once_implausible(v: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "a lock's counters hold {v}, more than one per microsecond since 1970 (planted?); counting from that bound instead"
+        );
+    }
+}
+
+/// The uid a counters file's name says it belongs to: `<uid>.json` or `<uid>.<suffix>.json`.
+fn counters_uid(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".json")?;
+    let (uid, suffix) = match stem.split_once('.') {
+        Some((u, s)) => (u, Some(s)),
+        None => (stem, None),
+    };
+    let ok_suffix = suffix
+        .is_none_or(|s| (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok_suffix.then(|| uid.parse().ok()).flatten()
+}
 
 /// The counters (the content of `meta.json` and of each `meta.d/<uid>.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,11 +114,11 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl MetaData {
-    /// Takes in another source: every counter is the maximum seen, except an arrival stamp too
-    /// far in the future, which is ignored.
+    /// Takes in another source: every counter is the maximum seen (each at most
+    /// [`plausible`]), except an arrival stamp too far in the future, which is ignored.
     fn merge(&mut self, other: &MetaData, now_ms: u64) {
-        self.next_ticket = self.next_ticket.max(other.next_ticket);
-        self.generation = self.generation.max(other.generation);
+        self.next_ticket = self.next_ticket.max(plausible(other.next_ticket));
+        self.generation = self.generation.max(plausible(other.generation));
         self.format = self.format.max(other.format);
         if other.last_enqueued_at_ms <= now_ms.saturating_add(MAX_CLOCK_LEAD_MS) {
             self.last_enqueued_at_ms = self.last_enqueued_at_ms.max(other.last_enqueued_at_ms);
@@ -106,9 +154,22 @@ fn read_meta_file(f: &File) -> Option<MetaData> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// The counters as every readable source says (the maximum of each), with `meta.json`'s
-/// current length (to rewrite it in place), `None` if it is missing or unusable.
-fn gather(files: &LockFiles, now_ms: u64) -> Result<(MetaData, Option<(File, u64)>)> {
+/// What [`gather`] read.
+struct Gathered {
+    /// The counters: the maximum of each over every source.
+    meta: MetaData,
+    /// `meta.json` and its current length (to rewrite it in place); `None` if it is missing or
+    /// unusable.
+    legacy: Option<(File, u64)>,
+    /// This user's own counters file, if there is one.
+    own: Option<String>,
+}
+
+/// The counters as every readable source says. `meta.d/` is read whole or not at all: past
+/// [`MAX_SCANNED`] names a generation could be missed, so the request is refused (naming the
+/// owners of the flood); a user with more than [`PER_USER`] files of its own refuses only
+/// itself.
+fn gather(files: &LockFiles, now_ms: u64) -> Result<Gathered> {
     let mut m = MetaData::default();
     let legacy = sys::open_at(files.base.as_fd(), "meta.json", Open::Existing).ok();
     let legacy = legacy.and_then(|f| {
@@ -118,43 +179,97 @@ fn gather(files: &LockFiles, now_ms: u64) -> Result<(MetaData, Option<(File, u64
         }
         Some((f, len))
     });
+    let mut own = None;
     if let Some(dir) = files.meta_d.as_ref() {
-        let (entries, more) = sys::list_dir(dir.as_fd(), MAX_ENTRIES)
-            .map_err(|e| Error::io(format!("cannot read {}", files.path("meta.d").display()), e))?;
-        if more {
+        let listing = sys::list_dir_valid(dir.as_fd(), MAX_SCANNED, MAX_SCANNED, |n| {
+            counters_uid(n).is_some()
+        })
+        .map_err(|e| Error::io(format!("cannot read {}", files.path("meta.d").display()), e))?;
+        if listing.overflow {
             // Skipping some could miss the highest counter: refuse rather than risk a repeat.
             return Err(Error::new(
                 Kind::IoErr,
                 format!(
-                    "{} holds more than {MAX_ENTRIES} files (a flood?); cachelock cannot be sure of the lock's counters: remove the extra files (as their owners or root)",
-                    files.path("meta.d").display()
+                    "{} holds more than {MAX_SCANNED} files ({}); cachelock cannot be sure of the lock's counters: remove the extra files (as their owners or root)",
+                    files.path("meta.d").display(),
+                    super::ticket::owners_sample(dir.as_fd())
                 ),
             ));
         }
-        for (name, kind) in entries {
-            if kind != EntryKind::File {
+        let me = sys::euid();
+        let mut per_user = std::collections::HashMap::<u32, usize>::new();
+        for (name, kind) in listing.entries {
+            let Some(uid) = counters_uid(&name) else {
+                continue;
+            };
+            // A file planted under another user's name is not that user's counters.
+            if kind != EntryKind::File
+                || !sys::info_at(dir.as_fd(), &name).is_ok_and(|i| i.uid == uid)
+            {
+                continue;
+            }
+            let n = per_user.entry(uid).or_default();
+            *n += 1;
+            if *n > PER_USER {
+                if uid == me {
+                    return Err(Error::new(
+                        Kind::IoErr,
+                        format!(
+                            "{} holds more than {PER_USER} counters files of yours (uid {me}); remove the extra ones",
+                            files.path("meta.d").display()
+                        ),
+                    ));
+                }
+                warn_once_over(files, uid);
                 continue;
             }
             if let Ok(f) = sys::open_at(dir.as_fd(), &name, Open::Existing) {
-                if let Some(d) = read_meta_file(&f) {
-                    m.merge(&d, now_ms);
+                if sys::info(&f).is_ok_and(|i| i.uid == uid) {
+                    if let Some(d) = read_meta_file(&f) {
+                        m.merge(&d, now_ms);
+                    }
+                    if uid == me && own.is_none() {
+                        own = Some(name);
+                    }
                 }
             }
         }
     }
-    Ok((m, legacy))
+    Ok(Gathered {
+        meta: m,
+        legacy,
+        own,
+    })
 }
 
-/// Reads the counters under a shared `meta.lock` (status, progress), or without it if it
-/// stays taken; nothing is created.
-pub fn read(files: &LockFiles) -> MetaData {
-    let lock = sys::open_at(files.base.as_fd(), "meta.lock", Open::Existing).ok();
-    if let Some(l) = &lock {
-        let _ = sys::flock_patiently(l, false, STATUS_PATIENCE);
+fn warn_once_over(files: &LockFiles, uid: u32) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "{} holds more than {PER_USER} counters files of uid {uid}; only {PER_USER} are read (that user's own counters may be incomplete)",
+            files.path("meta.d").display()
+        );
     }
-    gather(files, crate::lock::now_ms())
-        .map(|(m, _)| m)
-        .unwrap_or_default()
+}
+
+/// Reads the counters under a shared `meta.lock` taken by `until` at the latest (status,
+/// progress), else without it; nothing is created. The flag says whether the lock was had:
+/// without it a file being rewritten may be read half old, half new (and then ignored).
+pub fn read(files: &LockFiles, until: Instant) -> (MetaData, bool) {
+    let lock = sys::open_at(files.base.as_fd(), "meta.lock", Open::Existing).ok();
+    let locked = match &lock {
+        Some(l) => matches!(
+            sys::flock_patiently(l, false, until.saturating_duration_since(Instant::now())),
+            Ok(LockWait::Taken)
+        ),
+        // No meta.lock: nothing was ever counted.
+        None => true,
+    };
+    let meta = gather(files, crate::lock::now_ms())
+        .map(|g| g.meta)
+        .unwrap_or_default();
+    (meta, locked)
 }
 
 /// Takes `meta.lock` (bounded, interruptible by SIGINT/SIGTERM/SIGHUP), checking that the
@@ -199,37 +314,43 @@ fn lock_meta(files: &LockFiles) -> Result<File> {
     ))
 }
 
-/// This user's counters file in `meta.d/`, created if needed. A file of that name planted by
-/// someone else is skipped for the next name.
-fn own_file(files: &LockFiles) -> Result<File> {
+/// This user's counters file in `meta.d/`: `known` (found by [`gather`]), else created under
+/// the first of its names that nobody took: `<uid>.json`, `<uid>.1.json` ... then names with an
+/// unpredictable suffix, which nobody can plant in advance.
+fn own_file(files: &LockFiles, known: Option<&str>) -> Result<File> {
     let dir = files.need(&files.meta_d, "meta.d")?;
     let uid = sys::euid();
-    for k in 0..8 {
-        let name = if k == 0 {
-            format!("{uid}.json")
-        } else {
-            format!("{uid}.{k}.json")
-        };
+    let names = known
+        .map(str::to_string)
+        .into_iter()
+        .chain((0..PER_USER + 4).map(|k| match k {
+            0 => format!("{uid}.json"),
+            k if k < PER_USER => format!("{uid}.{k}.json"),
+            _ => format!("{uid}.{:016x}.json", sys::unpredictable()),
+        }));
+    let mut last = None;
+    for name in names {
         match sys::open_at(dir, &name, Open::Create(owner_only(files.file_mode))) {
             Ok(f) if sys::info(&f).is_ok_and(|i| i.uid == uid) => return Ok(f),
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => continue,
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot open {}", files.path("meta.d").join(&name).display()),
-                    e,
-                ))
-            }
+            Err(e) => last = Some((name, e)),
         }
     }
-    Err(Error::new(
-        Kind::IoErr,
-        format!(
-            "{}: every name for uid {uid}'s counters is taken by another user's file; remove them (as their owners or root)",
-            files.path("meta.d").display()
+    Err(match last {
+        Some((name, e)) => Error::io(
+            format!("cannot open {}", files.path("meta.d").join(&name).display()),
+            e,
         ),
-    ))
+        None => Error::new(
+            Kind::IoErr,
+            format!(
+                "{}: every name tried for uid {uid}'s counters is taken by another user's file; remove them (as their owners or root)",
+                files.path("meta.d").display()
+            ),
+        ),
+    })
 }
 
 /// Writes `text` over `f` in place, padded with spaces to `old_len` (no truncation: ext4
@@ -251,7 +372,11 @@ fn write_padded(f: &File, text: &[u8], old_len: u64) -> io::Result<()> {
 fn with_meta<T>(files: &LockFiles, f: impl FnOnce(&mut MetaData) -> Result<T>) -> Result<T> {
     let lock = lock_meta(files)?;
     let now = crate::lock::now_ms();
-    let (mut meta, legacy) = gather(files, now)?;
+    let Gathered {
+        mut meta,
+        legacy,
+        own,
+    } = gather(files, now)?;
     if meta.format > FORMAT {
         return Err(Error::new(
             Kind::IoErr,
@@ -266,7 +391,7 @@ fn with_meta<T>(files: &LockFiles, f: impl FnOnce(&mut MetaData) -> Result<T>) -
     let out = f(&mut meta)?;
     meta.format = FORMAT;
     let text = serde_json::to_vec(&meta).expect("meta encodes");
-    let own = own_file(files)?;
+    let own = own_file(files, own.as_deref())?;
     let own_len = own.metadata().map(|m| m.len()).unwrap_or(0);
     write_padded(&own, &text, own_len).map_err(|e| {
         Error::io(
@@ -293,22 +418,68 @@ fn with_meta<T>(files: &LockFiles, f: impl FnOnce(&mut MetaData) -> Result<T>) -
     Ok(out)
 }
 
+/// The name of this user's record of `key`: `<uid>.<sha256 of key>` (with `.<16 hex>` after
+/// it when another user's file took that name first: it is predictable).
 fn key_name(key: &str) -> String {
     format!("{}.{:x}", sys::euid(), Sha256::digest(key.as_bytes()))
 }
 
-/// A remembered arrival for `key`: only from a record this user wrote (a record planted by
-/// someone else is not honoured).
-fn read_key(files: &LockFiles, key: &str) -> Option<KeyRecord> {
-    let dir = files.keys.as_ref()?;
-    let f = sys::open_at(dir.as_fd(), &key_name(key), Open::Existing).ok()?;
-    if sys::info(&f).ok()?.uid != sys::euid() {
-        return None;
+/// This user's key records in `keys/` (of `key` only, when given), with their content where
+/// readable. Only files this user owns are looked at: a record planted by someone else is
+/// never honoured, and never in the way.
+fn own_records(files: &LockFiles, key: Option<&str>) -> Vec<(String, Option<KeyRecord>)> {
+    let Some(dir) = files.keys.as_ref() else {
+        return Vec::new();
+    };
+    let me = sys::euid();
+    let prefix = match key {
+        Some(k) => key_name(k),
+        None => format!("{me}."),
+    };
+    let ours = |n: &str| {
+        n.strip_prefix(&prefix).is_some_and(|rest| {
+            key.is_none()
+                || rest.is_empty()
+                || rest
+                    .strip_prefix('.')
+                    .is_some_and(|s| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+    };
+    let Ok(listing) = sys::list_dir_valid(dir.as_fd(), MAX_SCANNED, MAX_SCANNED, ours) else {
+        return Vec::new();
+    };
+    listing
+        .entries
+        .into_iter()
+        .filter(|(n, _)| sys::info_at(dir.as_fd(), n).is_ok_and(|i| i.uid == me))
+        .map(|(n, _)| {
+            let rec = sys::open_at(dir.as_fd(), &n, Open::Existing)
+                .ok()
+                .filter(|f| sys::info(f).is_ok_and(|i| i.uid == me))
+                .and_then(|f| sys::read_bounded(&f, MAX_META_BYTES).ok().flatten())
+                .and_then(|b| serde_json::from_slice::<KeyRecord>(&b).ok());
+            (n, rec)
+        })
+        .collect()
+}
+
+/// A remembered arrival for `key`: only from a record this user wrote.
+fn read_key(files: &LockFiles, key: &str, now_ms: u64) -> Option<u64> {
+    own_records(files, Some(key))
+        .into_iter()
+        .filter_map(|(_, r)| r)
+        .filter(|r| r.key == key && r.expires_at_ms > now_ms)
+        .map(|r| r.enqueued_at_ms)
+        .min()
+}
+
+/// Removes this user's records of `key` (it was acquired).
+fn forget_key(files: &LockFiles, key: &str) {
+    if let Some(dir) = files.keys.as_ref() {
+        for (name, _) in own_records(files, Some(key)) {
+            let _ = sys::unlink_at(dir.as_fd(), &name);
+        }
     }
-    let bytes = sys::read_bounded(&f, MAX_META_BYTES).ok()??;
-    serde_json::from_slice::<KeyRecord>(&bytes)
-        .ok()
-        .filter(|r| r.key == key)
 }
 
 /// Takes a ticket number (at least `at_least`) and an arrival stamp. With a queue key whose
@@ -323,10 +494,7 @@ pub fn enqueue(
     with_meta(files, |m| {
         let n = m.next_ticket.max(at_least);
         m.next_ticket = n.checked_add(1).ok_or_else(|| exhausted(files, "ticket"))?;
-        let remembered = queue_key
-            .and_then(|k| read_key(files, k))
-            .filter(|r| r.expires_at_ms > now_ms)
-            .map(|r| r.enqueued_at_ms);
+        let remembered = queue_key.and_then(|k| read_key(files, k, now_ms));
         let at = match remembered {
             Some(at) => at,
             None => {
@@ -371,15 +539,17 @@ pub fn acquired(
             .checked_add(1)
             .ok_or_else(|| exhausted(files, "generation"))?;
         record(m.generation)?;
-        if let (Some(k), Some(dir)) = (queue_key, files.keys.as_ref()) {
-            let _ = sys::unlink_at(dir.as_fd(), &key_name(k));
+        if let Some(k) = queue_key {
+            forget_key(files, k);
         }
         Ok(Some(m.generation))
     })
 }
 
 /// Remembers a giving-up request's arrival for its key, for `grace_ms`; prunes this user's
-/// expired keys.
+/// expired keys. The record is written under a fresh unpredictable name and renamed into
+/// place; if another user's file holds the record's name, it goes beside it (see
+/// [`key_name`]).
 pub fn remember_key(
     files: &LockFiles,
     key: &str,
@@ -389,18 +559,9 @@ pub fn remember_key(
 ) -> Result<()> {
     let dir = files.need(&files.keys, "keys")?;
     with_meta(files, |_m| {
-        let mine = format!("{}.", sys::euid());
-        if let Ok((entries, _)) = sys::list_dir(dir, MAX_ENTRIES) {
-            for (name, _) in entries.iter().filter(|(n, _)| n.starts_with(&mine)) {
-                let expired = sys::open_at(dir, name, Open::Existing)
-                    .ok()
-                    .and_then(|f| sys::read_bounded(&f, MAX_META_BYTES).ok().flatten())
-                    .and_then(|b| serde_json::from_slice::<KeyRecord>(&b).ok())
-                    .map(|r| r.expires_at_ms <= now_ms)
-                    .unwrap_or(true);
-                if expired {
-                    let _ = sys::unlink_at(dir, name);
-                }
+        for (name, rec) in own_records(files, None) {
+            if rec.is_none_or(|r| r.expires_at_ms <= now_ms) {
+                let _ = sys::unlink_at(dir, &name);
             }
         }
         let rec = KeyRecord {
@@ -408,30 +569,46 @@ pub fn remember_key(
             enqueued_at_ms,
             expires_at_ms: now_ms.saturating_add(grace_ms),
         };
+        let fail = |e: io::Error| {
+            Error::io(
+                format!(
+                    "cannot record queue key in {}",
+                    files.path("keys").display()
+                ),
+                e,
+            )
+        };
         let name = key_name(key);
-        let tmp = format!("{name}.{}.tmp", std::process::id());
-        let _ = sys::unlink_at(dir, &tmp);
-        let f = sys::create_new_at(dir, &tmp, owner_only(files.file_mode)).map_err(|e| {
-            Error::io(
-                format!(
-                    "cannot record queue key in {}",
-                    files.path("keys").display()
-                ),
-                e,
-            )
-        })?;
-        f.write_all_at(&serde_json::to_vec(&rec).expect("key encodes"), 0)
-            .map_err(|e| Error::io(format!("cannot write {}", files.path("keys").display()), e))?;
-        sys::rename_at(dir, &tmp, dir, &name).map_err(|e| {
+        let mut tmp = None;
+        for _ in 0..4 {
+            let t = format!("{name}.{:016x}.tmp", sys::unpredictable());
+            match sys::create_new_at(dir, &t, owner_only(files.file_mode)) {
+                Ok(f) => {
+                    tmp = Some((t, f));
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        let (tmp, f) = tmp.ok_or_else(|| fail(io::ErrorKind::AlreadyExists.into()))?;
+        let written = f
+            .write_all_at(&serde_json::to_vec(&rec).expect("key encodes"), 0)
+            .map_err(fail)
+            .and_then(|()| {
+                match sys::rename_at(dir, &tmp, dir, &name) {
+                    // The name is another user's file (or directory): beside it.
+                    Err(_) if sys::info_at(dir, &name).is_ok_and(|i| i.uid != sys::euid()) => {
+                        let beside = format!("{name}.{:016x}", sys::unpredictable());
+                        sys::rename_at(dir, &tmp, dir, &beside).map_err(fail)
+                    }
+                    r => r.map_err(fail),
+                }
+            });
+        if written.is_err() {
             let _ = sys::unlink_at(dir, &tmp);
-            Error::io(
-                format!(
-                    "cannot record queue key in {}",
-                    files.path("keys").display()
-                ),
-                e,
-            )
-        })
+        }
+        written
     })
 }
 
@@ -472,13 +649,13 @@ mod tests {
         remember_key(&files, "job", a0, now + 2_000, 1_000).unwrap();
         assert_eq!(granted(&files, Some("job")), 1);
         assert!(enqueue(&files, now + 2_100, Some("job"), 0).unwrap().1 > a2);
-        assert_eq!(read(&files).generation, 1);
+        assert_eq!(read(&files, Instant::now()).0.generation, 1);
         // A refused grant counts nothing.
         assert_eq!(
             acquired(&files, None, || Ok(None), |_| Ok(())).unwrap(),
             None
         );
-        assert_eq!(read(&files).generation, 1);
+        assert_eq!(read(&files, Instant::now()).0.generation, 1);
         // A live holder's generation is a floor even when the counters were lost.
         assert_eq!(
             acquired(&files, None, || Ok(Some(41)), |_| Ok(())).unwrap(),
@@ -505,7 +682,7 @@ mod tests {
             std::fs::write(&json, g).unwrap();
             assert_eq!(granted(&files, None), 4 + i as u64);
         }
-        let g = read(&files).generation;
+        let g = read(&files, Instant::now()).0.generation;
         assert_eq!(g, 6, "never repeats, never goes back");
         assert_eq!(enqueue(&files, now, None, 0).unwrap().0, 3);
         // A sparse 2 GiB meta.json is ignored without being read.
@@ -516,6 +693,34 @@ mod tests {
             std::fs::metadata(&json).unwrap().len() < 4096,
             "rewritten small"
         );
+    }
+
+    #[test]
+    fn a_counter_at_its_maximum_exhausts_nobody_and_counters_still_grow() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = files(tmp.path());
+        let json = tmp.path().join("m.lock/meta.json");
+        std::fs::write(
+            &json,
+            format!(
+                "{{\"generation\": {}, \"next_ticket\": {}}}",
+                u64::MAX,
+                u64::MAX
+            ),
+        )
+        .unwrap();
+        let now = crate::lock::now_ms();
+        let (n, _) = enqueue(&files, now, None, 0).unwrap();
+        let g1 = granted(&files, None);
+        let g2 = granted(&files, None);
+        assert!(n < u64::MAX / 2 && g1 < u64::MAX / 2, "{n} {g1}");
+        assert!(g2 > g1);
+        assert_eq!(counters_uid("1001.json"), Some(1001));
+        assert_eq!(counters_uid("1001.7.json"), Some(1001));
+        assert_eq!(counters_uid("1001.00ff00ff00ff00ff.json"), Some(1001));
+        for bad in ["x.json", "1001", "1001..json", "1001.tmp.json", ".json"] {
+            assert_eq!(counters_uid(bad), None, "{bad}");
+        }
     }
 
     #[test]

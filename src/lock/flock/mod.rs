@@ -54,13 +54,21 @@ use crate::sys;
 #[derive(Debug, Clone)]
 pub struct FlockBackend {
     dir: LockDir,
+    /// When the reads of `status` stop waiting for `meta.lock`s that others hold (set at the
+    /// first read): one bound for the whole listing, however many locks are held that way.
+    status_until: Arc<std::sync::OnceLock<Instant>>,
 }
+
+/// How long `status` waits in all for `meta.lock`s that other processes hold, before it
+/// reads the remaining locks' counters without them (and says so for each).
+const STATUS_PATIENCE: Duration = Duration::from_secs(2);
 
 impl FlockBackend {
     /// Opens `root`, creating it if needed (exit 73 when it cannot be created or written).
     pub fn open(root: &Path, file_mode: Option<u32>, dir_mode: Option<u32>) -> Result<Self> {
         Ok(FlockBackend {
             dir: LockDir::open(root, file_mode, dir_mode)?,
+            status_until: Default::default(),
         })
     }
 
@@ -68,6 +76,7 @@ impl FlockBackend {
     pub fn existing(root: &Path) -> Self {
         FlockBackend {
             dir: LockDir::open_existing(root),
+            status_until: Default::default(),
         }
     }
 }
@@ -101,7 +110,11 @@ impl Backend for FlockBackend {
                 Some(own) => break own,
                 None if attempts < PUBLISH_ATTEMPTS => {
                     attempts += 1;
-                    at_least = highest_id(&files).max(n) + 1;
+                    // Past every ticket there, by an unpredictable step: numbers planted
+                    // ahead of us cannot make every attempt collide.
+                    at_least = highest_id(&files)
+                        .max(n)
+                        .saturating_add(1 + sys::unpredictable() % 1024);
                 }
                 None => {
                     return Err(Error::new(
@@ -157,11 +170,29 @@ impl Backend for FlockBackend {
             });
         };
         let queue = ticket::scan_queue(&files, None, None)?;
+        let mut unreadable = queue.unreadable;
+        let until = *self
+            .status_until
+            .get_or_init(|| Instant::now() + STATUS_PATIENCE);
+        let (counters, locked) = meta::read(&files, until);
+        if !locked {
+            unreadable.push(super::backend::Unreadable {
+                ticket: "meta.lock".to_string(),
+                owner_uid: sys::info_at(files.base.as_fd(), "meta.lock")
+                    .ok()
+                    .map(|i| i.uid),
+                reason: format!(
+                    "held by another process past status's {} s bound: the counters (generation {}) were read without it and may be a moment old",
+                    STATUS_PATIENCE.as_secs(),
+                    counters.generation
+                ),
+            });
+        }
         Ok(LockState {
             name: lock.to_string(),
-            generation: meta::read(&files).generation,
+            generation: counters.generation,
             tickets: snapshot(queue.live),
-            unreadable: queue.unreadable,
+            unreadable,
             notes: Default::default(),
         })
     }
@@ -185,20 +216,27 @@ fn snapshot(live: Vec<ticket::FileTicket>) -> Snapshot {
     snap
 }
 
-/// The highest ticket number in `queue/` (to recover from counters that went back).
+/// The highest ticket number in `queue/` (to recover from counters that went back), at most
+/// [`meta::plausible`].
 fn highest_id(files: &LockFiles) -> u64 {
-    sys::list_dir(files.queue.as_fd(), dir::MAX_ENTRIES)
-        .map(|(e, _)| e.iter().filter_map(|(n, _)| n.parse::<u64>().ok()).max())
-        .ok()
-        .flatten()
+    list_names(files)
+        .iter()
+        .filter_map(|n| n.parse::<u64>().ok())
+        .map(meta::plausible)
+        .max()
         .unwrap_or(0)
 }
 
-/// The names in `queue/`, sorted (no probing: a cheap "did anything change" check).
+/// The ticket names in `queue/`, sorted (no probing: a cheap "did anything change" check).
 fn list_names(files: &LockFiles) -> Vec<String> {
-    let mut v: Vec<String> = sys::list_dir(files.queue.as_fd(), dir::MAX_ENTRIES)
-        .map(|(e, _)| e.into_iter().map(|(n, _)| n).collect())
-        .unwrap_or_default();
+    let mut v: Vec<String> = sys::list_dir_valid(
+        files.queue.as_fd(),
+        dir::MAX_ENTRIES,
+        dir::MAX_SCANNED,
+        ticket::is_ticket_id,
+    )
+    .map(|l| l.entries.into_iter().map(|(n, _)| n).collect())
+    .unwrap_or_default();
     v.sort();
     v
 }
@@ -507,6 +545,7 @@ impl FlockQueued {
         let mode = own.data.request().mode;
         let key = own.data.queue_key.clone();
         let mut conflict = None;
+        let mut held_name = None;
         let generation = meta::acquired(
             &files,
             key.as_deref(),
@@ -517,7 +556,7 @@ impl FlockQueued {
             },
             |generation| {
                 own.mark_holding(slot, generation, now_ms(), file_id)?;
-                held::add(&files, &own, slot)?;
+                held_name = Some(held::add(&files, &own, slot)?);
                 // The waiter behind us takes our place at the head now, so that it already
                 // waits in the kernel when we release.
                 own.stop_waiting();
@@ -543,7 +582,7 @@ impl FlockQueued {
             lock: Some(lock),
             own: Some(own),
             files,
-            slot,
+            held_name: held_name.expect("recorded with the generation"),
         })))
     }
 }
@@ -578,7 +617,8 @@ struct FlockHeld {
     lock: Option<File>,
     own: Option<OwnTicket>,
     files: Arc<LockFiles>,
-    slot: u32,
+    /// Our entry in `held/`.
+    held_name: String,
 }
 
 impl Held for FlockHeld {
@@ -613,8 +653,8 @@ impl FlockHeld {
     /// Withdraws from `held/`, closes the locked descriptor (a command that inherited it and
     /// still runs keeps the lock), then removes the ticket, which wakes the next waiter.
     fn release_now(&mut self) {
-        if let Some(own) = self.own.as_ref() {
-            held::remove(&self.files, self.slot, own.data.id());
+        if self.own.is_some() {
+            held::remove(&self.files, &self.held_name);
         }
         drop(self.lock.take());
         if let Some(own) = self.own.take() {

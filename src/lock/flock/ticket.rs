@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::dir::{owner_only, LockFiles, MAX_ENTRIES};
+use super::dir::{owner_only, LockFiles, MAX_ENTRIES, MAX_SCANNED};
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{TicketData, Unreadable};
 use crate::lock::{MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_QUEUE_KEY};
@@ -39,6 +39,28 @@ pub const MAX_TICKET_BYTES: usize = 1024
 /// Formats ticket number `n` as an id.
 pub fn ticket_id(n: u64) -> String {
     format!("{n:012}")
+}
+
+/// Whether `name` can be a ticket id ([`ticket_id`] of some number): 12 to 20 digits.
+pub fn is_ticket_id(name: &str) -> bool {
+    (12..=20).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Who owns the entries of `dir` (from the first 256), for a message about a flood:
+/// `uid 1001: 250, uid 0: 6`.
+pub fn owners_sample(dir: BorrowedFd<'_>) -> String {
+    let mut counts = std::collections::BTreeMap::<u32, usize>::new();
+    if let Ok((entries, _)) = sys::list_dir(dir, 256) {
+        for (name, _) in entries {
+            if let Ok(i) = sys::info_at(dir, &name) {
+                *counts.entry(i.uid).or_default() += 1;
+            }
+        }
+    }
+    let mut v: Vec<(u32, usize)> = counts.into_iter().collect();
+    v.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let text: Vec<String> = v.iter().map(|(u, n)| format!("uid {u}: {n}")).collect();
+    format!("owners of the first 256: {}", text.join(", "))
 }
 
 /// A ticket file's content: the backend-independent ticket, plus the kernel lock file its
@@ -457,17 +479,28 @@ pub fn scan_queue(
     mut cache: Option<&mut TicketCache>,
 ) -> Result<Queue> {
     let dir = files.queue.as_fd();
-    let (entries, more) = sys::list_dir(dir, MAX_ENTRIES).map_err(|e| {
-        Error::new(
-            Kind::IoErr,
-            format!("cannot read {}: {e}", files.path("queue").display()),
-        )
-    })?;
-    if more {
-        warn_flood(files, "queue");
-    }
+    let listing =
+        sys::list_dir_valid(dir, MAX_ENTRIES, MAX_SCANNED, is_ticket_id).map_err(|e| {
+            Error::new(
+                Kind::IoErr,
+                format!("cannot read {}: {e}", files.path("queue").display()),
+            )
+        })?;
     let mut live = Vec::new();
     let mut unreadable = Vec::new();
+    if listing.overflow {
+        warn_flood(files, "queue");
+        // Shown by `status`: the order it shows is not the whole queue's.
+        unreadable.push(Unreadable {
+            ticket: "queue/".to_string(),
+            owner_uid: None,
+            reason: format!(
+                "more than {MAX_ENTRIES} tickets or {MAX_SCANNED} names ({}); those past the bound are not read, so the order is not the whole queue's",
+                owners_sample(dir)
+            ),
+        });
+    }
+    let entries = listing.entries;
     if let Some(c) = cache.as_deref_mut() {
         c.start_scan();
     }
@@ -495,12 +528,12 @@ pub fn scan_queue(
 }
 
 /// Says once per process that a directory of a lock holds more entries than are read.
-pub fn warn_flood(files: &LockFiles, dir_name: &str) {
+fn warn_flood(files: &LockFiles, dir_name: &str) {
     use std::sync::atomic::{AtomicBool, Ordering};
     static SAID: AtomicBool = AtomicBool::new(false);
     if !SAID.swap(true, Ordering::Relaxed) {
         tracing::warn!(
-            "{} holds more than {MAX_ENTRIES} entries; only the first {MAX_ENTRIES} are read (a flood of planted files? remove them as their owner or root)",
+            "{} holds more than {MAX_ENTRIES} tickets (or {MAX_SCANNED} names); only those within the bound are read, so the queue's order is not the whole queue's (a flood of planted files? remove them as their owner or root)",
             files.path(dir_name).display()
         );
     }

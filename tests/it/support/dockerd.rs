@@ -86,7 +86,8 @@ impl Env {
 
     /// `cachelock` with this environment's config, lock dir and cache root.
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(BIN);
+        // CACHELOCK_TEST_BIN runs the suite against another build (e.g. the previous release).
+        let mut c = Command::new(super::util::bin());
         c.env("CACHELOCK_CONFIG", &self.config)
             .env("CACHELOCK_LOCK_DIR", &self.lock_dir)
             .env("CACHELOCK_CACHE_ROOT", &self.cache_root)

@@ -1,6 +1,8 @@
 //! Test policy: absurd outputs. `mode` (config) picks which: `intervals` (default: keep-waiting
-//! alternates u64::MAX and 0, with 2 MiB of log and stdout per call), `give-up` (a 4 MiB reason),
-//! `fall-back` (a 4 MiB reason). dockerd calls answer u64::MAX and a 4 MiB give-up.
+//! alternates u64::MAX and 0, with 2 MiB of log and stdout per call), `chatty` (keeps waiting
+//! 20 ms at a time, printing 1 MiB of text that differs at every call to the log, stdout and
+//! stderr), `give-up` (a 4 MiB reason), `fall-back` (a 4 MiB reason). dockerd calls answer
+//! u64::MAX and a 4 MiB give-up.
 use cachelock_policy_sdk::*;
 
 struct Absurd {
@@ -24,6 +26,14 @@ impl Policy for Absurd {
         match self.mode.as_str() {
             "give-up" => WaitDecision::GiveUp(huge('g')),
             "fall-back" => WaitDecision::FallBack(huge('f')),
+            "chatty" => {
+                // Text no two calls share, so that no line is ever a repeat.
+                let line = format!("{} ", state.evaluations).repeat(1 << 18);
+                log(Level::Error, &line);
+                println!("{line}");
+                eprintln!("{line}");
+                WaitDecision::KeepWaiting(20)
+            }
             _ => {
                 // A line of its own and a terminal escape, which must reach the log escaped.
                 log(Level::Error, "x\nFORGED-LINE\u{1b}[31m");
