@@ -17,10 +17,12 @@ BUILD_PACKAGES := protobuf-compiler libprotobuf-dev
 # for the attack suite useradd (passwd) and setpriv, unshare, flock (util-linux); for the
 # Debian package's tests mmdebstrap (a clean root from Debian packages) and lintian; bindfs
 # (a FUSE mount: the lock directory on a filesystem inotify cannot watch, for `doctor`);
-# inotifywait (inotify-tools: an attacker that acts on the instant a file is touched).
+# inotifywait (inotify-tools: an attacker that acts on the instant a file is touched); for
+# the observability tests a real Prometheus (and promtool), headless Chromium driven by
+# Selenium (Debian's /usr/bin/python3) and tmux.
 TEST_PACKAGES := docker.io busybox-static docker-registry docker-compose musl-tools \
 	etcd-server etcd-client openssl apache2-utils skopeo passwd util-linux mmdebstrap lintian bindfs \
-	inotify-tools
+	inotify-tools prometheus chromium chromium-driver python3-selenium tmux
 # Policy compilers the tests use: componentize-py and componentize-js (the Python and
 # JavaScript policy tests; the versions `cachelock policy new --lang python|js` names).
 COMPONENTIZE_PY_VERSION = 0.25.1

@@ -840,6 +840,122 @@ impl Bench {
         });
     }
 
+    /// What observing costs an uncontended `run L -- true`: with a `cachelock serve` counting
+    /// the lock directory's requests, and with the request log on, next to the same run
+    /// observed by nobody — three lock directories, runs interleaved.
+    fn observed(&self, rows: &mut Vec<Row>, notes: &mut String) {
+        let n = if self.long { 1000 } else { 300 };
+        // Per binary: medians (plain, served, logged) and a note.
+        let results = self.each(|bin| {
+            let (plain, served, logged) = (
+                self.scratch("observed-plain"),
+                self.scratch("observed-serve"),
+                self.scratch("observed-log"),
+            );
+            let config = logged.join("config.yaml");
+            fs::write(
+                &config,
+                format!("request_log: {}\n", logged.join("requests.jsonl").display()),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut serve = Command::new(bin)
+                .args(["serve", "--listen", "127.0.0.1:0", "--lock-dir"])
+                .arg(&served)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("serve: {e}"))?;
+            self.reaper.add(serve.id());
+            // Its report socket, once bound (the directory exists: scratch made it).
+            let t0 = Instant::now();
+            while !fs::read_dir(&served)
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with(".serve."))
+                })
+                .unwrap_or(false)
+                && t0.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let variants: [(&Path, Vec<&str>); 3] = [
+                (&plain, vec![]),
+                (&served, vec![]),
+                (&logged, vec!["--config", config.to_str().unwrap()]),
+            ];
+            let mut times: [Vec<f64>; 3] = Default::default();
+            let mut error = None;
+            'runs: for _ in 0..n {
+                for (i, (dir, extra)) in variants.iter().enumerate() {
+                    let mut a = self.cl_run(bin, dir, extra);
+                    a.push(os("true"));
+                    match self.timed(&a) {
+                        Ok((ms, st, _)) if st.success() => times[i].push(ms),
+                        Ok((_, st, err)) => {
+                            error = Some(format!("{st}: {}", err.trim()));
+                            break 'runs;
+                        }
+                        Err(e) => {
+                            error = Some(e);
+                            break 'runs;
+                        }
+                    }
+                }
+            }
+            let stat =
+                fs::read_to_string(format!("/proc/{}/stat", serve.id())).unwrap_or_default();
+            let f: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ticks = |i: usize| {
+                f.get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN)
+            };
+            let serve_cpu = (ticks(11) + ticks(12)) / 100.0;
+            let _ = serve.kill();
+            let _ = serve.wait();
+            self.reaper.remove(serve.id());
+            if let Some(e) = error {
+                return Err(e);
+            }
+            let lines = fs::read_to_string(logged.join("requests.jsonl"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            let note = format!(
+                "p90 plain {}, with serve {}, with the request log {}; serve's own CPU over the {} served runs: {:.2} s ({} per run); {lines} request log lines",
+                fmt_ms(percentile(&times[0], 90.0)),
+                fmt_ms(percentile(&times[1], 90.0)),
+                fmt_ms(percentile(&times[2], 90.0)),
+                times[1].len(),
+                serve_cpu,
+                fmt_ms(serve_cpu * 1000.0 / times[1].len().max(1) as f64),
+            );
+            Ok(([median(&times[0]), median(&times[1]), median(&times[2])], note))
+        });
+        let _ = writeln!(
+            notes,
+            "- observed: {n} interleaved runs of each; {}",
+            per_bin(self, &results, |(_, note)| note.clone()),
+        );
+        let ms = |v: f64| fmt_ms(v);
+        let goal = |r: f64| r <= 1.05;
+        for (i, what) in [(1, "with `serve` counting"), (2, "with `request_log` on")] {
+            rows.push(Row {
+                figure: format!(
+                    "uncontended `run L -- true` {what} vs observed by nobody (same binary), median wall"
+                ),
+                cells: cells(&results, |(m, _)| Cell::ratio(m[i], m[0], &ms, Some(&goal))),
+                anchor: "the same run observed by nobody".into(),
+                target: "ratio ≤ 1.05".into(),
+            });
+        }
+    }
+
     /// First (never-seen policy: empty compilation cache) and warm contended requests.
     fn first_run(&self, rows: &mut Vec<Row>, notes: &mut String) {
         let (cold_n, warm_n) = if self.long { (8, 40) } else { (3, 12) };
@@ -1945,6 +2061,8 @@ fn main() {
     );
     let figures: Vec<Fig> = vec![
         ("uncontended", Box::new(|r, n, _| bench.uncontended(r, n))),
+        ("observed", Box::new(|r, n, _| bench.observed(r, n))),
+        ("observed", Box::new(|r, n, _| bench.observed(r, n))),
         ("first-run", Box::new(|r, n, _| bench.first_run(r, n))),
         ("handoff", Box::new(|r, n, c| bench.handoff(r, n, c))),
         ("burst", Box::new(|r, n, _| bench.burst(r, n))),

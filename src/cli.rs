@@ -28,6 +28,8 @@ pub enum Command {
     Run(RunArgs),
     /// Show holders and waiters of every lock (or of one), in the order they will be served.
     Status(StatusArgs),
+    /// Serve a live dashboard, Prometheus metrics and the status as JSON, read-only.
+    Serve(ServeArgs),
     /// Check, simulate, list and scaffold policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -133,6 +135,10 @@ pub struct StatusArgs {
     /// A JSON document for scripts instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Redraw whenever the queue changes (and every second for the clocks) until Ctrl-C; on a
+    /// pipe or with NO_COLOR / TERM=dumb, print each new state after the last.
+    #[arg(long)]
+    pub watch: bool,
     /// Lock directory.
     #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
     pub lock_dir: Option<PathBuf>,
@@ -167,6 +173,24 @@ pub struct DoctorArgs {
     /// the dockerd prerequisites are not this host's business).
     #[arg(long = "cache-root", env = "CACHELOCK_CACHE_ROOT", value_name = "DIR")]
     pub cache_root: Option<PathBuf>,
+}
+
+/// `cachelock serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback by default; another address exposes the view, without
+    /// authentication, to whoever can reach it).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9731")]
+    pub listen: std::net::SocketAddr,
+    /// Lock directory.
+    #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
+    pub lock_dir: Option<PathBuf>,
+    /// Lock store: file://DIR, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (wins over --lock-dir).
+    #[arg(long = "backend", env = "CACHELOCK_BACKEND", value_name = "URL")]
+    pub backend: Option<String>,
+    /// Configuration file (YAML).
+    #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// `cachelock policy ...`.

@@ -120,6 +120,15 @@ pub struct Config {
     /// defined (as `builtin:NAME`); defining them here overrides that.
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyDef>,
+    /// The request log: every finished request appends one JSON line here (relative paths are
+    /// relative to this file). Unset: no log.
+    pub request_log: Option<PathBuf>,
+    /// Size past which the request log is rotated to `FILE.1` (bytes, or K, M, G, T; default
+    /// 64M).
+    #[serde(default, deserialize_with = "de_size")]
+    pub request_log_max_size: Option<u64>,
+    /// Rotated request logs kept (`FILE.1` ... `FILE.N`; default 3).
+    pub request_log_keep: Option<u32>,
     /// Root of dockerd data roots (`cachelock dockerd`). Also `--cache-root`, `CACHELOCK_CACHE_ROOT`.
     pub cache_root: Option<PathBuf>,
     /// How `cachelock dockerd` starts dockerd.

@@ -15,7 +15,7 @@ pub mod code {
     pub const USAGE: i32 = 64;
     /// Bad input data (a scenario file, an argument's content).
     pub const DATAERR: i32 = 65;
-    /// An input file does not exist or cannot be read (an image tar).
+    /// An input file does not exist or cannot be read (an image tar); a named lock nobody used.
     pub const NOINPUT: i32 = 66;
     /// A service is unavailable (dockerd missing or never became ready; no etcd endpoint
     /// answered within the bounded time).
@@ -48,11 +48,11 @@ pub const EXIT_CODES: &[(&str, &str)] = &[
     ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`; Earthly drop-in: an EarthBuild flag this version does not know, or `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD` ran (as Earthly's wrapper); `doctor`: a check found an error (a request would fail or be unsafe)"),
     ("64", "usage: bad option, bad lock name (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`), bad `KEY=VALUE`, bad `CACHELOCK_*` variable"),
     ("65", "bad data: a `policy simulate` scenario, a `policy test` file"),
-    ("66", "an input file is missing, unreadable or not a regular file (`--load` tarball, never opened if it is a FIFO; scenario, no `*.test.yaml` for `policy test`); a registry has no such `oci://` tag or manifest (404)"),
+    ("66", "an input file is missing, unreadable or not a regular file (`--load` tarball, never opened if it is a FIFO; scenario, no `*.test.yaml` for `policy test`); `status LOCK` of a lock nobody ever used; a registry has no such `oci://` tag or manifest (404)"),
     ("69", "dockerd missing or never became ready (its whole log shown, 64 KiB at most); docker CLI or compose missing; a registry pull of the Earthly drop-in failed; no etcd endpoint answered within `etcd.unavailable_timeout` (default 10 s); the registry of an `oci://` policy is unreachable (connection, TLS, timeout, 5xx) and nothing verified is cached"),
     ("70", "a policy fault under `on_error: fail` (trap, fuel, memory, time limit), or an internal error"),
-    ("71", "an operating-system error: signal handlers cannot be installed, the command cannot be waited for"),
-    ("73", "cannot create the lock directory, cache root, a data root or a `policy new` folder (or it is a symlink, or the folder exists); a private lock directory that is not the caller's own; a cache root, data root, `dockerd.run_dir` or `get-compose-config` directory that another user owns or can write (or that sits on a path another user can change)"),
+    ("71", "an operating-system error: signal handlers cannot be installed, the command cannot be waited for, `serve` cannot listen on its address"),
+    ("73", "cannot create the lock directory, cache root, a data root or a `policy new` folder (or it is a symlink, or the folder exists); a private lock directory that is not the caller's own; a cache root, data root, `dockerd.run_dir` or `get-compose-config` directory that another user owns or can write (or that sits on a path another user can change); `serve` cannot bind its report socket (another `serve` receives there)"),
     ("74", "I/O error on a lock, ticket or metadata file (also: a symlink or FIFO planted in their place, `meta.lock` held for 30 s, a lock used by a newer on-disk format)"),
     ("75", "the lock was lost while the command ran (etcd: its lease could not be renewed in time); the command's whole process tree was stopped (SIGTERM, then SIGKILL) before the lease could expire"),
     ("77", "no permission (cache root not writable); a registry refused, or asked for, credentials (401/403)"),

@@ -60,7 +60,8 @@ fn run() -> i32 {
             };
         }
     };
-    cachelock::output::init_logging(cli.verbose);
+    let service = matches!(cli.command, Command::Serve(_));
+    cachelock::output::init_logging(cli.verbose, service);
     // What only prints ends quietly when its reader goes (`cachelock status | head`), as cat
     // does; what runs a command under a lock must outlive a closed pipe, to release the lock.
     if matches!(
@@ -72,6 +73,7 @@ fn run() -> i32 {
     let result = match cli.command {
         Command::Run(a) => commands::run::execute(a),
         Command::Status(a) => commands::status::execute(a),
+        Command::Serve(a) => commands::serve::execute(a),
         Command::Policy(p) => commands::policy::execute(p),
         Command::Dockerd(a) => commands::dockerd::execute(a),
         Command::Earthly(a) => commands::earthly::execute(a),

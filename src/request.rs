@@ -63,6 +63,7 @@ impl LockRequest {
             conflict_exit_code: args.conflict_exit_code,
             progress_interval: (!args.quiet).then(|| progress_interval(&loaded)).flatten(),
             observers: lock::Observers::new(),
+            policy: None,
         };
         lock::validate(&options)?;
         let (store, private_because) =
@@ -152,6 +153,7 @@ impl LockRequest {
             conflict_exit_code: cachelock::error::code::CONFLICT_DEFAULT,
             progress_interval: progress_interval(&loaded),
             observers: lock::Observers::new(),
+            policy: None,
         };
         lock::validate(&options)?;
         let store = Store::Dir {
@@ -180,10 +182,14 @@ impl LockRequest {
         )
     }
 
-    /// Opens the store and waits in the queue (see [`lock::acquire`]).
+    /// Opens the store and waits in the queue (see [`lock::acquire`]), observed by the
+    /// lock directory's `serve` and the request log, where there are (`observe::for_request`).
     pub fn acquire(&self, policy: &mut dyn Policy, signals: &Signals) -> Result<Acquired> {
         let backend = lock::open(&self.store)?;
-        lock::acquire(backend.as_ref(), &self.options, policy, signals)
+        let mut opts = self.options.clone();
+        cachelock::observe::attach(&mut opts.observers, &self.store, &self.loaded);
+        opts.policy = Some(lock::PolicyRef::of(policy));
+        lock::acquire(backend.as_ref(), &opts, policy, signals)
     }
 }
 

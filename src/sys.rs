@@ -1545,3 +1545,272 @@ mod tests {
         assert!(!fs.name.is_empty() && !fs.name.contains(' '), "{fs:?}");
     }
 }
+
+/// Connects a datagram socket to the unix socket `name` in directory `dir`, if one is there
+/// whose owner `owner_ok` accepts. The name is opened `O_PATH|O_NOFOLLOW` relative to the
+/// directory's descriptor (a symlink is refused), checked with `fstat` (a socket, its owner),
+/// and connected to through `/proc/self/fd`, so that the socket connected to is the one
+/// checked: nobody who can write the directory can point the datagrams at another socket
+/// (journald's, syslog's). Sends wait at most `timeout`. `Ok(None)`: nothing acceptable there.
+pub fn connect_dgram_in(
+    dir: &Path,
+    name: &str,
+    owner_ok: impl Fn(u32) -> bool,
+    timeout: Duration,
+) -> io::Result<Option<OwnedFd>> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    use std::os::fd::AsRawFd;
+    let path = OFlags::PATH | OFlags::CLOEXEC;
+    let d = rustix::fs::open(dir, path | OFlags::DIRECTORY, Mode::empty())?;
+    let s = match rustix::fs::openat(&d, name, path | OFlags::NOFOLLOW, Mode::empty()) {
+        Ok(s) => s,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let st = rustix::fs::fstat(&s)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket || !owner_ok(st.st_uid) {
+        return Ok(None);
+    }
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::sockopt::set_socket_timeout(
+        &sock,
+        rustix::net::sockopt::Timeout::Send,
+        Some(timeout.max(Duration::from_millis(1))),
+    )?;
+    let addr = SocketAddrUnix::new(format!("/proc/self/fd/{}", s.as_raw_fd()))?;
+    rustix::net::connect(&sock, &addr)?;
+    Ok(Some(sock))
+}
+
+/// Why a datagram was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailure {
+    /// The receiver's queue stayed full for the send timeout (or at once, when not waiting).
+    Full,
+    /// Nobody receives on the socket any more.
+    Gone,
+}
+
+/// Sends one datagram on a connected socket, waiting (up to its send timeout) for room when
+/// `wait`.
+pub fn send_dgram(sock: BorrowedFd<'_>, bytes: &[u8], wait: bool) -> Result<(), SendFailure> {
+    use rustix::io::Errno;
+    use rustix::net::SendFlags;
+    let flags = if wait {
+        SendFlags::NOSIGNAL
+    } else {
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT
+    };
+    loop {
+        return match rustix::net::send(sock, bytes, flags) {
+            Ok(_) => Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN | Errno::NOBUFS | Errno::TIMEDOUT) => Err(SendFailure::Full),
+            Err(_) => Err(SendFailure::Gone),
+        };
+    }
+}
+
+/// A bound unix datagram socket that learns each sender's uid (`SO_PASSCRED`).
+#[derive(Debug)]
+pub struct DgramServer {
+    sock: OwnedFd,
+}
+
+/// One datagram received.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram {
+    /// Its length (larger than the buffer when it was cut).
+    pub len: usize,
+    /// The sender's user and process, as the kernel says (not the sender's claim).
+    pub uid: Option<u32>,
+    /// See `uid`.
+    pub pid: Option<i32>,
+}
+
+impl DgramServer {
+    /// Binds a socket as `name` in directory `dir` with permission bits `mode` (the name must
+    /// not exist). Bound through `/proc/self/fd` (the directory as opened, and a short path).
+    pub fn bind_in(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<DgramServer> {
+        use rustix::fs::{Mode, OFlags};
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        use std::os::fd::AsRawFd;
+        let sock = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        rustix::net::sockopt::set_socket_passcred(&sock, true)?;
+        // Room for bursts (the queue length is capped by net.unix.max_dgram_qlen anyway);
+        // beyond the default only with CAP_NET_ADMIN.
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size_force(&sock, 4 << 20)
+            .or_else(|_| rustix::net::sockopt::set_socket_recv_buffer_size(&sock, 4 << 20));
+        let addr = SocketAddrUnix::new(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))?;
+        rustix::net::bind(&sock, &addr)?;
+        // The name is ours now (in a sticky directory nobody else can replace it); its bits
+        // are set through a descriptor of that very inode.
+        let p = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        rustix::fs::chmod(
+            format!("/proc/self/fd/{}", p.as_raw_fd()),
+            Mode::from_raw_mode(mode),
+        )?;
+        Ok(DgramServer { sock })
+    }
+
+    /// The descriptor to poll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Receives one datagram into `buf` without waiting (`Ok(None)`: nothing pending).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let r = match rustix::net::recvmsg(
+            &self.sock,
+            &mut iov,
+            &mut anc,
+            RecvFlags::DONTWAIT | RecvFlags::TRUNC | RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(r) => r,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut d = Datagram {
+            len: r.bytes,
+            uid: None,
+            pid: None,
+        };
+        for m in anc.drain() {
+            if let RecvAncillaryMessage::ScmCredentials(c) = m {
+                d.uid = Some(c.uid.as_raw());
+                d.pid = Some(c.pid.as_raw_nonzero().get());
+            }
+        }
+        Ok(Some(d))
+    }
+}
+
+/// The name of user `uid` in the user database, if it has one.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: an all-zero passwd is a valid value for getpwuid_r to fill.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: the buffers outlive the call; `out` is null or points at `pw`, whose strings
+    // point into `buf`, read before either is dropped.
+    let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if r != 0 || out.is_null() || pw.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r succeeded: pw_name is a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// Opens `name` in `dir` for appending (`O_APPEND`), creating it with exactly `mode` if it is
+/// missing; never follows a symlink in its place, never opens anything but a regular file,
+/// never blocks on a FIFO.
+pub fn open_append_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let base =
+        OFlags::WRONLY | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    for _ in 0..4 {
+        match rustix::fs::openat(dir, name, base, Mode::empty()) {
+            Ok(fd) => return regular(File::from(fd)),
+            Err(rustix::io::Errno::NOENT) => {
+                match rustix::fs::openat(
+                    dir,
+                    name,
+                    base | OFlags::CREATE | OFlags::EXCL,
+                    Mode::from_raw_mode(0o600),
+                ) {
+                    Ok(fd) => {
+                        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+                        return Ok(File::from(fd));
+                    }
+                    Err(rustix::io::Errno::EXIST) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the file keeps appearing and disappearing",
+    ))
+}
+
+/// An inotify instance watching any number of directories for entries created, removed,
+/// renamed or written (what a lock directory's changes are made of).
+#[derive(Debug)]
+pub struct Inotify {
+    fd: OwnedFd,
+}
+
+impl Inotify {
+    /// A new instance, watching nothing.
+    pub fn new() -> io::Result<Inotify> {
+        use rustix::fs::inotify::{self, CreateFlags};
+        Ok(Inotify {
+            fd: inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?,
+        })
+    }
+
+    /// Watches directory `dir` (not following a symlink in its place); `writes`: also files in
+    /// it written to. Returns the watch's number.
+    pub fn add_dir(&self, dir: &Path, writes: bool) -> io::Result<i32> {
+        use rustix::fs::inotify::{self, WatchFlags};
+        let mut flags = WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::MOVED_TO
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::DELETE_SELF
+            | WatchFlags::DONT_FOLLOW
+            | WatchFlags::ONLYDIR;
+        if writes {
+            flags |= WatchFlags::CLOSE_WRITE | WatchFlags::MODIFY;
+        }
+        Ok(inotify::add_watch(&self.fd, dir, flags)?)
+    }
+
+    /// The descriptor to poll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Reads every pending event; returns the watches that saw something (`-1` for an
+    /// overflow: anything may have changed).
+    pub fn drain(&self) -> Vec<i32> {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut seen = Vec::new();
+        let mut reader = Reader::new(&self.fd, &mut buf);
+        while let Ok(ev) = reader.next() {
+            let wd = if ev.events().contains(ReadFlags::QUEUE_OVERFLOW) {
+                -1
+            } else {
+                ev.wd()
+            };
+            if !seen.contains(&wd) {
+                seen.push(wd);
+            }
+        }
+        seen
+    }
+}

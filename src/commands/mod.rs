@@ -10,4 +10,5 @@ pub mod policy;
 pub mod policy_oci;
 pub mod policy_test;
 pub mod run;
+pub mod serve;
 pub mod status;

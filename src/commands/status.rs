@@ -1,171 +1,156 @@
-//! `cachelock status`: holders and waiters of every lock (or one), waiters in serving order as
-//! ranked by each lock's configured policy. Never takes a lock; only dead tickets are removed.
-//! A lock whose policy cannot be loaded is still shown, in the fallback order, with a note.
+//! `cachelock status`: holders and waiters of every lock (or of one), waiters in serving order
+//! as ranked by each lock's configured policy (see `observe::status`). `--watch` redraws the
+//! view whenever the queue changes and every second for the clocks, until Ctrl-C; it only
+//! reads (not even a dead request's ticket is removed).
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
 use cachelock::config::Loaded;
-use cachelock::error::Result;
-use cachelock::lock::{self, LockStatus, Store, TicketData};
-use cachelock::output::status::{
-    render_json, render_text, HolderStatus, LockStatus as LockView, StatusDoc, TicketStatus,
-    UnreadableStatus, WaiterStatus,
-};
+use cachelock::error::{Error, Kind, Result};
+use cachelock::observe::status::StatusReader;
+use cachelock::observe::watch::{StoreWatch, Wake};
+use cachelock::output::status::{render_json, render_text, StatusDoc};
+use cachelock::process::Signals;
 
 use crate::cli::StatusArgs;
+
+/// How often a watched view is redrawn when nothing changes (its clocks move).
+const CLOCK_TICK: Duration = Duration::from_secs(1);
 
 /// Runs `cachelock status`; returns the exit code.
 pub fn execute(args: StatusArgs) -> Result<i32> {
     if let Some(n) = &args.name {
-        lock::name::validate(n)?;
+        cachelock::lock::name::validate(n)?;
     }
     let loaded = Loaded::load(args.config.as_deref())?;
     let (store, private_because) =
         crate::request::store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
-    let backend = lock::open_existing(&store)?;
-    let lock_dir_note = match (&store, private_because) {
-        (_, Some(why)) => Some(format!(
-            "a private fallback, because {why}: its locks exclude no other user's or root's"
-        )),
-        (Store::Dir { path, .. }, None) => sharing_note(path),
-        (_, None) => None,
+    let cap = loaded.config.dockerd.cache_max_size;
+    let names = args.name.clone().map(|n| vec![n]);
+    let mut reader = StatusReader::new(loaded, &store, private_because, args.watch)?;
+    let read = |reader: &mut StatusReader| -> Result<StatusDoc> {
+        let mut doc = reader.read(names.as_deref())?;
+        doc.cache = args
+            .cache_root
+            .as_ref()
+            .map(|root| cachelock::dockerd::usage::status(root, cap));
+        Ok(doc)
     };
-    let names = match &args.name {
-        Some(n) => vec![n.clone()],
-        None => backend.lock_names()?,
-    };
-    let now = lock::now_ms();
-    let mut locks = Vec::new();
-    let mut modules = std::collections::BTreeMap::new();
-    for name in names {
-        let settings = loaded.config.lock_settings(&name);
-        let mut policy = cachelock::policy::for_lock(&loaded, &settings, None, &[]);
-        let status = match policy.as_mut() {
-            Ok(p) => lock::status(backend.as_ref(), &name, p.as_mut()),
-            Err(e) => {
-                // The binding is broken before loading (e.g. the module file is missing):
-                // show the lock anyway, in the fallback order.
-                lock::status(
-                    backend.as_ref(),
-                    &name,
-                    &mut cachelock::policy::native::DefaultPolicy,
-                )
-                .map(|mut s| {
-                    s.order_note = Some(format!("{e}; waiters are shown by priority"));
-                    s
-                })
-            }
-        };
-        let status = match status {
-            Ok(s) => s,
-            // One lock's state cannot be read (something planted in it): the others are still
-            // shown, this one with the reason.
-            Err(e) if args.name.is_none() => LockStatus {
-                name: name.clone(),
-                generation: 0,
-                holders: Vec::new(),
-                notes: Default::default(),
-                waiters: Vec::new(),
-                order_note: Some(format!("cannot be read: {e}")),
-                unreadable: Vec::new(),
-            },
-            Err(e) => return Err(e),
-        };
-        let module = modules
-            .entry(settings.policy.clone())
-            .or_insert_with(|| cachelock::policy::module_status(&loaded, &settings.policy))
-            .clone();
-        let mut v = view(status, &settings.policy, now);
-        v.policy_module = module;
-        locks.push(v);
+    if args.watch {
+        return watch(&args, &store, &mut reader, read);
     }
-    let cache = args.cache_root.as_ref().map(|cache_root| {
-        cachelock::dockerd::usage::status(cache_root, loaded.config.dockerd.cache_max_size)
-    });
-    let doc = StatusDoc {
-        lock_dir: backend.describe(),
-        lock_dir_note,
-        locks,
-        cache,
-        now_ms: now,
-    };
+    let doc = read(&mut reader)?;
+    let missing = doc.locks.iter().find(|l| !l.exists && args.name.is_some());
     if args.json {
         print!("{}", render_json(&doc));
+    } else if let Some(l) = missing {
+        return Err(no_such_lock(&l.name, &doc.lock_dir));
     } else {
         print!("{}", render_text(&doc));
     }
-    Ok(0)
+    match missing {
+        Some(l) => Err(no_such_lock(&l.name, &doc.lock_dir)),
+        None => Ok(0),
+    }
 }
 
-/// What `status` says of a lock directory other users cannot write: they cannot lock there
-/// (the default directory sends them to private ones).
-fn sharing_note(dir: &std::path::Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(dir).ok()?;
-    let mode = m.mode() & 0o7777;
-    (mode & 0o002 == 0).then(|| {
+fn no_such_lock(name: &str, store: &str) -> Error {
+    Error::new(
+        Kind::NoInput,
         format!(
-            "mode {mode:04o}, owner uid {}: only its owner{} can take locks here (other users' default is a private directory)",
-            m.uid(),
-            if mode & 0o020 != 0 { " and group" } else { "" }
-        )
-    })
+            "no lock named {name} in {store}: nobody has used it (check the name, the --lock-dir or the --backend)"
+        ),
+    )
 }
 
-fn view(s: LockStatus, policy: &str, now: u64) -> LockView {
-    let notes = &s.notes;
-    let ticket = |t: TicketData| {
-        let note = notes.get(t.id()).copied().unwrap_or_default();
-        ticket(t, note.lease_left_ms)
-    };
-    LockView {
-        name: s.name,
-        generation: s.generation,
-        policy: policy.to_string(),
-        policy_module: None,
-        note: s.order_note,
-        holders: s
-            .holders
-            .into_iter()
-            .map(|t| HolderStatus {
-                held_for_ms: t.acquired_at_ms.map(|a| now.saturating_sub(a)).unwrap_or(0),
-                slot: t.slot.unwrap_or(0),
-                revision: notes.get(t.id()).and_then(|n| n.revision),
-                ticket: ticket(t),
-            })
-            .collect(),
-        waiters: s
-            .waiters
-            .into_iter()
-            .enumerate()
-            .map(|(i, (t, rank))| WaiterStatus {
-                position: i + 1,
-                waited_ms: now.saturating_sub(t.request().enqueued_at_ms),
-                ticket: ticket(t),
-                rank,
-            })
-            .collect(),
-        unreadable: s
-            .unreadable
-            .into_iter()
-            .map(|u| UnreadableStatus {
-                ticket: u.ticket,
-                owner_uid: u.owner_uid,
-                reason: u.reason,
-            })
-            .collect(),
+/// How a watched view is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Screen {
+    /// A terminal that takes cursor movement: the view is redrawn in place.
+    Redraw,
+    /// Anything else (a pipe, a log, `TERM=dumb`, `NO_COLOR`): each new state printed after
+    /// the last, when something other than the clocks changed.
+    Lines,
+}
+
+fn screen() -> Screen {
+    let plain = !std::io::stdout().is_terminal()
+        || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+        || std::env::var("TERM").is_ok_and(|t| t == "dumb");
+    if plain {
+        Screen::Lines
+    } else {
+        Screen::Redraw
     }
 }
 
-fn ticket(t: TicketData, lease_left_ms: Option<u64>) -> TicketStatus {
-    let r = t.ticket.request;
-    TicketStatus {
-        ticket: t.ticket.id,
-        host: r.host,
-        pid: r.pid,
-        uid: t.uid,
-        mode: r.mode,
-        priority: r.priority,
-        labels: r.labels.into_iter().collect(),
-        queue_key: t.queue_key,
-        lease_left_ms,
+/// What a line-mode view compares: everything but the clocks.
+fn shape(doc: &StatusDoc) -> String {
+    let mut s = String::new();
+    for l in &doc.locks {
+        s.push_str(&format!(
+            "{}:{}:{}:{}|",
+            l.name, l.exists, l.generation, l.mixed_policies
+        ));
+        for h in &l.holders {
+            s.push_str(&format!("h{},", h.ticket.ticket));
+        }
+        for w in &l.waiters {
+            s.push_str(&format!("w{},", w.ticket.ticket));
+        }
+        s.push_str(&format!("u{}|", l.unreadable.len()));
     }
+    s
+}
+
+fn watch(
+    args: &StatusArgs,
+    store: &cachelock::lock::Store,
+    reader: &mut StatusReader,
+    read: impl Fn(&mut StatusReader) -> Result<StatusDoc>,
+) -> Result<i32> {
+    let signals = Signals::install()?;
+    let mut changes = StoreWatch::new(store, false)?;
+    let screen = screen();
+    let mut last_shape = None;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let doc = read(reader)?;
+        let text = if args.json {
+            render_json(&doc)
+        } else {
+            render_text(&doc)
+        };
+        let written = match screen {
+            // Home, clear, draw: one write, so the terminal never shows half a view.
+            Screen::Redraw => write!(out, "\x1b[H\x1b[2J{}{text}", header(&doc)),
+            Screen::Lines => {
+                let s = shape(&doc);
+                if last_shape.as_ref() == Some(&s) {
+                    Ok(())
+                } else {
+                    last_shape = Some(s);
+                    writeln!(out, "{}{text}", header(&doc))
+                }
+            }
+        };
+        // A reader that went away (`| head`) ends the view.
+        if written.and_then(|_| out.flush()).is_err() {
+            return Ok(0);
+        }
+        match changes.wait(CLOCK_TICK, &[signals.fd()]) {
+            Wake::Ready(_) if signals.take_terminating().is_some() => {
+                if screen == Screen::Redraw {
+                    let _ = writeln!(out);
+                }
+                return Ok(0);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn header(doc: &StatusDoc) -> String {
+    format!("{}  {}\n", doc.time, doc.lock_dir)
 }

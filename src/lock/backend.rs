@@ -47,6 +47,16 @@ pub struct TicketData {
     /// unlike `host` and `pid`, not the ticket's own claim, so never read from its content.
     #[serde(skip)]
     pub uid: Option<u32>,
+    /// The owner's cachelock version (absent in tickets of releases before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The policy the owner ranks the queue with, as its configuration names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The digest of that policy's module (`sha256:<hex>`), where the owner knew it when it
+    /// wrote the ticket (see [`super::PolicyRef`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_digest: Option<String>,
 }
 
 impl TicketData {
@@ -73,6 +83,9 @@ impl TicketData {
             acquired_at_ms: None,
             generation: None,
             uid: None,
+            version: Some(crate::VERSION.to_string()),
+            policy: opts.policy.as_ref().map(|p| p.name.clone()),
+            policy_digest: opts.policy.as_ref().and_then(|p| p.digest.clone()),
         }
     }
 
@@ -106,6 +119,9 @@ impl From<Ticket> for TicketData {
             acquired_at_ms: None,
             generation: None,
             uid: None,
+            version: None,
+            policy: None,
+            policy_digest: None,
         }
     }
 }
@@ -133,6 +149,9 @@ pub struct Snapshot {
 pub struct LockState {
     /// Lock name.
     pub name: String,
+    /// Whether the store has the lock at all (somebody used it); a lock that does not exist
+    /// reads as empty.
+    pub exists: bool,
     /// Acquisitions so far (the latest fencing token).
     pub generation: u64,
     /// Live tickets.
@@ -180,6 +199,81 @@ pub enum Watch<'a> {
     /// leaving or dying may put us in the head set ([`Wake::Changed`]). A backend that cannot
     /// watch one waiter watches the whole queue.
     Ahead(&'a TicketData),
+}
+
+/// How a request left the queue or gave the lock back: what a store that records every
+/// departure beside it (etcd's `last` key, see `super::etcd`) writes in the same transaction,
+/// so that a watcher of the store learns every request's outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Departure<'a> {
+    /// How the request ended.
+    pub outcome: super::Outcome,
+    /// Arrival to acquisition, or to the end of the wait.
+    pub waited: Duration,
+    /// How long the lock was held, if it was.
+    pub held: Option<Duration>,
+    /// The policy's name and the hex sha256 of its module, if known.
+    pub policy: &'a str,
+    /// See `policy`.
+    pub digest: Option<&'a str>,
+}
+
+impl Departure<'_> {
+    /// The record a store keeps of it, for request `ticket`.
+    pub fn record(&self, ticket: &str) -> DepartureRecord {
+        let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
+        DepartureRecord {
+            ticket: ticket.to_string(),
+            outcome: self.outcome.as_str().to_string(),
+            waited_ms: ms(self.waited),
+            held_ms: self.held.map(ms),
+            policy: super::cut(self.policy, super::PolicyRef::MAX_NAME).to_string(),
+            digest: self.digest.map(super::digest_label),
+            version: crate::VERSION.to_string(),
+        }
+    }
+}
+
+/// A departure as a store records it (etcd: the value of a lock's `last` key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepartureRecord {
+    /// The request's ticket id.
+    pub ticket: String,
+    /// How it ended (`super::Outcome::as_str`).
+    pub outcome: String,
+    /// Arrival to acquisition, or to the end of the wait.
+    pub waited_ms: u64,
+    /// How long it held the lock, if it did.
+    #[serde(default)]
+    pub held_ms: Option<u64>,
+    /// Its policy.
+    #[serde(default)]
+    pub policy: String,
+    /// `sha256:<hex>` of the policy's module, if known.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// The cachelock version that wrote it.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// What a watch of a store saw one request do (etcd's follower: `serve` on a fleet).
+#[derive(Debug, Clone)]
+pub enum StoreEvent {
+    /// A ticket joined the queue.
+    Arrived(TicketData),
+    /// A request took the lock (its ticket, holding).
+    Acquired(TicketData),
+    /// A ticket left (a holder's when `ticket.holding`), with the record its owner wrote in
+    /// the same transaction, if it wrote one (none: its lease expired, or an older cachelock).
+    Left {
+        /// The ticket as it was.
+        ticket: TicketData,
+        /// Its owner's record.
+        record: Option<DepartureRecord>,
+        /// When the store saw it leave (Unix ms, the watcher's clock).
+        at_ms: u64,
+    },
 }
 
 /// A lock store.
@@ -231,6 +325,12 @@ pub trait Queued: Send {
         signal_fd: BorrowedFd<'_>,
     ) -> Result<Wake>;
 
+    /// Says how the request ends, before [`Queued::leave`] (or a drop): a store that records
+    /// departures writes it with the ticket's removal. Without it a departure is an error's.
+    fn depart(&mut self, how: &Departure<'_>) {
+        let _ = how;
+    }
+
     /// Leaves the queue at once. `keep_place_for`: remember the arrival for the ticket's queue
     /// key this long, so that a retry with the same key keeps its place.
     fn leave(self: Box<Self>, keep_place_for: Option<Duration>);
@@ -248,6 +348,11 @@ pub trait Held: Send {
 
     /// How a command must run so that the lock covers all of it.
     fn containment(&self) -> Containment;
+
+    /// Says how the request ends (see [`Queued::depart`]), before [`Held::release`].
+    fn depart(&mut self, how: &Departure<'_>) {
+        let _ = how;
+    }
 
     /// Releases the lock and leaves the queue (which wakes the next waiter). A release the
     /// store does not confirm in time is left to the store (a lease expires by itself).

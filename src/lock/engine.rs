@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::backend::{Backend, Held, Queued, Snapshot, Wake};
+use super::backend::{Backend, Departure, Held, Queued, Snapshot, Wake};
 use super::events::{Both, Event, Now, Observer, Outcome};
 use super::schedule::{holder_views, Action, Config, End, Input, Scheduler};
 use super::{now_ms, Acquired, Guard, Interrupt, Options};
@@ -59,13 +59,16 @@ pub(super) fn run(
             Err(e) => {
                 let e = Error::from(e);
                 sched.end(now(), Outcome::Error, &e.message, policy, &obs);
+                queued.depart(Outcome::Error, &sched, policy);
                 return Err(e);
             }
         };
         let done = match action {
             Action::Scan { listing } => {
                 if let Some(sig) = interrupt.take() {
-                    return Err(interrupted(&mut sched, sig, opts, policy, &obs, now()));
+                    let e = interrupted(&mut sched, sig, opts, policy, &obs, now());
+                    queued.depart(Outcome::Interrupted, &sched, policy);
+                    return Err(e);
                 }
                 let q = queued.get();
                 let r = if listing {
@@ -90,7 +93,9 @@ pub(super) fn run(
                 {
                     Ok(Wake::Signal) => match interrupt.take() {
                         Some(sig) => {
-                            return Err(interrupted(&mut sched, sig, opts, policy, &obs, now()))
+                            let e = interrupted(&mut sched, sig, opts, policy, &obs, now());
+                            queued.depart(Outcome::Interrupted, &sched, policy);
+                            return Err(e);
                         }
                         None => Ok(Answer::Woke(Wake::Signal)),
                     },
@@ -105,6 +110,7 @@ pub(super) fn run(
             Ok(a) => a,
             Err(e) => {
                 sched.end(now(), Outcome::Error, &e.message, policy, &obs);
+                queued.depart(Outcome::Error, &sched, policy);
                 return Err(e);
             }
         };
@@ -137,7 +143,8 @@ fn finish(
             );
             Ok(Acquired::Held(Guard::new(held, r, opts, policy, origin)))
         }
-        End::GaveUp { message, .. } => {
+        End::GaveUp { message, outcome } => {
+            queued.depart(outcome, sched, policy);
             let keep = opts
                 .queue_key
                 .as_ref()
@@ -146,6 +153,7 @@ fn finish(
             Err(Error::conflict(opts.conflict_exit_code, message))
         }
         End::FellBack { reason } => {
+            queued.depart(Outcome::FellBack, sched, policy);
             queued.leave(None);
             Ok(Acquired::FellBack { reason })
         }
@@ -178,6 +186,19 @@ struct Leaving(Option<Box<dyn Queued>>);
 impl Leaving {
     fn get(&mut self) -> &mut dyn Queued {
         self.0.as_deref_mut().expect("queued until done")
+    }
+
+    /// Tells the store how the request ends (see `Queued::depart`).
+    fn depart(&mut self, outcome: Outcome, sched: &Scheduler, policy: &dyn Policy) {
+        if let Some(q) = self.0.as_deref_mut() {
+            q.depart(&Departure {
+                outcome,
+                waited: sched.record().waited,
+                held: None,
+                policy: policy.name(),
+                digest: policy.digest(),
+            });
+        }
     }
 
     fn leave(&mut self, keep_place_for: Option<Duration>) {

@@ -46,6 +46,23 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in the order metrics list them.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Acquired,
+        Outcome::Conflict,
+        Outcome::Timeout,
+        Outcome::GaveUp,
+        Outcome::FellBack,
+        Outcome::Interrupted,
+        Outcome::Lost,
+        Outcome::Error,
+    ];
+
+    /// The outcome a log or a metric label names `s`.
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
     /// The name a log or a metric label uses.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -78,8 +95,10 @@ pub struct Summary<'a> {
     pub ticket: &'a TicketData,
     /// The policy's name as configured.
     pub policy: &'a str,
-    /// The digest of the policy's module, if it was loaded.
+    /// The hex sha256 of the policy's module, if known (see `Policy::digest`).
     pub digest: Option<&'a str>,
+    /// Decisions of the policy that faulted during the request.
+    pub faults: u32,
     /// How it ended.
     pub outcome: Outcome,
     /// Why, for an ending other than a release (the message the caller is given).

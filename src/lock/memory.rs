@@ -232,6 +232,7 @@ impl Backend for MemoryBackend {
             ..Default::default()
         };
         if let Some(q) = store.locks.get(lock) {
+            state.exists = true;
             state.generation = q.generation;
             for e in q.tickets.values().filter(|e| e.alive) {
                 if e.data.holding {

@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 
 /// Wall clock in Unix milliseconds (arrival stamps, ages).
 pub use crate::sys::now_ms;
-pub use backend::{Backend, Containment, Lease, LockState, StoreNote, TicketData, Unreadable};
+pub use backend::{
+    Backend, Containment, Departure, Lease, LockState, StoreNote, TicketData, Unreadable,
+};
 pub use events::{Event, Now, Observer, Observers, Outcome};
 
 use crate::config::WaitMode;
@@ -70,6 +72,50 @@ pub struct Options {
     pub progress_interval: Option<Duration>,
     /// Who else watches the request (see [`events`]).
     pub observers: Observers,
+    /// The policy the ticket records (set by [`acquire`] from the policy it is given).
+    pub policy: Option<PolicyRef>,
+}
+
+/// The policy a request ranks with, as its ticket records it: `status` says when the waiters
+/// of one lock disagree, and metrics label requests with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRef {
+    /// As configured (a path for a `.wasm` given on the command line), at most
+    /// [`PolicyRef::MAX_NAME`] bytes.
+    pub name: String,
+    /// `sha256:<hex>` of its module, when known without loading it (see `Policy::digest`).
+    pub digest: Option<String>,
+}
+
+impl PolicyRef {
+    /// Longest policy name a ticket records (longer ones, paths, are cut).
+    pub const MAX_NAME: usize = 256;
+
+    /// What `policy` is.
+    pub fn of(policy: &dyn Policy) -> PolicyRef {
+        PolicyRef {
+            name: cut(policy.name(), Self::MAX_NAME).to_string(),
+            digest: policy.digest().map(digest_label),
+        }
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A module digest as records and labels show it: `sha256:<hex>`.
+pub fn digest_label(hex: &str) -> String {
+    if hex.starts_with("sha256:") {
+        hex.to_string()
+    } else {
+        format!("sha256:{hex}")
+    }
 }
 
 impl Options {
@@ -90,6 +136,7 @@ impl Options {
             conflict_exit_code: crate::error::code::CONFLICT_DEFAULT,
             progress_interval: None,
             observers: Observers::new(),
+            policy: None,
         }
     }
 }
@@ -184,6 +231,15 @@ pub fn open_existing(store: &Store) -> Result<Box<dyn Backend>> {
     }
 }
 
+/// Opens the store for watching only (`serve`, `status --watch`): nothing is created, and a
+/// lock directory's dead tickets are left for the requests to remove.
+pub fn open_watch_only(store: &Store) -> Result<Box<dyn Backend>> {
+    match store {
+        Store::Dir { path, .. } => Ok(Box::new(flock::FlockBackend::watch_only(path))),
+        Store::Etcd(s) => open_etcd(s),
+    }
+}
+
 /// The outcome of [`acquire`].
 #[derive(Debug)]
 pub enum Acquired {
@@ -200,15 +256,16 @@ pub enum Acquired {
 pub struct Guard {
     held: Option<Box<dyn backend::Held>>,
     waited: Duration,
-    /// What the final event needs, when someone observes the request.
-    record: Option<Box<Record>>,
+    /// What the release tells the store and the observers.
+    record: Box<Record>,
 }
 
-/// A held request's record, kept for its final event.
+/// A held request's record, kept for its departure and its final event.
 struct Record {
     observers: Observers,
     policy: String,
     digest: Option<String>,
+    faults: u32,
     wait: schedule::Record,
     origin: Instant,
     acquired_at: Instant,
@@ -232,20 +289,18 @@ impl Guard {
         policy: &dyn Policy,
         origin: Instant,
     ) -> Guard {
-        let record = (!opts.observers.is_empty()).then(|| {
-            Box::new(Record {
-                observers: opts.observers.clone(),
-                policy: policy.name().to_string(),
-                digest: policy.digest().map(str::to_string),
-                wait: wait.clone(),
-                origin,
-                acquired_at: Instant::now(),
-            })
-        });
         Guard {
             held: Some(held),
             waited: wait.waited,
-            record,
+            record: Box::new(Record {
+                observers: opts.observers.clone(),
+                policy: policy.name().to_string(),
+                digest: policy.digest().map(str::to_string),
+                faults: policy.faults(),
+                wait: wait.clone(),
+                origin,
+                acquired_at: Instant::now(),
+            }),
         }
     }
 
@@ -281,13 +336,22 @@ impl Guard {
     }
 
     fn release_now(&mut self) {
-        let Some(held) = self.held.take() else { return };
-        if let Some(r) = self.record.take() {
-            let lost = match held.containment() {
-                Containment::Lease(l) => l.is_lost(),
-                Containment::Inherit(_) => false,
-            };
-            let now = Instant::now();
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
+        let r = &self.record;
+        let lost = match held.containment() {
+            Containment::Lease(l) => l.is_lost(),
+            Containment::Inherit(_) => false,
+        };
+        let outcome = if lost {
+            Outcome::Lost
+        } else {
+            Outcome::Acquired
+        };
+        let now = Instant::now();
+        let held_for = now.saturating_duration_since(r.acquired_at);
+        if !r.observers.is_empty() {
             let at = Now {
                 at: now.saturating_duration_since(r.origin),
                 wall_ms: now_ms(),
@@ -298,20 +362,24 @@ impl Guard {
                     ticket: held.ticket(),
                     policy: &r.policy,
                     digest: r.digest.as_deref(),
-                    outcome: if lost {
-                        Outcome::Lost
-                    } else {
-                        Outcome::Acquired
-                    },
+                    faults: r.faults,
+                    outcome,
                     reason: None,
                     waited: r.wait.waited,
-                    held: Some(now.saturating_duration_since(r.acquired_at)),
+                    held: Some(held_for),
                     position_at_arrival: r.wait.position_at_arrival,
                     decisions: r.wait.decisions,
                     last_decision: r.wait.last_decision.as_ref(),
                 }),
             );
         }
+        held.depart(&backend::Departure {
+            outcome,
+            waited: r.wait.waited,
+            held: Some(held_for),
+            policy: &r.policy,
+            digest: r.digest.as_deref(),
+        });
         held.release();
     }
 }
@@ -340,6 +408,13 @@ pub fn acquire(
     interrupt: &dyn Interrupt,
 ) -> Result<Acquired> {
     validate(opts)?;
+    if opts.policy.is_none() {
+        let opts = Options {
+            policy: Some(PolicyRef::of(policy)),
+            ..opts.clone()
+        };
+        return engine::run(backend, &opts, policy, interrupt);
+    }
     engine::run(backend, opts, policy, interrupt)
 }
 
@@ -348,6 +423,8 @@ pub fn acquire(
 pub struct LockStatus {
     /// Lock name.
     pub name: String,
+    /// Whether the store has the lock at all.
+    pub exists: bool,
     /// Acquisitions so far.
     pub generation: u64,
     /// Current holders, by ticket id.
@@ -370,6 +447,7 @@ pub fn status(backend: &dyn Backend, name: &str, policy: &mut dyn Policy) -> Res
     let (waiters, order_note) = order::rank_for_status(state.tickets.waiters, policy, now_ms());
     Ok(LockStatus {
         name: state.name,
+        exists: state.exists,
         generation: state.generation,
         holders: state.tickets.holders,
         notes: state.notes,

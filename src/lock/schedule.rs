@@ -659,6 +659,7 @@ impl Scheduler {
                 ticket: &self.me,
                 policy: policy.name(),
                 digest: policy.digest(),
+                faults: policy.faults(),
                 outcome,
                 reason: Some(reason),
                 waited: self.record.waited,

@@ -8,15 +8,17 @@ pub mod status;
 use std::io::IsTerminal;
 
 /// Logs go to stderr. `CACHELOCK_LOG` takes a tracing filter (e.g. `cachelock=debug`);
-/// otherwise `-v` raises the level from warnings to debug (`-vv`: trace). Colours only on a
-/// terminal, and never with `NO_COLOR` set (CI logs stay plain).
-pub fn init_logging(verbose: u8) {
+/// otherwise `-v` raises the level from warnings (a long-running service's `info`) to debug
+/// (`-vv`: trace). Colours only on a terminal, and never with `NO_COLOR` set (CI logs and
+/// journald stay plain).
+pub fn init_logging(verbose: u8, service: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("CACHELOCK_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| {
             EnvFilter::new(match verbose {
+                0 if service => "cachelock=info,warn",
                 0 => "warn",
                 1 => "cachelock=debug,info",
                 _ => "trace",
@@ -63,8 +65,42 @@ pub fn age(ms: u64) -> String {
     }
 }
 
+/// Unix milliseconds as an RFC 3339 UTC time with milliseconds (`2025-01-31T12:03:04.567Z`):
+/// what status and records show beside durations.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(
+            super::rfc3339(1_735_689_599_999),
+            "2024-12-31T23:59:59.999Z"
+        );
+    }
+
     #[test]
     fn control_characters_are_escaped() {
         assert_eq!(super::escape("main"), "main");

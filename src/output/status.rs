@@ -1,15 +1,22 @@
 //! Rendering of `cachelock status`: text for people, a stable JSON document for scripts.
 //!
-//! JSON: `{"lock_dir","lock_dir_note","locks":[{"name","generation","policy","policy_module","note",
-//! "holders":[{ticket,host,pid,uid,mode,priority,labels,queue_key,slot,held_for_ms}],
-//! "waiters":[{position,ticket,host,pid,uid,mode,priority,labels,queue_key,rank,waited_ms}],
+//! JSON: `{"lock_dir","lock_dir_note","version","time","locks":[{"name","exists","generation",
+//! "policy","policy_module","note","mixed_policies","policies":[{policy,digest,tickets}],
+//! "holders":[{ticket,host,pid,uid,mode,priority,labels,queue_key,version,policy,policy_digest,
+//! slot,generation,held_for_ms,acquired_at,acquired_at_ms}],
+//! "waiters":[{position,ticket,...,rank,waited_ms,enqueued_at,enqueued_at_ms}],
 //! "unreadable":[{ticket,owner_uid,reason}]}]}`; `labels` is an object, waiters are in serving
 //! order, `note` is null unless the order is not the policy's (e.g. its module is missing),
 //! `lock_dir_note` is null unless other users cannot share the directory (a private fallback).
+//! `version` is the reader's cachelock, `time` when the document was made; `*_at` are RFC 3339
+//! UTC times beside the `*_ms` Unix milliseconds. `policy` is the policy the *reader's*
+//! configuration binds to the lock; `policies` lists what the tickets themselves recorded
+//! (their owners' policies and module digests), and `mixed_policies` says they differ. `uid`
+//! is the ticket file's owner, the one field a user cannot forge (host and pid are the
+//! ticket's own claims).
 //! `policy_module` is `{module, digest, sha256, verified_by, resolved_at_ms}`: the module as
 //! configured and what a run loads now (for an `oci://` module the manifest digest of its last
-//! good resolution, null until pulled). `uid` is the ticket file's owner, the one field a user cannot forge (host and pid are the
-//! ticket's own claims). Over etcd, tickets also carry `lease_left_ms` and holders `revision`
+//! good resolution, null until pulled). Over etcd, tickets also carry `lease_left_ms` and holders `revision`
 //! (the holder key's create revision), and `lock_dir` is the store's URL. Text escapes control
 //! characters in everything other users wrote (tickets, labels, hosts, keys, reasons).
 
@@ -27,6 +34,10 @@ pub struct StatusDoc {
     pub lock_dir: String,
     /// Who can (not) share it: a private fallback, or a mode that keeps other users out.
     pub lock_dir_note: Option<String>,
+    /// The reader's cachelock version.
+    pub version: &'static str,
+    /// When the document was made (RFC 3339, UTC).
+    pub time: String,
     /// One entry per lock, by name.
     pub locks: Vec<LockStatus>,
     /// Cached data roots under `--cache-root`, when asked.
@@ -53,21 +64,38 @@ pub struct UnreadableStatus {
 pub struct LockStatus {
     /// Lock name.
     pub name: String,
+    /// Whether the store has the lock at all (somebody used it).
+    pub exists: bool,
     /// Acquisitions so far.
     pub generation: u64,
-    /// The policy ordering its waiters.
+    /// The policy the reader's configuration binds to the lock (it ranks the waiters shown).
     pub policy: String,
     /// Its module and the digest a run loads now (for `oci://`: the manifest digest, the
     /// component's sha256, the key that verified it).
     pub policy_module: Option<crate::policy::ModuleStatus>,
     /// Why the order shown is not the policy's (the policy cannot be loaded or faulted).
     pub note: Option<String>,
+    /// Whether the tickets record different policies (or module digests).
+    pub mixed_policies: bool,
+    /// The policies the tickets record, with how many tickets each.
+    pub policies: Vec<PolicyUse>,
     /// Current holders.
     pub holders: Vec<HolderStatus>,
     /// Waiters in the order they will be served.
     pub waiters: Vec<WaiterStatus>,
     /// Live tickets that cannot be read.
     pub unreadable: Vec<UnreadableStatus>,
+}
+
+/// A policy some tickets of a lock record.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyUse {
+    /// The policy's name in its owners' configuration (none: an older cachelock).
+    pub policy: Option<String>,
+    /// `sha256:<hex>` of its module, where its owners knew it.
+    pub digest: Option<String>,
+    /// How many tickets.
+    pub tickets: usize,
 }
 
 /// What status shows of any ticket, holder or waiter (flattened into both in JSON).
@@ -92,6 +120,12 @@ pub struct TicketStatus {
     /// Time left on the owner's lease (etcd only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_left_ms: Option<u64>,
+    /// The owner's cachelock version (none: before versions were recorded).
+    pub version: Option<String>,
+    /// The owner's policy.
+    pub policy: Option<String>,
+    /// Its module's digest, where the owner knew it.
+    pub policy_digest: Option<String>,
 }
 
 /// A holder.
@@ -102,8 +136,14 @@ pub struct HolderStatus {
     pub ticket: TicketStatus,
     /// Slot held (0 for a one-slot lock).
     pub slot: u32,
+    /// The acquisition's generation (fencing token).
+    pub generation: Option<u64>,
     /// Milliseconds since it took the lock.
     pub held_for_ms: u64,
+    /// When it took the lock (RFC 3339, UTC).
+    pub acquired_at: Option<String>,
+    /// The same, in Unix milliseconds.
+    pub acquired_at_ms: Option<u64>,
     /// The store's revision of the grant (etcd: the holder key's create revision).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
@@ -121,6 +161,10 @@ pub struct WaiterStatus {
     pub rank: i64,
     /// Milliseconds since its (possibly remembered) arrival.
     pub waited_ms: u64,
+    /// Its arrival (RFC 3339, UTC).
+    pub enqueued_at: String,
+    /// The same, in Unix milliseconds.
+    pub enqueued_at_ms: u64,
 }
 
 fn mode_str(m: Mode) -> &'static str {
@@ -173,9 +217,38 @@ pub fn render_text(doc: &StatusDoc) -> String {
         out.push_str("no locks\n");
     }
     for l in &doc.locks {
+        if !l.exists {
+            out.push_str(&format!(
+                "lock {}: no such lock in {} (nobody has used it)\n",
+                l.name,
+                escape(&doc.lock_dir)
+            ));
+            continue;
+        }
         out.push_str(&format!("lock {} (generation {})\n", l.name, l.generation));
         if let Some(n) = &l.note {
             out.push_str(&format!("  note: {}\n", escape(n)));
+        }
+        if l.mixed_policies {
+            let parts: Vec<String> = l
+                .policies
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} ({}) x{}",
+                        escape(p.policy.as_deref().unwrap_or("unrecorded")),
+                        p.digest
+                            .as_deref()
+                            .map(short_digest)
+                            .unwrap_or_else(|| "digest unknown".into()),
+                        p.tickets
+                    )
+                })
+                .collect();
+            out.push_str(&format!(
+                "  note: its requests run different policies: {}; each ranks the queue its own way (which can reorder it, never break exclusion)\n",
+                parts.join(", ")
+            ));
         }
         if l.holders.is_empty() {
             out.push_str("  held by: nobody\n");
@@ -187,9 +260,13 @@ pub fn render_text(doc: &StatusDoc) -> String {
                 .map(|r| format!("  revision {r}"))
                 .unwrap_or_default();
             out.push_str(&format!(
-                "  held by: {head}  slot {}  for {:.1}s{rev}{tail}\n",
+                "  held by: {head}  slot {}  for {:.1}s{}{rev}{tail}\n",
                 h.slot,
                 h.held_for_ms as f64 / 1000.0,
+                h.acquired_at
+                    .as_deref()
+                    .map(|a| format!(" (since {a})"))
+                    .unwrap_or_default(),
             ));
         }
         if l.waiters.is_empty() {
@@ -200,10 +277,11 @@ pub fn render_text(doc: &StatusDoc) -> String {
         for w in &l.waiters {
             let (head, tail) = ticket_text(&w.ticket);
             out.push_str(&format!(
-                "    {}. {head}  rank {}  waited {:.1}s{tail}\n",
+                "    {}. {head}  rank {}  waited {:.1}s (since {}){tail}\n",
                 w.position,
                 w.rank,
                 w.waited_ms as f64 / 1000.0,
+                w.enqueued_at,
             ));
         }
         for u in &l.unreadable {
@@ -231,6 +309,12 @@ pub fn render_text(doc: &StatusDoc) -> String {
         out.push_str(&cache_text(c, doc.now_ms));
     }
     out
+}
+
+/// `sha256:0123abcd…`: enough of a digest to tell two apart.
+fn short_digest(d: &str) -> String {
+    let hex = d.strip_prefix("sha256:").unwrap_or(d);
+    format!("sha256:{}", escape(crate::lock::cut(hex, 12)))
 }
 
 /// The cache section of the text status.

@@ -24,6 +24,8 @@ pub struct LazyPolicy {
     defaulted: u64,
     /// Whether the "still compiling" notice was given.
     said_compiling: bool,
+    /// Faults of the loaded policy so far (decisions that trapped, ran out of fuel or time).
+    faults: u32,
 }
 
 enum State {
@@ -50,6 +52,7 @@ impl LazyPolicy {
             fallback: None,
             defaulted: 0,
             said_compiling: false,
+            faults: 0,
         }
     }
 
@@ -198,6 +201,9 @@ impl LazyPolicy {
             },
             None => return f(&mut DefaultPolicy),
         };
+        if err.kind == ErrorKind::Fault {
+            self.faults = self.faults.saturating_add(1);
+        }
         if self.spec.on_error != OnError::Default {
             return Err(err);
         }
@@ -287,10 +293,21 @@ impl Policy for LazyPolicy {
     }
 
     fn digest(&self) -> Option<&str> {
-        match &self.state {
-            State::Ready(p) => Some(&p.info().sha256),
-            _ => None,
+        match (&self.state, &self.spec.source) {
+            (State::Ready(p), _) => Some(&p.info().sha256),
+            // Known without loading (an uncontended request never loads): what a built-in or a
+            // pinned module must hash to, or it is not loaded at all.
+            (_, Source::Builtin(b)) => Some(b.sha256),
+            (_, Source::File(_) | Source::Oci(_)) => self
+                .spec
+                .sha256
+                .as_deref()
+                .map(|s| s.strip_prefix("sha256:").unwrap_or(s)),
         }
+    }
+
+    fn faults(&self) -> u32 {
+        self.faults
     }
 
     fn rank(&mut self, waiter: &Ticket, now_ms: u64) -> Result<i64, PolicyError> {

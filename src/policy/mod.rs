@@ -169,9 +169,16 @@ pub trait Policy {
         })
     }
 
-    /// The digest of the policy's module (`sha256:...`), once it is loaded.
+    /// The hex sha256 of the policy's module, once it is loaded (or, for a built-in or a
+    /// pinned module, known without loading).
     fn digest(&self) -> Option<&str> {
         None
+    }
+
+    /// How many of its decisions faulted so far (trap, fuel, memory, time), whatever
+    /// `on_error` made of them.
+    fn faults(&self) -> u32 {
+        0
     }
 
     /// Ordering key: among live waiters the highest rank goes next; ties go to the earliest

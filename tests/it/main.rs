@@ -17,6 +17,7 @@ mod engine_cli;
 mod engine_kill;
 mod engine_queue;
 mod etcd;
+mod observe;
 mod policy_commands;
 mod policy_faults;
 mod policy_oci;

@@ -18,8 +18,8 @@ use super::client::{lease_gone, Conn};
 use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{
-    Backend, Containment, Held, Lease, LeaseRule, LockState, Queued, Snapshot, StoreNote,
-    TicketData, Wake, Watch,
+    Backend, Containment, Departure, Held, Lease, LeaseRule, LockState, Queued, Snapshot,
+    StoreNote, TicketData, Wake, Watch,
 };
 use crate::lock::order::Slots;
 use crate::lock::{name, now_ms, Options};
@@ -92,6 +92,10 @@ impl Keys {
         let m = if mode == Mode::Exclusive { "x" } else { "s" };
         format!("{}h/{slot:03}/{m}/{id}", self.base)
     }
+    /// The record of the latest departure (see `super` and [`depart_txn`]).
+    fn last(&self) -> String {
+        format!("{}last", self.base)
+    }
     fn key_record(&self, key: &str) -> String {
         format!("{}k/{:x}", self.base, Sha256::digest(key.as_bytes()))
     }
@@ -113,7 +117,7 @@ fn prefix_get(limit: i64) -> GetOptions {
     GetOptions::new().with_prefix().with_limit(limit)
 }
 
-fn ticket_of(kv: &KeyValue) -> Option<TicketData> {
+pub(super) fn ticket_of(kv: &KeyValue) -> Option<TicketData> {
     if kv.value().len() > MAX_VALUE {
         return None;
     }
@@ -145,6 +149,8 @@ struct Holding {
 /// The parsed keys of one lock.
 #[derive(Debug, Default)]
 struct Read_ {
+    /// Any key of the lock was read.
+    exists: bool,
     meta: Option<(Meta, i64)>,
     generation: u64,
     gen_rev: i64,
@@ -156,6 +162,7 @@ struct Read_ {
 fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
     let mut r = Read_ {
         revision,
+        exists: !kvs.is_empty(),
         ..Default::default()
     };
     for kv in kvs {
@@ -247,31 +254,54 @@ async fn grant_lease(conn: &Conn, ttl: i64) -> Result<i64> {
     Ok(r.id())
 }
 
-/// Revokes a lease (a lease already gone counts): retried across endpoints until confirmed
-/// when `patient`, else one attempt within one request timeout (a drop on an error path must
-/// not hang; the lease expires by itself within its TTL).
-async fn revoke_lease(conn: &Conn, id: i64, patient: bool) -> Result<()> {
-    let revoke = |mut c: etcd_client::Client| async move {
-        match c.lease_revoke(id).await {
-            Ok(_) => Ok(()),
-            Err(e) if lease_gone(&e) => Ok(()),
-            Err(e) => Err(e),
-        }
+/// A request's departure, one transaction: if `key` (its ticket or its holder key) is still
+/// there, delete it and write `record` to the lock's `last` key, so that a watcher of the store
+/// learns how the request ended from the very revision that removed it. A departure whose key
+/// is already gone (its lease expired) writes nothing. The lease is left to expire by itself
+/// (nothing is attached to it any more): a revoke would be a second round trip on every
+/// release. Retried across endpoints until confirmed when `patient` (a retry after a lost
+/// answer finds the key gone and writes nothing twice), else one attempt within one request
+/// timeout (a drop on an error path must not hang).
+async fn depart_txn(
+    conn: &Conn,
+    key: String,
+    last: String,
+    record: Vec<u8>,
+    patient: bool,
+) -> Result<()> {
+    let txn = Txn::new()
+        .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+        .and_then([TxnOp::delete(key, None), TxnOp::put(last, record, None)]);
+    let send = |mut c: etcd_client::Client| {
+        let txn = txn.clone();
+        async move { c.txn(txn).await.map(|_| ()) }
     };
     if patient {
-        return conn.call("a lease revoke", revoke).await;
+        return conn.call("leaving the queue", send).await;
     }
     let once = async {
         match conn.current_client().await {
-            Ok((_, c)) => revoke(c).await.map_err(|e| e.to_string()),
+            Ok((_, c)) => send(c).await.map_err(|e| e.to_string()),
             Err(_) => Err("no endpoint".to_string()),
         }
     };
     match tokio::time::timeout(conn.store.request_timeout, once).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(why)) => Err(conn.unavailable("a lease revoke", &why)),
-        Err(_) => Err(conn.unavailable("a lease revoke", "no answer")),
+        Ok(Err(why)) => Err(conn.unavailable("leaving the queue", &why)),
+        Err(_) => Err(conn.unavailable("leaving the queue", "no answer")),
     }
+}
+
+/// The encoded departure record of ticket `id`: `how`, or, without it, an error's.
+fn departure_record(id: &str, how: Option<&Departure<'_>>) -> Vec<u8> {
+    let error = Departure {
+        outcome: crate::lock::Outcome::Error,
+        waited: Duration::ZERO,
+        held: None,
+        policy: "",
+        digest: None,
+    };
+    encode(&how.unwrap_or(&error).record(id))
 }
 
 /// Keeps lease `id` alive as `rule` says; each confirmed renewal moves `lease`'s stop deadline
@@ -355,6 +385,8 @@ async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
     };
     use std::io::Write;
     let timeout = conn.store.request_timeout;
+    // A departure's record is written with the removal it describes: it is not a change.
+    let last = format!("{prefix}last");
     loop {
         let (i, mut c) = match conn.current_client().await {
             Ok(x) => x,
@@ -390,9 +422,13 @@ async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
                             break;
                         }
                         let evs = resp.events();
-                        if let Some(last) = evs.last().and_then(|e| e.kv()) {
-                            next = last.mod_revision() + 1;
+                        if let Some(kv) = evs.last().and_then(|e| e.kv()) {
+                            next = kv.mod_revision() + 1;
                         }
+                        let evs: Vec<_> = evs
+                            .iter()
+                            .filter(|e| e.kv().is_none_or(|kv| kv.key() != last.as_bytes()))
+                            .collect();
                         if !evs.is_empty() {
                             let only_deletes = evs.iter().all(|e| e.event_type() == EventType::Delete);
                             poke(if only_deletes { b'r' } else { b'c' });
@@ -444,6 +480,7 @@ impl Backend for EtcdBackend {
             },
             revision: 0,
             watch: None,
+            departure: None,
         };
         let conn = self.conn.clone();
         conn.block_on(q.publish())?;
@@ -519,6 +556,7 @@ impl Backend for EtcdBackend {
             tickets.holders.sort_by(|a, b| a.id().cmp(b.id()));
             Ok(LockState {
                 name: lock.to_string(),
+                exists: r.exists,
                 generation: r.generation,
                 tickets,
                 unreadable: Vec::new(),
@@ -545,6 +583,8 @@ struct EtcdQueued {
     /// Store revision of the last read (the watch starts after it).
     revision: i64,
     watch: Option<(UnixStream, tokio::task::JoinHandle<()>)>,
+    /// How the request ends (see `Queued::depart`), encoded.
+    departure: Option<Vec<u8>>,
 }
 
 impl EtcdQueued {
@@ -770,10 +810,12 @@ impl EtcdQueued {
         }
         Box::new(EtcdHeld {
             conn: self.conn.clone(),
+            keys: self.keys.clone(),
             lease_id: self.lease_id.take(),
             lease: self.lease.clone(),
             keeper: self.keeper.take(),
             data,
+            departure: None,
         })
     }
 
@@ -788,10 +830,18 @@ impl EtcdQueued {
         self.lease_id.take()
     }
 
-    /// Leaves the queue: revokes the lease (the ticket goes with it), see [`revoke_lease`].
+    /// Leaves the queue: removes the ticket with the departure's record, see [`depart_txn`].
     fn revoke(&mut self, patient: bool) {
-        if let Some(id) = self.stop() {
-            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id, patient)) {
+        if self.stop().is_some() {
+            let record = self
+                .departure
+                .take()
+                .unwrap_or_else(|| departure_record(self.data.id(), None));
+            let (key, last) = (self.keys.ticket(self.data.id()), self.keys.last());
+            if let Err(e) = self
+                .conn
+                .block_on(depart_txn(&self.conn, key, last, record, patient))
+            {
                 tracing::warn!(
                     "could not leave the queue of lock {} ({e}); the ticket disappears when its lease expires",
                     self.data.request().lock
@@ -889,6 +939,10 @@ impl Queued for EtcdQueued {
         }
     }
 
+    fn depart(&mut self, how: &Departure<'_>) {
+        self.departure = Some(departure_record(self.data.id(), Some(how)));
+    }
+
     fn leave(mut self: Box<Self>, keep_place_for: Option<Duration>) {
         if let (Some(key), Some(grace)) = (self.data.queue_key.clone(), keep_place_for) {
             let rec = KeyRecord {
@@ -928,10 +982,13 @@ impl Drop for EtcdQueued {
 /// A held etcd lock: the holder key lives on the lease, renewed in the background.
 struct EtcdHeld {
     conn: Arc<Conn>,
+    keys: Keys,
     lease_id: Option<i64>,
     lease: Lease,
     keeper: Option<tokio::task::JoinHandle<()>>,
     data: TicketData,
+    /// How the request ends (see `Held::depart`), encoded.
+    departure: Option<Vec<u8>>,
 }
 
 impl Held for EtcdHeld {
@@ -941,6 +998,10 @@ impl Held for EtcdHeld {
 
     fn containment(&self) -> Containment {
         Containment::Lease(self.lease.clone())
+    }
+
+    fn depart(&mut self, how: &Departure<'_>) {
+        self.departure = Some(departure_record(self.data.id(), Some(how)));
     }
 
     fn release(mut self: Box<Self>) {
@@ -956,14 +1017,29 @@ impl Held for EtcdHeld {
 }
 
 impl EtcdHeld {
-    /// Stops renewing and revokes the lease (the holder key goes with it, which wakes the next
-    /// waiter), see [`revoke_lease`]; unconfirmed, the lease expires by itself within its TTL.
+    /// Stops renewing and removes the holder key with the departure's record (which wakes the
+    /// next waiter), see [`depart_txn`]; unconfirmed, the lease expires by itself within its
+    /// TTL.
     fn release_now(&mut self, patient: bool) {
         if let Some(k) = self.keeper.take() {
             k.abort();
         }
-        if let Some(id) = self.lease_id.take() {
-            if let Err(e) = self.conn.block_on(revoke_lease(&self.conn, id, patient)) {
+        if self.lease_id.take().is_some() {
+            let d = &self.data;
+            let key = self
+                .keys
+                .holder(d.slot.unwrap_or(0), d.request().mode, d.id());
+            let record = self
+                .departure
+                .take()
+                .unwrap_or_else(|| departure_record(d.id(), None));
+            if let Err(e) = self.conn.block_on(depart_txn(
+                &self.conn,
+                key,
+                self.keys.last(),
+                record,
+                patient,
+            )) {
                 tracing::warn!(
                     "could not release lock {} ({e}); it is freed when its lease expires (at most {:.0}s)",
                     self.data.request().lock,

@@ -23,18 +23,29 @@
 //!   the command runs under a guardian that stops its whole tree before the lease can expire
 //!   on the server ([`crate::process::guardian`]).
 //!
+//! - **Departures are recorded**: a request leaves the queue or releases the lock with one
+//!   transaction that deletes its key *and* writes the lock's `last` key (`{ticket, outcome,
+//!   waited_ms, held_ms, policy, digest, version}`), so that whoever watches the store (`serve`,
+//!   [`Follower`]) learns how each request ended from the revision that removed it; a removal
+//!   without a record is a lease that expired. The lease is then left to expire (nothing is on
+//!   it any more): a release costs one round trip, as the revoke it replaces did.
+//!
 //! Keys under `<prefix>/` (default `cachelock`): `n/<name>` (lock names, for `status`), and per
 //! lock `l/<name>/`: `meta` (next ticket number, last arrival), `gen` (generation), `q/<id>`
 //! (waiting tickets), `h/<slot>/<x|s>/<id>` (holders), `k/<sha256 of queue key>` (remembered
-//! arrivals).
+//! arrivals), `last` (the latest departure's record, overwritten by the next).
 
 #[cfg(feature = "etcd")]
 mod backend;
 #[cfg(feature = "etcd")]
 mod client;
+#[cfg(feature = "etcd")]
+mod follow;
 
 #[cfg(feature = "etcd")]
 pub use backend::EtcdBackend;
+#[cfg(feature = "etcd")]
+pub use follow::Follower;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -100,6 +100,8 @@ pub struct LockFiles {
     pub meta_d: Option<OwnedFd>,
     /// Permission bits of created shared files.
     pub file_mode: u32,
+    /// Whether a scan removes the tickets of dead requests (not when only watching).
+    pub remove_dead: bool,
 }
 
 impl LockFiles {
@@ -261,6 +263,7 @@ impl LockDir {
             held: Some(held),
             meta_d: Some(meta_d),
             file_mode: self.file_mode,
+            remove_dead: true,
         })
     }
 
@@ -296,6 +299,7 @@ impl LockDir {
             held,
             meta_d,
             file_mode: self.file_mode,
+            remove_dead: true,
         }))
     }
 

@@ -57,11 +57,16 @@ pub struct FlockBackend {
     /// When the reads of `status` stop waiting for `meta.lock`s that others hold (set at the
     /// first read): one bound for the whole listing, however many locks are held that way.
     status_until: Arc<std::sync::OnceLock<Instant>>,
+    /// Only watched (`serve`, `status --watch`): reading leaves dead tickets in place.
+    watch_only: bool,
 }
 
 /// How long `status` waits in all for `meta.lock`s that other processes hold, before it
 /// reads the remaining locks' counters without them (and says so for each).
 const STATUS_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How long one read of a watcher (`serve`, `status --watch`) waits for a `meta.lock`.
+const WATCH_PATIENCE: Duration = Duration::from_millis(250);
 
 impl FlockBackend {
     /// Opens `root`, creating it if needed (exit 73 when it cannot be created or written).
@@ -69,6 +74,7 @@ impl FlockBackend {
         Ok(FlockBackend {
             dir: LockDir::open(root, file_mode, dir_mode)?,
             status_until: Default::default(),
+            watch_only: false,
         })
     }
 
@@ -77,6 +83,17 @@ impl FlockBackend {
         FlockBackend {
             dir: LockDir::open_existing(root),
             status_until: Default::default(),
+            watch_only: false,
+        }
+    }
+
+    /// A lock directory that is only watched (`serve`, `status --watch`): nothing in it is
+    /// created, checked or removed (not even a dead request's ticket).
+    pub fn watch_only(root: &Path) -> Self {
+        FlockBackend {
+            dir: LockDir::open_existing(root),
+            status_until: Default::default(),
+            watch_only: true,
         }
     }
 }
@@ -163,17 +180,24 @@ impl Backend for FlockBackend {
 
     fn state(&self, lock: &str) -> Result<LockState> {
         // Nothing is created for a lock that does not exist.
-        let Some(files) = self.dir.existing(lock)? else {
+        let Some(mut files) = self.dir.existing(lock)? else {
             return Ok(LockState {
                 name: lock.to_string(),
                 ..Default::default()
             });
         };
+        files.remove_dead = !self.watch_only;
         let queue = ticket::scan_queue(&files, None, None)?;
         let mut unreadable = queue.unreadable;
-        let until = *self
-            .status_until
-            .get_or_init(|| Instant::now() + STATUS_PATIENCE);
+        // A watcher reads again and again: each read has its own, shorter bound.
+        let (until, patience) = if self.watch_only {
+            (Instant::now() + WATCH_PATIENCE, WATCH_PATIENCE)
+        } else {
+            let until = self
+                .status_until
+                .get_or_init(|| Instant::now() + STATUS_PATIENCE);
+            (*until, STATUS_PATIENCE)
+        };
         let (counters, locked) = meta::read(&files, until);
         if !locked {
             unreadable.push(super::backend::Unreadable {
@@ -182,14 +206,15 @@ impl Backend for FlockBackend {
                     .ok()
                     .map(|i| i.uid),
                 reason: format!(
-                    "held by another process past status's {} s bound: the counters (generation {}) were read without it and may be a moment old",
-                    STATUS_PATIENCE.as_secs(),
+                    "held by another process past status's {} ms bound: the counters (generation {}) were read without it and may be a moment old",
+                    patience.as_millis(),
                     counters.generation
                 ),
             });
         }
         Ok(LockState {
             name: lock.to_string(),
+            exists: true,
             generation: counters.generation,
             tickets: snapshot(queue.live),
             unreadable,
@@ -352,6 +377,7 @@ impl Queued for FlockQueued {
                     name,
                     &self.files.name,
                     Some(&mut self.cache),
+                    true,
                 ) {
                     ticket::Probe::Alive(Ok(t)) => t.data,
                     _ => continue,

@@ -27,14 +27,23 @@ use crate::sys::{self, EntryKind, Open};
 /// Longest host name a ticket may carry (Linux allows 64; DNS names 253).
 pub const MAX_HOST: usize = 255;
 
+/// Longest version a ticket may carry.
+pub const MAX_VERSION: usize = 64;
+/// Longest policy digest a ticket may carry (`sha256:` and 64 hex digits, with room).
+pub const MAX_DIGEST: usize = 80;
+
 /// Largest ticket file read: the largest ticket a valid request can write — every label,
-/// the queue key and the host at their bounds, each byte escaped by JSON as `\u00XX` (6
-/// bytes) — plus 1 KiB for the fixed fields. About 66 KB; anything larger is corrupt.
+/// the queue key, the host and the policy at their bounds, each byte escaped by JSON as
+/// `\u00XX` (6 bytes) — plus 1 KiB for the fixed fields. About 68 KB; anything larger is
+/// corrupt.
 pub const MAX_TICKET_BYTES: usize = 1024
     + 6 * (MAX_LABELS * (MAX_LABEL_KEY + MAX_LABEL_VALUE + 6)
         + MAX_QUEUE_KEY
         + MAX_HOST
-        + crate::lock::name::MAX_LEN);
+        + crate::lock::name::MAX_LEN
+        + crate::lock::PolicyRef::MAX_NAME
+        + MAX_DIGEST
+        + MAX_VERSION);
 
 /// Formats ticket number `n` as an id.
 pub fn ticket_id(n: u64) -> String {
@@ -299,7 +308,7 @@ pub enum Probe {
 /// probe lock is held, after checking the name still names the same file.
 /// `id` is the ticket id the name stands for (the name itself in `queue/`).
 pub fn probe(dir: BorrowedFd<'_>, name: &str, id: &str, lock: &str) -> Probe {
-    probe_cached(dir, name, id, lock, None)
+    probe_cached(dir, name, id, lock, None, true)
 }
 
 /// Parsed tickets of other requests by name, each valid while its file's version (identity,
@@ -337,13 +346,14 @@ impl TicketCache {
 }
 
 /// [`probe`], reading the content from `cache` when the file has not changed since it was
-/// cached.
+/// cached; a dead ticket is left in place unless `remove_dead`.
 pub fn probe_cached(
     dir: BorrowedFd<'_>,
     name: &str,
     id: &str,
     lock: &str,
     cache: Option<&mut TicketCache>,
+    remove_dead: bool,
 ) -> Probe {
     let (file, info) = match sys::open_read_at(dir, name) {
         Ok(f) => f,
@@ -358,7 +368,7 @@ pub fn probe_cached(
     };
     match sys::try_flock(&file, false) {
         Ok(true) => {
-            if sys::info_at(dir, name).is_ok_and(|i| i.id() == info.id()) {
+            if remove_dead && sys::info_at(dir, name).is_ok_and(|i| i.id() == info.id()) {
                 let _ = sys::unlink_at(dir, name);
             }
             Probe::Dead
@@ -455,6 +465,16 @@ pub fn check(t: FileTicket, name: &str, lock: &str) -> std::result::Result<FileT
     if d.request().host.len() > MAX_HOST {
         return Err(format!("a host name longer than {MAX_HOST} bytes"));
     }
+    let longer = |v: &Option<String>, max: usize| v.as_ref().is_some_and(|v| v.len() > max);
+    if longer(&d.version, MAX_VERSION)
+        || longer(&d.policy, crate::lock::PolicyRef::MAX_NAME)
+        || longer(&d.policy_digest, MAX_DIGEST)
+    {
+        return Err(format!(
+            "a version, policy or digest longer than {MAX_VERSION}, {} or {MAX_DIGEST} bytes",
+            crate::lock::PolicyRef::MAX_NAME
+        ));
+    }
     Ok(t)
 }
 
@@ -472,7 +492,7 @@ pub struct Queue {
 }
 
 /// The live tickets of `queue/`, probed, except `skip` (one's own); dead ones are removed
-/// where permitted.
+/// where permitted (and `files.remove_dead`). Unreadable live ones are returned apart.
 pub fn scan_queue(
     files: &LockFiles,
     skip: Option<&str>,
@@ -511,7 +531,14 @@ pub fn scan_queue(
         if kind == EntryKind::Dir {
             continue;
         }
-        match probe_cached(dir, &name, &name, &files.name, cache.as_deref_mut()) {
+        match probe_cached(
+            dir,
+            &name,
+            &name,
+            &files.name,
+            cache.as_deref_mut(),
+            files.remove_dead,
+        ) {
             Probe::Alive(Ok(t)) => live.push(*t),
             Probe::Alive(Err(reason)) => unreadable.push(Unreadable {
                 owner_uid: sys::info_at(dir, &name).ok().map(|i| i.uid),
@@ -594,7 +621,8 @@ mod tests {
             "id": "000000000007", "lock": "l", "mode": "exclusive", "priority": 0,
             "labels": [["k", "v"]], "host": "h", "pid": 42, "enqueued_at_ms": 1000,
             "wait_limit_ms": null, "queue_key": "job", "holding": true, "slot": 1,
-            "acquired_at_ms": 2000, "generation": 9, "lock_file": [3, 4]
+            "acquired_at_ms": 2000, "generation": 9, "lock_file": [3, 4],
+            "version": crate::VERSION
         });
         assert_eq!(text, want);
         let back: FileTicket = serde_json::from_value(want).unwrap();
@@ -616,6 +644,10 @@ mod tests {
             .collect();
         o.wait_limit_ms = Some(u64::MAX);
         o.queue_key = Some(control.repeat(MAX_QUEUE_KEY));
+        o.policy = Some(crate::lock::PolicyRef {
+            name: control.repeat(crate::lock::PolicyRef::MAX_NAME),
+            digest: Some(control.repeat(MAX_DIGEST)),
+        });
         let mut data = TicketData::new(
             &o,
             ticket_id(u64::MAX),
@@ -623,6 +655,7 @@ mod tests {
             control.repeat(MAX_HOST),
             u32::MAX,
         );
+        data.version = Some(control.repeat(MAX_VERSION));
         data.hold(u32::MAX, u64::MAX, u64::MAX);
         let text = serde_json::to_vec(&FileTicketRef {
             data: &data,

@@ -7,6 +7,7 @@
 
 pub mod dockerd;
 pub mod etcd;
+pub mod observe;
 pub mod policy;
 pub mod registry;
 pub mod stats;
