@@ -3,7 +3,7 @@
 //! this suite. It runs on the memory backend as unit tests, and on a lock directory and a real
 //! etcd cluster in the integration tests:
 //!
-//! ```ignore
+//! ```text
 //! cachelock::conformance_suite!(memory, cachelock::lock::conformance::MemoryHarness::new());
 //! ```
 //!

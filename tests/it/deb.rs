@@ -404,15 +404,20 @@ fn installs_upgrades_removes_and_purges_leaving_only_what_the_user_made() {
         "dpkg still knows the package: {}",
         text(&o)
     );
-    let user_made: Vec<String> = [
-        "var/lib/cachelock".to_string(),
-        CACHE_ROOT.trim_start_matches('/').to_string(),
-        format!("{}/cache_app", CACHE_ROOT.trim_start_matches('/')),
-        format!("{}/cache_app/data", CACHE_ROOT.trim_start_matches('/')),
-    ]
-    .into_iter()
-    .filter(|p| !fresh.contains_key(p))
-    .collect();
+    // The cache root's ancestors stay with it (what purge must not touch), whatever they are.
+    let ancestors = std::path::Path::new(CACHE_ROOT)
+        .ancestors()
+        .skip(1)
+        .map(|p| p.to_string_lossy().trim_start_matches('/').to_string())
+        .filter(|p| !p.is_empty());
+    let user_made: Vec<String> = ancestors
+        .chain([
+            CACHE_ROOT.trim_start_matches('/').to_string(),
+            format!("{}/cache_app", CACHE_ROOT.trim_start_matches('/')),
+            format!("{}/cache_app/data", CACHE_ROOT.trim_start_matches('/')),
+        ])
+        .filter(|p| !fresh.contains_key(p))
+        .collect();
     let mut want = user_made.clone();
     want.sort();
     let (added, gone) = diff(&fresh, &root.tree());

@@ -875,7 +875,10 @@ fn previous_and_current_release_exclude_each_other() {
         );
     }
     let meta_d = env.lock_dir.join("mixed.lock/meta.d");
-    std::fs::write(meta_d.join("4242.json"), "{\"format\": 3}").unwrap();
+    // A counters file counts only under its owner's uid (the runner's own, here).
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    std::fs::write(meta_d.join(format!("{me}.4242.json")), "{\"format\": 3}").unwrap();
     let o = env.run(&["mixed", "--", "true"]);
     assert_eq!(o.status.code(), Some(74));
     assert!(stderr(&o).contains("newer cachelock"), "{}", stderr(&o));
