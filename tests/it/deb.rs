@@ -258,6 +258,7 @@ fn lintian_reports_no_error_and_the_package_holds_what_it_should() {
         "./usr/share/fish/vendor_completions.d/cachelock.fish",
         "./etc/cachelock/config.yaml",
         "./usr/lib/tmpfiles.d/cachelock.conf",
+        "./usr/lib/systemd/system/cachelock.service",
         "./usr/share/doc/cachelock/copyright",
         "./usr/share/doc/cachelock/changelog.gz",
     ] {
@@ -335,6 +336,13 @@ fn installs_upgrades_removes_and_purges_leaving_only_what_the_user_made() {
     assert_eq!(root.owner_mode("/var/cache/cachelock"), (0, 0o755));
     assert_eq!(root.owner_mode(CACHE_ROOT), (0, 0o755));
     root.ok("dpkg -V cachelock");
+    // The service is shipped, not enabled.
+    assert!(root
+        .path("/usr/lib/systemd/system/cachelock.service")
+        .is_file());
+    assert!(!root
+        .path("/etc/systemd/system/multi-user.target.wants/cachelock.service")
+        .exists());
     // The installed host passes doctor: the example configuration parses to the defaults, the
     // lock directory is shared and sticky (warnings only: a cold compile cache, no dockerd).
     let o = root.sh("cachelock doctor");
@@ -384,6 +392,7 @@ fn installs_upgrades_removes_and_purges_leaving_only_what_the_user_made() {
         "/usr/bin/cachelock",
         "/usr/share/man/man1/cachelock.1.gz",
         "/usr/lib/tmpfiles.d/cachelock.conf",
+        "/usr/lib/systemd/system/cachelock.service",
     ] {
         assert!(!root.path(gone).exists(), "{gone} left after dpkg -r");
     }
