@@ -509,8 +509,8 @@ pub struct Binding {
 
 /// Checks one binding: the module is read, its pin verified, its world checked, it is
 /// configured, and each decision is called once — compiling in memory, writing no cache.
-/// `doctor`'s one way of checking a policy (point it at `policy check`'s when that checks
-/// whole configurations).
+/// `doctor`'s one way of checking a policy. Unlike `policy check` (the deploy step, which asks
+/// the registry), an `oci://` module is judged as a run would load it: from what was pulled.
 #[cfg(feature = "wasm")]
 pub fn check_binding(loaded: &Loaded, name: &str) -> crate::error::Result<Binding> {
     let started = std::time::Instant::now();
