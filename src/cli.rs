@@ -35,6 +35,9 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Run a command beside its own dockerd, on a (locked, cached) data root.
     Dockerd(DockerdArgs),
+    /// List the cached data roots of dockerd runs, or remove one nobody holds.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Earthly's dockerd-wrapper.sh contract (`execute CMD...`, `get-compose-config`).
     Earthly(EarthlyArgs),
     /// Check this host and say what to fix, one line each; exit 1 when a request would fail
@@ -182,6 +185,10 @@ pub struct ServeArgs {
     /// authentication, to whoever can reach it).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9731")]
     pub listen: std::net::SocketAddr,
+    /// Also measure the cached data roots under this cache root (every 30 s, a root again only
+    /// after it was used): `cachelock_cache_root_*` metrics and `/api/v1/cache`.
+    #[arg(long = "cache-root", env = "CACHELOCK_CACHE_ROOT", value_name = "DIR")]
+    pub cache_root: Option<std::path::PathBuf>,
     /// Lock directory.
     #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
     pub lock_dir: Option<PathBuf>,
@@ -351,6 +358,46 @@ pub struct DockerdArgs {
     /// The command and its arguments (after `--`).
     #[arg(value_name = "COMMAND", required = true, last = true)]
     pub command: Vec<OsString>,
+}
+
+/// `cachelock cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Every cached data root: cache id, slots, size on disk, last use, who holds it, whether
+    /// eviction may take it. Changes nothing.
+    Ls {
+        /// Where the roots are.
+        #[command(flatten)]
+        at: CacheAt,
+        /// A JSON document for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a cached data root nobody holds (its data and slots; its lock files stay, and
+    /// its next run starts cold). Refused (exit 1) while anybody holds it.
+    Rm {
+        /// Its cache id.
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Where the roots are.
+        #[command(flatten)]
+        at: CacheAt,
+    },
+}
+
+/// Where `cachelock cache` finds cached data roots and their locks.
+#[derive(Debug, Args)]
+pub struct CacheAt {
+    /// Root of data roots (else the configuration's `cache_root`, else the default).
+    #[arg(long = "cache-root", env = "CACHELOCK_CACHE_ROOT", value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
+    /// The lock directory of `cachelock dockerd`'s runs (the Earthly drop-in's locks are in
+    /// the roots themselves).
+    #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
+    pub lock_dir: Option<PathBuf>,
+    /// Configuration file (YAML).
+    #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// `cachelock earthly` (also when invoked as `dockerd-wrapper.sh`).

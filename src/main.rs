@@ -66,7 +66,11 @@ fn run() -> i32 {
     // does; what runs a command under a lock must outlive a closed pipe, to release the lock.
     if matches!(
         cli.command,
-        Command::Status(_) | Command::Policy(_) | Command::Completions { .. } | Command::Man
+        Command::Status(_)
+            | Command::Policy(_)
+            | Command::Cache(_)
+            | Command::Completions { .. }
+            | Command::Man
     ) {
         cachelock::sys::default_sigpipe();
     }
@@ -76,6 +80,7 @@ fn run() -> i32 {
         Command::Serve(a) => commands::serve::execute(a),
         Command::Policy(p) => commands::policy::execute(p),
         Command::Dockerd(a) => commands::dockerd::execute(a),
+        Command::Cache(c) => commands::cache::execute(c),
         Command::Earthly(a) => commands::earthly::execute(a),
         Command::Doctor(a) => commands::doctor::execute(a),
         Command::Completions { shell } => commands::docs::completions(shell),

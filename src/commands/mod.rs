@@ -1,6 +1,7 @@
 //! One module per sub-command: each builds on a `LockRequest` (or its own arguments), calls the
 //! library and returns the exit code.
 
+pub mod cache;
 pub mod dockerd;
 pub mod docs;
 pub mod doctor;

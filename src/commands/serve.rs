@@ -20,6 +20,7 @@ pub fn execute(args: ServeArgs) -> Result<i32> {
             store,
             loaded,
             private_because,
+            cache_root: args.cache_root,
         },
         &signals,
     )?;

@@ -84,6 +84,19 @@ impl CacheRoot {
         }
     }
 
+    /// Opens an existing cache root under the same rules without creating anything or asking
+    /// to write it (`cache ls`, `serve`): `None` if there is none.
+    pub fn open_existing(path: &Path) -> Result<Option<CacheRoot>> {
+        match crate::policy::trust::open_dir(path, false, DIR_MODE) {
+            Ok(dir) => Ok(Some(CacheRoot { dir })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::cant_create(format!(
+                "cache root {} cannot be read safely: {e}; give one that you or root own and nobody else can write",
+                path.display()
+            ))),
+        }
+    }
+
     /// Opens an existing cache root only to read it (`status`): `None` if it cannot be opened
     /// as a directory. Reads below are relative to it, without following links or blocking.
     pub fn open_to_read(path: &Path) -> Option<OwnedFd> {

@@ -15,7 +15,7 @@
 //! `cachelock dockerd` locks `<id>` in a lock directory (`<id>.lock/lock[.K]`), the Earthly
 //! drop-in `<dind id>/.earthly-docker-lock` (which every slot holder takes shared).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -493,22 +493,51 @@ pub fn human(bytes: u64) -> String {
 
 /// The (device, inode) pairs `/proc/locks` lists as locked on this host.
 fn locked_inodes() -> HashSet<(u32, u32, u64)> {
+    lock_holders().into_keys().collect()
+}
+
+/// The (device, inode) pairs `/proc/locks` lists as locked on this host, with the pids that
+/// took those locks (as this process's pid namespace numbers them).
+fn lock_holders() -> HashMap<(u32, u32, u64), Vec<u32>> {
     let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; blocked requests ("-> ...")
-            // carry one more field before the type and are not holders.
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.get(1) == Some(&"->") {
-                return None;
-            }
+    let mut out: HashMap<(u32, u32, u64), Vec<u32>> = HashMap::new();
+    for l in text.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; blocked requests ("-> ...")
+        // carry one more field before the type and are not holders.
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(1) == Some(&"->") {
+            continue;
+        }
+        let parsed = (|| {
+            let pid = f.get(4)?.parse::<u32>().ok()?;
             let mut id = f.get(5)?.split(':');
             let maj = u32::from_str_radix(id.next()?, 16).ok()?;
             let min = u32::from_str_radix(id.next()?, 16).ok()?;
             let ino = id.next()?.parse().ok()?;
-            Some((maj, min, ino))
-        })
-        .collect()
+            Some(((maj, min, ino), pid))
+        })();
+        if let Some((key, pid)) = parsed {
+            let pids = out.entry(key).or_default();
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// The pids on this host that hold any of `locks` (from `/proc/locks`, a look, not a lock).
+fn holders_of(locks: &[PathBuf], holders: &HashMap<(u32, u32, u64), Vec<u32>>) -> Vec<u32> {
+    let mut pids: Vec<u32> = locks
+        .iter()
+        .filter_map(|p| sys::info_path(p).ok())
+        .filter_map(|i| holders.get(&(libc::major(i.dev), libc::minor(i.dev), i.ino)))
+        .flatten()
+        .copied()
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// Whether any of `locks` is locked by a process on this host (from `/proc/locks`: a look,
@@ -574,6 +603,180 @@ pub fn status(cache_root: &Path, configured_cap: Option<u64>) -> CacheStatus {
         roots,
         evictions: state.evictions,
     }
+}
+
+/// One cached data root as `cache ls` and `serve` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedRoot {
+    /// Its cache id (its name under the cache root).
+    pub cache_id: String,
+    /// Whose locks guard it: `dockerd` (`cachelock dockerd`, locks in the lock directory) or
+    /// `earthly` (the drop-in, `<id>/.earthly-docker-lock`).
+    pub layout: &'static str,
+    /// Its data roots: slot 0 (the root itself) and the slots beside it.
+    pub slots: usize,
+    /// Bytes on disk, every slot included, as last measured.
+    pub size_bytes: u64,
+    /// When that measurement was made (Unix ms).
+    pub measured_at_ms: u64,
+    /// Its last use (Unix ms), from what dockerd rewrites during a run.
+    pub last_used_ms: u64,
+    /// Processes on this host that hold one of its locks now (holders on other hosts of a
+    /// shared cache root are not seen).
+    pub held_by: Vec<u32>,
+    /// Whether eviction (and `cache rm`) may take it now: nobody on this host holds it.
+    pub evictable: bool,
+}
+
+/// Every cached data root under a cache root, most recently used first.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheList {
+    /// The cache root.
+    pub root: PathBuf,
+    /// The cap (`dockerd.cache_max_size`) configured, or in force at the last accounting.
+    pub cap_bytes: Option<u64>,
+    /// Sum of the roots' sizes.
+    pub total_bytes: u64,
+    /// The roots.
+    pub roots: Vec<CachedRoot>,
+}
+
+/// The units of both layouts (a root with the drop-in's lock file is the drop-in's).
+fn all_units(cache: &CacheRoot, lock_dir: Option<&Path>) -> Vec<(Unit, &'static str)> {
+    let mut out: Vec<(Unit, &'static str)> = units(cache, &Layout::Earthly)
+        .into_iter()
+        .map(|u| (u, "earthly"))
+        .collect();
+    if let Some(dir) = lock_dir {
+        let seen: HashSet<String> = out.iter().map(|(u, _)| u.name.clone()).collect();
+        let layout = Layout::Dockerd {
+            lock_dir: dir.to_path_buf(),
+        };
+        out.extend(
+            units(cache, &layout)
+                .into_iter()
+                .filter(|u| !seen.contains(&u.name))
+                .map(|u| (u, "dockerd")),
+        );
+    }
+    out
+}
+
+/// Lists the cached data roots under `cache` (those of `cachelock dockerd` only when its lock
+/// directory `lock_dir` is given). A root is measured again only when it was used after its
+/// last measurement in `known` (the accounting file's records, or an earlier list's), which
+/// is updated: a walk of a large root is paid once per change, not per look. Changes nothing
+/// on disk.
+pub fn list(
+    cache: &CacheRoot,
+    lock_dir: Option<&Path>,
+    cap: Option<u64>,
+    known: &mut BTreeMap<String, RootRecord>,
+) -> CacheList {
+    let state = read_state_at(cache.fd());
+    for (name, rec) in &state.roots {
+        let newer = known
+            .get(name)
+            .is_none_or(|k| k.measured_ms < rec.measured_ms);
+        if newer {
+            known.insert(name.clone(), rec.clone());
+        }
+    }
+    let holders = lock_holders();
+    let mut roots = Vec::new();
+    for (u, layout) in all_units(cache, lock_dir) {
+        let signal = last_used_signal(cache, &u.roots);
+        let rec = match known.get(&u.name) {
+            Some(k) if k.measured_ms > 0 && k.measured_ms >= signal => RootRecord {
+                last_used_ms: k.last_used_ms.max(signal),
+                ..k.clone()
+            },
+            _ => RootRecord {
+                bytes: u.roots.iter().map(|r| cache.usage(r)).sum(),
+                measured_ms: now_ms(),
+                last_used_ms: signal.max(known.get(&u.name).map_or(0, |k| k.last_used_ms)),
+                locks: u.locks.clone(),
+            },
+        };
+        let held_by = holders_of(&u.locks, &holders);
+        roots.push(CachedRoot {
+            cache_id: u.name.clone(),
+            layout,
+            slots: u.roots.len(),
+            size_bytes: rec.bytes,
+            measured_at_ms: rec.measured_ms,
+            last_used_ms: rec.last_used_ms,
+            evictable: held_by.is_empty(),
+            held_by,
+        });
+        known.insert(u.name, rec);
+    }
+    roots.sort_by_key(|r| (std::cmp::Reverse(r.last_used_ms), r.cache_id.clone()));
+    CacheList {
+        root: cache.path().to_path_buf(),
+        cap_bytes: cap.or(state.cap_bytes),
+        total_bytes: roots.iter().map(|r| r.size_bytes).sum(),
+        roots,
+    }
+}
+
+/// Removes the cached data root `id` (its data and its slots; lock files and queues stay, so
+/// that a waiter keeps its place and the next run starts cold), under its locks taken without
+/// waiting: a root anybody holds or waits on the kernel lock of is refused (exit 1). Returns
+/// the bytes it held at its last measurement.
+pub fn remove(cache: &CacheRoot, lock_dir: Option<&Path>, id: &str) -> Result<u64> {
+    let Some((unit, _)) = all_units(cache, lock_dir)
+        .into_iter()
+        .find(|(u, _)| u.name == id)
+    else {
+        return Err(Error::new(
+            crate::error::Kind::NoInput,
+            format!(
+                "no cached data root {id} under {}{} (see `cachelock cache ls`)",
+                cache.path().display(),
+                if lock_dir.is_none() {
+                    " of the Earthly drop-in (give --lock-dir for those of `cachelock dockerd`)"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    };
+    let lock_path = cache.path().join(STATE_LOCK);
+    let guard = sys::open_at(cache.fd(), STATE_LOCK, Open::Create(0o644))
+        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+    sys::flock(&guard, true)
+        .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
+    let Some(held) = take_all(cache, &unit) else {
+        let pids = holders_of(&unit.locks, &lock_holders());
+        return Err(Error::new(
+            crate::error::Kind::Conflict(1),
+            format!(
+                "cached data root {} is in use{}: not removed (a root is removed only while nobody holds it)",
+                cache.path().join(id).display(),
+                if pids.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (held by pid {})",
+                        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                    )
+                }
+            ),
+        ));
+    };
+    let mut state = read_state_at(cache.fd());
+    let bytes = state.roots.get(id).map_or(0, |r| r.bytes);
+    let result = empty(cache, &unit.targets);
+    drop(held);
+    result?;
+    if let Some(r) = state.roots.get_mut(id) {
+        r.bytes = 0;
+        r.measured_ms = now_ms();
+        write_state(cache, &state)?;
+    }
+    drop(guard);
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -651,5 +854,51 @@ mod tests {
         assert_eq!(s.evictions.len(), 1);
         assert!(s.roots.iter().find(|r| r.name == "cache_a").unwrap().held);
         assert!(!s.roots.iter().find(|r| r.name == "cache_b").unwrap().held);
+    }
+
+    #[test]
+    fn list_shows_who_holds_what_and_remove_takes_only_unheld_roots() {
+        let t = tempfile::tempdir().unwrap();
+        let mk = |name: &str| {
+            let d = t.path().join(name);
+            std::fs::create_dir_all(d.join("image/overlay2")).unwrap();
+            std::fs::write(d.join(super::super::earthly::LOCK_FILE), "").unwrap();
+            std::fs::write(d.join("blob"), vec![0u8; 64 * 1024]).unwrap();
+            d
+        };
+        let busy = mk("cache_busy");
+        let idle = mk("cache_idle");
+        let held = File::open(busy.join(super::super::earthly::LOCK_FILE)).unwrap();
+        assert!(crate::sys::try_flock(&held, true).unwrap());
+        let cache = CacheRoot::open_existing(t.path()).unwrap().unwrap();
+        let mut known = BTreeMap::new();
+        let l = list(&cache, None, Some(1 << 30), &mut known);
+        assert_eq!(l.cap_bytes, Some(1 << 30));
+        let by = |l: &CacheList, id: &str| l.roots.iter().find(|r| r.cache_id == id).cloned();
+        let b = by(&l, "cache_busy").unwrap();
+        assert_eq!(b.layout, "earthly");
+        assert_eq!(b.held_by, vec![std::process::id()]);
+        assert!(!b.evictable);
+        let i = by(&l, "cache_idle").unwrap();
+        assert!(i.held_by.is_empty() && i.evictable);
+        assert!(i.size_bytes >= 64 * 1024, "{i:?}");
+        assert_eq!(l.total_bytes, b.size_bytes + i.size_bytes);
+        // Unchanged since measured: the next list reuses the measurement.
+        let again = list(&cache, None, None, &mut known);
+        assert_eq!(
+            by(&again, "cache_idle").unwrap().measured_at_ms,
+            i.measured_at_ms
+        );
+
+        let e = remove(&cache, None, "cache_busy").unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Conflict(1));
+        assert!(e.message.contains(&std::process::id().to_string()), "{e}");
+        assert!(busy.join("blob").exists());
+        let e = remove(&cache, None, "nosuch").unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::NoInput);
+
+        remove(&cache, None, "cache_idle").unwrap();
+        assert!(!idle.join("blob").exists());
+        assert!(idle.join(super::super::earthly::LOCK_FILE).exists());
     }
 }

@@ -180,6 +180,8 @@ impl Events {
 pub struct Hub {
     state: Mutex<State>,
     snapshot: Mutex<Arc<Snapshot>>,
+    /// The cached data roots as last measured (gauges, `/api/v1/cache`'s document).
+    cache: Mutex<(Vec<CacheGauge>, Option<String>)>,
     /// The queue events.
     pub events: Events,
 }
@@ -189,6 +191,7 @@ impl Default for Hub {
         Hub {
             state: Mutex::new(State::default()),
             snapshot: Mutex::new(Arc::new(Snapshot::default())),
+            cache: Mutex::new((Vec::new(), None)),
             events: Events::new(),
         }
     }
@@ -421,6 +424,16 @@ impl Hub {
             });
             self.events.push("departure", &e.to_string());
         }
+    }
+
+    /// The cached data roots as last measured, for the next snapshot.
+    pub fn cache_view(&self) -> (Vec<CacheGauge>, Option<String>) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Keeps a new measurement of the cached data roots.
+    pub fn set_cache_view(&self, gauges: Vec<CacheGauge>, json: Option<String>) {
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = (gauges, json);
     }
 
     /// Publishes a new look at the store.

@@ -53,7 +53,12 @@ pub struct Settings {
     pub loaded: Loaded,
     /// Why a lock directory is a private fallback, if it is.
     pub private_because: Option<String>,
+    /// A cache root whose data roots are measured and exported.
+    pub cache_root: Option<std::path::PathBuf>,
 }
+
+/// How often the cached data roots are looked at (a root is walked again only after a use).
+pub const CACHE_REFRESH: Duration = Duration::from_secs(30);
 
 /// The report socket in a lock directory, while it is ours.
 struct Socket {
@@ -101,6 +106,16 @@ pub fn run(settings: Settings, signals: &Signals) -> Result<()> {
         Some(root) => listen_for_reports(root, &hub)?,
         None => None,
     };
+    if let Some(cache_root) = settings.cache_root.clone() {
+        let hub = hub.clone();
+        let lock_dir = root.clone();
+        let cap = reader.loaded().config.dockerd.cache_max_size;
+        // Measuring walks directories: never on the watcher's thread.
+        std::thread::Builder::new()
+            .name("cachelock-cache-measure".into())
+            .spawn(move || measure_caches(&cache_root, lock_dir.as_deref(), cap, &hub))
+            .map_err(|e| Error::new(Kind::OsErr, format!("cannot start a thread: {e}")))?;
+    }
     // Something to serve from the first request on.
     look(&mut reader, &hub);
     let mut last_look = Instant::now();
@@ -153,13 +168,43 @@ fn look(reader: &mut StatusReader, hub: &Hub) {
         }
     };
     hub.sweep(&doc);
+    let (cache, cache_json) = hub.cache_view();
     hub.publish(Snapshot {
         json: render_json(&doc),
         gauges: hub::gauges(&doc),
         doc: Some(doc),
-        cache: Vec::new(),
-        cache_json: None,
+        cache,
+        cache_json,
     });
+}
+
+/// Measures the cached data roots under `cache_root` every [`CACHE_REFRESH`], keeping what was
+/// measured so that an unchanged root is not walked again, and hands the result to the hub.
+fn measure_caches(cache_root: &Path, lock_dir: Option<&Path>, cap: Option<u64>, hub: &Hub) {
+    use crate::dockerd::root::CacheRoot;
+    use crate::dockerd::usage;
+    use crate::observe::metrics::CacheGauge;
+    let mut known = std::collections::BTreeMap::new();
+    loop {
+        match CacheRoot::open_existing(cache_root) {
+            Ok(Some(cache)) => {
+                let list = usage::list(&cache, lock_dir, cap, &mut known);
+                let gauges = list
+                    .roots
+                    .iter()
+                    .map(|r| CacheGauge {
+                        cache_id: r.cache_id.clone(),
+                        bytes: r.size_bytes,
+                        last_used_ms: r.last_used_ms,
+                    })
+                    .collect();
+                hub.set_cache_view(gauges, serde_json::to_string(&list).ok());
+            }
+            Ok(None) => hub.set_cache_view(Vec::new(), None),
+            Err(e) => tracing::warn!("{}", e.message),
+        }
+        std::thread::sleep(CACHE_REFRESH);
+    }
 }
 
 /// Binds this host's report socket in lock directory `root` and starts receiving on it;

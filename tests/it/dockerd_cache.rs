@@ -232,3 +232,102 @@ fn fall_back_runs_uncached_on_a_fresh_root_while_the_cache_is_busy() {
     );
     env.assert_clean();
 }
+
+/// `cache ls` shows a real cached root (size, layout, who holds it), `cache rm` refuses it
+/// while a request holds its lock and empties it once nobody does (its lock stays), and
+/// `serve --cache-root` exports it as `cachelock_cache_root_*` and `/api/v1/cache`.
+#[test]
+fn cached_roots_are_listed_refused_while_held_and_removed() {
+    use crate::support::observe::{get, sample, Holder, Serve};
+    let env = Env::new("");
+    let tar = image_tar();
+    let o = env.dockerd(
+        &["--cache-id", "app", "--load", tar.to_str().unwrap()],
+        "docker image inspect bb:1 >/dev/null",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let ls = |env: &Env| -> serde_json::Value {
+        let o = env.cmd().args(["cache", "ls", "--json"]).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let app = |v: &serde_json::Value| -> serde_json::Value {
+        v["roots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["cache_id"] == "app")
+            .cloned()
+            .unwrap_or_else(|| panic!("no root app: {v}"))
+    };
+    let v = ls(&env);
+    let r = app(&v);
+    assert_eq!(r["layout"], "dockerd");
+    assert_eq!(r["slots"], 1);
+    assert!(r["size_bytes"].as_u64().unwrap() > 100_000, "{r}");
+    assert_eq!(r["held_by"], serde_json::json!([]));
+    assert_eq!(r["evictable"], true);
+    let table = env.cmd().args(["cache", "ls"]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("app") && table.contains("nobody (evictable)"),
+        "{table}"
+    );
+
+    let serve_log = env.path("serve.log");
+    // Its cache root from CACHELOCK_CACHE_ROOT, as every other command's.
+    let serve = Serve::start(env.cmd(), &serve_log);
+    let bytes = r["size_bytes"].as_u64().unwrap() as f64;
+    serve.wait_sample("cachelock_cache_root_bytes", r#"cache_id="app""#, bytes);
+    let m = serve.metrics();
+    assert!(
+        sample(
+            &m,
+            "cachelock_cache_root_last_used_timestamp_seconds",
+            r#"cache_id="app""#
+        )
+        .is_some_and(|t| t > 1.0e9),
+        "{m}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&get(serve.addr, "/api/v1/cache", &[]).body).unwrap();
+    assert_eq!(app(&doc)["size_bytes"], r["size_bytes"]);
+    drop(serve);
+
+    // Held by a request on the same lock: listed with its holder, and not removed.
+    let scratch = env.path("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let holder = Holder::start(env.cmd(), &scratch, "app", &[]);
+    let r = app(&ls(&env));
+    assert_eq!(r["evictable"], false);
+    assert!(!r["held_by"].as_array().unwrap().is_empty(), "{r}");
+    let o = env.cmd().args(["cache", "rm", "app"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("in use"), "{}", text(&o));
+    assert!(
+        std::fs::read_dir(env.cache_root.join("app"))
+            .unwrap()
+            .count()
+            > 0
+    );
+    holder.release();
+
+    let o = env.cmd().args(["cache", "rm", "app"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_dir(env.cache_root.join("app"))
+            .unwrap()
+            .count(),
+        0,
+        "the root is emptied"
+    );
+    assert!(env.lock_dir.join("app.lock").is_dir(), "its lock stays");
+    assert!(app(&ls(&env))["size_bytes"].as_u64().unwrap() < 100_000);
+    let o = env.cmd().args(["cache", "rm", "nosuch"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(66), "{}", text(&o));
+    assert!(
+        text(&o).contains("no cached data root nosuch"),
+        "{}",
+        text(&o)
+    );
+}
