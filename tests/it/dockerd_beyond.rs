@@ -295,7 +295,7 @@ fn static_binary_runs_in_a_busybox_only_root() {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(l)).unwrap();
     }
     std::fs::copy(&bin, root.join("bin/cachelock")).unwrap();
-    // Installed under Earthly's name, as the README's Dockerfile does.
+    // Installed under Earthly's name, as packaging/buildkitd/*.Dockerfile do.
     std::fs::copy(&bin, root.join("bin/dockerd-wrapper.sh")).unwrap();
     let no_libc = ["lib", "lib64", "usr"]
         .iter()
