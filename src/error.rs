@@ -45,10 +45,10 @@ pub mod code {
 /// Every exit code and what it means, in the README's words (`code`, `meaning`).
 pub const EXIT_CODES: &[(&str, &str)] = &[
     ("the command's", "the command ran; 128+N if signal N ended it"),
-    ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`; Earthly drop-in: an EarthBuild flag this version does not know, or `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD` ran (as Earthly's wrapper); `doctor`: a check found an error (a request would fail or be unsafe)"),
+    ("1 (or `-E N`)", "lock not taken: `-n` conflict, `-w` timeout, the policy's `give-up`; Earthly drop-in: an EarthBuild flag this version does not know, or `EARTH(LY)_DOCKER_WRAPPER_DEBUG_CMD` ran (as Earthly's wrapper); `doctor`: a check found an error (a request would fail or be unsafe); `cache rm` of a root somebody holds"),
     ("64", "usage: bad option, bad lock name (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`), bad `KEY=VALUE`, bad `CACHELOCK_*` variable"),
     ("65", "bad data: a `policy simulate` scenario, a `policy test` file"),
-    ("66", "an input file is missing, unreadable or not a regular file (`--load` tarball, never opened if it is a FIFO; scenario, no `*.test.yaml` for `policy test`); `status LOCK` of a lock nobody ever used; a registry has no such `oci://` tag or manifest (404)"),
+    ("66", "an input file is missing, unreadable or not a regular file (`--load` tarball, never opened if it is a FIFO; scenario, no `*.test.yaml` for `policy test`); `status LOCK` of a lock nobody ever used; `cache rm ID` of a cache id with no root; a registry has no such `oci://` tag or manifest (404)"),
     ("69", "dockerd missing or never became ready (its whole log shown, 64 KiB at most); docker CLI or compose missing; a registry pull of the Earthly drop-in failed; no etcd endpoint answered within `etcd.unavailable_timeout` (default 10 s); the registry of an `oci://` policy is unreachable (connection, TLS, timeout, 5xx) and nothing verified is cached"),
     ("70", "a policy fault under `on_error: fail` (trap, fuel, memory, time limit), or an internal error"),
     ("71", "an operating-system error: signal handlers cannot be installed, the command cannot be waited for, `serve` cannot listen on its address"),
