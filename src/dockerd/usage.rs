@@ -251,6 +251,16 @@ fn write_state(cache: &CacheRoot, state: &State) -> Result<()> {
     written.map_err(fail)
 }
 
+/// Takes `<cache root>/.cachelock-usage.lock`, which serialises the writers of the accounting.
+fn lock_state(cache: &CacheRoot) -> Result<File> {
+    let lock_path = cache.path().join(STATE_LOCK);
+    let guard = sys::open_at(cache.fd(), STATE_LOCK, Open::Create(0o644))
+        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+    sys::flock(&guard, true)
+        .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
+    Ok(guard)
+}
+
 /// Opens a root's lock file to try it: one under the cache root relative to its descriptor,
 /// one in a lock directory as every lock file there is opened (`O_NOFOLLOW|O_NONBLOCK`).
 fn open_lock(cache: &CacheRoot, path: &Path, create: bool) -> Option<File> {
@@ -342,11 +352,7 @@ pub fn account_and_evict(
     cap: u64,
     own: &str,
 ) -> Result<Report> {
-    let lock_path = cache.path().join(STATE_LOCK);
-    let guard = sys::open_at(cache.fd(), STATE_LOCK, Open::Create(0o644))
-        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
-    sys::flock(&guard, true)
-        .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
+    let guard = lock_state(cache)?;
     let mut state = read_state_at(cache.fd());
     let now = now_ms();
     let units = units(cache, layout);
@@ -742,11 +748,7 @@ pub fn remove(cache: &CacheRoot, lock_dir: Option<&Path>, id: &str) -> Result<u6
             ),
         ));
     };
-    let lock_path = cache.path().join(STATE_LOCK);
-    let guard = sys::open_at(cache.fd(), STATE_LOCK, Open::Create(0o644))
-        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
-    sys::flock(&guard, true)
-        .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
+    let guard = lock_state(cache)?;
     let Some(held) = take_all(cache, &unit) else {
         let pids = holders_of(&unit.locks, &lock_holders());
         return Err(Error::new(
