@@ -432,6 +432,14 @@ impl LeaseRule {
         self.ttl / 5
     }
 
+    /// The longest a holder's command may run on after its lease or holder key vanished
+    /// without the holder knowing: its stop deadline (3/5 of the TTL after a renewal sent
+    /// before the vanishing) plus the grace. A waiter that sees a holder vanish without a
+    /// release waits this long before it takes the lock.
+    pub fn stop_window(&self) -> Duration {
+        self.ttl * 4 / 5
+    }
+
     /// A lease of lock `lock` granted at `granted_ns`, under this rule.
     pub fn lease(&self, lock: &str, granted_ns: u64) -> Lease {
         Lease::new(lock, self.stop_at(granted_ns, self.ttl), self.grace())
@@ -540,6 +548,7 @@ mod tests {
             assert!(kill < sent + ttl_ns);
             assert!(r.renew_every() <= r.ttl / 10 || r.renew_every() == Duration::from_millis(100));
             assert_eq!(r.lease("l", sent).stop_at_ns(), stop);
+            assert_eq!(sent + r.stop_window().as_nanos() as u64, kill);
         }
     }
 }

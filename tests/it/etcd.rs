@@ -712,3 +712,97 @@ fn a_drop_does_not_wait_for_a_cluster_that_is_gone() {
     rx.recv_timeout(Duration::from_secs(60))
         .expect("the drop returned");
 }
+
+/// The key prefix of `e`'s store.
+fn prefix_of(e: &EtcdEnv) -> String {
+    e.url.rsplit('/').next().unwrap().to_string()
+}
+
+/// An attacker (an ordinary client of the prefix) takes a held lock away: it deletes the holder
+/// key, or revokes the holder's lease (`revoke`), while the holder's cachelock runs or is frozen
+/// (`freeze`: it cannot hear of it, and only its guardian's deadline stops the command). The
+/// holder's command writes a heartbeat until it is stopped; the waiter's command records when
+/// it started and whether the first command was still alive then. No overlap: the first
+/// command is gone and its last heartbeat came before the waiter started; the first cachelock
+/// exits 75.
+fn holder_taken_away(test: &str, revoke: bool, freeze: bool) {
+    let c = shared();
+    let e = EtcdEnv::new(c, test);
+    let (pidfile, beats, log) = (
+        e.env.path("cmd.pid"),
+        e.env.path("beats"),
+        e.env.path("succ"),
+    );
+    let script = format!(
+        "echo $$ > {pid}; while :; do echo $EPOCHREALTIME >> {beats}; read -t 0.01 <> {fifo}; done",
+        pid = pidfile.display(),
+        beats = beats.display(),
+        fifo = e.env.path("fifo").display()
+    );
+    let mut h = e.spawn(&["run", "-q", test, "--", "bash", "-c", &script]);
+    let cmd_pid: i32 = wait_for_lines(&pidfile, 1)[0].parse().unwrap();
+    let check = format!(
+        "s=$EPOCHREALTIME; if [ -e /proc/{cmd_pid} ] && ! grep -q '^State:.*Z' /proc/{cmd_pid}/status; then echo alive $s >> {log}; else echo gone $s >> {log}; fi",
+        log = log.display()
+    );
+    let mut w = e.spawn(&["run", "-q", test, "--", "bash", "-c", &check]);
+    e.wait_tickets(test, 2);
+    if freeze {
+        h.signal(libc::SIGSTOP);
+    }
+    let holders = format!("{}/l/{test}/h/", prefix_of(&e));
+    let out = if revoke {
+        let out = c.etcdctl(&["get", "--prefix", &holders, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl JSON");
+        let lease = v["kvs"][0]["lease"]
+            .as_i64()
+            .expect("a holder key on a lease");
+        c.etcdctl(&["lease", "revoke", &format!("{lease:x}")])
+    } else {
+        c.etcdctl(&["del", "--prefix", &holders])
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.wait(), 0, "{}", w.stderr());
+    let line = wait_for_lines(&log, 1)[0].clone();
+    let (state, start) = line.split_once(' ').unwrap();
+    let last_beat: f64 = std::fs::read_to_string(&beats)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .fold(0.0, f64::max);
+    assert_eq!(
+        state, "gone",
+        "the first command still ran when the waiter got in"
+    );
+    assert!(
+        last_beat < start.parse::<f64>().unwrap(),
+        "overlap: the first command's last heartbeat {last_beat} after the second started {start}"
+    );
+    if freeze {
+        h.signal(libc::SIGCONT);
+    }
+    let code = h.wait();
+    let err = h.stderr();
+    assert_eq!(code, 75, "{err}");
+    assert!(err.contains("was lost while the command ran"), "{err}");
+    e.wait_tickets(test, 0);
+}
+
+#[test]
+fn a_deleted_holder_key_stops_the_holder_before_the_next_one_starts() {
+    holder_taken_away("delkey", false, false);
+}
+
+#[test]
+fn a_revoked_holder_lease_stops_the_holder_before_the_next_one_starts() {
+    holder_taken_away("revoke", true, false);
+}
+
+#[test]
+fn a_frozen_holder_whose_key_is_deleted_is_waited_out() {
+    holder_taken_away("delfrozen", false, true);
+}

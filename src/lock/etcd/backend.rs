@@ -89,8 +89,16 @@ impl Keys {
         format!("{}h/{slot:03}/x/", self.base)
     }
     fn holder(&self, slot: u32, mode: Mode, id: &str) -> String {
-        let m = if mode == Mode::Exclusive { "x" } else { "s" };
-        format!("{}h/{slot:03}/{m}/{id}", self.base)
+        format!("{}h/{slot:03}/{}/{id}", self.base, mode_key(mode))
+    }
+    /// Grants not yet released: `g/<slot>/<x|s>/<id>`, written (on no lease) with the holder
+    /// key and removed with it by the holder's release. A mark whose holder key is gone is a
+    /// holder that vanished without releasing (see [`EtcdQueued::grant`]).
+    fn marks(&self) -> String {
+        format!("{}g/", self.base)
+    }
+    fn mark(&self, slot: u32, mode: Mode, id: &str) -> String {
+        format!("{}g/{slot:03}/{}/{id}", self.base, mode_key(mode))
     }
     /// The record of the latest departure (see `super` and [`depart_txn`]).
     fn last(&self) -> String {
@@ -102,6 +110,26 @@ impl Keys {
     fn name(&self, lock: &str) -> String {
         format!("{}{lock}", self.names)
     }
+}
+
+fn mode_key(mode: Mode) -> &'static str {
+    if mode == Mode::Exclusive {
+        "x"
+    } else {
+        "s"
+    }
+}
+
+/// `<slot>/<x|s>/<rest>` of a holder key or grant mark.
+fn slot_mode(path: &str) -> Option<(u32, Mode, &str)> {
+    let mut parts = path.splitn(3, '/');
+    let slot = parts.next()?.parse::<u32>().ok()?;
+    let mode = match parts.next()? {
+        "x" => Mode::Exclusive,
+        "s" => Mode::Shared,
+        _ => return None,
+    };
+    Some((slot, mode, parts.next()?))
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -139,6 +167,7 @@ struct Waiting {
 /// the grant that created it.
 #[derive(Debug)]
 struct Holding {
+    key: String,
     ticket: TicketData,
     lease: i64,
     slot: u32,
@@ -156,6 +185,8 @@ struct Read_ {
     gen_rev: i64,
     waiters: Vec<Waiting>,
     holders: Vec<Holding>,
+    /// Grant marks: key, slot, mode, and the holder key they stand for.
+    marks: Vec<(String, u32, Mode, String)>,
     revision: i64,
 }
 
@@ -187,16 +218,15 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
                     lease: kv.lease(),
                 });
             }
+        } else if let Some(g) = rest.strip_prefix("g/") {
+            if let Some((slot, mode, id)) = slot_mode(g) {
+                r.marks
+                    .push((k.to_string(), slot, mode, keys.holder(slot, mode, id)));
+            }
         } else if let Some(h) = rest.strip_prefix("h/") {
-            let mut parts = h.split('/');
-            let slot = parts.next().and_then(|s| s.parse::<u32>().ok());
-            let mode = match parts.next() {
-                Some("x") => Some(Mode::Exclusive),
-                Some("s") => Some(Mode::Shared),
-                _ => None,
-            };
-            if let (Some(slot), Some(mode), Some(ticket)) = (slot, mode, ticket_of(kv)) {
+            if let (Some((slot, mode, _)), Some(ticket)) = (slot_mode(h), ticket_of(kv)) {
                 r.holders.push(Holding {
+                    key: k.to_string(),
                     ticket,
                     lease: kv.lease(),
                     slot,
@@ -255,7 +285,7 @@ async fn grant_lease(conn: &Conn, ttl: i64) -> Result<i64> {
 }
 
 /// A request's departure, one transaction: if `key` (its ticket or its holder key) is still
-/// there, delete it and write `record` to the lock's `last` key, so that a watcher of the store
+/// there, delete it (and a holder's grant `mark`) and write `record` to the lock's `last` key, so that a watcher of the store
 /// learns how the request ended from the very revision that removed it. A departure whose key
 /// is already gone (its lease expired) writes nothing. The lease is left to expire by itself
 /// (nothing is attached to it any more): a revoke would be a second round trip on every
@@ -265,13 +295,19 @@ async fn grant_lease(conn: &Conn, ttl: i64) -> Result<i64> {
 async fn depart_txn(
     conn: &Conn,
     key: String,
+    mark: Option<String>,
     last: String,
     record: Vec<u8>,
     patient: bool,
 ) -> Result<()> {
+    let mut ops = vec![
+        TxnOp::delete(key.clone(), None),
+        TxnOp::put(last, record, None),
+    ];
+    ops.extend(mark.map(|m| TxnOp::delete(m, None)));
     let txn = Txn::new()
-        .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
-        .and_then([TxnOp::delete(key, None), TxnOp::put(last, record, None)]);
+        .when([Compare::version(key, CompareOp::Greater, 0)])
+        .and_then(ops);
     let send = |mut c: etcd_client::Client| {
         let txn = txn.clone();
         async move { c.txn(txn).await.map(|_| ()) }
@@ -453,6 +489,78 @@ async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
     }
 }
 
+/// Follows our own holder key from `next`: its deletion by anyone but our release (a client
+/// deleting it, our lease revoked) loses the lease at once, so that the guardian stops the
+/// command now rather than at the next renewal. A stream that errs or stays silent for two
+/// request timeouts is replaced on the next endpoint, resuming where it left off.
+async fn watch_holder(conn: Arc<Conn>, key: String, mut next: i64, lease: Lease) {
+    let timeout = conn.store.request_timeout;
+    let gone = |how: &str| {
+        tracing::warn!(
+            "lock {}: our holder key {key} was {how} by someone else; stopping the command",
+            lease.lock()
+        );
+        lease.lose();
+    };
+    loop {
+        let (i, mut c) = match conn.current_client().await {
+            Ok(x) => x,
+            Err(_) => {
+                conn.rotate(conn.current_index());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let opts = WatchOptions::new()
+            .with_start_revision(next)
+            .with_progress_notify();
+        let mut s = match tokio::time::timeout(timeout, c.watch(key.clone(), Some(opts))).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                conn.rotate(i);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                m = s.message() => match m {
+                    Ok(Some(resp)) => {
+                        heard = Instant::now();
+                        if resp.canceled() {
+                            // Compacted past our revision: look at the key itself.
+                            match c.get(key.clone(), None).await {
+                                Ok(g) if g.kvs().is_empty() => return gone("removed"),
+                                Ok(g) => next = g.header().map_or(next, |h| h.revision() + 1),
+                                Err(_) => conn.rotate(i),
+                            }
+                            break;
+                        }
+                        if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                            return gone("deleted (or its lease revoked)");
+                        }
+                        if let Some(kv) = resp.events().last().and_then(|e| e.kv()) {
+                            next = kv.mod_revision() + 1;
+                        }
+                    }
+                    _ => {
+                        conn.rotate(i);
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep(timeout) => {
+                    if heard.elapsed() >= timeout * 2 {
+                        conn.rotate(i);
+                        break;
+                    }
+                    let _ = s.request_progress().await;
+                }
+            }
+        }
+    }
+}
+
 impl Backend for EtcdBackend {
     fn enqueue(&self, opts: &Options) -> Result<Box<dyn Queued>> {
         let keys = Keys::new(&self.conn.store.prefix, &opts.name);
@@ -481,6 +589,8 @@ impl Backend for EtcdBackend {
             revision: 0,
             watch: None,
             departure: None,
+            vanished: std::collections::HashMap::new(),
+            fence_until: None,
         };
         let conn = self.conn.clone();
         conn.block_on(q.publish())?;
@@ -585,6 +695,10 @@ struct EtcdQueued {
     watch: Option<(UnixStream, tokio::task::JoinHandle<()>)>,
     /// How the request ends (see `Queued::depart`), encoded.
     departure: Option<Vec<u8>>,
+    /// Grant marks of vanished holders, by key, with when we first saw each.
+    vanished: std::collections::HashMap<String, Instant>,
+    /// Until when a vanished holder's command may still run (the grant waits for it).
+    fence_until: Option<Instant>,
 }
 
 impl EtcdQueued {
@@ -727,6 +841,7 @@ impl EtcdQueued {
                 TxnOp::get(self.keys.holders(), Some(prefix_get(MAX_KEYS))),
                 TxnOp::get(self.keys.gen(), None),
                 TxnOp::get(self.keys.ticket(self.data.id()), None),
+                TxnOp::get(self.keys.marks(), Some(prefix_get(MAX_KEYS))),
             ]);
             let resp = self
                 .conn
@@ -750,7 +865,8 @@ impl EtcdQueued {
             let read = parse(&self.keys, &kvs, rev);
             // An earlier grant whose answer was lost: the holder key is already ours.
             if let Some(h) = read.holders.iter().find(|h| h.lease == lease_id) {
-                return Ok(Some(self.held(h.ticket.clone())));
+                let rev = h.revision;
+                return Ok(Some(self.held(h.ticket.clone(), rev)));
             }
             if !ticket_present {
                 self.rejoin().await?;
@@ -760,6 +876,7 @@ impl EtcdQueued {
             for h in &read.holders {
                 slots.hold(h.slot, h.mode);
             }
+            let stale = self.fence_vanished(&read, &mut slots);
             let Some(slot) = slots.take(self.data.request().mode) else {
                 return Ok(None);
             };
@@ -782,6 +899,12 @@ impl EtcdQueued {
             if let Some(k) = &mine.queue_key {
                 ops.push(TxnOp::delete(self.keys.key_record(k), None));
             }
+            ops.push(TxnOp::put(
+                self.keys.mark(slot, self.data.request().mode, mine.id()),
+                "",
+                None,
+            ));
+            ops.extend(stale.into_iter().map(|k| TxnOp::delete(k, None)));
             let txn = Txn::new()
                 .when([
                     Compare::version(busy, CompareOp::Equal, 0).with_range(end),
@@ -797,18 +920,64 @@ impl EtcdQueued {
                 })
                 .await?;
             if resp.succeeded() {
-                return Ok(Some(self.held(mine)));
+                let rev = resp.header().map_or(0, |h| h.revision());
+                return Ok(Some(self.held(mine, rev)));
             }
         }
         Ok(None)
     }
 
-    /// Hands the lease over to a held lock.
-    fn held(&mut self, data: TicketData) -> Box<dyn Held> {
+    /// Holders that vanished without releasing (a grant mark without its holder key: the key
+    /// deleted by a client, or the lease revoked or expired) may still run their command until
+    /// their stop window ([`LeaseRule::stop_window`]) has passed since we first saw them gone:
+    /// until then they hold their slot in `slots`. Returns the marks whose window has passed,
+    /// for the grant to remove.
+    fn fence_vanished(&mut self, read: &Read_, slots: &mut Slots) -> Vec<String> {
+        let window = LeaseRule::new(self.conn.store.lease_ttl).stop_window();
+        let now = Instant::now();
+        let seen = std::mem::take(&mut self.vanished);
+        self.fence_until = None;
+        let mut stale = Vec::new();
+        for (mark, slot, mode, holder) in &read.marks {
+            if read.holders.iter().any(|h| &h.key == holder) {
+                continue;
+            }
+            let since = seen.get(mark).copied().unwrap_or_else(|| {
+                tracing::warn!(
+                    "lock {}: holder {holder} vanished without releasing (its key deleted, or its lease revoked or expired); waiting {:.1}s, the time its command may need to stop",
+                    self.data.request().lock,
+                    window.as_secs_f64()
+                );
+                now
+            });
+            self.vanished.insert(mark.clone(), since);
+            if now < since + window {
+                slots.hold(*slot, *mode);
+                let until = since + window;
+                self.fence_until = Some(self.fence_until.map_or(until, |f| f.min(until)));
+            } else {
+                stale.push(mark.clone());
+            }
+        }
+        stale
+    }
+
+    /// Hands the lease over to a held lock granted at revision `rev`.
+    fn held(&mut self, data: TicketData, rev: i64) -> Box<dyn Held> {
         if let Some((_, task)) = self.watch.take() {
             task.abort();
         }
+        let key = self
+            .keys
+            .holder(data.slot.unwrap_or(0), data.request().mode, data.id());
+        let watcher = self.conn.spawn(watch_holder(
+            self.conn.clone(),
+            key,
+            rev,
+            self.lease.clone(),
+        ));
         Box::new(EtcdHeld {
+            watcher: Some(watcher),
             conn: self.conn.clone(),
             keys: self.keys.clone(),
             lease_id: self.lease_id.take(),
@@ -840,7 +1009,7 @@ impl EtcdQueued {
             let (key, last) = (self.keys.ticket(self.data.id()), self.keys.last());
             if let Err(e) = self
                 .conn
-                .block_on(depart_txn(&self.conn, key, last, record, patient))
+                .block_on(depart_txn(&self.conn, key, None, last, record, patient))
             {
                 tracing::warn!(
                     "could not leave the queue of lock {} ({e}); the ticket disappears when its lease expires",
@@ -911,7 +1080,9 @@ impl Queued for EtcdQueued {
             self.watch = Some((rx, task));
         }
         let rx = &self.watch.as_ref().expect("set above").0;
+        // A vanished holder's stop window ends like a release.
         let cap = Instant::now() + WATCH_SLEEP_CAP;
+        let cap = self.fence_until.map_or(cap, |f| f.min(cap));
         let wake_at = until.map_or(cap, |u| u.min(cap));
         let timeout = wake_at.saturating_duration_since(Instant::now());
         match sys::poll_readable(&[signal_fd, rx.as_fd()], Some(timeout)) {
@@ -981,6 +1152,8 @@ impl Drop for EtcdQueued {
 
 /// A held etcd lock: the holder key lives on the lease, renewed in the background.
 struct EtcdHeld {
+    /// Follows our holder key ([`watch_holder`]).
+    watcher: Option<tokio::task::JoinHandle<()>>,
     conn: Arc<Conn>,
     keys: Keys,
     lease_id: Option<i64>,
@@ -1009,9 +1182,7 @@ impl Held for EtcdHeld {
     }
 
     fn vanish(mut self: Box<Self>) {
-        if let Some(k) = self.keeper.take() {
-            k.abort();
-        }
+        self.stop();
         self.lease_id = None;
     }
 }
@@ -1020,10 +1191,18 @@ impl EtcdHeld {
     /// Stops renewing and removes the holder key with the departure's record (which wakes the
     /// next waiter), see [`depart_txn`]; unconfirmed, the lease expires by itself within its
     /// TTL.
-    fn release_now(&mut self, patient: bool) {
-        if let Some(k) = self.keeper.take() {
-            k.abort();
+    /// Stops following the holder key and renewing the lease.
+    fn stop(&mut self) {
+        for task in [self.watcher.take(), self.keeper.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
+    }
+
+    fn release_now(&mut self, patient: bool) {
+        self.stop();
         if self.lease_id.take().is_some() {
             let d = &self.data;
             let key = self
@@ -1033,9 +1212,13 @@ impl EtcdHeld {
                 .departure
                 .take()
                 .unwrap_or_else(|| departure_record(d.id(), None));
+            let mark = self
+                .keys
+                .mark(d.slot.unwrap_or(0), d.request().mode, d.id());
             if let Err(e) = self.conn.block_on(depart_txn(
                 &self.conn,
                 key,
+                Some(mark),
                 self.keys.last(),
                 record,
                 patient,
