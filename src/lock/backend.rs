@@ -393,6 +393,7 @@ struct LeaseShared {
     grace: Duration,
     lost: AtomicBool,
     watchers: Mutex<Vec<DeadlineWatcher>>,
+    orphan_release: Mutex<Option<Vec<u8>>>,
 }
 
 /// How a lease of TTL `ttl` is used safely: renewed every tenth of it; after a renewal sent at
@@ -467,6 +468,7 @@ impl Lease {
             grace,
             lost: AtomicBool::new(false),
             watchers: Mutex::new(Vec::new()),
+            orphan_release: Mutex::new(None),
         }))
     }
 
@@ -508,6 +510,26 @@ impl Lease {
         self.0.lost.store(true, Ordering::SeqCst);
         self.0.stop_at_ns.store(0, Ordering::SeqCst);
         self.tell(0);
+    }
+
+    /// How to release the lock if its holder dies while the command runs: a token for
+    /// [`super::release_orphaned`], which the guardian uses once it has stopped the command's
+    /// whole tree, so that the next waiter is served at once rather than when the lease expires.
+    pub fn set_orphan_release(&self, token: Vec<u8>) {
+        *self
+            .0
+            .orphan_release
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(token);
+    }
+
+    /// See [`Lease::set_orphan_release`].
+    pub fn orphan_release(&self) -> Option<Vec<u8>> {
+        self.0
+            .orphan_release
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Adds a watcher and tells it the current deadline.

@@ -323,7 +323,7 @@ fn status_shows_holders_waiters_ranks_revision_and_lease() {
 }
 
 /// SIGKILL of a holder's cachelock: its guardian stops the command at once, and the successor
-/// (which gets in when the lease expires) finds the command gone. SIGKILL of a waiter: its
+/// (which gets in when the guardian has released the lock) finds the command gone. SIGKILL of a waiter: its
 /// ticket goes with its lease. Nothing is left behind.
 #[test]
 fn sigkilled_holders_and_waiters_leave_no_overlap_and_no_ticket() {
@@ -805,4 +805,46 @@ fn a_revoked_holder_lease_stops_the_holder_before_the_next_one_starts() {
 #[test]
 fn a_frozen_holder_whose_key_is_deleted_is_waited_out() {
     holder_taken_away("delfrozen", false, true);
+}
+
+/// A SIGKILLed holder's guardian stops the command's tree, then releases the lock with a
+/// record, as a release: the next waiter is served at once — not when the lease expires (60 s
+/// here, beyond the 30 s this test waits) nor after a vanished holder's stop window — and only
+/// once the first command is gone. Prints the hand-off times (SIGKILL to the next command's
+/// start) for the benchmark note.
+#[test]
+fn a_sigkilled_holders_guardian_releases_for_the_next_waiter() {
+    let e = EtcdEnv::with_config(
+        shared(),
+        "orphan",
+        "etcd:\n  lease_ttl: 60\n  request_timeout: 0.5\n  unavailable_timeout: 8\n",
+    );
+    let log = e.env.path("orphan.log");
+    let mut handoffs = Vec::new();
+    for round in 0..5 {
+        let pidfile = e.env.path(&format!("cmd{round}.pid"));
+        let script = format!("echo $$ > {}; exec sleep 600", pidfile.display());
+        let mut h = e.spawn(&["run", "-q", "orphan", "--", "bash", "-c", &script]);
+        let cmd_pid: i32 = wait_for_lines(&pidfile, 1)[0].parse().unwrap();
+        let check = format!(
+            "s=$EPOCHREALTIME; if [ -e /proc/{cmd_pid} ] && ! grep -q '^State:.*Z' /proc/{cmd_pid}/status; then echo alive $s >> {log}; else echo gone $s >> {log}; fi",
+            log = log.display()
+        );
+        let mut w = e.spawn(&["run", "-q", "orphan", "--", "bash", "-c", &check]);
+        e.wait_tickets("orphan", 2);
+        let killed_at = now_s();
+        h.signal(libc::SIGKILL); // cachelock only: its guardian stops the command and releases
+        assert_eq!(w.wait(), 0, "{}", w.stderr());
+        h.wait();
+        let line = wait_for_lines(&log, round + 1)[round].clone();
+        let (state, start) = line.split_once(' ').unwrap();
+        assert_eq!(state, "gone", "the killed holder's command still ran");
+        handoffs.push(start.parse::<f64>().unwrap() - killed_at);
+    }
+    e.wait_tickets("orphan", 0);
+    handoffs.sort_by(f64::total_cmp);
+    eprintln!(
+        "a_sigkilled_holders_guardian_releases_for_the_next_waiter: hand-off {:.3} s median, {handoffs:.3?}",
+        handoffs[handoffs.len() / 2]
+    );
 }

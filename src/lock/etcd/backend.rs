@@ -328,6 +328,54 @@ async fn depart_txn(
     }
 }
 
+/// What the guardian of a holder whose cachelock died needs to release its lock (see
+/// [`crate::lock::Lease::set_orphan_release`]): the store (credentials included: the token
+/// only travels over the socket to our own child) and the departure transaction.
+#[derive(Serialize, Deserialize)]
+struct Orphan {
+    endpoints: Vec<String>,
+    prefix: String,
+    ca_file: Option<std::path::PathBuf>,
+    cert_file: Option<std::path::PathBuf>,
+    key_file: Option<std::path::PathBuf>,
+    user: Option<(String, String)>,
+    lease_ttl_ms: u64,
+    request_timeout_ms: u64,
+    unavailable_timeout_ms: u64,
+    key: String,
+    mark: String,
+    last: String,
+    record: Vec<u8>,
+}
+
+/// Releases the lock a dead holder's guardian was left (see [`Orphan`]): the holder key and
+/// its grant mark go with a record, as a release, so the next waiter is served at once.
+pub fn release_orphaned(token: &[u8]) -> Result<()> {
+    let o: Orphan = serde_json::from_slice(token)
+        .map_err(|e| Error::new(Kind::Software, format!("bad release token: {e}")))?;
+    let ms = Duration::from_millis;
+    let store = EtcdStore {
+        endpoints: o.endpoints,
+        prefix: o.prefix,
+        ca_file: o.ca_file,
+        cert_file: o.cert_file,
+        key_file: o.key_file,
+        user: o.user,
+        lease_ttl: ms(o.lease_ttl_ms),
+        request_timeout: ms(o.request_timeout_ms),
+        unavailable_timeout: ms(o.unavailable_timeout_ms),
+    };
+    let conn = Conn::new(&store)?;
+    conn.block_on(depart_txn(
+        &conn,
+        o.key,
+        Some(o.mark),
+        o.last,
+        o.record,
+        true,
+    ))
+}
+
 /// The encoded departure record of ticket `id`: `how`, or, without it, an error's.
 fn departure_record(id: &str, how: Option<&Departure<'_>>) -> Vec<u8> {
     let error = Departure {
@@ -970,6 +1018,26 @@ impl EtcdQueued {
         let key = self
             .keys
             .holder(data.slot.unwrap_or(0), data.request().mode, data.id());
+        let s = &self.conn.store;
+        let ms = |d: Duration| d.as_millis() as u64;
+        let orphan = Orphan {
+            endpoints: s.endpoints.clone(),
+            prefix: s.prefix.clone(),
+            ca_file: s.ca_file.clone(),
+            cert_file: s.cert_file.clone(),
+            key_file: s.key_file.clone(),
+            user: s.user.clone(),
+            lease_ttl_ms: ms(s.lease_ttl),
+            request_timeout_ms: ms(s.request_timeout),
+            unavailable_timeout_ms: ms(s.unavailable_timeout),
+            key: key.clone(),
+            mark: self
+                .keys
+                .mark(data.slot.unwrap_or(0), data.request().mode, data.id()),
+            last: self.keys.last(),
+            record: departure_record(data.id(), None),
+        };
+        self.lease.set_orphan_release(encode(&orphan));
         let watcher = self.conn.spawn(watch_holder(
             self.conn.clone(),
             key,

@@ -43,7 +43,7 @@ mod client;
 mod follow;
 
 #[cfg(feature = "etcd")]
-pub use backend::EtcdBackend;
+pub use backend::{release_orphaned, EtcdBackend};
 #[cfg(feature = "etcd")]
 pub use follow::Follower;
 
