@@ -166,12 +166,16 @@ fn nonblock_wait_and_conflict_codes() {
         e.run(&["-s", "-n", "nw", "--", "true"]).status.code(),
         Some(1)
     );
+    let held_gen = e.status_json(Some("nw"))["locks"][0]["generation"]
+        .as_u64()
+        .unwrap();
     std::fs::write(&go, "").unwrap();
     assert_eq!(h.wait(), 0);
-    // Free now: -n takes it, and the generation counts every acquisition.
+    // Free now: -n takes it, with a larger generation (the grant's revision).
     let out = e.run(&["-n", "nw", "--", "sh", "-c", "echo $CACHELOCK_GENERATION"]);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    let gen: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(gen > held_gen, "{gen} after {held_gen}");
     // Shared holders coexist.
     let go2 = e.env.path("go2");
     let script = format!(
@@ -297,8 +301,9 @@ fn status_shows_holders_waiters_ranks_revision_and_lease() {
         .iter()
         .find(|l| l["name"] == "st")
         .unwrap_or_else(|| panic!("lock st missing from {st}"));
-    assert_eq!(l["generation"], 1);
     let holder = &l["holders"][0];
+    // The generation is the grant's revision.
+    assert_eq!(l["generation"], holder["revision"], "{l}");
     assert!(holder["revision"].as_i64().unwrap() > 0, "{holder}");
     assert!(holder["lease_left_ms"].as_u64().unwrap() > 0, "{holder}");
     assert_eq!(holder["pid"].as_u64().unwrap() as i32, h.pid());
@@ -473,7 +478,8 @@ fn tls_client_certificates_and_authentication() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let gen: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(gen > 0);
     // Wrong password: a configuration error naming the credentials.
     let out = with("root:wrong")
         .args(["run", "t", "--", "true"])
@@ -687,8 +693,8 @@ fn a_lock_taken_and_dropped_inside_a_callers_runtime() {
             Acquired::FellBack { .. } => unreachable!(),
         }
     });
-    assert_eq!(generation, 1);
     let state = rt.block_on(async { cachelock::lock::Backend::state(&backend, "rt").unwrap() });
+    assert_eq!(state.generation, generation);
     assert!(state.tickets.holders.is_empty() && state.tickets.waiters.is_empty());
 }
 
@@ -846,5 +852,53 @@ fn a_sigkilled_holders_guardian_releases_for_the_next_waiter() {
     eprintln!(
         "a_sigkilled_holders_guardian_releases_for_the_next_waiter: hand-off {:.3} s median, {handoffs:.3?}",
         handoffs[handoffs.len() / 2]
+    );
+}
+
+/// An attacker writes 2^64−1, garbage and 0 to a lock's `gen` key between acquisitions: the
+/// generations handed to the commands still strictly increase — they are the grants' etcd
+/// revisions, which no client chooses — and neither wrap to 0 nor restart at 1; `status`
+/// shows at least the latest.
+#[test]
+fn a_forged_generation_key_cannot_make_a_fencing_token_repeat() {
+    let c = shared();
+    let e = EtcdEnv::new(c, "forge");
+    let log = e.env.path("forge.log");
+    let gen_key = format!("{}/l/forge/gen", prefix_of(&e));
+    let section = format!("echo $CACHELOCK_GENERATION >> {}", log.display());
+    let forged = [
+        None,
+        Some("18446744073709551615"),
+        Some("garbage"),
+        Some("0"),
+        Some("18446744073709551615"),
+    ];
+    for v in forged {
+        if let Some(v) = v {
+            let out = c.etcdctl(&["put", &gen_key, v]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = e.run(&["-q", "forge", "--", "bash", "-c", &section]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let gens: Vec<u64> = wait_for_lines(&log, forged.len())
+        .iter()
+        .map(|l| l.parse().expect("a generation"))
+        .collect();
+    assert_eq!(gens.len(), forged.len());
+    assert!(gens.windows(2).all(|w| w[1] > w[0]), "{gens:?}");
+    assert!(gens[0] > 1, "{gens:?}");
+    let st = e.status_json(Some("forge"));
+    assert!(
+        st["locks"][0]["generation"].as_u64().unwrap() >= gens[gens.len() - 1],
+        "{st}"
     );
 }

@@ -73,6 +73,10 @@ impl Keys {
     fn meta(&self) -> String {
         format!("{}meta", self.base)
     }
+    /// Rewritten by every grant: its mod revision, the grant's, is the generation (fencing
+    /// token). etcd's revisions only grow and no client can choose one, so whatever a client
+    /// writes there the next generation is larger than every earlier one; its value means
+    /// nothing.
     fn gen(&self) -> String {
         format!("{}gen", self.base)
     }
@@ -152,6 +156,14 @@ pub(super) fn ticket_of(kv: &KeyValue) -> Option<TicketData> {
     serde_json::from_slice(kv.value()).ok()
 }
 
+/// A holder key's ticket, its generation the grant's revision (see [`Keys::gen`]), never what
+/// the value claims.
+pub(super) fn holder_of(kv: &KeyValue) -> Option<TicketData> {
+    let mut t = ticket_of(kv)?;
+    t.generation = Some(kv.create_revision().max(0) as u64);
+    Some(t)
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("encodes")
 }
@@ -181,6 +193,7 @@ struct Read_ {
     /// Any key of the lock was read.
     exists: bool,
     meta: Option<(Meta, i64)>,
+    /// The latest grant's generation: `gen`'s mod revision (see [`Keys::gen`]).
     generation: u64,
     gen_rev: i64,
     waiters: Vec<Waiting>,
@@ -205,11 +218,7 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
             let m = serde_json::from_slice(kv.value()).unwrap_or_default();
             r.meta = Some((m, kv.mod_revision()));
         } else if rest == "gen" {
-            r.generation = kv
-                .value_str()
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            r.generation = kv.mod_revision().max(0) as u64;
             r.gen_rev = kv.mod_revision();
         } else if rest.starts_with("q/") {
             if let Some(ticket) = ticket_of(kv) {
@@ -224,7 +233,7 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
                     .push((k.to_string(), slot, mode, keys.holder(slot, mode, id)));
             }
         } else if let Some(h) = rest.strip_prefix("h/") {
-            if let (Some((slot, mode, _)), Some(ticket)) = (slot_mode(h), ticket_of(kv)) {
+            if let (Some((slot, mode, _)), Some(ticket)) = (slot_mode(h), holder_of(kv)) {
                 r.holders.push(Holding {
                     key: k.to_string(),
                     ticket,
@@ -929,7 +938,9 @@ impl EtcdQueued {
                 return Ok(None);
             };
             let mut mine = self.data.clone();
-            mine.hold(slot, read.generation + 1, now_ms());
+            // The generation is the grant's revision, known from its answer (see `Keys::gen`).
+            mine.hold(slot, 0, now_ms());
+            mine.generation = None;
             let busy = match self.data.request().mode {
                 Mode::Exclusive => self.keys.slot(slot),
                 Mode::Shared => self.keys.slot_exclusive(slot),
@@ -941,7 +952,7 @@ impl EtcdQueued {
                     encode(&mine),
                     Some(PutOptions::new().with_lease(lease_id)),
                 ),
-                TxnOp::put(self.keys.gen(), (read.generation + 1).to_string(), None),
+                TxnOp::put(self.keys.gen(), "", None),
                 TxnOp::delete(self.keys.ticket(mine.id()), None),
             ];
             if let Some(k) = &mine.queue_key {
@@ -969,6 +980,7 @@ impl EtcdQueued {
                 .await?;
             if resp.succeeded() {
                 let rev = resp.header().map_or(0, |h| h.revision());
+                mine.generation = Some(rev.max(0) as u64);
                 return Ok(Some(self.held(mine, rev)));
             }
         }

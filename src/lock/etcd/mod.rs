@@ -12,8 +12,9 @@
 //!   in a key attached to a lease whose TTL is the key's grace.
 //! - **The grant** is one transaction, sent only by the head set: it compares the slot's holder
 //!   range (exclusive: no holder; shared: no exclusive holder — [`crate::lock::order::Slots`]
-//!   semantics) and the generation key, and writes the holder key (on the lease), the incremented
-//!   generation (the fencing token `CACHELOCK_GENERATION`), and removes the ticket.
+//!   semantics) and the generation key, and writes the holder key (on the lease) and the
+//!   generation key, and removes the ticket. The generation (the fencing token
+//!   `CACHELOCK_GENERATION`) is the grant's revision: it only grows, and no client can forge it.
 //! - **Waiting** is a watch on the lock's keys (deletions alone mean the head may try at once),
 //!   with a bounded sleep in case a watch stream hangs on a frozen member.
 //! - **Failover**: every request has a short deadline and is retried on the next endpoint; a
