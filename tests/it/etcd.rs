@@ -902,3 +902,76 @@ fn a_forged_generation_key_cannot_make_a_fencing_token_repeat() {
         "{st}"
     );
 }
+
+/// `etcdctl put KEY` with the value on its standard input (larger than an argument may be).
+fn put_large(c: &Cluster, key: &str, value: &[u8]) {
+    use std::io::Write;
+    let mut p = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", c.endpoints()))
+        .args(["put", key])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("etcdctl");
+    p.stdin.take().unwrap().write_all(value).unwrap();
+    assert!(p.wait().unwrap().success(), "etcdctl put {key}");
+}
+
+/// The unreadable entries `status --json` names for `lock`.
+fn unreadable(e: &EtcdEnv, lock: &str) -> Vec<String> {
+    let st = e.status_json(Some(lock));
+    st["locks"][0]["unreadable"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|u| u["ticket"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An attacker's junk value under the holder range blocked every grant while the lock looked
+/// free: the grant passes over it (it compares that no holder came since its read, not that
+/// the range is empty) and `status` names it.
+#[test]
+fn a_junk_holder_key_blocks_no_grant_and_is_named() {
+    let c = shared();
+    let e = EtcdEnv::new(c, "junk");
+    let key = format!("{}/l/junk/h/000/x/evil", prefix_of(&e));
+    let out = c.etcdctl(&["put", &key, "garbage"]);
+    assert!(out.status.success());
+    let out = e.run(&["-w", "20", "junk", "--", "true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(unreadable(&e, "junk"), ["h/000/x/evil"]);
+}
+
+/// ~6.6 MB of values in one lock's queue (six of 1.1 MB, under etcd's 1.5 MiB request limit)
+/// and a garbage ticket made every `run` and `status` fail on the client's 4 MiB message
+/// limit: reads are paged, the lock is served, and `status` names each entry it cannot use.
+#[test]
+fn megabytes_of_junk_in_a_queue_are_paged_over_and_named() {
+    let c = shared();
+    let e = EtcdEnv::new(c, "big");
+    let q = format!("{}/l/big/q/", prefix_of(&e));
+    let big = vec![b'x'; 1_100_000];
+    for i in 0..6 {
+        put_large(c, &format!("{q}big{i}"), &big);
+    }
+    put_large(c, &format!("{q}garbage"), b"{not json");
+    let out = e.run(&["-w", "20", "big", "--", "true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names = unreadable(&e, "big");
+    names.sort();
+    let mut want: Vec<String> = (0..6).map(|i| format!("q/big{i}")).collect();
+    want.push("q/garbage".into());
+    assert_eq!(names, want);
+}

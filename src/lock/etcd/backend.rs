@@ -19,15 +19,18 @@ use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{
     Backend, Containment, Departure, Held, Lease, LeaseRule, LockState, Queued, Snapshot,
-    StoreNote, TicketData, Wake, Watch,
+    StoreNote, TicketData, Unreadable, Wake, Watch,
 };
 use crate::lock::order::Slots;
 use crate::lock::{name, now_ms, Options};
 use crate::policy::Mode;
 use crate::sys;
 
-/// Most keys one read of a lock returns (tickets are bounded in size, so a read is too).
+/// Most keys one read of a lock returns.
 const MAX_KEYS: i64 = 10_000;
+/// Keys per page of a read, at first: halved while a page exceeds the client's message limit
+/// (4 MiB), so that any value the server accepts (1.5 MiB by default) can be read.
+const PAGE: i64 = 256;
 /// Longest value read as a ticket (larger ones are not cachelock's and are skipped).
 const MAX_VALUE: usize = 64 * 1024;
 /// Longest a waiter trusts its watch without hearing from it (a progress request is sent after
@@ -200,6 +203,8 @@ struct Read_ {
     holders: Vec<Holding>,
     /// Grant marks: key, slot, mode, and the holder key they stand for.
     marks: Vec<(String, u32, Mode, String)>,
+    /// Tickets and holder keys that cannot be used (ignored, shown by `status`).
+    unreadable: Vec<Unreadable>,
     revision: i64,
 }
 
@@ -221,11 +226,12 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
             r.generation = kv.mod_revision().max(0) as u64;
             r.gen_rev = kv.mod_revision();
         } else if rest.starts_with("q/") {
-            if let Some(ticket) = ticket_of(kv) {
-                r.waiters.push(Waiting {
+            match ticket_of(kv) {
+                Some(ticket) => r.waiters.push(Waiting {
                     ticket,
                     lease: kv.lease(),
-                });
+                }),
+                None => r.unreadable.push(unreadable(rest, kv.value().len())),
             }
         } else if let Some(g) = rest.strip_prefix("g/") {
             if let Some((slot, mode, id)) = slot_mode(g) {
@@ -233,19 +239,106 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
                     .push((k.to_string(), slot, mode, keys.holder(slot, mode, id)));
             }
         } else if let Some(h) = rest.strip_prefix("h/") {
-            if let (Some((slot, mode, _)), Some(ticket)) = (slot_mode(h), holder_of(kv)) {
-                r.holders.push(Holding {
+            match (slot_mode(h), holder_of(kv)) {
+                (Some((slot, mode, _)), Some(ticket)) => r.holders.push(Holding {
                     key: k.to_string(),
                     ticket,
                     lease: kv.lease(),
                     slot,
                     mode,
                     revision: kv.create_revision(),
-                });
+                }),
+                _ => r.unreadable.push(unreadable(rest, kv.value().len())),
             }
         }
     }
     r
+}
+
+/// A ticket or holder key (`rest`, below the lock's keys) whose value of `len` bytes is no
+/// ticket: ignored, and named by `status`.
+fn unreadable(rest: &str, len: usize) -> Unreadable {
+    Unreadable {
+        ticket: rest.to_string(),
+        owner_uid: None,
+        reason: if len > MAX_VALUE {
+            format!("{len} bytes, more than a ticket's {MAX_VALUE}")
+        } else {
+            "not a cachelock ticket".to_string()
+        },
+    }
+}
+
+/// Whether a read failed on the client's message limit.
+fn too_large(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("too large")
+}
+
+/// Reads the keys under `prefix` at revision `rev` (0: the latest) in pages, at most
+/// [`MAX_KEYS`]; returns them, the revision read, and the keys whose value alone exceeds the
+/// client's message limit (skipped).
+async fn read_range(
+    conn: &Conn,
+    prefix: &str,
+    mut rev: i64,
+) -> Result<(Vec<KeyValue>, i64, Vec<String>)> {
+    let end = range_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut page = PAGE;
+    let (mut kvs, mut oversized) = (Vec::new(), Vec::new());
+    loop {
+        let opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(page)
+            .with_revision(rev);
+        let resp = conn
+            .call("a read of the queue", |mut c| {
+                let (from, opts) = (from.clone(), opts.clone());
+                async move {
+                    match c.get(from, Some(opts)).await {
+                        Ok(r) => Ok(Some(r)),
+                        Err(e) if too_large(&e) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        let Some(resp) = resp else {
+            if page > 1 {
+                page /= 2;
+                continue;
+            }
+            // One value beyond the limit: name it and read on after it.
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(1)
+                .with_revision(rev)
+                .with_keys_only();
+            let k = conn
+                .call("a read of the queue", |mut c| {
+                    let (from, opts) = (from.clone(), opts.clone());
+                    async move { c.get(from, Some(opts)).await }
+                })
+                .await?;
+            let Some(kv) = k.kvs().first() else { break };
+            oversized.push(String::from_utf8_lossy(kv.key()).into_owned());
+            from = kv.key().to_vec();
+            from.push(0);
+            continue;
+        };
+        if rev == 0 {
+            rev = resp.header().map_or(0, |h| h.revision());
+        }
+        if let Some(last) = resp.kvs().last() {
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        kvs.extend(resp.kvs().iter().cloned());
+        if !resp.more() || resp.kvs().is_empty() || kvs.len() >= MAX_KEYS as usize {
+            break;
+        }
+    }
+    Ok((kvs, rev, oversized))
 }
 
 /// The etcd store as a backend.
@@ -272,15 +365,18 @@ impl EtcdBackend {
 }
 
 async fn read_lock(conn: &Conn, keys: &Keys) -> Result<Read_> {
-    let all = keys.all();
-    let resp = conn
-        .call("a read of the queue", |mut c| {
-            let all = all.clone();
-            async move { c.get(all, Some(prefix_get(MAX_KEYS))).await }
-        })
-        .await?;
-    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-    Ok(parse(keys, resp.kvs(), rev))
+    let (kvs, rev, oversized) = read_range(conn, &keys.all(), 0).await?;
+    let mut r = parse(keys, &kvs, rev);
+    r.exists |= !oversized.is_empty();
+    for k in oversized {
+        let rest = k.strip_prefix(&keys.base).unwrap_or(&k).to_string();
+        r.unreadable.push(Unreadable {
+            ticket: rest,
+            owner_uid: None,
+            reason: "larger than the client's message limit (4 MiB)".to_string(),
+        });
+    }
+    Ok(r)
 }
 
 /// Grants a lease of `ttl` seconds.
@@ -726,7 +822,7 @@ impl Backend for EtcdBackend {
                 exists: r.exists,
                 generation: r.generation,
                 tickets,
-                unreadable: Vec::new(),
+                unreadable: r.unreadable,
                 notes,
             })
         })
@@ -894,29 +990,67 @@ impl EtcdQueued {
     async fn grant(&mut self) -> Result<Option<Box<dyn Held>>> {
         let lease_id = self.lease_id();
         for _ in 0..GRANT_ATTEMPTS {
-            let look = Txn::new().and_then([
-                TxnOp::get(self.keys.holders(), Some(prefix_get(MAX_KEYS))),
-                TxnOp::get(self.keys.gen(), None),
-                TxnOp::get(self.keys.ticket(self.data.id()), None),
-                TxnOp::get(self.keys.marks(), Some(prefix_get(MAX_KEYS))),
-            ]);
+            // Names only (values another client wrote may be large), and the holders' first page.
+            let names = || GetOptions::new().with_keys_only();
+            let small = [
+                TxnOp::get(self.keys.gen(), Some(names())),
+                TxnOp::get(self.keys.ticket(self.data.id()), Some(names())),
+                TxnOp::get(
+                    self.keys.marks(),
+                    Some(prefix_get(MAX_KEYS).with_keys_only()),
+                ),
+            ];
+            let mut look = small.to_vec();
+            look.push(TxnOp::get(self.keys.holders(), Some(prefix_get(PAGE))));
             let resp = self
                 .conn
                 .call("a read of the holders", |mut c| {
-                    let look = look.clone();
-                    async move { c.txn(look).await }
+                    let look = Txn::new().and_then(look.clone());
+                    async move {
+                        match c.txn(look).await {
+                            Ok(r) => Ok(Some(r)),
+                            Err(e) if too_large(&e) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
                 })
                 .await?;
+            let resp = match resp {
+                Some(r) => r,
+                None => {
+                    self.conn
+                        .call("a read of the holders", |mut c| {
+                            let look = Txn::new().and_then(small.clone());
+                            async move { c.txn(look).await }
+                        })
+                        .await?
+                }
+            };
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             let mut kvs = Vec::new();
             let mut ticket_present = false;
+            let mut holders_read = false;
             for (i, r) in resp.op_responses().into_iter().enumerate() {
                 if let TxnOpResponse::Get(g) = r {
-                    if i == 2 {
+                    if i == 1 {
                         ticket_present = !g.kvs().is_empty();
+                    } else if i == 3 && g.more() {
+                        continue;
                     } else {
+                        holders_read |= i == 3;
                         kvs.extend(g.kvs().iter().cloned());
                     }
+                }
+            }
+            if !holders_read {
+                let (more, _, oversized) =
+                    read_range(&self.conn, &self.keys.holders(), rev).await?;
+                kvs.extend(more);
+                for k in oversized {
+                    tracing::warn!(
+                        "lock {}: ignoring {k}: larger than the client's message limit",
+                        self.data.request().lock
+                    );
                 }
             }
             let read = parse(&self.keys, &kvs, rev);
@@ -966,7 +1100,9 @@ impl EtcdQueued {
             ops.extend(stale.into_iter().map(|k| TxnOp::delete(k, None)));
             let txn = Txn::new()
                 .when([
-                    Compare::version(busy, CompareOp::Equal, 0).with_range(end),
+                    // No holder since our read; what the read found there is no holder (junk
+                    // another client wrote: see `status`), or `slots` would have refused.
+                    Compare::mod_revision(busy, CompareOp::Less, rev + 1).with_range(end),
                     Compare::mod_revision(self.keys.gen(), CompareOp::Equal, read.gen_rev),
                     Compare::version(self.keys.ticket(mine.id()), CompareOp::Greater, 0),
                 ])
