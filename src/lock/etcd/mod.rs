@@ -32,9 +32,11 @@
 //!   it any more): a release costs one round trip, as the revoke it replaces did.
 //!
 //! Keys under `<prefix>/` (default `cachelock`): `n/<name>` (lock names, for `status`), and per
-//! lock `l/<name>/`: `meta` (next ticket number, last arrival), `gen` (generation), `q/<id>`
-//! (waiting tickets), `h/<slot>/<x|s>/<id>` (holders), `k/<sha256 of queue key>` (remembered
-//! arrivals), `last` (the latest departure's record, overwritten by the next).
+//! lock `l/<name>/`: `meta` (next ticket number, last arrival), `gen` (its mod revision is the
+//! latest generation), `q/<id>` (waiting tickets), `h/<slot>/<x|s>/<id>` (holders),
+//! `g/<slot>/<x|s>/<id>` (grants not yet released: a mark without its holder key is a holder
+//! that vanished, whose command may run for the lease's stop window), `k/<sha256 of queue
+//! key>` (remembered arrivals), `last` (the latest departure's record, overwritten by the next).
 
 #[cfg(feature = "etcd")]
 mod backend;
