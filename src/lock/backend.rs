@@ -393,6 +393,7 @@ struct LeaseShared {
     grace: Duration,
     lost: AtomicBool,
     watchers: Mutex<Vec<DeadlineWatcher>>,
+    orphan_release: Mutex<Option<Vec<u8>>>,
 }
 
 /// How a lease of TTL `ttl` is used safely: renewed every tenth of it; after a renewal sent at
@@ -432,6 +433,14 @@ impl LeaseRule {
         self.ttl / 5
     }
 
+    /// The longest a holder's command may run on after its lease or holder key vanished
+    /// without the holder knowing: its stop deadline (3/5 of the TTL after a renewal sent
+    /// before the vanishing) plus the grace. A waiter that sees a holder vanish without a
+    /// release waits this long before it takes the lock.
+    pub fn stop_window(&self) -> Duration {
+        self.ttl * 4 / 5
+    }
+
     /// A lease of lock `lock` granted at `granted_ns`, under this rule.
     pub fn lease(&self, lock: &str, granted_ns: u64) -> Lease {
         Lease::new(lock, self.stop_at(granted_ns, self.ttl), self.grace())
@@ -459,6 +468,7 @@ impl Lease {
             grace,
             lost: AtomicBool::new(false),
             watchers: Mutex::new(Vec::new()),
+            orphan_release: Mutex::new(None),
         }))
     }
 
@@ -502,6 +512,26 @@ impl Lease {
         self.tell(0);
     }
 
+    /// How to release the lock if its holder dies while the command runs: a token for
+    /// [`super::release_orphaned`], which the guardian uses once it has stopped the command's
+    /// whole tree, so that the next waiter is served at once rather than when the lease expires.
+    pub fn set_orphan_release(&self, token: Vec<u8>) {
+        *self
+            .0
+            .orphan_release
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(token);
+    }
+
+    /// See [`Lease::set_orphan_release`].
+    pub fn orphan_release(&self) -> Option<Vec<u8>> {
+        self.0
+            .orphan_release
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Adds a watcher and tells it the current deadline.
     pub fn watch(&self, mut watcher: DeadlineWatcher) {
         let mut watchers = self.0.watchers.lock().unwrap_or_else(|e| e.into_inner());
@@ -540,6 +570,7 @@ mod tests {
             assert!(kill < sent + ttl_ns);
             assert!(r.renew_every() <= r.ttl / 10 || r.renew_every() == Duration::from_millis(100));
             assert_eq!(r.lease("l", sent).stop_at_ns(), stop);
+            assert_eq!(sent + r.stop_window().as_nanos() as u64, kill);
         }
     }
 }

@@ -223,6 +223,21 @@ fn open_etcd(s: &etcd::EtcdStore) -> Result<Box<dyn Backend>> {
     )))
 }
 
+/// Releases a held lock whose holder died, with the token its backend left on the lease
+/// ([`Lease::set_orphan_release`]); for the command's guardian, once the whole tree is gone.
+#[cfg(feature = "etcd")]
+pub fn release_orphaned(token: &[u8]) -> Result<()> {
+    etcd::release_orphaned(token)
+}
+
+/// See the `etcd` feature's version: no other backend leaves a token.
+#[cfg(not(feature = "etcd"))]
+pub fn release_orphaned(_token: &[u8]) -> Result<()> {
+    Err(Error::config(
+        "no backend of this cachelock releases for a guardian",
+    ))
+}
+
 /// Opens the store for reading only (`status`): nothing is created.
 pub fn open_existing(store: &Store) -> Result<Box<dyn Backend>> {
     match store {

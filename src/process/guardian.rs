@@ -8,7 +8,10 @@
 //!
 //! - the stop deadline cachelock last sent passes without a newer one (a renewal failed, or
 //!   cachelock is frozen): it reports `lost`;
-//! - its socket to cachelock reaches end-of-file (cachelock died: no one renews the lease);
+//! - its socket to cachelock reaches end-of-file (cachelock died: no one renews the lease):
+//!   once the whole tree is gone it releases the lock itself, if the backend left it a way to
+//!   ([`crate::lock::Lease::set_orphan_release`]), so that the next waiter is served at once
+//!   rather than when the lease expires;
 //! - a deadline of 0 arrives (the lease is known to be gone: SIGKILL at once).
 //!
 //! When the command exits by itself, processes it left behind are stopped the same way (the
@@ -19,8 +22,9 @@
 //! it there), never terminal-generated ones, which the command got already.
 //!
 //! Wire format: cachelock → guardian, 8-byte little-endian `CLOCK_MONOTONIC` nanoseconds, the
-//! lease's stop deadline ([`link`]; 0: stop now); guardian → cachelock, one line: `exit N`,
-//! `lost`, or `spawn ERRNO` (the command could not be started).
+//! lease's stop deadline ([`link`]; 0: stop now), after, first, the release token if there is
+//! one (`u64::MAX`, a 4-byte little-endian length, the token); guardian → cachelock, one line:
+//! `exit N`, `lost`, or `spawn ERRNO` (the command could not be started).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -43,6 +47,12 @@ pub const GUARDIAN_ARG: &str = "__cachelock-guardian";
 
 /// How long a new guardian waits for its first deadline before giving up.
 const FIRST_DEADLINE_WAIT: Duration = Duration::from_secs(10);
+
+/// The frame marker of a release token (no deadline is this late).
+const TOKEN: u64 = u64::MAX;
+
+/// Longest release token taken.
+const MAX_TOKEN: usize = 64 * 1024;
 
 /// If this process was started as a guardian, runs it and exits with its code.
 pub fn run_if_invoked() {
@@ -68,6 +78,13 @@ pub(super) fn command(program: &OsStr, fd: RawFd, grace: Duration) -> Command {
 /// Sends every stop deadline of `lease` to a guardian over `link` (non-blocking: a guardian that
 /// is gone is dropped from the lease's watchers).
 pub(super) fn link(lease: &Lease, link: UnixStream) {
+    if let Some(token) = lease.orphan_release().filter(|t| t.len() <= MAX_TOKEN) {
+        // Written before any deadline into an empty socket buffer, far larger than the token.
+        let mut frame = TOKEN.to_le_bytes().to_vec();
+        frame.extend((token.len() as u32).to_le_bytes());
+        frame.extend(token);
+        let _ = (&link).write_all(&frame);
+    }
     let _ = link.set_nonblocking(true);
     lease.watch(Box::new(move |deadline| {
         let mut w = &link;
@@ -144,6 +161,7 @@ pub fn main(args: &[OsString]) -> i32 {
         inbox: Vec::new(),
         stop_at: None,
         eof: false,
+        release: None,
     };
     if let Err(e) = sys::set_child_subreaper() {
         eprintln!("cachelock: guardian: cannot become a child subreaper: {e}");
@@ -229,7 +247,14 @@ pub fn main(args: &[OsString]) -> i32 {
             .saturating_add(g.grace.as_nanos() as u64)
             .min(at.saturating_add(g.grace.as_nanos() as u64)),
     };
-    stop_tree(&signals, kill_at);
+    let gone = stop_tree(&signals, kill_at);
+    if let (Stop::ParentGone, true, Some(token)) = (why, gone, &g.release) {
+        if let Err(e) = crate::lock::release_orphaned(token) {
+            eprintln!(
+                "cachelock: guardian: cannot release the lock of a cachelock that died ({e}); it is freed when its lease expires"
+            );
+        }
+    }
     match why {
         Stop::Finished => {
             let c = status.map(exit_code).unwrap_or(code::SOFTWARE);
@@ -250,6 +275,8 @@ struct Guardian {
     inbox: Vec<u8>,
     stop_at: Option<u64>,
     eof: bool,
+    /// The release token, if cachelock sent one.
+    release: Option<Vec<u8>>,
 }
 
 impl Guardian {
@@ -273,6 +300,22 @@ impl Guardian {
         }
         while self.inbox.len() >= 8 {
             let v = u64::from_le_bytes(self.inbox[..8].try_into().expect("8 bytes"));
+            if v == TOKEN {
+                let Some(len) = self.inbox.get(8..12) else {
+                    break;
+                };
+                let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+                if len > MAX_TOKEN {
+                    self.eof = true;
+                    break;
+                }
+                if self.inbox.len() < 12 + len {
+                    break;
+                }
+                self.release = Some(self.inbox[12..12 + len].to_vec());
+                self.inbox.drain(..12 + len);
+                continue;
+            }
             self.inbox.drain(..8);
             self.stop_at = Some(v);
         }
@@ -322,8 +365,9 @@ fn descendants() -> Vec<i32> {
 }
 
 /// SIGTERM (and SIGCONT, so a stopped process can act on it) to every descendant, then SIGKILL
-/// to whatever is left at `kill_at`, until none is left (zombies are reaped on the way).
-fn stop_tree(signals: &Signals, kill_at: u64) {
+/// to whatever is left at `kill_at`, until none is left (zombies are reaped on the way);
+/// returns whether none is.
+fn stop_tree(signals: &Signals, kill_at: u64) -> bool {
     let mut killed = false;
     let mut termed = false;
     let give_up_at = kill_at.saturating_add(30_000_000_000);
@@ -331,7 +375,7 @@ fn stop_tree(signals: &Signals, kill_at: u64) {
         while sys::reap_any().is_some() {}
         let pids = descendants();
         if pids.is_empty() {
-            return;
+            return true;
         }
         let now = sys::monotonic_ns();
         if now >= kill_at {
@@ -348,7 +392,7 @@ fn stop_tree(signals: &Signals, kill_at: u64) {
         }
         if now >= give_up_at {
             eprintln!("cachelock: guardian: processes {pids:?} survived SIGKILL for 30 s");
-            return;
+            return false;
         }
         let _ = signals.take();
         let wait = if killed {

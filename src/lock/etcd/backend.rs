@@ -19,15 +19,18 @@ use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{
     Backend, Containment, Departure, Held, Lease, LeaseRule, LockState, Queued, Snapshot,
-    StoreNote, TicketData, Wake, Watch,
+    StoreNote, TicketData, Unreadable, Wake, Watch,
 };
 use crate::lock::order::Slots;
 use crate::lock::{name, now_ms, Options};
 use crate::policy::Mode;
 use crate::sys;
 
-/// Most keys one read of a lock returns (tickets are bounded in size, so a read is too).
+/// Most keys one read of a lock returns.
 const MAX_KEYS: i64 = 10_000;
+/// Keys per page of a read, at first: halved while a page exceeds the client's message limit
+/// (4 MiB), so that any value the server accepts (1.5 MiB by default) can be read.
+const PAGE: i64 = 256;
 /// Longest value read as a ticket (larger ones are not cachelock's and are skipped).
 const MAX_VALUE: usize = 64 * 1024;
 /// Longest a waiter trusts its watch without hearing from it (a progress request is sent after
@@ -73,6 +76,10 @@ impl Keys {
     fn meta(&self) -> String {
         format!("{}meta", self.base)
     }
+    /// Rewritten by every grant: its mod revision, the grant's, is the generation (fencing
+    /// token). etcd's revisions only grow and no client can choose one, so whatever a client
+    /// writes there the next generation is larger than every earlier one; its value means
+    /// nothing.
     fn gen(&self) -> String {
         format!("{}gen", self.base)
     }
@@ -89,8 +96,16 @@ impl Keys {
         format!("{}h/{slot:03}/x/", self.base)
     }
     fn holder(&self, slot: u32, mode: Mode, id: &str) -> String {
-        let m = if mode == Mode::Exclusive { "x" } else { "s" };
-        format!("{}h/{slot:03}/{m}/{id}", self.base)
+        format!("{}h/{slot:03}/{}/{id}", self.base, mode_key(mode))
+    }
+    /// Grants not yet released: `g/<slot>/<x|s>/<id>`, written (on no lease) with the holder
+    /// key and removed with it by the holder's release. A mark whose holder key is gone is a
+    /// holder that vanished without releasing (see [`EtcdQueued::grant`]).
+    fn marks(&self) -> String {
+        format!("{}g/", self.base)
+    }
+    fn mark(&self, slot: u32, mode: Mode, id: &str) -> String {
+        format!("{}g/{slot:03}/{}/{id}", self.base, mode_key(mode))
     }
     /// The record of the latest departure (see `super` and [`depart_txn`]).
     fn last(&self) -> String {
@@ -102,6 +117,26 @@ impl Keys {
     fn name(&self, lock: &str) -> String {
         format!("{}{lock}", self.names)
     }
+}
+
+fn mode_key(mode: Mode) -> &'static str {
+    if mode == Mode::Exclusive {
+        "x"
+    } else {
+        "s"
+    }
+}
+
+/// `<slot>/<x|s>/<rest>` of a holder key or grant mark.
+fn slot_mode(path: &str) -> Option<(u32, Mode, &str)> {
+    let mut parts = path.splitn(3, '/');
+    let slot = parts.next()?.parse::<u32>().ok()?;
+    let mode = match parts.next()? {
+        "x" => Mode::Exclusive,
+        "s" => Mode::Shared,
+        _ => return None,
+    };
+    Some((slot, mode, parts.next()?))
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -124,6 +159,14 @@ pub(super) fn ticket_of(kv: &KeyValue) -> Option<TicketData> {
     serde_json::from_slice(kv.value()).ok()
 }
 
+/// A holder key's ticket, its generation the grant's revision (see [`Keys::gen`]), never what
+/// the value claims.
+pub(super) fn holder_of(kv: &KeyValue) -> Option<TicketData> {
+    let mut t = ticket_of(kv)?;
+    t.generation = Some(kv.create_revision().max(0) as u64);
+    Some(t)
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("encodes")
 }
@@ -139,6 +182,7 @@ struct Waiting {
 /// the grant that created it.
 #[derive(Debug)]
 struct Holding {
+    key: String,
     ticket: TicketData,
     lease: i64,
     slot: u32,
@@ -152,10 +196,15 @@ struct Read_ {
     /// Any key of the lock was read.
     exists: bool,
     meta: Option<(Meta, i64)>,
+    /// The latest grant's generation: `gen`'s mod revision (see [`Keys::gen`]).
     generation: u64,
     gen_rev: i64,
     waiters: Vec<Waiting>,
     holders: Vec<Holding>,
+    /// Grant marks: key, slot, mode, and the holder key they stand for.
+    marks: Vec<(String, u32, Mode, String)>,
+    /// Tickets and holder keys that cannot be used (ignored, shown by `status`).
+    unreadable: Vec<Unreadable>,
     revision: i64,
 }
 
@@ -174,39 +223,122 @@ fn parse(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Read_ {
             let m = serde_json::from_slice(kv.value()).unwrap_or_default();
             r.meta = Some((m, kv.mod_revision()));
         } else if rest == "gen" {
-            r.generation = kv
-                .value_str()
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            r.generation = kv.mod_revision().max(0) as u64;
             r.gen_rev = kv.mod_revision();
         } else if rest.starts_with("q/") {
-            if let Some(ticket) = ticket_of(kv) {
-                r.waiters.push(Waiting {
+            match ticket_of(kv) {
+                Some(ticket) => r.waiters.push(Waiting {
                     ticket,
                     lease: kv.lease(),
-                });
+                }),
+                None => r.unreadable.push(unreadable(rest, kv.value().len())),
+            }
+        } else if let Some(g) = rest.strip_prefix("g/") {
+            if let Some((slot, mode, id)) = slot_mode(g) {
+                r.marks
+                    .push((k.to_string(), slot, mode, keys.holder(slot, mode, id)));
             }
         } else if let Some(h) = rest.strip_prefix("h/") {
-            let mut parts = h.split('/');
-            let slot = parts.next().and_then(|s| s.parse::<u32>().ok());
-            let mode = match parts.next() {
-                Some("x") => Some(Mode::Exclusive),
-                Some("s") => Some(Mode::Shared),
-                _ => None,
-            };
-            if let (Some(slot), Some(mode), Some(ticket)) = (slot, mode, ticket_of(kv)) {
-                r.holders.push(Holding {
+            match (slot_mode(h), holder_of(kv)) {
+                (Some((slot, mode, _)), Some(ticket)) => r.holders.push(Holding {
+                    key: k.to_string(),
                     ticket,
                     lease: kv.lease(),
                     slot,
                     mode,
                     revision: kv.create_revision(),
-                });
+                }),
+                _ => r.unreadable.push(unreadable(rest, kv.value().len())),
             }
         }
     }
     r
+}
+
+/// A ticket or holder key (`rest`, below the lock's keys) whose value of `len` bytes is no
+/// ticket: ignored, and named by `status`.
+fn unreadable(rest: &str, len: usize) -> Unreadable {
+    Unreadable {
+        ticket: rest.to_string(),
+        owner_uid: None,
+        reason: if len > MAX_VALUE {
+            format!("{len} bytes, more than a ticket's {MAX_VALUE}")
+        } else {
+            "not a cachelock ticket".to_string()
+        },
+    }
+}
+
+/// Whether a read failed on the client's message limit.
+fn too_large(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("too large")
+}
+
+/// Reads the keys under `prefix` at revision `rev` (0: the latest) in pages, at most
+/// [`MAX_KEYS`]; returns them, the revision read, and the keys whose value alone exceeds the
+/// client's message limit (skipped).
+async fn read_range(
+    conn: &Conn,
+    prefix: &str,
+    mut rev: i64,
+) -> Result<(Vec<KeyValue>, i64, Vec<String>)> {
+    let end = range_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut page = PAGE;
+    let (mut kvs, mut oversized) = (Vec::new(), Vec::new());
+    loop {
+        let opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(page)
+            .with_revision(rev);
+        let resp = conn
+            .call("a read of the queue", |mut c| {
+                let (from, opts) = (from.clone(), opts.clone());
+                async move {
+                    match c.get(from, Some(opts)).await {
+                        Ok(r) => Ok(Some(r)),
+                        Err(e) if too_large(&e) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        let Some(resp) = resp else {
+            if page > 1 {
+                page /= 2;
+                continue;
+            }
+            // One value beyond the limit: name it and read on after it.
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(1)
+                .with_revision(rev)
+                .with_keys_only();
+            let k = conn
+                .call("a read of the queue", |mut c| {
+                    let (from, opts) = (from.clone(), opts.clone());
+                    async move { c.get(from, Some(opts)).await }
+                })
+                .await?;
+            let Some(kv) = k.kvs().first() else { break };
+            oversized.push(String::from_utf8_lossy(kv.key()).into_owned());
+            from = kv.key().to_vec();
+            from.push(0);
+            continue;
+        };
+        if rev == 0 {
+            rev = resp.header().map_or(0, |h| h.revision());
+        }
+        if let Some(last) = resp.kvs().last() {
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        kvs.extend(resp.kvs().iter().cloned());
+        if !resp.more() || resp.kvs().is_empty() || kvs.len() >= MAX_KEYS as usize {
+            break;
+        }
+    }
+    Ok((kvs, rev, oversized))
 }
 
 /// The etcd store as a backend.
@@ -233,15 +365,18 @@ impl EtcdBackend {
 }
 
 async fn read_lock(conn: &Conn, keys: &Keys) -> Result<Read_> {
-    let all = keys.all();
-    let resp = conn
-        .call("a read of the queue", |mut c| {
-            let all = all.clone();
-            async move { c.get(all, Some(prefix_get(MAX_KEYS))).await }
-        })
-        .await?;
-    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-    Ok(parse(keys, resp.kvs(), rev))
+    let (kvs, rev, oversized) = read_range(conn, &keys.all(), 0).await?;
+    let mut r = parse(keys, &kvs, rev);
+    r.exists |= !oversized.is_empty();
+    for k in oversized {
+        let rest = k.strip_prefix(&keys.base).unwrap_or(&k).to_string();
+        r.unreadable.push(Unreadable {
+            ticket: rest,
+            owner_uid: None,
+            reason: "larger than the client's message limit (4 MiB)".to_string(),
+        });
+    }
+    Ok(r)
 }
 
 /// Grants a lease of `ttl` seconds.
@@ -255,7 +390,7 @@ async fn grant_lease(conn: &Conn, ttl: i64) -> Result<i64> {
 }
 
 /// A request's departure, one transaction: if `key` (its ticket or its holder key) is still
-/// there, delete it and write `record` to the lock's `last` key, so that a watcher of the store
+/// there, delete it (and a holder's grant `mark`) and write `record` to the lock's `last` key, so that a watcher of the store
 /// learns how the request ended from the very revision that removed it. A departure whose key
 /// is already gone (its lease expired) writes nothing. The lease is left to expire by itself
 /// (nothing is attached to it any more): a revoke would be a second round trip on every
@@ -265,13 +400,19 @@ async fn grant_lease(conn: &Conn, ttl: i64) -> Result<i64> {
 async fn depart_txn(
     conn: &Conn,
     key: String,
+    mark: Option<String>,
     last: String,
     record: Vec<u8>,
     patient: bool,
 ) -> Result<()> {
+    let mut ops = vec![
+        TxnOp::delete(key.clone(), None),
+        TxnOp::put(last, record, None),
+    ];
+    ops.extend(mark.map(|m| TxnOp::delete(m, None)));
     let txn = Txn::new()
-        .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
-        .and_then([TxnOp::delete(key, None), TxnOp::put(last, record, None)]);
+        .when([Compare::version(key, CompareOp::Greater, 0)])
+        .and_then(ops);
     let send = |mut c: etcd_client::Client| {
         let txn = txn.clone();
         async move { c.txn(txn).await.map(|_| ()) }
@@ -290,6 +431,54 @@ async fn depart_txn(
         Ok(Err(why)) => Err(conn.unavailable("leaving the queue", &why)),
         Err(_) => Err(conn.unavailable("leaving the queue", "no answer")),
     }
+}
+
+/// What the guardian of a holder whose cachelock died needs to release its lock (see
+/// [`crate::lock::Lease::set_orphan_release`]): the store (credentials included: the token
+/// only travels over the socket to our own child) and the departure transaction.
+#[derive(Serialize, Deserialize)]
+struct Orphan {
+    endpoints: Vec<String>,
+    prefix: String,
+    ca_file: Option<std::path::PathBuf>,
+    cert_file: Option<std::path::PathBuf>,
+    key_file: Option<std::path::PathBuf>,
+    user: Option<(String, String)>,
+    lease_ttl_ms: u64,
+    request_timeout_ms: u64,
+    unavailable_timeout_ms: u64,
+    key: String,
+    mark: String,
+    last: String,
+    record: Vec<u8>,
+}
+
+/// Releases the lock a dead holder's guardian was left (see [`Orphan`]): the holder key and
+/// its grant mark go with a record, as a release, so the next waiter is served at once.
+pub fn release_orphaned(token: &[u8]) -> Result<()> {
+    let o: Orphan = serde_json::from_slice(token)
+        .map_err(|e| Error::new(Kind::Software, format!("bad release token: {e}")))?;
+    let ms = Duration::from_millis;
+    let store = EtcdStore {
+        endpoints: o.endpoints,
+        prefix: o.prefix,
+        ca_file: o.ca_file,
+        cert_file: o.cert_file,
+        key_file: o.key_file,
+        user: o.user,
+        lease_ttl: ms(o.lease_ttl_ms),
+        request_timeout: ms(o.request_timeout_ms),
+        unavailable_timeout: ms(o.unavailable_timeout_ms),
+    };
+    let conn = Conn::new(&store)?;
+    conn.block_on(depart_txn(
+        &conn,
+        o.key,
+        Some(o.mark),
+        o.last,
+        o.record,
+        true,
+    ))
 }
 
 /// The encoded departure record of ticket `id`: `how`, or, without it, an error's.
@@ -453,6 +642,78 @@ async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
     }
 }
 
+/// Follows our own holder key from `next`: its deletion by anyone but our release (a client
+/// deleting it, our lease revoked) loses the lease at once, so that the guardian stops the
+/// command now rather than at the next renewal. A stream that errs or stays silent for two
+/// request timeouts is replaced on the next endpoint, resuming where it left off.
+async fn watch_holder(conn: Arc<Conn>, key: String, mut next: i64, lease: Lease) {
+    let timeout = conn.store.request_timeout;
+    let gone = |how: &str| {
+        tracing::warn!(
+            "lock {}: our holder key {key} was {how} by someone else; stopping the command",
+            lease.lock()
+        );
+        lease.lose();
+    };
+    loop {
+        let (i, mut c) = match conn.current_client().await {
+            Ok(x) => x,
+            Err(_) => {
+                conn.rotate(conn.current_index());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let opts = WatchOptions::new()
+            .with_start_revision(next)
+            .with_progress_notify();
+        let mut s = match tokio::time::timeout(timeout, c.watch(key.clone(), Some(opts))).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                conn.rotate(i);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                m = s.message() => match m {
+                    Ok(Some(resp)) => {
+                        heard = Instant::now();
+                        if resp.canceled() {
+                            // Compacted past our revision: look at the key itself.
+                            match c.get(key.clone(), None).await {
+                                Ok(g) if g.kvs().is_empty() => return gone("removed"),
+                                Ok(g) => next = g.header().map_or(next, |h| h.revision() + 1),
+                                Err(_) => conn.rotate(i),
+                            }
+                            break;
+                        }
+                        if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                            return gone("deleted (or its lease revoked)");
+                        }
+                        if let Some(kv) = resp.events().last().and_then(|e| e.kv()) {
+                            next = kv.mod_revision() + 1;
+                        }
+                    }
+                    _ => {
+                        conn.rotate(i);
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep(timeout) => {
+                    if heard.elapsed() >= timeout * 2 {
+                        conn.rotate(i);
+                        break;
+                    }
+                    let _ = s.request_progress().await;
+                }
+            }
+        }
+    }
+}
+
 impl Backend for EtcdBackend {
     fn enqueue(&self, opts: &Options) -> Result<Box<dyn Queued>> {
         let keys = Keys::new(&self.conn.store.prefix, &opts.name);
@@ -481,6 +742,8 @@ impl Backend for EtcdBackend {
             revision: 0,
             watch: None,
             departure: None,
+            vanished: std::collections::HashMap::new(),
+            fence_until: None,
         };
         let conn = self.conn.clone();
         conn.block_on(q.publish())?;
@@ -559,7 +822,7 @@ impl Backend for EtcdBackend {
                 exists: r.exists,
                 generation: r.generation,
                 tickets,
-                unreadable: Vec::new(),
+                unreadable: r.unreadable,
                 notes,
             })
         })
@@ -585,6 +848,10 @@ struct EtcdQueued {
     watch: Option<(UnixStream, tokio::task::JoinHandle<()>)>,
     /// How the request ends (see `Queued::depart`), encoded.
     departure: Option<Vec<u8>>,
+    /// Grant marks of vanished holders, by key, with when we first saw each.
+    vanished: std::collections::HashMap<String, Instant>,
+    /// Until when a vanished holder's command may still run (the grant waits for it).
+    fence_until: Option<Instant>,
 }
 
 impl EtcdQueued {
@@ -723,34 +990,74 @@ impl EtcdQueued {
     async fn grant(&mut self) -> Result<Option<Box<dyn Held>>> {
         let lease_id = self.lease_id();
         for _ in 0..GRANT_ATTEMPTS {
-            let look = Txn::new().and_then([
-                TxnOp::get(self.keys.holders(), Some(prefix_get(MAX_KEYS))),
-                TxnOp::get(self.keys.gen(), None),
-                TxnOp::get(self.keys.ticket(self.data.id()), None),
-            ]);
+            // Names only (values another client wrote may be large), and the holders' first page.
+            let names = || GetOptions::new().with_keys_only();
+            let small = [
+                TxnOp::get(self.keys.gen(), Some(names())),
+                TxnOp::get(self.keys.ticket(self.data.id()), Some(names())),
+                TxnOp::get(
+                    self.keys.marks(),
+                    Some(prefix_get(MAX_KEYS).with_keys_only()),
+                ),
+            ];
+            let mut look = small.to_vec();
+            look.push(TxnOp::get(self.keys.holders(), Some(prefix_get(PAGE))));
             let resp = self
                 .conn
                 .call("a read of the holders", |mut c| {
-                    let look = look.clone();
-                    async move { c.txn(look).await }
+                    let look = Txn::new().and_then(look.clone());
+                    async move {
+                        match c.txn(look).await {
+                            Ok(r) => Ok(Some(r)),
+                            Err(e) if too_large(&e) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
                 })
                 .await?;
+            let resp = match resp {
+                Some(r) => r,
+                None => {
+                    self.conn
+                        .call("a read of the holders", |mut c| {
+                            let look = Txn::new().and_then(small.clone());
+                            async move { c.txn(look).await }
+                        })
+                        .await?
+                }
+            };
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             let mut kvs = Vec::new();
             let mut ticket_present = false;
+            let mut holders_read = false;
             for (i, r) in resp.op_responses().into_iter().enumerate() {
                 if let TxnOpResponse::Get(g) = r {
-                    if i == 2 {
+                    if i == 1 {
                         ticket_present = !g.kvs().is_empty();
+                    } else if i == 3 && g.more() {
+                        continue;
                     } else {
+                        holders_read |= i == 3;
                         kvs.extend(g.kvs().iter().cloned());
                     }
+                }
+            }
+            if !holders_read {
+                let (more, _, oversized) =
+                    read_range(&self.conn, &self.keys.holders(), rev).await?;
+                kvs.extend(more);
+                for k in oversized {
+                    tracing::warn!(
+                        "lock {}: ignoring {k}: larger than the client's message limit",
+                        self.data.request().lock
+                    );
                 }
             }
             let read = parse(&self.keys, &kvs, rev);
             // An earlier grant whose answer was lost: the holder key is already ours.
             if let Some(h) = read.holders.iter().find(|h| h.lease == lease_id) {
-                return Ok(Some(self.held(h.ticket.clone())));
+                let rev = h.revision;
+                return Ok(Some(self.held(h.ticket.clone(), rev)));
             }
             if !ticket_present {
                 self.rejoin().await?;
@@ -760,11 +1067,14 @@ impl EtcdQueued {
             for h in &read.holders {
                 slots.hold(h.slot, h.mode);
             }
+            let stale = self.fence_vanished(&read, &mut slots);
             let Some(slot) = slots.take(self.data.request().mode) else {
                 return Ok(None);
             };
             let mut mine = self.data.clone();
-            mine.hold(slot, read.generation + 1, now_ms());
+            // The generation is the grant's revision, known from its answer (see `Keys::gen`).
+            mine.hold(slot, 0, now_ms());
+            mine.generation = None;
             let busy = match self.data.request().mode {
                 Mode::Exclusive => self.keys.slot(slot),
                 Mode::Shared => self.keys.slot_exclusive(slot),
@@ -776,15 +1086,23 @@ impl EtcdQueued {
                     encode(&mine),
                     Some(PutOptions::new().with_lease(lease_id)),
                 ),
-                TxnOp::put(self.keys.gen(), (read.generation + 1).to_string(), None),
+                TxnOp::put(self.keys.gen(), "", None),
                 TxnOp::delete(self.keys.ticket(mine.id()), None),
             ];
             if let Some(k) = &mine.queue_key {
                 ops.push(TxnOp::delete(self.keys.key_record(k), None));
             }
+            ops.push(TxnOp::put(
+                self.keys.mark(slot, self.data.request().mode, mine.id()),
+                "",
+                None,
+            ));
+            ops.extend(stale.into_iter().map(|k| TxnOp::delete(k, None)));
             let txn = Txn::new()
                 .when([
-                    Compare::version(busy, CompareOp::Equal, 0).with_range(end),
+                    // No holder since our read; what the read found there is no holder (junk
+                    // another client wrote: see `status`), or `slots` would have refused.
+                    Compare::mod_revision(busy, CompareOp::Less, rev + 1).with_range(end),
                     Compare::mod_revision(self.keys.gen(), CompareOp::Equal, read.gen_rev),
                     Compare::version(self.keys.ticket(mine.id()), CompareOp::Greater, 0),
                 ])
@@ -797,18 +1115,85 @@ impl EtcdQueued {
                 })
                 .await?;
             if resp.succeeded() {
-                return Ok(Some(self.held(mine)));
+                let rev = resp.header().map_or(0, |h| h.revision());
+                mine.generation = Some(rev.max(0) as u64);
+                return Ok(Some(self.held(mine, rev)));
             }
         }
         Ok(None)
     }
 
-    /// Hands the lease over to a held lock.
-    fn held(&mut self, data: TicketData) -> Box<dyn Held> {
+    /// Holders that vanished without releasing (a grant mark without its holder key: the key
+    /// deleted by a client, or the lease revoked or expired) may still run their command until
+    /// their stop window ([`LeaseRule::stop_window`]) has passed since we first saw them gone:
+    /// until then they hold their slot in `slots`. Returns the marks whose window has passed,
+    /// for the grant to remove.
+    fn fence_vanished(&mut self, read: &Read_, slots: &mut Slots) -> Vec<String> {
+        let window = LeaseRule::new(self.conn.store.lease_ttl).stop_window();
+        let now = Instant::now();
+        let seen = std::mem::take(&mut self.vanished);
+        self.fence_until = None;
+        let mut stale = Vec::new();
+        for (mark, slot, mode, holder) in &read.marks {
+            if read.holders.iter().any(|h| &h.key == holder) {
+                continue;
+            }
+            let since = seen.get(mark).copied().unwrap_or_else(|| {
+                tracing::warn!(
+                    "lock {}: holder {holder} vanished without releasing (its key deleted, or its lease revoked or expired); waiting {:.1}s, the time its command may need to stop",
+                    self.data.request().lock,
+                    window.as_secs_f64()
+                );
+                now
+            });
+            self.vanished.insert(mark.clone(), since);
+            if now < since + window {
+                slots.hold(*slot, *mode);
+                let until = since + window;
+                self.fence_until = Some(self.fence_until.map_or(until, |f| f.min(until)));
+            } else {
+                stale.push(mark.clone());
+            }
+        }
+        stale
+    }
+
+    /// Hands the lease over to a held lock granted at revision `rev`.
+    fn held(&mut self, data: TicketData, rev: i64) -> Box<dyn Held> {
         if let Some((_, task)) = self.watch.take() {
             task.abort();
         }
+        let key = self
+            .keys
+            .holder(data.slot.unwrap_or(0), data.request().mode, data.id());
+        let s = &self.conn.store;
+        let ms = |d: Duration| d.as_millis() as u64;
+        let orphan = Orphan {
+            endpoints: s.endpoints.clone(),
+            prefix: s.prefix.clone(),
+            ca_file: s.ca_file.clone(),
+            cert_file: s.cert_file.clone(),
+            key_file: s.key_file.clone(),
+            user: s.user.clone(),
+            lease_ttl_ms: ms(s.lease_ttl),
+            request_timeout_ms: ms(s.request_timeout),
+            unavailable_timeout_ms: ms(s.unavailable_timeout),
+            key: key.clone(),
+            mark: self
+                .keys
+                .mark(data.slot.unwrap_or(0), data.request().mode, data.id()),
+            last: self.keys.last(),
+            record: departure_record(data.id(), None),
+        };
+        self.lease.set_orphan_release(encode(&orphan));
+        let watcher = self.conn.spawn(watch_holder(
+            self.conn.clone(),
+            key,
+            rev,
+            self.lease.clone(),
+        ));
         Box::new(EtcdHeld {
+            watcher: Some(watcher),
             conn: self.conn.clone(),
             keys: self.keys.clone(),
             lease_id: self.lease_id.take(),
@@ -840,7 +1225,7 @@ impl EtcdQueued {
             let (key, last) = (self.keys.ticket(self.data.id()), self.keys.last());
             if let Err(e) = self
                 .conn
-                .block_on(depart_txn(&self.conn, key, last, record, patient))
+                .block_on(depart_txn(&self.conn, key, None, last, record, patient))
             {
                 tracing::warn!(
                     "could not leave the queue of lock {} ({e}); the ticket disappears when its lease expires",
@@ -911,7 +1296,9 @@ impl Queued for EtcdQueued {
             self.watch = Some((rx, task));
         }
         let rx = &self.watch.as_ref().expect("set above").0;
+        // A vanished holder's stop window ends like a release.
         let cap = Instant::now() + WATCH_SLEEP_CAP;
+        let cap = self.fence_until.map_or(cap, |f| f.min(cap));
         let wake_at = until.map_or(cap, |u| u.min(cap));
         let timeout = wake_at.saturating_duration_since(Instant::now());
         match sys::poll_readable(&[signal_fd, rx.as_fd()], Some(timeout)) {
@@ -981,6 +1368,8 @@ impl Drop for EtcdQueued {
 
 /// A held etcd lock: the holder key lives on the lease, renewed in the background.
 struct EtcdHeld {
+    /// Follows our holder key ([`watch_holder`]).
+    watcher: Option<tokio::task::JoinHandle<()>>,
     conn: Arc<Conn>,
     keys: Keys,
     lease_id: Option<i64>,
@@ -1009,9 +1398,7 @@ impl Held for EtcdHeld {
     }
 
     fn vanish(mut self: Box<Self>) {
-        if let Some(k) = self.keeper.take() {
-            k.abort();
-        }
+        self.stop();
         self.lease_id = None;
     }
 }
@@ -1020,10 +1407,18 @@ impl EtcdHeld {
     /// Stops renewing and removes the holder key with the departure's record (which wakes the
     /// next waiter), see [`depart_txn`]; unconfirmed, the lease expires by itself within its
     /// TTL.
-    fn release_now(&mut self, patient: bool) {
-        if let Some(k) = self.keeper.take() {
-            k.abort();
+    /// Stops following the holder key and renewing the lease.
+    fn stop(&mut self) {
+        for task in [self.watcher.take(), self.keeper.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
+    }
+
+    fn release_now(&mut self, patient: bool) {
+        self.stop();
         if self.lease_id.take().is_some() {
             let d = &self.data;
             let key = self
@@ -1033,9 +1428,13 @@ impl EtcdHeld {
                 .departure
                 .take()
                 .unwrap_or_else(|| departure_record(d.id(), None));
+            let mark = self
+                .keys
+                .mark(d.slot.unwrap_or(0), d.request().mode, d.id());
             if let Err(e) = self.conn.block_on(depart_txn(
                 &self.conn,
                 key,
+                Some(mark),
                 self.keys.last(),
                 record,
                 patient,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 
-use super::backend::ticket_of;
+use super::backend::{holder_of, ticket_of};
 use super::client::Conn;
 use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
@@ -119,6 +119,7 @@ impl Drop for Follower {
 }
 
 /// Where a key is, under `<prefix>/l/`.
+#[derive(Clone, Copy)]
 enum Place<'a> {
     Ticket(&'a str),
     Holder(&'a str),
@@ -175,12 +176,16 @@ fn translate(prefix: &str, evs: &[&etcd_client::Event], out: &mut Vec<StoreEvent
                 }
             }
             (EventType::Put, Place::Holder(_)) if k.create_revision() == k.mod_revision() => {
-                if let Some(t) = ticket_of(k) {
+                if let Some(t) = holder_of(k) {
                     out.push(StoreEvent::Acquired(t));
                 }
             }
             (EventType::Delete, Place::Ticket(lock) | Place::Holder(lock)) => {
-                let Some(t) = e.prev_kv().and_then(ticket_of) else {
+                let read = match p {
+                    Place::Holder(_) => holder_of,
+                    _ => ticket_of,
+                };
+                let Some(t) = e.prev_kv().and_then(read) else {
                     continue;
                 };
                 if !t.holding && granted.iter().any(|g| g == t.id()) {

@@ -12,8 +12,9 @@
 //!   in a key attached to a lease whose TTL is the key's grace.
 //! - **The grant** is one transaction, sent only by the head set: it compares the slot's holder
 //!   range (exclusive: no holder; shared: no exclusive holder — [`crate::lock::order::Slots`]
-//!   semantics) and the generation key, and writes the holder key (on the lease), the incremented
-//!   generation (the fencing token `CACHELOCK_GENERATION`), and removes the ticket.
+//!   semantics) and the generation key, and writes the holder key (on the lease) and the
+//!   generation key, and removes the ticket. The generation (the fencing token
+//!   `CACHELOCK_GENERATION`) is the grant's revision: it only grows, and no client can forge it.
 //! - **Waiting** is a watch on the lock's keys (deletions alone mean the head may try at once),
 //!   with a bounded sleep in case a watch stream hangs on a frozen member.
 //! - **Failover**: every request has a short deadline and is retried on the next endpoint; a
@@ -31,9 +32,11 @@
 //!   it any more): a release costs one round trip, as the revoke it replaces did.
 //!
 //! Keys under `<prefix>/` (default `cachelock`): `n/<name>` (lock names, for `status`), and per
-//! lock `l/<name>/`: `meta` (next ticket number, last arrival), `gen` (generation), `q/<id>`
-//! (waiting tickets), `h/<slot>/<x|s>/<id>` (holders), `k/<sha256 of queue key>` (remembered
-//! arrivals), `last` (the latest departure's record, overwritten by the next).
+//! lock `l/<name>/`: `meta` (next ticket number, last arrival), `gen` (its mod revision is the
+//! latest generation), `q/<id>` (waiting tickets), `h/<slot>/<x|s>/<id>` (holders),
+//! `g/<slot>/<x|s>/<id>` (grants not yet released: a mark without its holder key is a holder
+//! that vanished, whose command may run for the lease's stop window), `k/<sha256 of queue
+//! key>` (remembered arrivals), `last` (the latest departure's record, overwritten by the next).
 
 #[cfg(feature = "etcd")]
 mod backend;
@@ -43,7 +46,7 @@ mod client;
 mod follow;
 
 #[cfg(feature = "etcd")]
-pub use backend::EtcdBackend;
+pub use backend::{release_orphaned, EtcdBackend};
 #[cfg(feature = "etcd")]
 pub use follow::Follower;
 
