@@ -28,6 +28,13 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
         crate::request::store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
     let cap = loaded.config.dockerd.cache_max_size;
     let names = args.name.clone().map(|n| vec![n]);
+    // Before the first read (which may compile a policy): a Ctrl-C during it ends the watch
+    // as cleanly as one during the loop.
+    let signals = if args.watch {
+        Some(Signals::install()?)
+    } else {
+        None
+    };
     let mut reader = StatusReader::new(loaded, &store, private_because, args.watch)?;
     let read = |reader: &mut StatusReader| -> Result<StatusDoc> {
         let mut doc = reader.read(names.as_deref())?;
@@ -37,8 +44,8 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
             .map(|root| cachelock::dockerd::usage::status(root, cap));
         Ok(doc)
     };
-    if args.watch {
-        return watch(&args, &store, &mut reader, read);
+    if let Some(signals) = &signals {
+        return watch(&args, &store, &mut reader, read, signals);
     }
     let doc = read(&mut reader)?;
     let missing = doc.locks.iter().find(|l| !l.exists && args.name.is_some());
@@ -109,8 +116,8 @@ fn watch(
     store: &cachelock::lock::Store,
     reader: &mut StatusReader,
     read: impl Fn(&mut StatusReader) -> Result<StatusDoc>,
+    signals: &Signals,
 ) -> Result<i32> {
-    let signals = Signals::install()?;
     let mut changes = StoreWatch::new(store, false)?;
     let screen = screen();
     let mut last_shape = None;

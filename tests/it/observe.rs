@@ -356,14 +356,16 @@ fn status_watch_shows_a_new_holder_without_a_key_pressed() {
                 "-p",
                 "-t",
                 "w",
-                "#{pane_dead} #{pane_dead_status}",
+                "#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}",
             ])
             .output()
             .unwrap();
         dead = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        dead.starts_with('1')
+        // tmux marks the pane dead when its terminal closes, and fills in the exit status or
+        // the signal once it has reaped the process: wait for the latter.
+        dead.starts_with("1|") && dead != "1||"
     });
-    assert_eq!(dead, "1 0");
+    assert_eq!(dead, "1|0|", "dead|exit status|signal");
 }
 
 #[test]

@@ -616,7 +616,10 @@ fn oversized_and_garbage_tickets_are_bounded_and_shown() {
     wait_until("alice's waiter queues", || sh.tickets("O").len() == 6);
     let (o, max_rss_kib) = run_measured(sh.cl(Some(a), &["status", "--json", "O"]));
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(max_rss_kib < 128 * 1024, "status used {max_rss_kib} KiB");
+    // Reading the 2 GiB ticket would show here; ranking the queue compiles the policy (cold
+    // cache: cranelift, with the optimizing compile in the background), which peaks near
+    // 150 MiB on this machine.
+    assert!(max_rss_kib < 256 * 1024, "status used {max_rss_kib} KiB");
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let u = doc["locks"][0]["unreadable"].as_array().unwrap();
     assert_eq!(u.len(), 4, "{doc}");
