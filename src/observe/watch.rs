@@ -106,6 +106,7 @@ impl StoreWatch {
             Some(i) => return Wake::Ready(i),
             None => {
                 // A root that did not exist may have appeared.
+                #[cfg_attr(not(feature = "etcd"), allow(irrefutable_let_patterns))]
                 if let Kind::Dir(d) = &mut self.kind {
                     if d.rescan.is_empty() {
                         d.rewatch();

@@ -27,7 +27,6 @@ pub mod simulate;
 pub mod spec;
 #[cfg(feature = "wasm")]
 pub mod suite;
-#[cfg(feature = "wasm")]
 pub mod trust;
 pub mod types;
 
