@@ -2062,7 +2062,6 @@ fn main() {
     let figures: Vec<Fig> = vec![
         ("uncontended", Box::new(|r, n, _| bench.uncontended(r, n))),
         ("observed", Box::new(|r, n, _| bench.observed(r, n))),
-        ("observed", Box::new(|r, n, _| bench.observed(r, n))),
         ("first-run", Box::new(|r, n, _| bench.first_run(r, n))),
         ("handoff", Box::new(|r, n, c| bench.handoff(r, n, c))),
         ("burst", Box::new(|r, n, _| bench.burst(r, n))),
