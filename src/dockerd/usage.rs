@@ -748,7 +748,6 @@ pub fn remove(cache: &CacheRoot, lock_dir: Option<&Path>, id: &str) -> Result<u6
             ),
         ));
     };
-    let guard = lock_state(cache)?;
     let Some(held) = take_all(cache, &unit) else {
         let pids = holders_of(&unit.locks, &lock_holders());
         return Err(Error::new(
@@ -767,18 +766,26 @@ pub fn remove(cache: &CacheRoot, lock_dir: Option<&Path>, id: &str) -> Result<u6
             ),
         ));
     };
-    let mut state = read_state_at(cache.fd());
-    let bytes = state.roots.get(id).map_or(0, |r| r.bytes);
     let result = empty(cache, &unit.targets);
     drop(held);
     result?;
-    if let Some(r) = state.roots.get_mut(id) {
-        r.bytes = 0;
-        r.measured_ms = now_ms();
-        write_state(cache, &state)?;
+    // The record says 0 bytes, unless an accounting is running: then the next one measures the
+    // root again (it changed since it was measured), and `rm` waits on nobody.
+    let before = read_state_at(cache.fd())
+        .roots
+        .get(id)
+        .map_or(0, |r| r.bytes);
+    if let Ok(guard) = sys::open_at(cache.fd(), STATE_LOCK, Open::Create(0o644)) {
+        if sys::try_flock(&guard, true).unwrap_or(false) {
+            let mut state = read_state_at(cache.fd());
+            if let Some(r) = state.roots.get_mut(id) {
+                r.bytes = 0;
+                r.measured_ms = now_ms();
+                write_state(cache, &state)?;
+            }
+        }
     }
-    drop(guard);
-    Ok(bytes)
+    Ok(before)
 }
 
 #[cfg(test)]
