@@ -246,26 +246,14 @@ fn created_secs() -> u64 {
         .unwrap_or_else(|| crate::sys::now_ms() / 1000)
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` of Unix seconds.
+/// `YYYY-MM-DDTHH:MM:SSZ` of Unix seconds (the artifact's `created`: whole seconds, so that
+/// `SOURCE_DATE_EPOCH` gives the same bytes).
 pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let with_ms = crate::output::rfc3339(secs.saturating_mul(1000));
+    match with_ms.strip_suffix(".000Z") {
+        Some(whole) => format!("{whole}Z"),
+        None => with_ms,
+    }
 }
 
 /// The cache directories holding pulled policies: the host cache, then the caller's own.
