@@ -185,13 +185,14 @@ impl Shared {
 
     /// A bash command holding until `go` exists, logging "TAG START END" to `log`; it writes
     /// `<go>.started` once inside, and ignores SIGTERM (a killed cachelock's parent-death
-    /// signal), as a build that must finish would. It also ends when the test's directory is
-    /// gone (a test that failed before letting it go), so that no holder outlives its test.
+    /// signal), as a build that must finish would. It also ends when its FIFO is gone (the
+    /// test's directory removed: a test that ended without letting it go), so that no holder
+    /// outlives its test.
     pub fn section_until(&self, log: &Path, tag: &str, go: &Path) -> Vec<String> {
         vec![
             "bash".into(),
             "-c".into(),
-            r#"trap '' TERM; s=$EPOCHREALTIME; echo started > "$3.started"; while [ ! -e "$3" ] && [ -d "${3%/*}" ]; do read -t 0.01 <> "$4"; done; e=$EPOCHREALTIME; echo "$2 $s $e" >> "$1""#
+            r#"trap '' TERM; s=$EPOCHREALTIME; echo started > "$3.started"; while [ ! -e "$3" ] && [ -p "$4" ]; do read -t 0.01 <> "$4"; done; e=$EPOCHREALTIME; echo "$2 $s $e" >> "$1""#
                 .into(),
             "_".into(),
             log.display().to_string(),
