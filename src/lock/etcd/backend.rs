@@ -577,26 +577,13 @@ async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
     // A departure's record is written with the removal it describes: it is not a change.
     let last = format!("{prefix}last");
     loop {
-        let (i, mut c) = match conn.current_client().await {
-            Ok(x) => x,
-            Err(_) => {
-                conn.rotate(conn.current_index());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(next)
             .with_progress_notify();
-        let mut s = match tokio::time::timeout(timeout, c.watch(prefix.clone(), Some(opts))).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                conn.rotate(i);
-                poke(b'c');
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((i, _client, mut s)) = conn.open_watch(&prefix, opts).await else {
+            poke(b'c');
+            continue;
         };
         let mut heard = Instant::now();
         loop {
@@ -656,24 +643,11 @@ async fn watch_holder(conn: Arc<Conn>, key: String, mut next: i64, lease: Lease)
         lease.lose();
     };
     loop {
-        let (i, mut c) = match conn.current_client().await {
-            Ok(x) => x,
-            Err(_) => {
-                conn.rotate(conn.current_index());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
         let opts = WatchOptions::new()
             .with_start_revision(next)
             .with_progress_notify();
-        let mut s = match tokio::time::timeout(timeout, c.watch(key.clone(), Some(opts))).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                conn.rotate(i);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((i, mut c, mut s)) = conn.open_watch(&key, opts).await else {
+            continue;
         };
         let mut heard = Instant::now();
         loop {

@@ -159,6 +159,32 @@ impl Conn {
         }
     }
 
+    /// A watch of `key` with `opts` on the endpoint now in use, opened within the request
+    /// deadline, with its client; `None`, after moving on to the next endpoint and a 100 ms
+    /// pause, when that endpoint cannot (the caller's loop then tries again).
+    pub(super) async fn open_watch(
+        &self,
+        key: &str,
+        opts: etcd_client::WatchOptions,
+    ) -> Option<(usize, Client, etcd_client::WatchStream)> {
+        let (i, mut c) = match self.current_client().await {
+            Ok(x) => x,
+            Err(_) => {
+                self.rotate(self.current_index());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return None;
+            }
+        };
+        match tokio::time::timeout(self.store.request_timeout, c.watch(key, Some(opts))).await {
+            Ok(Ok(s)) => Some((i, c, s)),
+            _ => {
+                self.rotate(i);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                None
+            }
+        }
+    }
+
     /// The index of the endpoint now in use.
     pub(super) fn current_index(&self) -> usize {
         self.current.load(Ordering::SeqCst) % self.store.endpoints.len()

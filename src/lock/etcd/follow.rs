@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 
@@ -220,14 +220,6 @@ async fn run(
     };
     let timeout = conn.store.request_timeout;
     loop {
-        let (i, mut c) = match conn.current_client().await {
-            Ok(x) => x,
-            Err(_) => {
-                conn.rotate(conn.current_index());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
         let mut opts = WatchOptions::new()
             .with_prefix()
             .with_prev_key()
@@ -235,13 +227,8 @@ async fn run(
         if next > 0 {
             opts = opts.with_start_revision(next);
         }
-        let mut s = match tokio::time::timeout(timeout, c.watch(prefix.clone(), Some(opts))).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                conn.rotate(i);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((i, _client, mut s)) = conn.open_watch(&prefix, opts).await else {
+            continue;
         };
         let mut heard = Instant::now();
         loop {
