@@ -142,6 +142,18 @@ pub struct StatusArgs {
     /// pipe or with NO_COLOR / TERM=dumb, print each new state after the last.
     #[arg(long)]
     pub watch: bool,
+    /// The store and the configuration.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Also show the cached data roots under this cache root: sizes, last use, holders, the
+    /// cap (`dockerd.cache_max_size`) and recent evictions.
+    #[arg(long = "cache-root", value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
+}
+
+/// Where the locks are, and the configuration: what `status`, `serve` and `doctor` read.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
     /// Lock directory.
     #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
     pub lock_dir: Option<PathBuf>,
@@ -151,10 +163,6 @@ pub struct StatusArgs {
     /// Configuration file (YAML).
     #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Also show the cached data roots under this cache root: sizes, last use, holders, the
-    /// cap (`dockerd.cache_max_size`) and recent evictions.
-    #[arg(long = "cache-root", value_name = "DIR")]
-    pub cache_root: Option<PathBuf>,
 }
 
 /// `cachelock doctor`.
@@ -163,15 +171,9 @@ pub struct DoctorArgs {
     /// A JSON document for scripts instead of lines.
     #[arg(long)]
     pub json: bool,
-    /// Lock directory.
-    #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
-    pub lock_dir: Option<PathBuf>,
-    /// Lock store: file://DIR, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (wins over --lock-dir).
-    #[arg(long = "backend", env = "CACHELOCK_BACKEND", value_name = "URL")]
-    pub backend: Option<String>,
-    /// Configuration file (YAML).
-    #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    /// The store and the configuration.
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// The dockerd cache root to check (else the configuration's `cache_root`; with neither,
     /// the dockerd prerequisites are not this host's business).
     #[arg(long = "cache-root", env = "CACHELOCK_CACHE_ROOT", value_name = "DIR")]
@@ -189,15 +191,9 @@ pub struct ServeArgs {
     /// after it was used): `cachelock_cache_root_*` metrics and `/api/v1/cache`.
     #[arg(long = "cache-root", env = "CACHELOCK_CACHE_ROOT", value_name = "DIR")]
     pub cache_root: Option<std::path::PathBuf>,
-    /// Lock directory.
-    #[arg(long = "lock-dir", env = "CACHELOCK_LOCK_DIR", value_name = "DIR")]
-    pub lock_dir: Option<PathBuf>,
-    /// Lock store: file://DIR, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (wins over --lock-dir).
-    #[arg(long = "backend", env = "CACHELOCK_BACKEND", value_name = "URL")]
-    pub backend: Option<String>,
-    /// Configuration file (YAML).
-    #[arg(long = "config", env = "CACHELOCK_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    /// The store and the configuration.
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// `cachelock policy ...`.

@@ -14,7 +14,7 @@ use crate::cli::DoctorArgs;
 /// Runs `cachelock doctor`; returns the exit code.
 pub fn execute(args: DoctorArgs) -> Result<i32> {
     let mut report = Report::default();
-    let (finding, loaded) = doctor::config(args.config.as_deref());
+    let (finding, loaded) = doctor::config(args.store.config.as_deref());
     report.extend([finding]);
     let parsed = loaded.is_some();
     let loaded = loaded.unwrap_or_else(Loaded::default);
@@ -26,8 +26,8 @@ pub fn execute(args: DoctorArgs) -> Result<i32> {
         })
     };
     match crate::request::store_with(
-        args.backend.as_deref(),
-        args.lock_dir.as_deref(),
+        args.store.backend.as_deref(),
+        args.store.lock_dir.as_deref(),
         &loaded,
         system,
     ) {

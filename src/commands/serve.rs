@@ -10,9 +10,12 @@ use crate::cli::ServeArgs;
 
 /// Runs `cachelock serve`; returns the exit code.
 pub fn execute(args: ServeArgs) -> Result<i32> {
-    let loaded = Loaded::load(args.config.as_deref())?;
-    let (store, private_because) =
-        crate::request::store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
+    let loaded = Loaded::load(args.store.config.as_deref())?;
+    let (store, private_because) = crate::request::store(
+        args.store.backend.as_deref(),
+        args.store.lock_dir.as_deref(),
+        &loaded,
+    )?;
     let signals = Signals::install()?;
     serve::run(
         Settings {

@@ -23,9 +23,12 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
     if let Some(n) = &args.name {
         cachelock::lock::name::validate(n)?;
     }
-    let loaded = Loaded::load(args.config.as_deref())?;
-    let (store, private_because) =
-        crate::request::store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
+    let loaded = Loaded::load(args.store.config.as_deref())?;
+    let (store, private_because) = crate::request::store(
+        args.store.backend.as_deref(),
+        args.store.lock_dir.as_deref(),
+        &loaded,
+    )?;
     let cap = loaded.config.dockerd.cache_max_size;
     let names = args.name.clone().map(|n| vec![n]);
     // Before the first read (which may compile a policy): a Ctrl-C during it ends the watch
