@@ -1,10 +1,12 @@
 //! etcd backend figures, cachelock next to its anchor `etcdctl lock` (etcd's own lock recipe),
 //! measured in the same run over a local 3-member cluster (the test fixture of
 //! `tests/it/support/etcd.rs`): uncontended acquire+release (a whole `run L -- true` against
-//! `etcdctl lock L true`), and handoff p50/p99, turns and Jain's index with 8 looping waiters
-//! holding 5 ms. Prints a markdown table for docs/benchmarks.md.
+//! `etcdctl lock L true`), and with 4, 16 and 32 looping waiters holding 5 ms: handoff p50/p99,
+//! acquisitions, Jain's index of turns, and the requests the cluster served per acquisition
+//! (the members' own `/metrics`: how the load on the cluster the fleet shares grows with the
+//! queue). Prints a markdown table for docs/benchmarks.md.
 //!
-//! `cargo bench --bench etcd` (`-- --secs N` for longer contention runs; default 6).
+//! `cargo bench --bench etcd` (`-- --secs N` per contention run; default 10).
 
 // The test fixtures, as modules at the crate root (`etcd` refers to `super::util`).
 #[path = "../tests/it/support/etcd.rs"]
@@ -47,12 +49,37 @@ fn uncontended(n: usize, make: impl Fn() -> Command) -> Vec<f64> {
         .collect()
 }
 
-/// 8 loops of `make(tag)` for `secs`; handoff gaps (ms) and turns per loop, from the log.
-fn contended(log: &Path, secs: f64, make: impl Fn(&str) -> Command + Sync) -> (Vec<f64>, Vec<f64>) {
+/// What `loops` looping clients did in `secs`: handoff gaps (ms) and turns per loop, from
+/// the log, and the requests the cluster served meanwhile (from etcd's own `/metrics`).
+struct Contended {
+    gaps: Vec<f64>,
+    turns: Vec<f64>,
+    requests: f64,
+}
+
+impl Contended {
+    fn acquisitions(&self) -> f64 {
+        self.turns.iter().sum()
+    }
+
+    fn requests_per_acquisition(&self) -> f64 {
+        self.requests / self.acquisitions().max(1.0)
+    }
+}
+
+/// `loops` loops of `make(tag)` for `secs`.
+fn contended(
+    cluster: &Cluster,
+    log: &Path,
+    loops: usize,
+    secs: f64,
+    make: impl Fn(&str) -> Command + Sync,
+) -> Contended {
     let _ = std::fs::remove_file(log);
+    let before = cluster.grpc_received(None);
     let end = Instant::now() + Duration::from_secs_f64(secs);
     std::thread::scope(|s| {
-        for i in 0..8 {
+        for i in 0..loops {
             let make = &make;
             s.spawn(move || {
                 while Instant::now() < end {
@@ -61,15 +88,20 @@ fn contended(log: &Path, secs: f64, make: impl Fn(&str) -> Command + Sync) -> (V
             });
         }
     });
+    let requests = cluster.grpc_received(None) - before;
     let v = read_gen_log(log);
     let gaps: Vec<f64> = v
         .windows(2)
         .map(|w| (w[1].start - w[0].end) * 1000.0)
         .collect();
-    let turns: Vec<f64> = (0..8)
+    let turns: Vec<f64> = (0..loops)
         .map(|i| v.iter().filter(|s| s.tag == format!("w{i}")).count() as f64)
         .collect();
-    (gaps, turns)
+    Contended {
+        gaps,
+        turns,
+        requests,
+    }
 }
 
 fn main() {
@@ -79,7 +111,7 @@ fn main() {
         .position(|a| a == "--secs")
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6.0);
+        .unwrap_or(10.0);
     let cluster = Cluster::start("b", 3, false);
     let e = EtcdEnv::with_config(&cluster, "bench", TEST_CONFIG);
     let prefix = e.url.rsplit('/').next().unwrap().to_string();
@@ -101,62 +133,82 @@ fn main() {
         c
     });
 
-    let log = e.env.path("cachelock.log");
-    let (cl_gaps, cl_turns) = contended(&log, secs, |tag| {
-        let mut c = e.cmd();
-        c.args(["run", "-q", "h", "--"])
-            .args(e.section(&log, tag, 0.005));
-        c
-    });
-    let alog = e.env.path("anchor.log");
-    let (an_gaps, an_turns) = contended(&alog, secs, |tag| {
-        let mut c = etcdctl(&cluster);
-        c.args(["lock", &format!("{prefix}/anchor-h")])
-            .args(e.section(&alog, tag, 0.005))
-            // etcdctl lock sets no generation: log a placeholder.
-            .env("CACHELOCK_GENERATION", "0");
-        c
-    });
+    // cachelock and `etcdctl lock` take turns at each size, on locks of their own.
+    let run = |who: &str, loops: usize, secs: f64| -> Contended {
+        let log = e.env.path(&format!("{who}-{loops}.log"));
+        let lock = format!("{who}-h{loops}");
+        if who == "cachelock" {
+            contended(&cluster, &log, loops, secs, |tag| {
+                let mut c = e.cmd();
+                c.args(["run", "-q", &lock, "--"])
+                    .args(e.section(&log, tag, 0.005));
+                c
+            })
+        } else {
+            contended(&cluster, &log, loops, secs, |tag| {
+                let mut c = etcdctl(&cluster);
+                // `--`: etcdctl would read the section's `bash -c` as its own flag.
+                c.args(["lock", &format!("{prefix}/{lock}"), "--"])
+                    .args(e.section(&log, tag, 0.005))
+                    // etcdctl lock sets no generation: log a placeholder.
+                    .env("CACHELOCK_GENERATION", "0");
+                c
+            })
+        }
+    };
+    let sizes = [4usize, 16, 32];
+    let mut results = Vec::new();
+    for &n in &sizes {
+        let c = run("cachelock", n, secs);
+        let a = run("etcdctl", n, secs);
+        results.push((n, c, a));
+    }
+    let at = |n: usize| results.iter().find(|r| r.0 == n).expect("measured");
 
-    let row = |name: &str, a: String, b: String| println!("| {name} | {a} | {b} |");
+    let row = |name: &str, a: String, b: String, ratio: String| {
+        println!("| {name} | {a} | {b} | {ratio} |")
+    };
     println!(
-        "| figure (local 3-member etcd 3.4, {secs} s contention) | cachelock | `etcdctl lock` |"
+        "| figure (local 3-member etcd 3.4, {secs} s per contention run, 5 ms holds) | cachelock | `etcdctl lock` | ratio |"
     );
-    println!("|---|---|---|");
+    println!("|---|---|---|---|");
+    let (c50, a50) = (percentile(&cl, 50.0), percentile(&anchor, 50.0));
     row(
         "uncontended `run L -- true`, median / p99 (ms)",
-        format!(
-            "{:.1} / {:.1}",
-            percentile(&cl, 50.0),
-            percentile(&cl, 99.0)
-        ),
-        format!(
-            "{:.1} / {:.1}",
-            percentile(&anchor, 50.0),
-            percentile(&anchor, 99.0)
-        ),
+        format!("{c50:.1} / {:.1}", percentile(&cl, 99.0)),
+        format!("{a50:.1} / {:.1}", percentile(&anchor, 99.0)),
+        format!("{:.2}", c50 / a50),
     );
+    for &n in &sizes {
+        let (_, c, a) = at(n);
+        let (c50, a50) = (percentile(&c.gaps, 50.0), percentile(&a.gaps, 50.0));
+        row(
+            &format!("{n} waiters: handoff p50 / p99 (ms)"),
+            format!("{c50:.1} / {:.1}", percentile(&c.gaps, 99.0)),
+            format!("{a50:.1} / {:.1}", percentile(&a.gaps, 99.0)),
+            format!("{:.2}", c50 / a50),
+        );
+        row(
+            &format!("{n} waiters: acquisitions (Jain's index of turns)"),
+            format!("{} ({:.3})", c.acquisitions(), jain(&c.turns)),
+            format!("{} ({:.3})", a.acquisitions(), jain(&a.turns)),
+            format!("{:.2}", c.acquisitions() / a.acquisitions().max(1.0)),
+        );
+        row(
+            &format!("{n} waiters: requests the cluster served per acquisition"),
+            format!("{:.1}", c.requests_per_acquisition()),
+            format!("{:.1}", a.requests_per_acquisition()),
+            format!(
+                "{:.2}",
+                c.requests_per_acquisition() / a.requests_per_acquisition().max(1e-9)
+            ),
+        );
+    }
+    let growth = |f: &dyn Fn(&(usize, Contended, Contended)) -> f64| f(at(32)) / f(at(4));
     row(
-        "handoff p50 / p99, 8 waiters, 5 ms holds (ms)",
-        format!(
-            "{:.1} / {:.1}",
-            percentile(&cl_gaps, 50.0),
-            percentile(&cl_gaps, 99.0)
-        ),
-        format!(
-            "{:.1} / {:.1}",
-            percentile(&an_gaps, 50.0),
-            percentile(&an_gaps, 99.0)
-        ),
-    );
-    row(
-        "acquisitions",
-        format!("{}", cl_turns.iter().sum::<f64>()),
-        format!("{}", an_turns.iter().sum::<f64>()),
-    );
-    row(
-        "Jain's index of turns (8 loops)",
-        format!("{:.3}", jain(&cl_turns)),
-        format!("{:.3}", jain(&an_turns)),
+        "requests per acquisition, 32 waiters ÷ 4 waiters",
+        format!("{:.2}", growth(&|r| r.1.requests_per_acquisition())),
+        format!("{:.2}", growth(&|r| r.2.requests_per_acquisition())),
+        String::new(),
     );
 }

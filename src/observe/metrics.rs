@@ -475,6 +475,7 @@ mod tests {
             held_ms: outcome.filter(|o| *o == Outcome::Acquired).map(|_| 1),
             faults: 0,
             dropped: 0,
+            arrived: false,
         }
     }
 

@@ -76,6 +76,10 @@ pub struct Report {
     /// Earlier reports of this request that could not be delivered.
     #[serde(default)]
     pub dropped: u32,
+    /// This report also stands for the request's arrival (at `enqueued_at_ms`): a request that
+    /// takes the lock, or leaves, without waiting sends one datagram where it would send two.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub arrived: bool,
 }
 
 mod outcome_name {
@@ -124,6 +128,7 @@ impl Report {
             held_ms: None,
             faults: 0,
             dropped: 0,
+            arrived: false,
         }
     }
 

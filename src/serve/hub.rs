@@ -275,6 +275,24 @@ impl Hub {
                 return;
             }
             let key = (r.lock.clone(), r.ticket.clone());
+            // An arrival folded into this report: the same as its own report before it.
+            let arrival = (r.arrived && r.moment != Moment::Arrived).then(|| Report {
+                moment: Moment::Arrived,
+                at_ms: r.enqueued_at_ms,
+                outcome: None,
+                waited_ms: None,
+                held_ms: None,
+                arrived: false,
+                ..r.clone()
+            });
+            if arrival.is_some() && !s.arrive(key.clone(), uid) {
+                s.tally.reports_refused += 1;
+                return;
+            }
+            if let Some(a) = &arrival {
+                let data = serde_json::to_string(&QueueEvent::of(a)).expect("an event encodes");
+                self.events.push("arrival", &data);
+            }
             match r.moment {
                 Moment::Arrived => {
                     if !s.arrive(key, uid) {
@@ -549,6 +567,42 @@ mod tests {
         hub.sweep(&empty);
         hub.sweep(&empty);
         assert_eq!(hub.requests("l", Outcome::Interrupted), 1);
+    }
+
+    #[test]
+    fn an_arrival_folded_into_the_next_report_is_an_arrival_event_and_counted_once() {
+        let hub = Hub::default();
+        let mut acquired = report(Moment::Acquired, "000000000001", None);
+        acquired.arrived = true;
+        hub.ingest(acquired, Some(1000));
+        assert_eq!(hub.state().in_flight.len(), 1);
+        hub.ingest(
+            report(Moment::Finished, "000000000001", Some(Outcome::Acquired)),
+            Some(1000),
+        );
+        let mut conflict = report(Moment::Finished, "000000000002", Some(Outcome::Conflict));
+        conflict.arrived = true;
+        hub.ingest(conflict, Some(1000));
+        assert_eq!(hub.requests("l", Outcome::Acquired), 1);
+        assert_eq!(hub.requests("l", Outcome::Conflict), 1);
+        assert!(hub.state().in_flight.is_empty());
+        let kinds: Vec<String> = hub
+            .events
+            .after(0, Duration::ZERO)
+            .unwrap()
+            .iter()
+            .map(|e| e.1.lines().next().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "event: arrival",
+                "event: acquisition",
+                "event: release",
+                "event: arrival",
+                "event: departure"
+            ]
+        );
     }
 
     #[test]

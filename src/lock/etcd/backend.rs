@@ -36,6 +36,10 @@ const MAX_VALUE: usize = 64 * 1024;
 /// Longest a waiter trusts its watch without hearing from it (a progress request is sent after
 /// one request timeout of silence, the stream is replaced after two).
 const WATCH_SLEEP_CAP: Duration = Duration::from_secs(2);
+/// Attempts at taking a ticket number while other arrivals take them too.
+const PUBLISH_ATTEMPTS: u32 = 100;
+/// Longest pause between two of them (a random part of 1, 2, 4, ... ms up to this).
+const PUBLISH_BACKOFF_MS: u64 = 32;
 /// Grant attempts in one `try_acquire` when the holders or generation change under it.
 const GRANT_ATTEMPTS: usize = 4;
 
@@ -150,6 +154,16 @@ fn range_end(prefix: &str) -> Vec<u8> {
 
 fn prefix_get(limit: i64) -> GetOptions {
     GetOptions::new().with_prefix().with_limit(limit)
+}
+
+/// `meta` and its mod revision (0: not written yet) from a read of it.
+fn meta_of(kvs: &[KeyValue]) -> (Meta, i64) {
+    kvs.first().map_or((Meta::default(), 0), |kv| {
+        (
+            serde_json::from_slice(kv.value()).unwrap_or_default(),
+            kv.mod_revision(),
+        )
+    })
 }
 
 pub(super) fn ticket_of(kv: &KeyValue) -> Option<TicketData> {
@@ -339,6 +353,36 @@ async fn read_range(
         }
     }
     Ok((kvs, rev, oversized))
+}
+
+/// Lease lookups in flight at once for `status` (etcd 3.4 has no call that answers for many).
+const LEASE_LOOKUPS: usize = 64;
+
+/// The time left on each of `leases`, in ms, looked up concurrently (at most
+/// [`LEASE_LOOKUPS`] at once), so that `status` of a long queue costs a few round trips rather
+/// than one per ticket; a lease that cannot be looked up is left out.
+async fn lease_left_ms(conn: &Arc<Conn>, leases: Vec<i64>) -> std::collections::HashMap<i64, u64> {
+    let mut left = std::collections::HashMap::new();
+    for chunk in leases.chunks(LEASE_LOOKUPS) {
+        let mut set = tokio::task::JoinSet::new();
+        for &id in chunk {
+            let conn = conn.clone();
+            set.spawn(async move {
+                let ttl = conn
+                    .call("a lease lookup", |mut c| async move {
+                        c.lease_time_to_live(id, None).await
+                    })
+                    .await;
+                (id, ttl)
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            if let Ok((id, Ok(t))) = r {
+                left.insert(id, (t.ttl().max(0) as u64) * 1000);
+            }
+        }
+    }
+    left
 }
 
 /// The etcd store as a backend.
@@ -565,23 +609,41 @@ async fn keep_alive(conn: Arc<Conn>, id: i64, rule: LeaseRule, lease: Lease) {
     }
 }
 
-/// Follows the lock's keys from `start` and writes `r` (only deletions) or `c` (anything else)
-/// to `tx` for each batch; replaces a stream that errs or stays silent for two request
-/// timeouts (a frozen member), on the next endpoint, resuming where it left off.
-async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
+/// What a waiter's watch follows (see [`Watch`]): the head set follows every key of the lock;
+/// a waiter behind it only the ticket just ahead, so that a hand-off wakes the next holder
+/// and the one behind it instead of every waiter (etcd's own recipe watches the key ahead
+/// the same way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WatchOn {
+    /// Every key under this prefix (a lock's keys).
+    Lock(String),
+    /// One ticket's key: only its deletion (taken the lock, left, or its lease gone) matters.
+    Ticket(String),
+}
+
+/// Follows `on` from revision `next` and writes `r` (only deletions) or `c` (anything else)
+/// to `tx` for each batch that matters; replaces a stream that errs or stays silent for two
+/// request timeouts (a frozen member), on the next endpoint, resuming where it left off.
+async fn follow(conn: Arc<Conn>, on: WatchOn, mut next: i64, tx: UnixStream) {
     let poke = |b: u8| {
         let _ = (&tx).write(&[b]);
     };
     use std::io::Write;
     let timeout = conn.store.request_timeout;
+    let (key, prefix) = match &on {
+        WatchOn::Lock(p) => (p.as_str(), true),
+        WatchOn::Ticket(k) => (k.as_str(), false),
+    };
     // A departure's record is written with the removal it describes: it is not a change.
-    let last = format!("{prefix}last");
+    let last = format!("{key}last");
     loop {
-        let opts = WatchOptions::new()
-            .with_prefix()
+        let mut opts = WatchOptions::new()
             .with_start_revision(next)
             .with_progress_notify();
-        let Some((i, _client, mut s)) = conn.open_watch(&prefix, opts).await else {
+        if prefix {
+            opts = opts.with_prefix();
+        }
+        let Some((i, _client, mut s)) = conn.open_watch(key, opts).await else {
             poke(b'c');
             continue;
         };
@@ -603,7 +665,12 @@ async fn watch(conn: Arc<Conn>, prefix: String, mut next: i64, tx: UnixStream) {
                         }
                         let evs: Vec<_> = evs
                             .iter()
-                            .filter(|e| e.kv().is_none_or(|kv| kv.key() != last.as_bytes()))
+                            .filter(|e| match prefix {
+                                true => e.kv().is_none_or(|kv| kv.key() != last.as_bytes()),
+                                // A ticket rewritten in place (its owner joining again) is
+                                // still waiting ahead of us.
+                                false => e.event_type() == EventType::Delete,
+                            })
                             .collect();
                         if !evs.is_empty() {
                             let only_deletes = evs.iter().all(|e| e.event_type() == EventType::Delete);
@@ -760,18 +827,7 @@ impl Backend for EtcdBackend {
                 .collect();
             leases.sort();
             leases.dedup();
-            let mut left = std::collections::HashMap::new();
-            for id in leases {
-                let ttl = self
-                    .conn
-                    .call("a lease lookup", |mut c| async move {
-                        c.lease_time_to_live(id, None).await
-                    })
-                    .await;
-                if let Ok(t) = ttl {
-                    left.insert(id, (t.ttl().max(0) as u64) * 1000);
-                }
-            }
+            let left = lease_left_ms(&self.conn, leases).await;
             let mut tickets = Snapshot::default();
             let mut notes = std::collections::HashMap::new();
             for h in r.holders {
@@ -819,7 +875,8 @@ struct EtcdQueued {
     data: TicketData,
     /// Store revision of the last read (the watch starts after it).
     revision: i64,
-    watch: Option<(UnixStream, tokio::task::JoinHandle<()>)>,
+    /// The watch of the last wait, kept while the next wait follows the same thing.
+    watch: Option<(UnixStream, tokio::task::JoinHandle<()>, WatchOn)>,
     /// How the request ends (see `Queued::depart`), encoded.
     departure: Option<Vec<u8>>,
     /// Grant marks of vanished holders, by key, with when we first saw each.
@@ -834,53 +891,62 @@ impl EtcdQueued {
     }
 
     /// Takes a ticket number and arrival stamp and publishes the ticket, in one transaction
-    /// (compare-and-swap on `meta`). A retry after an unanswered attempt first looks for a
-    /// ticket already on our lease.
+    /// (compare-and-swap on `meta`). A failed compare answers with the current `meta` (and
+    /// whether a ticket of an earlier, unanswered attempt is ours after all), so a retry costs
+    /// one round trip and never re-reads the queue; concurrent arrivals back off for a random
+    /// while that grows with the attempts, instead of spinning on the key.
     async fn publish(&mut self) -> Result<()> {
         let lease_id = self.lease_id();
-        for attempt in 0.. {
-            let read = read_lock(&self.conn, &self.keys).await?;
-            if attempt > 0 {
-                if let Some(w) = read.waiters.iter().find(|w| w.lease == lease_id) {
-                    self.data = w.ticket.clone();
-                    self.revision = read.revision;
-                    return Ok(());
-                }
-            }
-            let (meta, meta_rev) = read.meta.clone().unwrap_or_default();
-            let now = now_ms();
-            let remembered = match &self.data.queue_key {
-                Some(k) => self.remembered(k).await?,
-                None => None,
-            };
-            let mut next = meta.clone();
+        let meta_key = self.keys.meta();
+        let remembered = match &self.data.queue_key {
+            Some(k) => self.remembered(k).await?,
+            None => None,
+        };
+        let first = self
+            .conn
+            .call("a read of the queue", |mut c| {
+                let k = meta_key.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
+        let mut meta = meta_of(first.kvs());
+        // Ticket keys of earlier attempts: one whose answer was lost may have been written.
+        let mut tried: Vec<String> = Vec::new();
+        for attempt in 0..PUBLISH_ATTEMPTS {
+            let (current, meta_rev) = meta.clone();
+            let mut next = current.clone();
             next.next_ticket += 1;
             let at = match remembered {
                 Some(at) => at,
                 None => {
-                    let at = now.max(meta.last_enqueued_at_ms + 1);
+                    let at = now_ms().max(current.last_enqueued_at_ms + 1);
                     next.last_enqueued_at_ms = at;
                     at
                 }
             };
             let mut data = self.data.clone();
-            data.ticket.id = format!("{:012}", meta.next_ticket);
+            data.ticket.id = format!("{:012}", current.next_ticket);
             data.ticket.request.enqueued_at_ms = at;
+            let key = self.keys.ticket(data.id());
+            tried.push(key.clone());
+            let mut otherwise = vec![TxnOp::get(meta_key.clone(), None)];
+            otherwise.extend(tried.iter().map(|k| TxnOp::get(k.clone(), None)));
             let txn = Txn::new()
                 .when([Compare::mod_revision(
-                    self.keys.meta(),
+                    meta_key.clone(),
                     CompareOp::Equal,
                     meta_rev,
                 )])
                 .and_then([
-                    TxnOp::put(self.keys.meta(), encode(&next), None),
+                    TxnOp::put(meta_key.clone(), encode(&next), None),
                     TxnOp::put(
-                        self.keys.ticket(data.id()),
+                        key,
                         encode(&data),
                         Some(PutOptions::new().with_lease(lease_id)),
                     ),
                     TxnOp::put(self.keys.name(&data.request().lock), "", None),
-                ]);
+                ])
+                .or_else(otherwise);
             let resp = self
                 .conn
                 .call("joining the queue", |mut c| {
@@ -888,14 +954,31 @@ impl EtcdQueued {
                     async move { c.txn(txn).await }
                 })
                 .await?;
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             if resp.succeeded() {
-                self.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                self.revision = revision;
                 self.data = data;
                 return Ok(());
             }
-            if attempt >= 100 {
-                break;
+            let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            });
+            if let Some(g) = gets.next() {
+                meta = meta_of(g.kvs());
             }
+            for g in gets {
+                if let Some(kv) = g.kvs().first().filter(|kv| kv.lease() == lease_id) {
+                    if let Some(t) = ticket_of(kv) {
+                        self.data = t;
+                        self.revision = revision;
+                        return Ok(());
+                    }
+                }
+            }
+            let cap = PUBLISH_BACKOFF_MS.min(1 << attempt.min(6));
+            let ms = sys::unpredictable() % (cap + 1);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         Err(Error::new(
             Kind::Unavailable,
@@ -1134,7 +1217,7 @@ impl EtcdQueued {
 
     /// Hands the lease over to a held lock granted at revision `rev`.
     fn held(&mut self, data: TicketData, rev: i64) -> Box<dyn Held> {
-        if let Some((_, task)) = self.watch.take() {
+        if let Some((_, task, _)) = self.watch.take() {
             task.abort();
         }
         let key = self
@@ -1180,7 +1263,7 @@ impl EtcdQueued {
 
     /// Stops the background tasks; returns the lease, if still ours.
     fn stop(&mut self) -> Option<i64> {
-        if let Some((_, task)) = self.watch.take() {
+        if let Some((_, task, _)) = self.watch.take() {
             task.abort();
         }
         if let Some(k) = self.keeper.take() {
@@ -1251,23 +1334,27 @@ impl Queued for EtcdQueued {
     fn wait(
         &mut self,
         until: Option<Instant>,
-        // One watch over the lock's keys serves every place in the queue.
-        _watch: Watch<'_>,
+        watch: Watch<'_>,
         signal_fd: BorrowedFd<'_>,
     ) -> Result<Wake> {
-        if self.watch.is_none() {
+        let on = match watch {
+            Watch::Lock => WatchOn::Lock(self.keys.all()),
+            Watch::Ahead(t) => WatchOn::Ticket(self.keys.ticket(t.id())),
+        };
+        if self.watch.as_ref().is_none_or(|w| w.2 != on) {
+            if let Some((_, task, _)) = self.watch.take() {
+                task.abort();
+            }
             let (rx, tx) = UnixStream::pair().map_err(|e| {
                 Error::new(Kind::OsErr, format!("cannot create a socket pair: {e}"))
             })?;
             let _ = rx.set_nonblocking(true);
             let _ = tx.set_nonblocking(true);
-            let task = self.conn.spawn(watch(
-                self.conn.clone(),
-                self.keys.all(),
-                self.revision + 1,
-                tx,
-            ));
-            self.watch = Some((rx, task));
+            // From just after the last look: a change since then is not missed.
+            let task =
+                self.conn
+                    .spawn(follow(self.conn.clone(), on.clone(), self.revision + 1, tx));
+            self.watch = Some((rx, task, on));
         }
         let rx = &self.watch.as_ref().expect("set above").0;
         // A vanished holder's stop window ends like a release.

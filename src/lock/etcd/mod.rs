@@ -8,15 +8,21 @@
 //!   waiter's ticket disappears with its lease, no liveness probing.
 //! - **Arrival** is a per-lock stamp `max(wall clock, last + 1)` and a ticket number, taken in
 //!   the same transaction that publishes the ticket (compare-and-swap on `meta`), so the order
-//!   never depends on hosts' clocks agreeing; a give-up with a queue key remembers its arrival
+//!   never depends on hosts' clocks agreeing; a lost compare answers with the current `meta`,
+//!   so a retry is one round trip, after a random pause that grows with the attempts; a give-up with a queue key remembers its arrival
 //!   in a key attached to a lease whose TTL is the key's grace.
 //! - **The grant** is one transaction, sent only by the head set: it compares the slot's holder
 //!   range (exclusive: no holder; shared: no exclusive holder — [`crate::lock::order::Slots`]
 //!   semantics) and the generation key, and writes the holder key (on the lease) and the
 //!   generation key, and removes the ticket. The generation (the fencing token
 //!   `CACHELOCK_GENERATION`) is the grant's revision: it only grows, and no client can forge it.
-//! - **Waiting** is a watch on the lock's keys (deletions alone mean the head may try at once),
-//!   with a bounded sleep in case a watch stream hangs on a frozen member.
+//! - **Waiting** is a watch of what decides the waiter's turn, as in etcd's own recipe: the
+//!   head set watches the lock's keys (deletions alone mean it may try at once); a waiter
+//!   behind it watches only the ticket just ahead of it in the policy's order, so a hand-off
+//!   wakes the new holder and the one waiter behind it, not the queue (requests per
+//!   acquisition do not grow with the queue). A bounded sleep covers a watch stream that
+//!   hangs on a frozen member, and the periodic look (the policy's interval) covers arrivals
+//!   that rank ahead.
 //! - **Failover**: every request has a short deadline and is retried on the next endpoint; a
 //!   bounded total ([`EtcdStore::unavailable_timeout`]) turns into exit 69.
 //! - **A held lock can be lost**: the lease is renewed every tenth of its TTL, and each

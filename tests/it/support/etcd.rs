@@ -50,6 +50,17 @@ pub struct Cluster {
     pub tls: Option<Tls>,
 }
 
+/// A cluster of one test (the shared ones are never dropped) ends with it: members killed,
+/// data removed.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A request to the spawner thread: the command, and where to send the child.
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
@@ -209,6 +220,31 @@ impl Cluster {
             }
         }
         *m.child.lock().unwrap() = Some(spawn_kept(cmd));
+    }
+
+    /// gRPC messages the members received (each unary call, and each message on a watch or
+    /// keep-alive stream), of `method` (e.g. `Range`) or of all, summed over every member's own
+    /// `/metrics`.
+    pub fn grpc_received(&self, method: Option<&str>) -> f64 {
+        use std::io::{Read, Write};
+        assert!(self.tls.is_none(), "metrics of a plain cluster only");
+        let filter = method.map(|m| format!("grpc_method=\"{m}\""));
+        let mut total = 0.0;
+        for m in &self.members {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", m.client_port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            total += body
+                .lines()
+                .filter(|l| l.starts_with("grpc_server_msg_received_total{"))
+                .filter(|l| filter.as_ref().is_none_or(|f| l.contains(f.as_str())))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        total
     }
 
     /// `HOST:PORT,...` of the members, in order.
