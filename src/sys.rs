@@ -1814,3 +1814,24 @@ impl Inotify {
         seen
     }
 }
+
+/// Makes the calling thread, and every thread it starts from now on, a batch job for the
+/// kernel's scheduler (`SCHED_BATCH`): when it wakes it does not preempt the running task, so
+/// a background observer never delays the requests it observes. The raw system call, because
+/// musl's `sched_setscheduler` is a stub.
+pub fn schedule_as_batch() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the kernel only reads the `sched_param` we pass, for the calling thread (0).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_BATCH,
+            &param as *const libc::sched_param,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

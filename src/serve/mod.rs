@@ -42,6 +42,11 @@ use hub::{Hub, Snapshot};
 
 /// The longest the view goes without a fresh look at the store.
 pub const REFRESH: Duration = Duration::from_secs(1);
+/// The shortest time between two looks: a busy lock changes every few milliseconds, and a look
+/// at every change would compete with the requests themselves for the lock's files and the
+/// CPU. Counts do not depend on looks (every request reports itself); gauges and the page are
+/// at most this late.
+pub const LOOK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What `serve` serves.
 pub struct Settings {
@@ -78,6 +83,12 @@ impl Drop for Socket {
 
 /// Runs until a terminating signal arrives on `signals`.
 pub fn run(settings: Settings, signals: &Signals) -> Result<()> {
+    // Every thread started below inherits it: a report or a change wakes serve without
+    // taking the CPU from the request that caused it (measured: an uncontended run with serve
+    // watching cost 3.5% more than without, 2% with this).
+    if let Err(e) = sys::schedule_as_batch() {
+        tracing::debug!("cannot run as a batch job: {e}");
+    }
     let listener = TcpListener::bind(settings.listen).map_err(|e| {
         Error::new(
             Kind::OsErr,
@@ -130,7 +141,8 @@ pub fn run(settings: Settings, signals: &Signals) -> Result<()> {
         "serving {} on http://{addr}/ (metrics: /metrics)",
         reader.backend().describe()
     );
-    let mut changed = false;
+    // A change seen and not looked at yet.
+    let mut pending = false;
     loop {
         if let (Some(root), None) = (&root, &socket) {
             socket = listen_for_reports(root, &hub)?;
@@ -139,22 +151,35 @@ pub fn run(settings: Settings, signals: &Signals) -> Result<()> {
             hub.store_event(e);
         }
         hub.set_missed(watch.missed());
-        if changed || last_look.elapsed() >= REFRESH {
+        let since = last_look.elapsed();
+        if (pending && since >= LOOK_INTERVAL) || since >= REFRESH {
             look(&mut reader, &hub);
             last_look = Instant::now();
+            pending = false;
         }
-        let left = REFRESH.saturating_sub(last_look.elapsed());
-        changed = match watch.wait(left, &[signals.fd()]) {
-            Wake::Ready(_) => match signals.take_terminating() {
-                Some(sig) => {
+        if pending {
+            // The look is due soon and will see whatever changes meanwhile: sleep until then
+            // instead of waking at every change of a busy lock.
+            let left = LOOK_INTERVAL.saturating_sub(last_look.elapsed());
+            if sys::poll_readable(&[signals.fd()], Some(left)).is_some() {
+                if let Some(sig) = signals.take_terminating() {
                     tracing::info!("signal {sig}: stopping");
                     return Ok(());
                 }
-                None => false,
-            },
-            Wake::Changed => true,
-            Wake::Timeout => false,
-        };
+            }
+            continue;
+        }
+        let left = REFRESH.saturating_sub(last_look.elapsed());
+        match watch.wait(left, &[signals.fd()]) {
+            Wake::Ready(_) => {
+                if let Some(sig) = signals.take_terminating() {
+                    tracing::info!("signal {sig}: stopping");
+                    return Ok(());
+                }
+            }
+            Wake::Changed => pending = true,
+            Wake::Timeout => {}
+        }
     }
 }
 
