@@ -1820,7 +1820,9 @@ impl Inotify {
 /// a background observer never delays the requests it observes. The raw system call, because
 /// musl's `sched_setscheduler` is a stub.
 pub fn schedule_as_batch() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a C struct of integers (musl's has more fields than glibc's): all zeros is
+    // priority 0, the only one SCHED_BATCH takes.
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
     // SAFETY: the kernel only reads the `sched_param` we pass, for the calling thread (0).
     let r = unsafe {
         libc::syscall(

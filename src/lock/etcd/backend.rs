@@ -1046,6 +1046,26 @@ impl EtcdQueued {
     /// free for our mode.
     async fn grant(&mut self) -> Result<Option<Box<dyn Held>>> {
         let lease_id = self.lease_id();
+        // One exclusive slot (the common case): the first attempt is the grant itself, sent
+        // blind, on the condition that nobody holds or vanished from the slot (no holder key,
+        // no grant mark at all); the look is its other branch, so a refused attempt costs no
+        // more than the look alone, and a hand-off costs one round trip less.
+        let mut blind =
+            (self.slots == 1 && self.data.request().mode == Mode::Exclusive).then(|| {
+                let mut mine = self.data.clone();
+                mine.hold(0, 0, now_ms());
+                mine.generation = None;
+                let (slot, marks) = (self.keys.slot(0), self.keys.marks());
+                let when = vec![
+                    Compare::create_revision(slot.clone(), CompareOp::Equal, 0)
+                        .with_range(range_end(&slot)),
+                    Compare::create_revision(marks.clone(), CompareOp::Equal, 0)
+                        .with_range(range_end(&marks)),
+                    Compare::version(self.keys.ticket(mine.id()), CompareOp::Greater, 0),
+                ];
+                let ops = self.grant_ops(&mine, 0, lease_id, Vec::new());
+                (when, ops, mine)
+            });
         for _ in 0..GRANT_ATTEMPTS {
             // Names only (values another client wrote may be large), and the holders' first page.
             let names = || GetOptions::new().with_keys_only();
@@ -1059,10 +1079,17 @@ impl EtcdQueued {
             ];
             let mut look = small.to_vec();
             look.push(TxnOp::get(self.keys.holders(), Some(prefix_get(PAGE))));
+            let (txn, mine) = match blind.take() {
+                Some((when, ops, mine)) => (
+                    Txn::new().when(when).and_then(ops).or_else(look),
+                    Some(mine),
+                ),
+                None => (Txn::new().and_then(look), None),
+            };
             let resp = self
                 .conn
                 .call("a read of the holders", |mut c| {
-                    let look = Txn::new().and_then(look.clone());
+                    let look = txn.clone();
                     async move {
                         match c.txn(look).await {
                             Ok(r) => Ok(Some(r)),
@@ -1072,18 +1099,25 @@ impl EtcdQueued {
                     }
                 })
                 .await?;
-            let resp = match resp {
-                Some(r) => r,
+            let (resp, mine) = match resp {
+                Some(r) => (r, mine),
+                // Only a look's answer can be this large (a grant's is a few puts): refused.
                 None => {
-                    self.conn
+                    let r = self
+                        .conn
                         .call("a read of the holders", |mut c| {
                             let look = Txn::new().and_then(small.clone());
                             async move { c.txn(look).await }
                         })
-                        .await?
+                        .await?;
+                    (r, None)
                 }
             };
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if let (Some(mut mine), true) = (mine, resp.succeeded()) {
+                mine.generation = Some(rev.max(0) as u64);
+                return Ok(Some(self.held(mine, rev)));
+            }
             let mut kvs = Vec::new();
             let mut ticket_present = false;
             let mut holders_read = false;
@@ -1137,24 +1171,7 @@ impl EtcdQueued {
                 Mode::Shared => self.keys.slot_exclusive(slot),
             };
             let end = range_end(&busy);
-            let mut ops = vec![
-                TxnOp::put(
-                    self.keys.holder(slot, self.data.request().mode, mine.id()),
-                    encode(&mine),
-                    Some(PutOptions::new().with_lease(lease_id)),
-                ),
-                TxnOp::put(self.keys.gen(), "", None),
-                TxnOp::delete(self.keys.ticket(mine.id()), None),
-            ];
-            if let Some(k) = &mine.queue_key {
-                ops.push(TxnOp::delete(self.keys.key_record(k), None));
-            }
-            ops.push(TxnOp::put(
-                self.keys.mark(slot, self.data.request().mode, mine.id()),
-                "",
-                None,
-            ));
-            ops.extend(stale.into_iter().map(|k| TxnOp::delete(k, None)));
+            let ops = self.grant_ops(&mine, slot, lease_id, stale);
             let txn = Txn::new()
                 .when([
                     // No holder since our read; what the read found there is no holder (junk
@@ -1178,6 +1195,33 @@ impl EtcdQueued {
             }
         }
         Ok(None)
+    }
+
+    /// What a grant of `slot` to `mine` writes: the holder key on our lease, the generation,
+    /// the grant mark; what it removes: the ticket, a remembered arrival, and the `stale` marks.
+    fn grant_ops(
+        &self,
+        mine: &TicketData,
+        slot: u32,
+        lease_id: i64,
+        stale: Vec<String>,
+    ) -> Vec<TxnOp> {
+        let mode = self.data.request().mode;
+        let mut ops = vec![
+            TxnOp::put(
+                self.keys.holder(slot, mode, mine.id()),
+                encode(mine),
+                Some(PutOptions::new().with_lease(lease_id)),
+            ),
+            TxnOp::put(self.keys.gen(), "", None),
+            TxnOp::delete(self.keys.ticket(mine.id()), None),
+        ];
+        if let Some(k) = &mine.queue_key {
+            ops.push(TxnOp::delete(self.keys.key_record(k), None));
+        }
+        ops.push(TxnOp::put(self.keys.mark(slot, mode, mine.id()), "", None));
+        ops.extend(stale.into_iter().map(|k| TxnOp::delete(k, None)));
+        ops
     }
 
     /// Holders that vanished without releasing (a grant mark without its holder key: the key

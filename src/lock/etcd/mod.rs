@@ -16,6 +16,9 @@
 //!   semantics) and the generation key, and writes the holder key (on the lease) and the
 //!   generation key, and removes the ticket. The generation (the fencing token
 //!   `CACHELOCK_GENERATION`) is the grant's revision: it only grows, and no client can forge it.
+//!   With one exclusive slot the first attempt is sent blind, on the condition that the slot
+//!   has no holder key and no grant mark at all, with the read of the holders as its other
+//!   branch: a hand-off costs the release and the grant, one round trip each.
 //! - **Waiting** is a watch of what decides the waiter's turn, as in etcd's own recipe: the
 //!   head set watches the lock's keys (deletions alone mean it may try at once); a waiter
 //!   behind it watches only the ticket just ahead of it in the policy's order, so a hand-off
