@@ -842,7 +842,8 @@ impl Bench {
 
     /// What observing costs an uncontended `run L -- true`: with a `cachelock serve` counting
     /// the lock directory's requests, and with the request log on, next to the same run
-    /// observed by nobody — three lock directories, runs interleaved.
+    /// observed by nobody — three lock directories, runs interleaved, each run reading a
+    /// configuration file of the same shape.
     fn observed(&self, rows: &mut Vec<Row>, notes: &mut String) {
         let n = if self.long { 1000 } else { 300 };
         // Per binary: medians (plain, served, logged) and a note.
@@ -852,12 +853,20 @@ impl Bench {
                 self.scratch("observed-serve"),
                 self.scratch("observed-log"),
             );
+            // Every variant loads a configuration of the same shape, so that the request log's
+            // figure is the log's cost, not the cost of reading a configuration file.
             let config = logged.join("config.yaml");
+            let base = plain.join("config.yaml");
+            let same = "progress_interval: 30\n";
             fs::write(
                 &config,
-                format!("request_log: {}\n", logged.join("requests.jsonl").display()),
+                format!(
+                    "{same}request_log: {}\n",
+                    logged.join("requests.jsonl").display()
+                ),
             )
             .map_err(|e| e.to_string())?;
+            fs::write(&base, same).map_err(|e| e.to_string())?;
             let mut serve = Command::new(bin)
                 .args(["serve", "--listen", "127.0.0.1:0", "--lock-dir"])
                 .arg(&served)
@@ -880,8 +889,8 @@ impl Bench {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let variants: [(&Path, Vec<&str>); 3] = [
-                (&plain, vec![]),
-                (&served, vec![]),
+                (&plain, vec!["--config", base.to_str().unwrap()]),
+                (&served, vec!["--config", base.to_str().unwrap()]),
                 (&logged, vec!["--config", config.to_str().unwrap()]),
             ];
             let mut times: [Vec<f64>; 3] = Default::default();
