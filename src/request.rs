@@ -12,7 +12,7 @@ use cachelock::lock::{self, Acquired, Store};
 use cachelock::policy::{Mode, Policy};
 use cachelock::process::Signals;
 
-use crate::cli::LockArgs;
+use crate::cli::{LockArgs, StoreArgs};
 
 /// Most parallel runs on one Earthly cache id (`CACHELOCK_SLOTS`): each is a warm data root.
 const MAX_EARTHLY_SLOTS: u32 = 64;
@@ -211,6 +211,15 @@ pub fn store(
         loaded,
         cachelock::config::default_lock_dir,
     )
+}
+
+/// The configuration `--config` names and the store of `--backend` / `--lock-dir` in it
+/// (`status`, `serve`): see [`store`].
+pub fn configured_store(args: &StoreArgs) -> Result<(Loaded, Store, Option<String>)> {
+    let loaded = Loaded::load(args.config.as_deref())?;
+    let (store, private_because) =
+        store(args.backend.as_deref(), args.lock_dir.as_deref(), &loaded)?;
+    Ok((loaded, store, private_because))
 }
 
 /// [`store`], with `default_dir` choosing the lock directory when nothing names one (`doctor`

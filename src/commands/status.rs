@@ -6,7 +6,6 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use cachelock::config::Loaded;
 use cachelock::error::{Error, Kind, Result};
 use cachelock::observe::status::StatusReader;
 use cachelock::observe::watch::{StoreWatch, Wake};
@@ -23,12 +22,7 @@ pub fn execute(args: StatusArgs) -> Result<i32> {
     if let Some(n) = &args.name {
         cachelock::lock::name::validate(n)?;
     }
-    let loaded = Loaded::load(args.store.config.as_deref())?;
-    let (store, private_because) = crate::request::store(
-        args.store.backend.as_deref(),
-        args.store.lock_dir.as_deref(),
-        &loaded,
-    )?;
+    let (loaded, store, private_because) = crate::request::configured_store(&args.store)?;
     let cap = loaded.config.dockerd.cache_max_size;
     let names = args.name.clone().map(|n| vec![n]);
     // Before the first read (which may compile a policy): a Ctrl-C during it ends the watch
