@@ -14,7 +14,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::client::{lease_gone, Conn};
+use super::client::{lease_gone, Conn, Flow};
 use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{
@@ -622,86 +622,58 @@ enum WatchOn {
 }
 
 /// Follows `on` from revision `next` and writes `r` (only deletions) or `c` (anything else)
-/// to `tx` for each batch that matters; replaces a stream that errs or stays silent for two
-/// request timeouts (a frozen member), on the next endpoint, resuming where it left off.
-async fn follow(conn: Arc<Conn>, on: WatchOn, mut next: i64, tx: UnixStream) {
+/// to `tx` for each batch that matters, and `c` whenever the stream is replaced.
+async fn follow(conn: Arc<Conn>, on: WatchOn, next: i64, tx: UnixStream) {
     let poke = |b: u8| {
         let _ = (&tx).write(&[b]);
     };
     use std::io::Write;
-    let timeout = conn.store.request_timeout;
     let (key, prefix) = match &on {
         WatchOn::Lock(p) => (p.as_str(), true),
         WatchOn::Ticket(k) => (k.as_str(), false),
     };
     // A departure's record is written with the removal it describes: it is not a change.
     let last = format!("{key}last");
-    loop {
-        let mut opts = WatchOptions::new()
-            .with_start_revision(next)
-            .with_progress_notify();
-        if prefix {
-            opts = opts.with_prefix();
-        }
-        let Some((i, _client, mut s)) = conn.open_watch(key, opts).await else {
-            poke(b'c');
-            continue;
-        };
-        let mut heard = Instant::now();
-        loop {
-            tokio::select! {
-                m = s.message() => match m {
-                    Ok(Some(resp)) => {
-                        heard = Instant::now();
-                        if resp.canceled() {
-                            // Compacted past our revision (or refused): start from now.
-                            next = 0;
-                            poke(b'c');
-                            break;
-                        }
-                        let evs = resp.events();
-                        if let Some(kv) = evs.last().and_then(|e| e.kv()) {
-                            next = kv.mod_revision() + 1;
-                        }
-                        let evs: Vec<_> = evs
-                            .iter()
-                            .filter(|e| match prefix {
-                                true => e.kv().is_none_or(|kv| kv.key() != last.as_bytes()),
-                                // A ticket rewritten in place (its owner joining again) is
-                                // still waiting ahead of us.
-                                false => e.event_type() == EventType::Delete,
-                            })
-                            .collect();
-                        if !evs.is_empty() {
-                            let only_deletes = evs.iter().all(|e| e.event_type() == EventType::Delete);
-                            poke(if only_deletes { b'r' } else { b'c' });
-                        }
-                    }
-                    _ => {
-                        conn.rotate(i);
-                        poke(b'c');
-                        break;
-                    }
-                },
-                _ = tokio::time::sleep(timeout) => {
-                    if heard.elapsed() >= timeout * 2 {
-                        conn.rotate(i);
-                        poke(b'c');
-                        break;
-                    }
-                    let _ = s.request_progress().await;
-                }
-            }
-        }
+    let mut base = WatchOptions::new();
+    if prefix {
+        base = base.with_prefix();
     }
+    let on_response = |resp: etcd_client::WatchResponse, _: etcd_client::Client, mut next: i64| {
+        let flow = if resp.canceled() {
+            // Compacted past our revision (or refused): start from now.
+            next = 0;
+            poke(b'c');
+            Flow::Reopen
+        } else {
+            let evs = resp.events();
+            if let Some(kv) = evs.last().and_then(|e| e.kv()) {
+                next = kv.mod_revision() + 1;
+            }
+            let evs: Vec<_> = evs
+                .iter()
+                .filter(|e| match prefix {
+                    true => e.kv().is_none_or(|kv| kv.key() != last.as_bytes()),
+                    // A ticket rewritten in place (its owner joining again) is still waiting
+                    // ahead of us.
+                    false => e.event_type() == EventType::Delete,
+                })
+                .collect();
+            if !evs.is_empty() {
+                let only_deletes = evs.iter().all(|e| e.event_type() == EventType::Delete);
+                poke(if only_deletes { b'r' } else { b'c' });
+            }
+            Flow::Go
+        };
+        std::future::ready((flow, next))
+    };
+    conn.follow_watch(key, base, next, on_response, |_| poke(b'c'))
+        .await;
 }
 
 /// Follows our own holder key from `next`: its deletion by anyone but our release (a client
 /// deleting it, our lease revoked) loses the lease at once, so that the guardian stops the
-/// command now rather than at the next renewal. A stream that errs or stays silent for two
-/// request timeouts is replaced on the next endpoint, resuming where it left off.
-async fn watch_holder(conn: Arc<Conn>, key: String, mut next: i64, lease: Lease) {
-    let timeout = conn.store.request_timeout;
+/// command now rather than at the next renewal.
+async fn watch_holder(conn: Arc<Conn>, key: String, next: i64, lease: Lease) {
     let gone = |how: &str| {
         tracing::warn!(
             "lock {}: our holder key {key} was {how} by someone else; stopping the command",
@@ -709,50 +681,38 @@ async fn watch_holder(conn: Arc<Conn>, key: String, mut next: i64, lease: Lease)
         );
         lease.lose();
     };
-    loop {
-        let opts = WatchOptions::new()
-            .with_start_revision(next)
-            .with_progress_notify();
-        let Some((i, mut c, mut s)) = conn.open_watch(&key, opts).await else {
-            continue;
-        };
-        let mut heard = Instant::now();
-        loop {
-            tokio::select! {
-                m = s.message() => match m {
-                    Ok(Some(resp)) => {
-                        heard = Instant::now();
-                        if resp.canceled() {
-                            // Compacted past our revision: look at the key itself.
-                            match c.get(key.clone(), None).await {
-                                Ok(g) if g.kvs().is_empty() => return gone("removed"),
-                                Ok(g) => next = g.header().map_or(next, |h| h.revision() + 1),
-                                Err(_) => conn.rotate(i),
-                            }
-                            break;
-                        }
-                        if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
-                            return gone("deleted (or its lease revoked)");
-                        }
-                        if let Some(kv) = resp.events().last().and_then(|e| e.kv()) {
-                            next = kv.mod_revision() + 1;
-                        }
+    let on_response = |resp: etcd_client::WatchResponse, mut c: etcd_client::Client, next: i64| {
+        let (key, gone) = (key.clone(), &gone);
+        async move {
+            if resp.canceled() {
+                // Compacted past our revision: look at the key itself.
+                return match c.get(key, None).await {
+                    Ok(g) if g.kvs().is_empty() => {
+                        gone("removed");
+                        (Flow::Stop, next)
                     }
-                    _ => {
-                        conn.rotate(i);
-                        break;
-                    }
-                },
-                _ = tokio::time::sleep(timeout) => {
-                    if heard.elapsed() >= timeout * 2 {
-                        conn.rotate(i);
-                        break;
-                    }
-                    let _ = s.request_progress().await;
-                }
+                    Ok(g) => (Flow::Reopen, g.header().map_or(next, |h| h.revision() + 1)),
+                    Err(_) => (Flow::Rotate, next),
+                };
             }
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == EventType::Delete)
+            {
+                gone("deleted (or its lease revoked)");
+                return (Flow::Stop, next);
+            }
+            let next = resp
+                .events()
+                .last()
+                .and_then(|e| e.kv())
+                .map_or(next, |kv| kv.mod_revision() + 1);
+            (Flow::Go, next)
         }
-    }
+    };
+    conn.follow_watch(&key, WatchOptions::new(), next, on_response, |_| {})
+        .await;
 }
 
 impl Backend for EtcdBackend {

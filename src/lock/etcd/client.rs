@@ -12,6 +12,29 @@ use etcd_client::{Client, ConnectOptions};
 use super::{EtcdStore, Probed};
 use crate::error::{Error, Kind, Result};
 
+/// How a followed watch goes on after a response (see [`Conn::follow_watch`]).
+pub(super) enum Flow {
+    /// Keep reading this stream.
+    Go,
+    /// Open a new stream on the same endpoint.
+    Reopen,
+    /// Open a new stream on the next endpoint.
+    Rotate,
+    /// Stop following.
+    Stop,
+}
+
+/// Why a followed watch lost its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lost {
+    /// None could be opened on the endpoint in use.
+    Unopened,
+    /// The stream ended or erred.
+    Broken,
+    /// Nothing came for two request timeouts.
+    Silent,
+}
+
 /// A failed request: worth another endpoint, or final.
 pub(super) enum Failure {
     Retry(String),
@@ -181,6 +204,70 @@ impl Conn {
                 self.rotate(i);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 None
+            }
+        }
+    }
+
+    /// Follows a watch of `key` (`base` options, from revision `next`; 0: from now) for as long
+    /// as `on` says so, on the endpoint in use: `on` gets each response (with the stream's
+    /// client, for a look at the key) and the revision to resume from, and answers how to go
+    /// on and from which revision. A stream that cannot be opened, errs, or stays silent for
+    /// two request timeouts (a progress request is sent after one: a frozen member) is
+    /// replaced on the next endpoint, resuming where it left off; `lost` hears why.
+    pub(super) async fn follow_watch<H, Fut>(
+        &self,
+        key: &str,
+        base: etcd_client::WatchOptions,
+        mut next: i64,
+        mut on: H,
+        lost: impl Fn(Lost),
+    ) where
+        H: FnMut(etcd_client::WatchResponse, Client, i64) -> Fut,
+        Fut: Future<Output = (Flow, i64)>,
+    {
+        let timeout = self.store.request_timeout;
+        loop {
+            let mut opts = base.clone().with_progress_notify();
+            if next > 0 {
+                opts = opts.with_start_revision(next);
+            }
+            let Some((i, c, mut s)) = self.open_watch(key, opts).await else {
+                lost(Lost::Unopened);
+                continue;
+            };
+            let mut heard = Instant::now();
+            loop {
+                tokio::select! {
+                    m = s.message() => match m {
+                        Ok(Some(resp)) => {
+                            heard = Instant::now();
+                            let (flow, n) = on(resp, c.clone(), next).await;
+                            next = n;
+                            match flow {
+                                Flow::Go => {}
+                                Flow::Reopen => break,
+                                Flow::Rotate => {
+                                    self.rotate(i);
+                                    break;
+                                }
+                                Flow::Stop => return,
+                            }
+                        }
+                        _ => {
+                            self.rotate(i);
+                            lost(Lost::Broken);
+                            break;
+                        }
+                    },
+                    _ = tokio::time::sleep(timeout) => {
+                        if heard.elapsed() >= timeout * 2 {
+                            self.rotate(i);
+                            lost(Lost::Silent);
+                            break;
+                        }
+                        let _ = s.request_progress().await;
+                    }
+                }
             }
         }
     }

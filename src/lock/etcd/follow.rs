@@ -15,12 +15,11 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 
 use super::backend::{holder_of, ticket_of};
-use super::client::Conn;
+use super::client::{Conn, Flow, Lost};
 use super::EtcdStore;
 use crate::error::{Error, Kind, Result};
 use crate::lock::backend::{DepartureRecord, StoreEvent};
@@ -206,95 +205,76 @@ fn translate(prefix: &str, evs: &[&etcd_client::Event], out: &mut Vec<StoreEvent
     }
 }
 
-/// Follows `prefix` from revision `next`: pokes `tx` at every change, and with `shared` keeps
-/// the events; replaces a stream that errs or stays silent for two request timeouts.
+/// Follows `prefix` from revision `next`: pokes `tx` at every change (and when the stream
+/// breaks), and with `shared` keeps the events.
 async fn run(
     conn: Arc<Conn>,
     prefix: String,
-    mut next: i64,
+    next: i64,
     tx: UnixStream,
     shared: Option<Arc<Shared>>,
 ) {
     let poke = || {
         let _ = (&tx).write(&[1]);
     };
-    let timeout = conn.store.request_timeout;
-    loop {
-        let mut opts = WatchOptions::new()
-            .with_prefix()
-            .with_prev_key()
-            .with_progress_notify();
-        if next > 0 {
-            opts = opts.with_start_revision(next);
-        }
-        let Some((i, _client, mut s)) = conn.open_watch(&prefix, opts).await else {
-            continue;
-        };
-        let mut heard = Instant::now();
-        loop {
-            tokio::select! {
-                m = s.message() => match m {
-                    Ok(Some(resp)) => {
-                        heard = Instant::now();
-                        if resp.canceled() {
-                            // Compacted past our revision: what happened meanwhile is lost.
-                            if let Some(sh) = &shared {
-                                sh.missed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            tracing::warn!(
-                                "the etcd watch was cancelled ({}): requests between revisions {next} and {} are not counted",
-                                resp.cancel_reason(),
-                                resp.compact_revision()
-                            );
-                            next = if resp.compact_revision() > 0 { resp.compact_revision() } else { 0 };
-                            poke();
-                            break;
-                        }
-                        let evs = resp.events();
-                        if evs.is_empty() {
-                            continue;
-                        }
-                        if let Some(kv) = evs.last().and_then(|e| e.kv()) {
-                            next = kv.mod_revision() + 1;
-                        }
-                        if let Some(sh) = &shared {
-                            let mut out = Vec::new();
-                            let mut start = 0;
-                            while start < evs.len() {
-                                let rev = evs[start].kv().map(KeyValue::mod_revision);
-                                let end = evs[start..]
-                                    .iter()
-                                    .position(|e| e.kv().map(KeyValue::mod_revision) != rev)
-                                    .map_or(evs.len(), |n| start + n);
-                                let group: Vec<&etcd_client::Event> = evs[start..end].iter().collect();
-                                translate(&prefix, &group, &mut out);
-                                start = end;
-                            }
-                            let mut q = sh.events.lock().unwrap_or_else(|e| e.into_inner());
-                            for e in out {
-                                if q.len() >= MAX_PENDING {
-                                    q.pop_front();
-                                    sh.missed.fetch_add(1, Ordering::Relaxed);
-                                }
-                                q.push_back(e);
-                            }
-                        }
-                        poke();
-                    }
-                    _ => {
-                        conn.rotate(i);
-                        poke();
-                        break;
-                    }
-                },
-                _ = tokio::time::sleep(timeout) => {
-                    if heard.elapsed() >= timeout * 2 {
-                        conn.rotate(i);
-                        break;
-                    }
-                    let _ = s.request_progress().await;
-                }
+    let on_response = |resp: etcd_client::WatchResponse, _: etcd_client::Client, mut next: i64| {
+        let flow = if resp.canceled() {
+            // Compacted past our revision: what happened meanwhile is lost.
+            if let Some(sh) = &shared {
+                sh.missed.fetch_add(1, Ordering::Relaxed);
             }
+            tracing::warn!(
+                "the etcd watch was cancelled ({}): requests between revisions {next} and {} are not counted",
+                resp.cancel_reason(),
+                resp.compact_revision()
+            );
+            next = resp.compact_revision().max(0);
+            poke();
+            Flow::Reopen
+        } else {
+            let evs = resp.events();
+            if !evs.is_empty() {
+                if let Some(kv) = evs.last().and_then(|e| e.kv()) {
+                    next = kv.mod_revision() + 1;
+                }
+                if let Some(sh) = &shared {
+                    keep(sh, &prefix, evs);
+                }
+                poke();
+            }
+            Flow::Go
+        };
+        std::future::ready((flow, next))
+    };
+    let base = WatchOptions::new().with_prefix().with_prev_key();
+    conn.follow_watch(&prefix, base, next, on_response, |why| {
+        if why == Lost::Broken {
+            poke();
         }
+    })
+    .await;
+}
+
+/// Translates `evs`, one revision at a time, into `sh`'s bounded queue.
+fn keep(sh: &Shared, prefix: &str, evs: &[etcd_client::Event]) {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < evs.len() {
+        let rev = evs[start].kv().map(KeyValue::mod_revision);
+        let end = evs[start..]
+            .iter()
+            .position(|e| e.kv().map(KeyValue::mod_revision) != rev)
+            .map_or(evs.len(), |n| start + n);
+        let group: Vec<&etcd_client::Event> = evs[start..end].iter().collect();
+        translate(prefix, &group, &mut out);
+        start = end;
+    }
+    let mut q = sh.events.lock().unwrap_or_else(|e| e.into_inner());
+    for e in out {
+        if q.len() >= MAX_PENDING {
+            q.pop_front();
+            sh.missed.fetch_add(1, Ordering::Relaxed);
+        }
+        q.push_back(e);
     }
 }
